@@ -1,0 +1,1 @@
+"""megatron_sr.tensor_parallel"""

@@ -1,0 +1,26 @@
+"""megatron_sr: Megatron-style GPT pretraining in pure BF16 with stochastic rounding."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_sr",
+    version="0.1.0",
+    description="Megatron-style GPT pretraining in pure BF16 with stochastic rounding",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_sr", "megatron_sr.*"]),
+    install_requires=[
+        # CPU installs: `pip install torch==2.13.0` first (tools/install.sh does);
+        # an unpinned torch pulls a multi-GB CUDA build.
+        "torch>=2.3",
+        'triton>=3.0; platform_system == "Linux"',
+        "numpy",
+        "sentencepiece",
+        "tensorboard",
+        "regex",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    scripts=[],
+)
