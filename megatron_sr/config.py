@@ -1,0 +1,188 @@
+"""Typed configurations, passed explicitly to the parts that use them.
+
+`megatron_sr.arguments` parses Megatron-style flags into these; tests and
+library users build them directly. Field names follow Megatron-LM's flag
+names (``--num-layers`` -> ``num_layers``) so a reader of either code base
+finds their way in the other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the GPT. `vocab_size` is the padded size the
+    embedding is built with (divisible by the TP size)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size (SwiGLU: as given)
+    max_position_embeddings: Optional[int] = None  # default seq_length
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_base: float = 10000.0
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # or "swiglu"
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    params_dtype: torch.dtype = torch.bfloat16
+    recompute_granularity: Optional[str] = None  # None, "full" or "selective"
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. data_parallel_size is derived:
+    world = tensor x pipeline x data."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    distributed_backend: Optional[str] = None  # None: nccl with CUDA, else gloo
+    distributed_timeout_minutes: float = 10.0
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW, the precision strategy, LR schedule and gradient handling."""
+
+    precision: str = "bf16-sr"
+    optimizer_state_dtype: Optional[str] = None  # None: the strategy's default
+    grad_reduce_dtype: Optional[str] = None  # None: the strategy's grad dtype
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_decay_style: str = "linear"  # constant, linear, cosine, WSD
+    lr_decay_iters: Optional[int] = None
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. `data_path` is Megatron's list: prefixes,
+    optionally each preceded by a weight."""
+
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    data_cache_path: Optional[str] = None
+    mock_data: bool = False
+    tokenizer_type: str = "GPT2BPETokenizer"
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None  # NullTokenizer only
+    seq_length: int = 1024
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    """The loop: batch sizes, length, evaluation, logging, checkpoints."""
+
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # default micro x data-parallel size
+    train_iters: Optional[int] = None
+    train_samples: Optional[int] = None
+    eval_interval: int = 1000
+    eval_iters: int = 100
+    log_interval: int = 100
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    seed: int = 1234
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False
+    tensorboard_dir: Optional[str] = None
+    max_skipped_iterations: int = 10
+
+
+def validate_parallel_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int,
+                             num_microbatches: Optional[int] = None) -> int:
+    """Checks that the model splits over the layout; returns the data-parallel size.
+
+    Raises ValueError naming the flags at fault. Shared by `pretrain_gpt.py`'s
+    argument validation, the model builder and `tools/estimate.py`, so every
+    entry point gives the same message for the same mistake.
+    `num_microbatches` (per data-parallel rank, per step) is checked when given.
+    """
+    tp = parallel.tensor_model_parallel_size
+    pp = parallel.pipeline_model_parallel_size
+    vp = parallel.virtual_pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size "
+                         f"({pp}) must be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size ({world_size}) is not divisible by --tensor-model-parallel-size ({tp}) "
+            f"x --pipeline-model-parallel-size ({pp})")
+    if model.hidden_size % model.num_attention_heads != 0:
+        raise ValueError(f"--hidden-size ({model.hidden_size}) is not divisible by "
+                         f"--num-attention-heads ({model.num_attention_heads})")
+    if model.num_attention_heads % tp != 0:
+        raise ValueError(f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if model.ffn_hidden_size % tp != 0:
+        raise ValueError(f"--ffn-hidden-size ({model.ffn_hidden_size}) is not divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if model.vocab_size % tp != 0:
+        raise ValueError(f"padded vocab size ({model.vocab_size}) is not divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if model.position_embedding_type == "rope" and model.head_dim % 2 != 0:
+        raise ValueError(f"--position-embedding-type rope needs an even head dimension "
+                         f"(--hidden-size / --num-attention-heads = {model.head_dim})")
+    if vp is None:
+        if model.num_layers % pp != 0:
+            raise ValueError(f"--num-layers ({model.num_layers}) is not divisible by "
+                             f"--pipeline-model-parallel-size ({pp})")
+    else:
+        if pp < 2:
+            raise ValueError("--num-layers-per-virtual-pipeline-stage needs "
+                             "--pipeline-model-parallel-size > 1")
+        if model.num_layers % (pp * vp) != 0:
+            raise ValueError(
+                f"--num-layers ({model.num_layers}) is not divisible by --pipeline-model-parallel-size "
+                f"({pp}) x virtual stages ({vp})")
+        if num_microbatches is not None and num_microbatches % pp != 0:
+            raise ValueError(
+                f"interleaved pipelining needs the number of micro-batches per step "
+                f"({num_microbatches} = --global-batch-size / (--micro-batch-size x data-parallel "
+                f"size)) to be a multiple of --pipeline-model-parallel-size ({pp})")
+    if parallel.sequence_parallel and model.seq_length % tp != 0:
+        raise ValueError(f"--sequence-parallel needs --seq-length ({model.seq_length}) divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
+        raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
+    return world_size // (tp * pp)
