@@ -8,10 +8,22 @@ parallel rank or on how the optimizer shards a buffer, every DP size draws
 the same bits. Parameters replicated across tensor-parallel ranks (norms,
 row-parallel biases) pass `tp_rank=None` and draw the same bits on every TP
 rank; TP-sharded ones pass their TP rank.
+
+Also here: the per-parameter generator that draws initial weights
+(`init_generator`), per-rank seeding (`model_parallel_seed`) and the RNG
+stream tracker that gives dropout inside tensor-parallel regions a different
+mask on each TP rank (`get_rng_tracker`).
 """
 from __future__ import annotations
 
 import hashlib
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from megatron_sr import parallel_state
 
 _KEY_MASK = (1 << 63) - 1
 
@@ -28,3 +40,105 @@ def sr_key(seed: int, iteration: int, param_name: str, tp_rank: int | None = Non
     text = f"{seed}|{iteration}|{param_name}|{'replicated' if tp_rank is None else tp_rank}"
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & _KEY_MASK
+
+
+# --- parameter initialization ----------------------------------------------------
+
+def init_generator(seed: int, param_name: str) -> torch.Generator:
+    """A CPU generator for drawing one parameter's FULL (unsharded) initial value.
+
+    Keyed by the global parameter name, so every TP/PP layout (and the tied
+    copy of the word embedding on the last pipeline stage) draws the same
+    tensor; each rank then keeps its slice.
+    """
+    text = f"init|{seed}|{param_name}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & _KEY_MASK)
+
+
+# --- seeds and the tensor-parallel RNG tracker -------------------------------------
+
+TENSOR_PARALLEL_RNG = "model-parallel-rng"
+_TP_SEED_OFFSET = 2718
+
+
+def _device_rng():
+    """(get_state, set_state, manual_seed) of the generator dropout uses on the
+    model's device (`parallel_state.get_default_device()`): CUDA's or the CPU's."""
+    if parallel_state.get_default_device().type == "cuda":
+        return torch.cuda.get_rng_state, torch.cuda.set_rng_state, torch.cuda.manual_seed
+    return torch.get_rng_state, torch.set_rng_state, torch.manual_seed
+
+
+class RNGStatesTracker:
+    """Named RNG streams swapped in and out of the device's default generator.
+
+    `fork(name)` runs a block with that stream's state and saves where it
+    left off, leaving the default stream untouched. Dropout on activations
+    that are replicated across TP ranks runs on the default stream (the same
+    mask on every TP rank); dropout on TP-sharded activations (attention
+    heads, sequence-parallel shards) runs inside `fork()` on a stream seeded
+    per TP rank. `get_states`/`set_states` are for checkpoints and activation
+    recomputation.
+    """
+
+    def __init__(self):
+        self._states: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self._states = {}
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self._states:
+            raise ValueError(f"RNG stream {name!r} already exists")
+        get_state, set_state, manual_seed = _device_rng()
+        saved = get_state()
+        manual_seed(seed)
+        self._states[name] = get_state()
+        set_state(saved)
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self._states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._states = {name: state.clone() for name, state in states.items()}
+
+    @contextmanager
+    def fork(self, name: str = TENSOR_PARALLEL_RNG):
+        if name not in self._states:
+            raise RuntimeError(f"RNG stream {name!r} does not exist; call "
+                               f"megatron_sr.random.model_parallel_seed(seed) first")
+        get_state, set_state, _ = _device_rng()
+        saved = get_state()
+        set_state(self._states[name])
+        try:
+            yield
+        finally:
+            self._states[name] = get_state()
+            set_state(saved)
+
+
+_RNG_TRACKER = RNGStatesTracker()
+
+
+def get_rng_tracker() -> RNGStatesTracker:
+    return _RNG_TRACKER
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seeds this rank's streams; call on every rank after `initialize_model_parallel`.
+
+    Default stream (python, numpy, torch CPU and device): seed + 100 * pp_rank,
+    the same on every TP and DP rank of a stage. TP stream (tracker, `fork()`):
+    seed + 2718 + 100 * pp_rank + tp_rank, different on every TP rank.
+    Parameter initialization does not use these streams (see `init_generator`).
+    """
+    if seed < 0:
+        raise ValueError(f"--seed ({seed}) must be >= 0")
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)  # also seeds every CUDA device
+    _RNG_TRACKER.reset()
+    _RNG_TRACKER.add(TENSOR_PARALLEL_RNG,
+                     stage_seed + _TP_SEED_OFFSET + parallel_state.get_tensor_model_parallel_rank())

@@ -1,0 +1,229 @@
+"""Linear and embedding layers split across the tensor-parallel (TP) group.
+
+Parameter attributes (set here, read by the model builder, `finalize_model_grads`,
+the optimizer and checkpointing):
+
+- `tensor_model_parallel` (bool): the parameter is a slice of a larger logical
+  tensor; each TP rank holds a different slice. False: replicated, identical
+  on every TP rank.
+- `partition_dim` (int or None): the dim along which the logical tensor is
+  sliced; `partition_stride` (int): the logical tensor is `stride` equal
+  blocks along that dim and each block is sliced (SwiGLU's [gate; up] fc1
+  weight has stride 2). `shard_full_tensor`, `full_tensor_from_shards` and `full_shape`
+  apply the rule.
+- `sequence_parallel` (bool): replicated parameter that sees only this rank's
+  sequence shard under --sequence-parallel, so its gradient is partial and
+  must be summed over TP (row-parallel bias; norms set it too).
+- `shared_embedding` (bool): the tied word-embedding weight, held by the
+  first stage and (as the output layer's copy) by the last; set by GPTModel.
+- `init_method`: fills the logical (full) fp32 tensor in place from a
+  generator; the model draws the full tensor and keeps this rank's slice.
+
+Layers never initialize their own values: a freshly built layer holds
+uninitialized memory until `initialize_parameters` (megatron_sr.model) or a
+test fills it. Every TP rank of a group calls forward and backward together.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_sr import parallel_state
+from megatron_sr.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+
+InitMethod = Callable[[torch.Tensor, torch.Generator], None]
+
+
+def normal_init(std: float) -> InitMethod:
+    return partial(_fill_normal, std=std)
+
+
+def _fill_normal(tensor, generator, std):
+    tensor.normal_(0.0, std, generator=generator)
+
+
+def constant_init(value: float) -> InitMethod:
+    return partial(_fill_constant, value=value)
+
+
+def _fill_constant(tensor, generator, value):
+    tensor.fill_(value)
+
+
+def set_parallel_attributes(param: nn.Parameter, *, tensor_model_parallel: bool,
+                            partition_dim: Optional[int] = None, partition_stride: int = 1,
+                            sequence_parallel: bool = False, init_method: InitMethod) -> None:
+    param.tensor_model_parallel = tensor_model_parallel
+    param.partition_dim = partition_dim if tensor_model_parallel else None
+    param.partition_stride = partition_stride
+    param.sequence_parallel = sequence_parallel
+    param.shared_embedding = False  # GPTModel marks the tied word-embedding copies
+    param.init_method = init_method
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    """Shape of the logical tensor `param` is a TP slice of."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def shard_full_tensor(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int
+                      ) -> torch.Tensor:
+    """This TP rank's slice of the logical tensor `full` (a view for stride 1)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim, stride = param.partition_dim, param.partition_stride
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([block.chunk(tp_size, dim=dim)[tp_rank] for block in blocks], dim=dim)
+
+
+def full_tensor_from_shards(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The logical tensor from all TP ranks' slices (ordered by TP rank); inverse
+    of `shard_full_tensor`. A replicated parameter returns shards[0]."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return shards[0]
+    dim, stride = param.partition_dim, param.partition_stride
+    per_rank_blocks = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim)
+                      for b in range(stride)], dim=dim)
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by "
+                         f"--tensor-model-parallel-size ({denominator})")
+    return numerator // denominator
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A's rows (output features) split over TP ranks.
+
+    Input: [s, b, in] replicated, or [s / tp, b, in] when sequence_parallel
+    (all-gathered here; backward reduce-scatters the input gradient).
+    Output: [s, b, out / tp] on each rank (or [s, b, out] with gather_output).
+    `forward(x, weight=...)` takes an external weight of the local shape
+    instead of the own one: the tied output layer uses the word embedding's.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
+                 params_dtype: torch.dtype, device=None, gather_output: bool = False,
+                 sequence_parallel: bool = False, partition_stride: int = 1,
+                 skip_weight_param: bool = False):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if gather_output and (sequence_parallel or partition_stride != 1):
+            raise ValueError("ColumnParallelLinear: gather_output needs partition_stride=1 "
+                             "and no sequence parallelism")
+        self.output_size_per_partition = _divide(output_size, tp, "output features")
+        _divide(self.output_size_per_partition, partition_stride, "output features per stride")
+        self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
+        kw = dict(dtype=params_dtype, device=device)
+        if skip_weight_param:
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, **kw))
+            set_parallel_attributes(self.weight, tensor_model_parallel=True, partition_dim=0,
+                                    partition_stride=partition_stride, init_method=init_method)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size_per_partition, **kw))
+            set_parallel_attributes(self.bias, tensor_model_parallel=True, partition_dim=0,
+                                    partition_stride=partition_stride,
+                                    init_method=constant_init(0.0))
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, grad_is_partial=True)
+        else:
+            x = copy_to_tensor_model_parallel_region(x)
+        y = F.linear(x, weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A's columns (input features) split over TP ranks.
+
+    Input: [s, b, in / tp] (input_is_parallel) or [s, b, in] replicated (each
+    rank keeps its slice). The partial products are all-reduced, or
+    reduce-scattered to [s / tp, b, out] when sequence_parallel. The bias is
+    replicated and added after the reduction.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
+                 params_dtype: torch.dtype, device=None, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel")
+        self.input_size_per_partition = _divide(input_size, tp, "input features")
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
+        kw = dict(dtype=params_dtype, device=device)
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, **kw))
+        set_parallel_attributes(self.weight, tensor_model_parallel=True, partition_dim=1,
+                                init_method=init_method)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, **kw))
+            set_parallel_attributes(self.bias, tensor_model_parallel=False,
+                                    sequence_parallel=sequence_parallel,
+                                    init_method=constant_init(0.0))
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary (rows) split over TP ranks.
+
+    Rank r holds rows [r * V / tp, (r + 1) * V / tp). Input: token ids of any
+    shape; output: that shape + [hidden], replicated (each rank contributes
+    its rows, zeros elsewhere, and the TP group all-reduces).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod,
+                 params_dtype: torch.dtype, device=None):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        per_rank = _divide(num_embeddings, tp, "padded vocab size")
+        self.vocab_start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.tp_size = tp
+        self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, dtype=params_dtype,
+                                               device=device))
+        set_parallel_attributes(self.weight, tensor_model_parallel=True, partition_dim=0,
+                                init_method=init_method)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(tokens, self.weight)
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(out)
+
