@@ -84,7 +84,12 @@ class OptimizerConfig:
     lr_warmup_iters: int = 0
     lr_warmup_fraction: Optional[float] = None
     lr_wsd_decay_iters: Optional[int] = None
-    lr_wsd_decay_style: str = "linear"
+    lr_wsd_decay_style: str = "linear"  # linear, cosine, exponential, minus_sqrt
+    lr_warmup_init: float = 0.0  # warmup starts here and rises linearly to lr
+    # On resume, a schedule that differs from the checkpoint's is an error unless one
+    # side is chosen: the flags (override) or the checkpoint (use_checkpoint).
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -111,7 +116,7 @@ class TrainingConfig:
 
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None  # default micro x data-parallel size
-    train_iters: Optional[int] = None
+    train_iters: Optional[int] = None  # from --train-samples: train_samples // global_batch_size
     train_samples: Optional[int] = None
     eval_interval: int = 1000
     eval_iters: int = 100

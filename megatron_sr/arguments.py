@@ -1,0 +1,592 @@
+"""Megatron-LM-style command line: parse -> validate -> typed configs.
+
+Flag names are Megatron-LM's wherever Megatron has the flag, so a Megatron
+launch script runs here with at most its unsupported flags removed. There is
+no global args object: the result is a `JobConfig` that callers pass on.
+
+The flow in `pretrain_gpt.py`:
+
+    job = parse_args(argv, world_size)          # validated; job.model.vocab_size == 0
+    tokenizer = build_tokenizer(job.data.tokenizer_type, job.data.vocab_file, ...)
+    job = job.with_vocab_size(tokenizer.vocab_size)
+                                                # now padded to a multiple of
+                                                # --make-vocab-size-divisible-by x TP
+    model = build_model(job.model, job.parallel, ...)
+
+Tools that take the same flags plus their own (`tools/estimate.py`) reuse the
+parser and the validation, so they give the same message for the same mistake:
+
+    args = build_parser(extra_args_provider=add_estimate_args).parse_args(argv)
+    job = job_config_from_args(args, world_size=args.world_size)
+
+Errors: argparse itself rejects unknown flags, bad choices and bad numbers
+(SystemExit with usage, as every argparse program); `job_config_from_args`
+raises ValueError naming the flag(s) at fault for everything else.
+
+Decisions where Megatron-LM leaves room:
+- Required: --num-layers, --hidden-size, --num-attention-heads, --seq-length,
+  --lr (no silent default learning rate), one of --train-iters/--train-samples,
+  one of --data-path/--mock-data, and the files of --tokenizer-type.
+- `--precision` (default bf16-sr) picks the strategy of
+  `megatron_sr.precision.strategies`; its `param_dtype` is
+  `ModelConfig.params_dtype`. `--bf16` means `--precision bf16-mixed`; `--fp16`
+  is rejected.
+- `--swiglu` without `--ffn-hidden-size`: 4 x hidden x 2/3 rounded down to a
+  multiple of 64 (Megatron's rule: the parameter count of a 4h GELU MLP);
+  a hidden size below 48 must give --ffn-hidden-size.
+- `--sequence-parallel` with TP=1 is ignored with a warning, as in Megatron.
+- `--train-samples N` trains N // global batch iterations.
+- `--lr-*-samples` (with `--train-samples`) must be multiples of the global
+  batch size: the schedule counts iterations.
+- `--finetune` needs `--load` and implies `--no-load-optim --no-load-rng`.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                                TrainingConfig, validate_parallel_layout)
+from megatron_sr.data.tokenizers import TOKENIZER_TYPES, padded_vocab_size
+from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
+from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
+
+# The flags each tokenizer type reads its vocabulary from.
+_TOKENIZER_FLAGS = {
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "SentencePieceTokenizer": ("tokenizer_model",),
+    "GPTSentencePieceTokenizer": ("tokenizer_model",),
+    "NullTokenizer": ("vocab_size",),
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One training job's configuration: what `parse_args` returns, already
+    validated, and what `pretrain_gpt.py` and `tools/estimate.py` hand to the
+    parts they build.
+
+    The vocabulary is known only once the tokenizer is built, so `model.vocab_size`
+    is 0 (unknown) until `with_vocab_size(tokenizer.vocab_size)` returns the job
+    with the padded size filled in; build the model only from that job.
+    `training.global_batch_size` and `training.train_iters` are always set.
+    """
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    data: DataConfig
+    training: TrainingConfig
+    world_size: int
+    make_vocab_size_divisible_by: int = 128
+    unpadded_vocab_size: Optional[int] = None  # the tokenizer's, once known
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.parallel.tensor_model_parallel_size
+                                   * self.parallel.pipeline_model_parallel_size)
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per data-parallel rank per optimizer step."""
+        return self.training.global_batch_size // (self.training.micro_batch_size
+                                                   * self.data_parallel_size)
+
+    def with_vocab_size(self, vocab_size: int) -> "JobConfig":
+        """A copy whose `model.vocab_size` is the tokenizer's `vocab_size` padded to a
+        multiple of --make-vocab-size-divisible-by x --tensor-model-parallel-size."""
+        if vocab_size < 1:
+            raise ValueError(f"tokenizer vocabulary size must be >= 1, got {vocab_size}")
+        padded = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by,
+                                   self.parallel.tensor_model_parallel_size)
+        return replace(self, model=replace(self.model, vocab_size=padded),
+                       unpadded_vocab_size=vocab_size)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network size")
+    group.add_argument("--num-layers", type=int, help="Number of transformer layers (required).")
+    group.add_argument("--hidden-size", type=int, help="Transformer hidden size (required).")
+    group.add_argument("--ffn-hidden-size", type=int,
+                       help="MLP hidden size. Default 4 x hidden size; with --swiglu, "
+                            "4 x hidden size x 2/3 rounded down to a multiple of 64.")
+    group.add_argument("--num-attention-heads", type=int, help="Attention heads (required).")
+    group.add_argument("--max-position-embeddings", type=int,
+                       help="Learned position table size. Default --seq-length.")
+    group.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
+                       default=ModelConfig.position_embedding_type)
+    group.add_argument("--rotary-base", type=float, default=ModelConfig.rotary_base,
+                       help="Base of the rotary frequencies (rope only).")
+    group.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"),
+                       default=ModelConfig.normalization)
+    group.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float,
+                       default=ModelConfig.layernorm_epsilon, help="Epsilon of the norms.")
+    group.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GELU.")
+    group.add_argument("--disable-bias-linear", action="store_true",
+                       help="No biases in the linear layers.")
+    group.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                       help="Separate input embedding and output layer weights.")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="Pad the vocabulary to a multiple of this x "
+                            "--tensor-model-parallel-size.")
+
+
+def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("regularization")
+    group.add_argument("--attention-dropout", type=float, default=ModelConfig.attention_dropout)
+    group.add_argument("--hidden-dropout", type=float, default=ModelConfig.hidden_dropout)
+    group.add_argument("--weight-decay", type=float, default=OptimizerConfig.weight_decay,
+                       help="AdamW decoupled weight decay (not applied to biases and norms).")
+    group.add_argument("--clip-grad", type=float, default=OptimizerConfig.clip_grad,
+                       help="Global gradient-norm clip; 0 disables.")
+    group.add_argument("--adam-beta1", type=float, default=OptimizerConfig.adam_beta1)
+    group.add_argument("--adam-beta2", type=float, default=OptimizerConfig.adam_beta2)
+    group.add_argument("--adam-eps", type=float, default=OptimizerConfig.adam_eps)
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, default=TrainingConfig.micro_batch_size,
+                       help="Samples per forward/backward on one data-parallel rank.")
+    group.add_argument("--global-batch-size", type=int,
+                       help="Samples per optimizer step over all ranks; a multiple of "
+                            "--micro-batch-size x data-parallel size (the default).")
+    group.add_argument("--train-iters", type=int,
+                       help="Optimizer steps to train (this or --train-samples).")
+    group.add_argument("--train-samples", type=int,
+                       help="Samples to train on (this or --train-iters).")
+    group.add_argument("--exit-interval", type=int,
+                       help="Save (with --save) and exit when the iteration is a multiple of this.")
+    group.add_argument("--exit-duration-in-mins", type=float,
+                       help="Save (with --save) and exit after this many minutes.")
+    group.add_argument("--recompute-granularity", choices=("full", "selective"),
+                       help="Activation recomputation: whole layers, or the attention core.")
+    group.add_argument("--recompute-activations", action="store_true",
+                       help="Same as --recompute-granularity selective.")
+    group.add_argument("--max-skipped-iterations", type=int,
+                       default=TrainingConfig.max_skipped_iterations,
+                       help="Stop after this many consecutive steps skipped for NaN/Inf gradients.")
+
+
+def _add_initialization_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("initialization")
+    group.add_argument("--seed", type=int, default=TrainingConfig.seed,
+                       help="Seed of weight init, dropout, data order and the SR bits.")
+    group.add_argument("--init-method-std", type=float, default=ModelConfig.init_method_std,
+                       help="Standard deviation of the normal weight init.")
+
+
+def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("learning rate")
+    group.add_argument("--lr", type=float, help="Peak learning rate (required).")
+    group.add_argument("--min-lr", type=float, default=OptimizerConfig.min_lr,
+                       help="The decay ends here; floor of every style except constant.")
+    group.add_argument("--lr-decay-style", choices=DECAY_STYLES,
+                       default=OptimizerConfig.lr_decay_style)
+    group.add_argument("--lr-decay-iters", type=int,
+                       help="Iterations from 0 to the end of the decay. Default: the run's length.")
+    group.add_argument("--lr-decay-samples", type=int,
+                       help="--lr-decay-iters in samples (with --train-samples).")
+    group.add_argument("--lr-warmup-iters", type=int, default=OptimizerConfig.lr_warmup_iters,
+                       help="Linear warmup iterations.")
+    group.add_argument("--lr-warmup-samples", type=int,
+                       help="--lr-warmup-iters in samples (with --train-samples).")
+    group.add_argument("--lr-warmup-fraction", type=float,
+                       help="Warmup as a fraction of the decay iterations, in [0, 1).")
+    group.add_argument("--lr-warmup-init", type=float, default=OptimizerConfig.lr_warmup_init,
+                       help="Learning rate at iteration 0 of the warmup.")
+    group.add_argument("--lr-wsd-decay-iters", type=int,
+                       help="WSD: length of the final decay, which ends at --lr-decay-iters.")
+    group.add_argument("--lr-wsd-decay-samples", type=int,
+                       help="--lr-wsd-decay-iters in samples (with --train-samples).")
+    group.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES,
+                       default=OptimizerConfig.lr_wsd_decay_style)
+    group.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                       dest="override_opt_param_scheduler", action="store_true",
+                       help="On resume, keep this run's schedule flags over the checkpoint's.")
+    group.add_argument("--use-checkpoint-opt-param-scheduler",
+                       "--use-checkpoint-opt_param-scheduler",
+                       dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                       help="On resume, continue the checkpoint's schedule, ignoring these flags.")
+
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument("--save", help="Directory to save checkpoints to.")
+    group.add_argument("--load", help="Directory to resume from (its latest checkpoint).")
+    group.add_argument("--save-interval", type=int, help="Save every this many iterations.")
+    group.add_argument("--no-load-optim", action="store_true",
+                       help="Do not load the optimizer state from --load.")
+    group.add_argument("--no-load-rng", action="store_true",
+                       help="Do not load the RNG states (SR stream included) from --load.")
+    group.add_argument("--finetune", action="store_true",
+                       help="Load only the model from --load and start at iteration 0 "
+                            "(implies --no-load-optim --no-load-rng).")
+
+
+def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mixed precision")
+    group.add_argument("--precision", choices=tuple(STRATEGIES),
+                       help=f"Precision strategy (default {DEFAULT_STRATEGY}); see DESIGN.md.")
+    group.add_argument("--bf16", action="store_true",
+                       help="Megatron's flag: same as --precision bf16-mixed.")
+    group.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--optimizer-state-dtype", choices=("bf16", "fp32"),
+                       help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
+    group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
+                       help="Gradient buffer and reduction dtype (default: the strategy's).")
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--tensor-model-parallel-size", type=int,
+                       default=ParallelConfig.tensor_model_parallel_size)
+    group.add_argument("--pipeline-model-parallel-size", type=int,
+                       default=ParallelConfig.pipeline_model_parallel_size)
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                       help="Interleaved 1F1B: layers per model chunk; virtual stages = "
+                            "num layers / pipeline size / this.")
+    group.add_argument("--sequence-parallel", action="store_true",
+                       help="Split norms and dropout along the sequence over the TP ranks.")
+    group.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--overlap-param-gather", action="store_true",
+                       help="Needs --use-distributed-optimizer.")
+    group.add_argument("--distributed-backend", choices=("nccl", "gloo"),
+                       help="Default: nccl with CUDA, gloo without.")
+    group.add_argument("--distributed-timeout-minutes", type=float,
+                       default=ParallelConfig.distributed_timeout_minutes,
+                       help="A collective that waits longer fails the job.")
+
+
+def _add_validation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument("--eval-interval", type=int, default=TrainingConfig.eval_interval,
+                       help="Evaluate every this many iterations.")
+    group.add_argument("--eval-iters", type=int, default=TrainingConfig.eval_iters,
+                       help="Batches per evaluation; 0 disables evaluation.")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="*",
+                       help="Dataset prefixes (PATH for PATH.bin/.idx), each optionally "
+                            "preceded by its blending weight: W1 P1 W2 P2 ...")
+    group.add_argument("--split", default=DataConfig.split,
+                       help="Train,valid,test proportions, e.g. 969,30,1.")
+    group.add_argument("--data-cache-path", help="Where to keep the sample index files.")
+    group.add_argument("--mock-data", action="store_true",
+                       help="Synthetic data instead of --data-path.")
+    group.add_argument("--seq-length", type=int, help="Tokens per sample (required).")
+    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=DataConfig.tokenizer_type)
+    group.add_argument("--vocab-file", help="GPT2BPETokenizer vocabulary (JSON).")
+    group.add_argument("--merge-file", help="GPT2BPETokenizer merges.")
+    group.add_argument("--tokenizer-model", help="SentencePiece model file.")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids.")
+    group.add_argument("--num-workers", type=int, default=DataConfig.num_workers,
+                       help="Data loader worker processes.")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-interval", type=int, default=TrainingConfig.log_interval,
+                       help="Print the log line every this many iterations.")
+    group.add_argument("--tensorboard-dir", help="Write TensorBoard scalars here.")
+
+
+def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None
+                 ) -> argparse.ArgumentParser:
+    """The parser of every megatron_sr flag; `extra_args_provider(parser)` adds a
+    tool's own flags. Abbreviated flags are not accepted (--lr is not --lr-decay-style)."""
+    parser = argparse.ArgumentParser(description="megatron_sr: GPT pretraining in pure BF16 with "
+                                                 "stochastic rounding", allow_abbrev=False)
+    for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
+                _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
+                _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
+                _add_data_args, _add_logging_args):
+        add(parser)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def parse_args(argv: Optional[list[str]], world_size: int) -> JobConfig:
+    """Parses `argv` (None: sys.argv[1:]) for a job of `world_size` ranks into a
+    validated JobConfig whose vocabulary is not known yet (see the module docstring)."""
+    return job_config_from_args(build_parser().parse_args(argv), world_size)
+
+
+def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
+    """Validates parsed flags for `world_size` ranks and maps them to typed configs.
+
+    Raises ValueError naming the flag(s) at fault. The model/layout checks are
+    `config.validate_parallel_layout`'s; the schedule checks are
+    `LRSchedule.from_config`'s; the precision checks are `get_strategy`'s.
+    """
+    _check_required(args)
+    _check_ranges(args)
+    precision = _precision(args)
+    strategy = get_strategy(precision, args.optimizer_state_dtype)
+
+    model = ModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, vocab_size=0, seq_length=args.seq_length,
+        ffn_hidden_size=_ffn_hidden_size(args), max_position_embeddings=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+        activation="swiglu" if args.swiglu else "gelu", add_bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, params_dtype=strategy.param_dtype,
+        recompute_granularity=_recompute_granularity(args))
+    if model.position_embedding_type == "learned_absolute" and \
+            model.max_position_embeddings < model.seq_length:
+        raise ValueError(f"--max-position-embeddings ({model.max_position_embeddings}) is smaller "
+                         f"than --seq-length ({model.seq_length})")
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=_virtual_pipeline_size(args),
+        sequence_parallel=_sequence_parallel(args),
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        distributed_backend=args.distributed_backend,
+        distributed_timeout_minutes=args.distributed_timeout_minutes)
+    # First call: the layout, and the data-parallel size the batch checks need;
+    # second: the micro-batch count interleaved pipelining needs.
+    data_parallel_size = validate_parallel_layout(model, parallel, world_size)
+    global_batch_size = _global_batch_size(args, data_parallel_size)
+    num_microbatches = global_batch_size // (args.micro_batch_size * data_parallel_size)
+    validate_parallel_layout(model, parallel, world_size, num_microbatches)
+
+    train_iters = _train_iters(args, global_batch_size)
+    optimizer = OptimizerConfig(
+        precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
+        grad_reduce_dtype=args.grad_reduce_dtype, lr=args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
+        lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size),
+        lr_warmup_iters=_iters_or_samples(args, "lr_warmup", global_batch_size) or 0,
+        lr_warmup_fraction=args.lr_warmup_fraction,
+        lr_wsd_decay_iters=_iters_or_samples(args, "lr_wsd_decay", global_batch_size),
+        lr_wsd_decay_style=args.lr_wsd_decay_style, lr_warmup_init=args.lr_warmup_init,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+    LRSchedule.from_config(optimizer, train_iters)
+
+    _check_data(args)
+    data = DataConfig(
+        data_path=list(args.data_path or []), split=args.split, data_cache_path=args.data_cache_path,
+        mock_data=args.mock_data, tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+        merge_file=args.merge_file, tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+        seq_length=args.seq_length, num_workers=args.num_workers)
+
+    _check_checkpointing(args)
+    training = TrainingConfig(
+        micro_batch_size=args.micro_batch_size, global_batch_size=global_batch_size,
+        train_iters=train_iters, train_samples=args.train_samples,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        log_interval=args.log_interval, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins, seed=args.seed, save=args.save,
+        load=args.load, save_interval=args.save_interval,
+        no_load_optim=args.no_load_optim or args.finetune,
+        no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
+        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations)
+
+    return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
+                     training=training, world_size=world_size,
+                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    missing = [_flag(dest) for dest in ("num_layers", "hidden_size", "num_attention_heads",
+                                        "seq_length", "lr") if getattr(args, dest) is None]
+    if missing:
+        raise ValueError(f"missing required flag(s): {', '.join(missing)}")
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ValueError("give exactly one of --train-iters and --train-samples")
+
+
+# (dest, smallest allowed value) of the integer flags; None values are unset optionals.
+_INT_MINIMUMS = (
+    ("num_layers", 1), ("hidden_size", 1), ("num_attention_heads", 1), ("seq_length", 1),
+    ("ffn_hidden_size", 1), ("max_position_embeddings", 1), ("make_vocab_size_divisible_by", 1),
+    ("micro_batch_size", 1), ("global_batch_size", 1), ("train_iters", 1), ("train_samples", 1),
+    ("exit_interval", 1), ("max_skipped_iterations", 1), ("num_layers_per_virtual_pipeline_stage", 1),
+    ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
+    ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
+    ("lr_wsd_decay_samples", 1),
+)
+# Float flags that must lie in [0, 1).
+_UNIT_INTERVAL_FLOATS = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")
+# Float flags that must be > 0, and those that must be >= 0.
+_POSITIVE_FLOATS = ("adam_eps", "norm_epsilon", "init_method_std", "rotary_base",
+                    "distributed_timeout_minutes", "exit_duration_in_mins")
+_NON_NEGATIVE_FLOATS = ("weight_decay", "clip_grad")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for dest, low in _INT_MINIMUMS:
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise ValueError(f"{_flag(dest)} must be >= {low}, got {value}")
+    for dest in _UNIT_INTERVAL_FLOATS:
+        value = getattr(args, dest)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{_flag(dest)} must be in [0, 1), got {value}")
+    for dest in _POSITIVE_FLOATS:
+        value = getattr(args, dest)
+        if value is not None and not value > 0:
+            raise ValueError(f"{_flag(dest)} must be > 0, got {value}")
+    for dest in _NON_NEGATIVE_FLOATS:
+        value = getattr(args, dest)
+        if not value >= 0:
+            raise ValueError(f"{_flag(dest)} must be >= 0, got {value}")
+
+
+def _precision(args: argparse.Namespace) -> str:
+    if args.fp16:
+        raise ValueError("--fp16 is not supported: megatron_sr trains in bf16; use --precision "
+                         "bf16-mixed (what Megatron's --bf16 does) or a pure one: bf16-sr, bf16, "
+                         "bf16-kahan")
+    if args.bf16:
+        if args.precision not in (None, "bf16-mixed"):
+            raise ValueError(f"--bf16 means --precision bf16-mixed, which conflicts with "
+                             f"--precision {args.precision}: give one")
+        return "bf16-mixed"
+    return DEFAULT_STRATEGY if args.precision is None else args.precision
+
+
+def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
+    if args.recompute_activations:
+        if args.recompute_granularity not in (None, "selective"):
+            raise ValueError(f"--recompute-activations means --recompute-granularity selective, "
+                             f"which conflicts with --recompute-granularity "
+                             f"{args.recompute_granularity}")
+        return "selective"
+    return args.recompute_granularity
+
+
+def _ffn_hidden_size(args: argparse.Namespace) -> int:
+    if args.ffn_hidden_size is not None:
+        return args.ffn_hidden_size
+    if not args.swiglu:
+        return 4 * args.hidden_size
+    size = int(4 * args.hidden_size * 2 / 3 / 64) * 64
+    if size == 0:
+        raise ValueError(f"--swiglu with --hidden-size {args.hidden_size} (< 48) gives no default "
+                         f"MLP size (4h x 2/3 rounded down to a multiple of 64): give "
+                         f"--ffn-hidden-size")
+    return size
+
+
+def _virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    if per_stage is None:
+        return None
+    pp = args.pipeline_model_parallel_size
+    if args.num_layers % (pp * per_stage) != 0:
+        raise ValueError(f"--num-layers ({args.num_layers}) is not divisible by "
+                         f"--pipeline-model-parallel-size ({pp}) x "
+                         f"--num-layers-per-virtual-pipeline-stage ({per_stage})")
+    return args.num_layers // pp // per_stage
+
+
+def _sequence_parallel(args: argparse.Namespace) -> bool:
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+                      "ignored", stacklevel=3)
+        return False
+    return args.sequence_parallel
+
+
+def _global_batch_size(args: argparse.Namespace, data_parallel_size: int) -> int:
+    per_step = args.micro_batch_size * data_parallel_size
+    if args.global_batch_size is None:
+        return per_step
+    if args.global_batch_size % per_step != 0:
+        raise ValueError(
+            f"--global-batch-size ({args.global_batch_size}) is not a multiple of "
+            f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size "
+            f"({data_parallel_size} = world size / (--tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size))")
+    return args.global_batch_size
+
+
+def _train_iters(args: argparse.Namespace, global_batch_size: int) -> int:
+    if args.train_iters is not None:
+        return args.train_iters
+    if args.train_samples < global_batch_size:
+        raise ValueError(f"--train-samples ({args.train_samples}) is smaller than "
+                         f"--global-batch-size ({global_batch_size}): not one iteration")
+    return args.train_samples // global_batch_size
+
+
+def _iters_or_samples(args: argparse.Namespace, name: str, global_batch_size: int) -> Optional[int]:
+    """The value of --<name>-iters, or --<name>-samples converted to iterations."""
+    iters, samples = getattr(args, name + "_iters"), getattr(args, name + "_samples")
+    iters_flag, samples_flag = _flag(name + "_iters"), _flag(name + "_samples")
+    if samples is None:
+        return iters
+    if args.train_samples is None:
+        raise ValueError(f"{samples_flag} needs --train-samples; with --train-iters use {iters_flag}")
+    if iters:  # --lr-warmup-iters defaults to 0, the others to None
+        raise ValueError(f"{iters_flag} and {samples_flag} are exclusive: give one")
+    if samples % global_batch_size != 0:
+        raise ValueError(f"{samples_flag} ({samples}) is not a multiple of --global-batch-size "
+                         f"({global_batch_size}); the schedule counts iterations")
+    return samples // global_batch_size
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.mock_data == bool(args.data_path):
+        raise ValueError("give exactly one of --data-path and --mock-data")
+    if args.data_path:
+        _check_data_path(args.data_path)
+    parts = args.split.replace("/", ",").split(",")
+    try:
+        proportions = [float(p) for p in parts]
+    except ValueError:
+        proportions = []
+    if not 1 <= len(proportions) <= 3 or min(proportions) < 0 or sum(proportions) <= 0:
+        raise ValueError(f"--split {args.split!r}: give up to three non-negative train,valid,test "
+                         f"proportions with a positive sum, e.g. 969,30,1")
+    needed = _TOKENIZER_FLAGS[args.tokenizer_type]
+    missing = [_flag(dest) for dest in needed if getattr(args, dest) is None]
+    if missing:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs {' and '.join(missing)}")
+
+
+def _check_data_path(data_path: list[str]) -> None:
+    """Either prefixes only, or weight-prefix pairs with non-negative weights."""
+    def weight(text: str) -> Optional[float]:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    if len(data_path) == 1 or weight(data_path[0]) is None:
+        numbers = [p for p in data_path if weight(p) is not None]
+        if numbers and len(data_path) > 1:
+            raise ValueError(f"--data-path: a weight must precede every prefix or none; "
+                             f"{numbers[0]!r} looks like a weight")
+        return
+    weights, prefixes = data_path[0::2], data_path[1::2]
+    if len(weights) != len(prefixes) or any(weight(w) is None or weight(w) < 0 for w in weights):
+        raise ValueError(f"--data-path {' '.join(data_path)}: give weight-prefix pairs "
+                         f"W1 P1 W2 P2 ... with weights >= 0")
+
+
+def _check_checkpointing(args: argparse.Namespace) -> None:
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save (the directory to save to)")
+    if args.finetune and args.load is None:
+        raise ValueError("--finetune needs --load (the checkpoint to finetune from)")
