@@ -1,9 +1,11 @@
-"""Pretrain a GPT with megatron_sr: `torchrun --nproc_per_node N pretrain_gpt.py <Megatron flags>`.
+"""Pretrain a GPT with megatron_sr.
 
-Training is not wired yet: the distributed optimizer, training loop and
-checkpointing land with the training issue.
+    torchrun --nproc_per_node N pretrain_gpt.py --num-layers ... [Megatron-LM flags]
+
+Every rank runs this file; `megatron_sr.training.pretrain` does the rest
+(see `python pretrain_gpt.py --help` for the flags).
 """
-import sys
+from megatron_sr.training import main
 
 if __name__ == "__main__":
-    sys.exit("pretrain_gpt.py: training is not wired yet (see the README's status section).")
+    main()

@@ -1,0 +1,396 @@
+"""Checkpoints in Megatron-LM's layout, written atomically and verified on load.
+
+Layout under `--save`:
+
+    latest_checkpointed_iteration.txt        the iteration number, written last
+    iter_0000100/
+        checksums.json                        manifest: layout, file sizes, sha256
+        mp_rank_00/model_optim_rng.pt         TP rank 00 (PP=1)
+        mp_rank_00_001/model_optim_rng.pt     TP rank 00, PP stage 001 (PP>1)
+
+One file per (TP rank, PP stage), written by the rank of data-parallel index
+0 of that position. It holds the model parameters and the optimizer state
+keyed by global parameter name (the optimizer state is gathered over DP, so
+the checkpoint loads at any DP size), plus the scheduler, the iteration, the
+consumed samples and the RNG states of every DP rank.
+
+Atomicity: every file goes to `.iter_0000100.tmp/`, which is renamed to
+`iter_0000100/` only after all ranks have written and fsynced their files and
+the manifest is complete; the tracker file is replaced last. A crash at any
+point leaves the previous checkpoint and tracker intact; a failed write on
+any rank removes the temporary directory and raises `CheckpointError` on
+every rank (no rank is left waiting in a collective).
+
+Loading checks the manifest (complete checkpoint, same TP/PP layout), the
+file's size and sha256 (truncation, bit flips) and raises `CheckpointError`
+naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+MANIFEST_FILENAME = "checksums.json"
+STATE_FILENAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron's per-rank directory: mp_rank_TT, or mp_rank_TT_PPP with PP > 1."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_state_file(path: str, state: dict) -> dict:
+    """Writes `state` with torch.save to `path` (via a temporary name, fsynced);
+    returns {"size": bytes, "sha256": hex}."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_objects(value: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_rank: int,
+                    pp_rank: int, tp_size: int, pp_size: int) -> str:
+    """Writes this rank's `state` (None on ranks that write nothing, i.e.
+    data-parallel index > 0) into the checkpoint of `iteration`.
+
+    Called by every rank of the world. Returns the final directory. Raises
+    CheckpointError on every rank if any rank failed to write.
+    """
+    rank, _ = _world()
+    final_dir = os.path.join(save_dir, iteration_dir_name(iteration))
+    tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
+    error = None
+    if rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.makedirs(tmp_dir)
+        except OSError as exc:
+            error = f"rank 0 could not create {tmp_dir}: {exc}"
+    errors = _all_gather_objects(error)
+    if any(errors):
+        raise CheckpointError(f"checkpoint save to {save_dir} failed: "
+                              f"{next(e for e in errors if e)}")
+    entry = None
+    if state is not None:
+        relpath = os.path.join(rank_dir_name(tp_rank, pp_rank, pp_size), STATE_FILENAME)
+        try:
+            os.makedirs(os.path.join(tmp_dir, os.path.dirname(relpath)), exist_ok=True)
+            entry = {"file": relpath, **_write_state_file(os.path.join(tmp_dir, relpath), state)}
+        except Exception as exc:  # report any failure to every rank instead of hanging them
+            error = f"rank {rank} could not write {os.path.join(tmp_dir, relpath)}: {exc}"
+    reports = _all_gather_objects((error, entry))
+    failures = [e for e, _ in reports if e]
+    if rank == 0 and not failures:
+        try:
+            manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
+                        "tensor_model_parallel_size": tp_size,
+                        "pipeline_model_parallel_size": pp_size,
+                        "files": {e["file"]: {"size": e["size"], "sha256": e["sha256"]}
+                                  for _, e in reports if e is not None}}
+            _write_json(os.path.join(tmp_dir, MANIFEST_FILENAME), manifest)
+            if os.path.exists(final_dir):
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+            _fsync_dir(save_dir)
+            _write_text(os.path.join(save_dir, TRACKER_FILENAME), f"{iteration}\n")
+        except OSError as exc:
+            failures.append(f"rank 0 could not finalize {final_dir}: {exc}")
+    if rank == 0 and failures:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    failures = _all_gather_objects(failures)[0]
+    if failures:
+        raise CheckpointError(f"checkpoint save of iteration {iteration} to {save_dir} failed "
+                              f"(previous checkpoint left intact): {'; '.join(failures)}")
+    return final_dir
+
+
+def _write_json(path: str, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def read_tracker(load_dir: str) -> Optional[int]:
+    """The iteration named by `load_dir`'s tracker file, or None when there is none."""
+    path = os.path.join(load_dir, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def read_manifest(iteration_dir: str) -> dict:
+    """The manifest of a complete checkpoint directory (CheckpointError otherwise)."""
+    path = os.path.join(iteration_dir, MANIFEST_FILENAME)
+    if not os.path.isdir(iteration_dir):
+        raise CheckpointError(f"checkpoint directory {iteration_dir} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{iteration_dir} is not a complete checkpoint: {MANIFEST_FILENAME} "
+                              "is missing (the save was interrupted?)")
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int,
+                    pp_size: int, verify: bool = True) -> dict:
+    """Reads the state of (tp_rank, pp_rank) from a complete checkpoint directory,
+    after checking the layout and (with `verify`) the file's size and sha256."""
+    manifest = read_manifest(iteration_dir)
+    saved_layout = (manifest["tensor_model_parallel_size"], manifest["pipeline_model_parallel_size"])
+    if saved_layout != (tp_size, pp_size):
+        raise CheckpointError(
+            f"{iteration_dir} was saved with --tensor-model-parallel-size {saved_layout[0]} "
+            f"--pipeline-model-parallel-size {saved_layout[1]}; this run uses {tp_size} and "
+            f"{pp_size} (reshape it with tools/checkpoint_convert.py)")
+    relpath = os.path.join(rank_dir_name(tp_rank, pp_rank, pp_size), STATE_FILENAME)
+    path = os.path.join(iteration_dir, relpath)
+    expected = manifest["files"].get(relpath)
+    if expected is None or not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    if verify:
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
+                                  "the file is truncated or was modified")
+        if _sha256_file(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be read: {exc}") from exc
+
+
+# ----- the training job's checkpoint -------------------------------------------------------
+
+def _plain(value):
+    """A dataclass/dict/list tree with torch dtypes turned into strings, so the
+    checkpoint loads with `weights_only=True`."""
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def job_description(job) -> dict:
+    """The run's configuration as plain data: what tools (text generation,
+    conversion) need to rebuild the model and tokenizer from a checkpoint."""
+    import dataclasses
+
+    return _plain({"model": dataclasses.asdict(job.model),
+                   "parallel": dataclasses.asdict(job.parallel),
+                   "optimizer": dataclasses.asdict(job.optimizer),
+                   "data": dataclasses.asdict(job.data),
+                   "unpadded_vocab_size": job.unpadded_vocab_size})
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.cpu().numpy().tobytes()
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """This rank's RNG states (python, numpy, torch CPU/CUDA, the TP tracker) as
+    plain Python values (bytes for generator states): they travel through
+    `all_gather_object` and load with `weights_only=True`."""
+    import random
+
+    import numpy as np
+
+    from megatron_sr.random import get_rng_tracker
+
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"random": random.getstate(),
+             "numpy": [kind, keys.astype(np.uint32).tobytes(), position, has_gauss,
+                       cached_gaussian],
+             "torch": _tensor_bytes(torch.get_rng_state()),
+             "tracker": {name: _tensor_bytes(t) for name, t in
+                         get_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _tensor_bytes(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what `rng_state` returned."""
+    import random
+
+    import numpy as np
+
+    from megatron_sr.random import get_rng_tracker
+
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), position, has_gauss,
+                         cached_gaussian))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+    get_rng_tracker().set_states({name: _bytes_tensor(b) for name, b in state["tracker"].items()})
+
+
+def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, optimizer,
+                             scheduler) -> str:
+    """Saves model, optimizer, scheduler, progress and RNG states of `iteration`
+    under --save. Every rank calls it (the optimizer state and the RNG states
+    are gathered over DP; the DP-rank-0 rank of each (TP, PP) position writes)."""
+    from megatron_sr import parallel_state
+    from megatron_sr.model import named_parameters_global
+
+    optimizer.buffer.wait_param_gather()
+    optimizer_state = optimizer.state_dict()
+    dp_group = parallel_state.get_data_parallel_group()
+    rng_states: list = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(rng_states, rng_state(), group=dp_group)
+    state = None
+    if parallel_state.get_data_parallel_rank() == 0:
+        state = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+                 "consumed_train_samples": consumed_samples, "args": job_description(job),
+                 "model": {name: p.detach().clone().cpu()
+                           for name, p in named_parameters_global(model)},
+                 "optimizer": optimizer_state, "lr_scheduler": scheduler.state_dict(),
+                 "rng_state": rng_states}
+    return save_checkpoint(job.training.save, iteration, state,
+                           tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                           pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                           tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+                           pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def load_model_state(model, saved: dict, source: str) -> None:
+    """Copies `saved` (global name -> tensor) into this rank's parameters;
+    CheckpointError naming the parameter on a missing name or a shape mismatch."""
+    from megatron_sr.model import named_parameters_global
+
+    with torch.no_grad():
+        for name, param in named_parameters_global(model):
+            if name not in saved:
+                raise CheckpointError(f"{source} has no parameter {name}: the checkpoint was "
+                                      f"saved from a different model (e.g. --num-layers, "
+                                      f"--swiglu, --disable-bias-linear or tied embeddings)")
+            tensor = saved[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{source}: parameter {name} has shape {tuple(tensor.shape)} in the checkpoint "
+                    f"but {tuple(param.shape)} in this model (check --hidden-size, "
+                    f"--ffn-hidden-size, --num-attention-heads, the vocabulary and TP size)")
+            param.copy_(tensor)
+
+
+def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int]:
+    """Restores the latest checkpoint under --load into model, optimizer,
+    scheduler and RNG; returns (iteration, consumed samples), (0, 0) without
+    --load or when it holds no checkpoint yet. Honors --no-load-optim,
+    --no-load-rng and --finetune (weights only, iteration 0). Every rank calls it."""
+    from megatron_sr import parallel_state
+
+    training = job.training
+    if not training.load:
+        return 0, 0
+    iteration = read_tracker(training.load)
+    if iteration is None:
+        if not os.path.isdir(training.load):
+            raise CheckpointError(f"--load {training.load}: no such directory")
+        if rank0():
+            print(f"[checkpoint] no {TRACKER_FILENAME} in {training.load}: training from scratch",
+                  flush=True)
+        return 0, 0
+    directory = os.path.join(training.load, iteration_dir_name(iteration))
+    state = load_state_file(directory, parallel_state.get_tensor_model_parallel_rank(),
+                            parallel_state.get_pipeline_model_parallel_rank(),
+                            parallel_state.get_tensor_model_parallel_world_size(),
+                            parallel_state.get_pipeline_model_parallel_world_size())
+    load_model_state(model, state["model"], directory)
+    if training.finetune:
+        optimizer.reset_master_from_params()
+        if rank0():
+            print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
+                  f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
+        return 0, 0
+    if training.no_load_optim:
+        optimizer.reset_master_from_params()
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+    if not training.no_load_rng:
+        states = state["rng_state"]
+        dp_rank = parallel_state.get_data_parallel_rank()
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+    if rank0():
+        print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
+    return iteration, int(state["consumed_train_samples"])
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

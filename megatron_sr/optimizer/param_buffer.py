@@ -1,0 +1,293 @@
+"""Contiguous parameter and gradient buffers, split into buckets and shards.
+
+Every parameter of this rank's model chunks becomes a view into one flat
+`param_buffer` (dtype: the strategy's param dtype) and gets a `main_grad`
+view into one flat `grad_buffer` (dtype: the strategy's grad dtype, or
+`--grad-reduce-dtype`). Backward accumulates `param.grad` into `main_grad`
+with a post-accumulate hook and frees `param.grad`, so gradients of all
+micro-batches of a step sum in the grad buffer.
+
+The buffer is cut into buckets (consecutive parameters, in the reverse of
+the model's order, so that backward fills the first bucket first), each
+padded to a multiple of `data_parallel_size * SHARD_ALIGN` elements. With the
+distributed optimizer, data-parallel rank r owns the r-th of the
+`data_parallel_size` equal slices of every bucket: after backward the grads
+are reduce-scattered (mean over DP) into that slice, the optimizer updates it,
+and the parameters are all-gathered back. Without the distributed optimizer
+every rank owns the whole bucket and grads are all-reduced (mean).
+
+`compute_buffer_layout` is a pure function of the parameter sizes, so
+`tools/estimate.py` predicts the same padded sizes that training allocates.
+All ranks of a data-parallel group call every collective method here in the
+same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+SHARD_ALIGN = 64
+"""Each rank's slice of a bucket is a multiple of this many elements."""
+
+DEFAULT_BUCKET_SIZE = 40_000_000
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the buffers and the optimizer need to know about one parameter.
+
+    name: global name, the same for every TP/PP layout (SR key, checkpoints).
+    sr_tp_rank: this rank's TP rank for TP-sharded parameters; None for
+        parameters replicated over TP (they draw the same SR bits on all TP ranks).
+    weight_decay: whether AdamW's decoupled decay applies (not for biases, norms).
+    count_in_grad_norm: False for copies whose elements another rank already
+        counts (TP-replicated parameters on TP rank > 0, the tied output copy
+        of the word embedding on the last pipeline stage).
+    needs_model_parallel_grad_sync: its grad is all-reduced over a model-parallel
+        group (tied embeddings, sequence-parallel norms) before the DP reduction.
+    """
+
+    name: str
+    sr_tp_rank: Optional[int]
+    weight_decay: bool
+    count_in_grad_norm: bool
+    needs_model_parallel_grad_sync: bool = False
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where each parameter and bucket lives in the flat buffers (element indices)."""
+
+    param_ranges: tuple[tuple[int, int], ...]
+    bucket_ranges: tuple[tuple[int, int], ...]
+    bucket_params: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return self.bucket_ranges[-1][1] if self.bucket_ranges else 0
+
+
+def compute_buffer_layout(numels: Sequence[int], data_parallel_size: int,
+                          bucket_size: int = DEFAULT_BUCKET_SIZE) -> BufferLayout:
+    """Lays parameters of the given sizes (already in buffer order) out in buckets.
+
+    A bucket closes once it holds at least `bucket_size` elements; each bucket
+    is padded to a multiple of `data_parallel_size * SHARD_ALIGN`.
+    """
+    if data_parallel_size < 1 or bucket_size < 1:
+        raise ValueError(f"data_parallel_size ({data_parallel_size}) and bucket_size "
+                         f"({bucket_size}) must be >= 1")
+    quantum = data_parallel_size * SHARD_ALIGN
+    param_ranges, bucket_ranges, bucket_params = [], [], []
+    start = bucket_start = 0
+    members: list[int] = []
+    for index, numel in enumerate(numels):
+        param_ranges.append((start, start + numel))
+        members.append(index)
+        start += numel
+        if start - bucket_start >= bucket_size or index == len(numels) - 1:
+            end = bucket_start + -(-(start - bucket_start) // quantum) * quantum
+            bucket_ranges.append((bucket_start, end))
+            bucket_params.append(tuple(members))
+            start = bucket_start = end
+            members = []
+    return BufferLayout(tuple(param_ranges), tuple(bucket_ranges), tuple(bucket_params))
+
+
+@dataclass(frozen=True)
+class ShardSegment:
+    """The part of one parameter that lies in this rank's shard of one bucket.
+
+    buffer_start/end index the flat buffers; shard_start/end index the
+    bucket's optimizer-state tensors; param_offset is the position of the
+    segment's first element in the parameter (the SR counter offset)."""
+
+    param_index: int
+    bucket_index: int
+    buffer_start: int
+    buffer_end: int
+    shard_start: int
+    param_offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.buffer_end - self.buffer_start
+
+
+class ParamAndGradBuffer:
+    """Flat param/grad storage for `params`, with DP grad sync and param gather.
+
+    params: this rank's parameters in model order (the buffer stores them
+        reversed). Their data is moved into the buffer; they stay views of it.
+    distributed: shard buckets over DP (ZeRO-1) or keep them whole (all-reduce).
+    overlap_grad_reduce: launch each bucket's reduction asynchronously as soon
+        as the last micro-batch's backward has produced all its grads.
+    overlap_param_gather: launch the all-gathers asynchronously after the step
+        and wait for each bucket right before the forward that reads it.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], infos: Sequence[ParamInfo],
+                 param_dtype: torch.dtype, grad_dtype: torch.dtype,
+                 data_parallel_group: Optional[dist.ProcessGroup], distributed: bool,
+                 bucket_size: int = DEFAULT_BUCKET_SIZE, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False):
+        if len(params) != len(infos):
+            raise ValueError(f"{len(params)} params but {len(infos)} ParamInfo entries")
+        for param in params:
+            if param.dtype != param_dtype:
+                raise TypeError(f"parameter of shape {tuple(param.shape)} is {param.dtype}, "
+                                f"the strategy stores parameters in {param_dtype}")
+        order = list(reversed(range(len(params))))
+        self.params = [params[i] for i in order]
+        self.infos = [infos[i] for i in order]
+        self.group = data_parallel_group
+        self.dp_size = dist.get_world_size(data_parallel_group) if dist.is_initialized() else 1
+        self.dp_rank = dist.get_rank(data_parallel_group) if dist.is_initialized() else 0
+        self.distributed = distributed
+        self.layout = compute_buffer_layout([p.numel() for p in self.params], self.dp_size,
+                                            bucket_size)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.param_buffer = torch.zeros(self.layout.numel, dtype=param_dtype, device=device)
+        self.grad_buffer = torch.zeros(self.layout.numel, dtype=grad_dtype, device=device)
+        for param, (start, end) in zip(self.params, self.layout.param_ranges):
+            view = self.param_buffer[start:end].view_as(param)
+            view.copy_(param.data)
+            param.data = view
+            param.main_grad = self.grad_buffer[start:end].view_as(param)
+        self.segments = self._shard_segments()
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather and distributed
+        self._bucket_of_param = {}
+        for bucket, members in enumerate(self.layout.bucket_params):
+            for index in members:
+                self._bucket_of_param[id(self.params[index])] = bucket
+        self._grad_handles: list[Optional[dist.Work]] = [None] * len(self.layout.bucket_ranges)
+        self._gather_handles: list[Optional[dist.Work]] = [None] * len(self.layout.bucket_ranges)
+        self._pending_grads = [-1] * len(self.layout.bucket_ranges)
+        self._grad_launched = [False] * len(self.layout.bucket_ranges)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate_grad)
+                       for p in self.params]
+
+    # ----- layout -----------------------------------------------------------------
+    def shard_range(self, bucket: int) -> tuple[int, int]:
+        """[start, end) buffer indices of this rank's shard of `bucket`."""
+        start, end = self.layout.bucket_ranges[bucket]
+        if not self.distributed:
+            return start, end
+        size = (end - start) // self.dp_size
+        return start + self.dp_rank * size, start + (self.dp_rank + 1) * size
+
+    def _shard_segments(self) -> list[ShardSegment]:
+        segments = []
+        for bucket, members in enumerate(self.layout.bucket_params):
+            shard_start, shard_end = self.shard_range(bucket)
+            for index in members:
+                p_start, p_end = self.layout.param_ranges[index]
+                start, end = max(p_start, shard_start), min(p_end, shard_end)
+                if start < end:
+                    segments.append(ShardSegment(index, bucket, start, end,
+                                                 start - shard_start, start - p_start))
+        return segments
+
+    def shard_numel(self, bucket: int) -> int:
+        start, end = self.shard_range(bucket)
+        return end - start
+
+    # ----- gradients ---------------------------------------------------------------
+    def zero_grad(self) -> None:
+        self.grad_buffer.zero_()
+
+    def prepare_grad_sync(self, num_microbatches: int) -> None:
+        """Arms the overlapped reduction: a bucket launches once each of its
+        params has accumulated `num_microbatches` grads. Call before the
+        step's forward-backward; a no-op without overlap."""
+        for bucket, members in enumerate(self.layout.bucket_params):
+            deferred = any(self.infos[i].needs_model_parallel_grad_sync for i in members)
+            self._pending_grads[bucket] = -1 if deferred else len(members) * num_microbatches
+
+    def _accumulate_grad(self, param: torch.nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if not self.overlap_grad_reduce:
+            return
+        bucket = self._bucket_of_param[id(param)]
+        if self._pending_grads[bucket] > 0:
+            self._pending_grads[bucket] -= 1
+            if self._pending_grads[bucket] == 0:
+                self._launch_grad_reduce(bucket, async_op=True)
+
+    def _launch_grad_reduce(self, bucket: int, async_op: bool) -> None:
+        self._grad_launched[bucket] = True
+        start, end = self.layout.bucket_ranges[bucket]
+        grads = self.grad_buffer[start:end]
+        if self.dp_size > 1:
+            grads.mul_(1.0 / self.dp_size)
+            if self.distributed:
+                shard_start, shard_end = self.shard_range(bucket)
+                # Gloo may not allow the output to alias the input; reduce from a copy.
+                handle = _reduce_scatter(self.grad_buffer[shard_start:shard_end], grads.clone(),
+                                         group=self.group, async_op=async_op)
+            else:
+                handle = dist.all_reduce(grads, group=self.group, async_op=async_op)
+            self._grad_handles[bucket] = handle if async_op else None
+
+    def finish_grad_sync(self) -> None:
+        """Reduces (mean over DP) every bucket not already launched and waits
+        for all. After it, this rank's shard of the grad buffer holds the DP
+        mean. Call after `finalize_model_grads` (the model-parallel syncs)."""
+        for bucket, launched in enumerate(self._grad_launched):
+            if not launched:
+                self._launch_grad_reduce(bucket, async_op=False)
+        for bucket, handle in enumerate(self._grad_handles):
+            if handle is not None:
+                handle.wait()
+            self._grad_handles[bucket] = None
+            self._grad_launched[bucket] = False
+            self._pending_grads[bucket] = -1
+
+    # ----- parameters ----------------------------------------------------------------
+    def gather_params(self) -> None:
+        """All-gathers every bucket's shards into the full parameter buffer
+        (distributed optimizer only); asynchronous with overlap_param_gather."""
+        if not self.distributed or self.dp_size == 1:
+            return
+        for bucket in range(len(self.layout.bucket_ranges)):
+            start, end = self.layout.bucket_ranges[bucket]
+            shard_start, shard_end = self.shard_range(bucket)
+            handle = all_gather_into(self.param_buffer[start:end],
+                                 self.param_buffer[shard_start:shard_end].clone(),
+                                 group=self.group, async_op=self.overlap_param_gather)
+            self._gather_handles[bucket] = handle if self.overlap_param_gather else None
+
+    def wait_param_gather(self, param: Optional[torch.nn.Parameter] = None) -> None:
+        """Waits for the pending all-gather of `param`'s bucket (of all buckets if None)."""
+        buckets = (range(len(self._gather_handles)) if param is None
+                   else [self._bucket_of_param[id(param)]])
+        for bucket in buckets:
+            handle = self._gather_handles[bucket]
+            if handle is not None:
+                handle.wait()
+                self._gather_handles[bucket] = None
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank allocates for parameters and gradients."""
+        return {"params": self.param_buffer.numel() * self.param_buffer.element_size(),
+                "grads": self.grad_buffer.numel() * self.grad_buffer.element_size()}
+
+    def wait_before_forward(self, modules: Sequence[torch.nn.Module]) -> None:
+        """With overlap_param_gather, makes every submodule that owns parameters
+        wait for its buckets' all-gathers right before its forward runs."""
+        if not self.overlap_param_gather:
+            return
+        for module in modules:
+            for submodule in module.modules():
+                own = list(submodule.parameters(recurse=False))
+                if own:
+                    submodule.register_forward_pre_hook(
+                        lambda _module, _args, own=own: [self.wait_param_gather(p) for p in own])

@@ -1,0 +1,515 @@
+"""The training job: set-up, the train/eval loop, logging, exits.
+
+`pretrain(argv)` is what `pretrain_gpt.py` runs on every rank under torchrun:
+
+    initialize_distributed   backend and device (CUDA+NCCL, else CPU+Gloo), process groups, seeds
+    build_tokenizer          the vocabulary pads the model's embedding
+    setup_model_and_optimizer  model chunks, param/grad buffers, distributed optimizer, LR schedule,
+                             then --load
+    build_data_iterators     train/valid samples for this data-parallel rank, from consumed samples
+    train                    the loop: forward-backward over micro-batches (the pipeline schedule),
+                             model-parallel grad syncs, the optimizer step; logging, evaluation,
+                             checkpoints, exits (--exit-interval, --exit-duration-in-mins, SIGTERM)
+
+Batches: global batch = micro-batch x data-parallel size x micro-batches per
+step. Step i of a run consumes samples [c, c + global batch) of the train
+stream, c = consumed samples; micro-batch j of data-parallel rank r is the
+slice [c + (j x dp + r) x micro, + micro), as Megatron's pretraining sampler
+cuts it, so a resumed run sees exactly the samples a continuous run would.
+
+Logging is done by the last rank (it holds the loss): Megatron's line format
+on stdout and the same values as TensorBoard scalars with --tensorboard-dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_sr import checkpointing, parallel_state
+from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.data.gpt_dataset import build_gpt_datasets
+from megatron_sr.data.tokenizers import build_tokenizer
+from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
+                               named_parameters_global, param_is_unique_in_model)
+from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
+from megatron_sr.optimizer.lr_schedules import LRScheduler
+from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
+from megatron_sr.pipeline_parallel import get_forward_backward_func
+from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
+from megatron_sr.random import model_parallel_seed
+
+_GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive skipped steps)."""
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def is_last_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(message: str) -> None:
+    if is_last_rank():
+        print(message, flush=True)
+
+
+# ----- set-up ------------------------------------------------------------------------------
+
+def initialize_distributed(job: JobConfig) -> torch.device:
+    """Joins the process group torchrun describes (or a 1-rank one), builds the
+    model-parallel groups and seeds every stream. Returns the device."""
+    parallel = job.parallel
+    backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a plain `python pretrain_gpt.py`: one rank
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+    if dist.get_world_size() != job.world_size:
+        raise ValueError(f"the job was configured for {job.world_size} ranks but "
+                         f"{dist.get_world_size()} joined")
+    parallel_state.initialize_model_parallel(parallel.tensor_model_parallel_size,
+                                             parallel.pipeline_model_parallel_size,
+                                             parallel.virtual_pipeline_model_parallel_size)
+    model_parallel_seed(job.training.seed)
+    return parallel_state.get_default_device()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def param_infos(params: Sequence[torch.nn.Parameter]) -> list[ParamInfo]:
+    """What the optimizer needs of each parameter, read off the model's attributes:
+    global name, TP sharding, weight decay (not for biases and norms, i.e.
+    1-D tensors), counting in the grad norm, model-parallel grad syncs."""
+    return [ParamInfo(name=p.global_name,
+                      sr_tp_rank=(parallel_state.get_tensor_model_parallel_rank()
+                                  if p.tensor_model_parallel else None),
+                      weight_decay=p.dim() > 1,
+                      count_in_grad_norm=param_is_unique_in_model(p),
+                      needs_model_parallel_grad_sync=bool(
+                          getattr(p, "sequence_parallel", False)
+                          or getattr(p, "shared_embedding", False)))
+            for p in params]
+
+
+def grad_dtype(job: JobConfig, strategy: PrecisionStrategy) -> torch.dtype:
+    """The grad buffer's dtype: --grad-reduce-dtype, else the strategy's."""
+    if job.optimizer.grad_reduce_dtype is None:
+        return strategy.grad_dtype
+    return _GRAD_DTYPES[job.optimizer.grad_reduce_dtype]
+
+
+def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None):
+    """(model chunks, optimizer, LR scheduler), with the param/grad buffers built.
+
+    Every rank calls it after `initialize_distributed`, with `job` carrying the
+    padded vocabulary size."""
+    strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
+    model = build_model(job.model, job.parallel, seed=job.training.seed)
+    params = [p for chunk in model for p in chunk.parameters()]
+    extra = {} if bucket_size is None else {"bucket_size": bucket_size}
+    buffer = ParamAndGradBuffer(
+        params, param_infos(params), strategy.param_dtype, grad_dtype(job, strategy),
+        parallel_state.get_data_parallel_group(),
+        distributed=job.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=job.parallel.overlap_grad_reduce,
+        overlap_param_gather=job.parallel.overlap_param_gather, **extra)
+    buffer.wait_before_forward(model)
+    optimizer = DistributedOptimizer(buffer, strategy, job.optimizer, seed=job.training.seed)
+    scheduler = LRScheduler(job.optimizer, job.training.train_iters)
+    return model, optimizer, scheduler
+
+
+def memory_report(optimizer: DistributedOptimizer) -> dict[str, int]:
+    """This rank's training-state bytes: params, grads, master, optimizer, total."""
+    sizes = optimizer.memory_bytes()
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def _format_memory_report(job: JobConfig, reports: list[dict[str, int]]) -> str:
+    strategy = job.optimizer.precision
+    worst = max(reports, key=lambda r: r["total"])
+    mib = 1 << 20
+    fields = " | ".join(f"{k}: {worst[k] / mib:.2f} MiB" for k in
+                        ("params", "grads", "master", "optimizer", "total"))
+    return (f"[memory] training state per rank (max over {len(reports)} ranks), "
+            f"--precision {strategy}: {fields}")
+
+
+# ----- data -------------------------------------------------------------------------------
+
+def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
+    """Samples each split must provide for the whole run (Megatron's counts)."""
+    training = job.training
+    global_batch = training.global_batch_size
+    train = training.train_iters * global_batch
+    evaluations = training.train_iters // training.eval_interval + 1
+    valid = evaluations * training.eval_iters * global_batch
+    return train, valid, training.eval_iters * global_batch
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int,
+                  data_parallel_rank: int, data_parallel_size: int) -> Iterator[torch.Tensor]:
+    """This DP rank's micro-batches of `dataset` from `consumed_samples` on:
+    int64 tensors [micro_batch_size, seq_length + 1]. The stream wraps around
+    the dataset (validation reuses its samples when it runs past them)."""
+    stride = micro_batch_size * data_parallel_size
+    start = consumed_samples
+    while True:
+        first = start + data_parallel_rank * micro_batch_size
+        rows = [dataset[(first + i) % len(dataset)]["tokens"] for i in range(micro_batch_size)]
+        yield torch.stack(rows)
+        start += stride
+
+
+class DataStreams:
+    """Per-chunk micro-batch iterators for training and validation.
+
+    Chunks that take tokens (first stage) or labels (last stage) each get their
+    own iterator over the same stream; other chunks get None."""
+
+    def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module]):
+        self.job = job
+        self.model = model
+        self.train, self.valid, _ = build_gpt_datasets(
+            job.data, tokenizer, train_valid_test_num_samples(job), job.training.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    def _iterators(self, dataset, consumed: int):
+        if dataset is None:
+            return [None] * len(self.model)
+        return [micro_batches(dataset, consumed, self.job.training.micro_batch_size,
+                              self.dp_rank, self.dp_size)
+                if chunk.pre_process or chunk.post_process else None
+                for chunk in self.model]
+
+    def train_iterators(self, consumed_samples: int):
+        return self._iterators(self.train, consumed_samples)
+
+    def valid_iterators(self, consumed_samples: int = 0):
+        return self._iterators(self.valid, consumed_samples)
+
+
+# ----- one step ---------------------------------------------------------------------------
+
+def make_forward_step(strategy: PrecisionStrategy, device: torch.device):
+    """The schedule's forward_step_func: next micro-batch -> chunk forward ->
+    (per-token losses, mean-loss function). amp runs the forward under autocast."""
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if strategy.autocast else nullcontext())
+
+    def forward_step(data_iterator, chunk):
+        tokens = labels = None
+        if chunk.pre_process or chunk.post_process:
+            batch = next(data_iterator).to(device, non_blocking=True)
+            tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        with autocast:
+            output = chunk(tokens, labels=labels if chunk.post_process else None)
+        return output, lambda losses: losses.float().mean()
+
+    return forward_step
+
+
+@dataclasses.dataclass
+class StepReport:
+    loss: Optional[float]  # mean over micro-batches and DP ranks; last stage only
+    grad_norm: float
+    skipped: bool
+    update_absorption: Optional[float]
+
+
+def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
+    """Mean of this rank's micro-batch losses, averaged over the DP group;
+    None on ranks without the last stage (which pass an empty list)."""
+    if not values:
+        return None
+    local = torch.stack([v.float() for v in values]).mean().to(device)
+    dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+    return local.item() / parallel_state.get_data_parallel_world_size()
+
+
+def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
+               forward_step, measure_update_absorption: bool = False) -> StepReport:
+    """One optimizer step on every rank: forward-backward over the step's
+    micro-batches, model-parallel then data-parallel grad syncs, AdamW."""
+    device = optimizer.buffer.param_buffer.device
+    optimizer.buffer.zero_grad()
+    optimizer.buffer.prepare_grad_sync(job.num_microbatches)
+    for chunk in model:
+        chunk.train()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
+                              num_microbatches=job.num_microbatches,
+                              seq_length=job.model.seq_length,
+                              micro_batch_size=job.training.micro_batch_size)
+    finalize_model_grads(model)
+    result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
+    return StepReport(loss=_average_over_dp(losses, device), grad_norm=result.grad_norm,
+                      skipped=result.skipped, update_absorption=result.update_absorption)
+
+
+@torch.no_grad()
+def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
+    """Mean validation loss over --eval-iters steps (last stage; None elsewhere)."""
+    device = parallel_state.get_default_device()
+    for chunk in model:
+        chunk.eval()
+    forward_backward = get_forward_backward_func()
+    losses = []
+    for _ in range(job.training.eval_iters):
+        losses += forward_backward(forward_step_func=forward_step, data_iterator=iterators,
+                                   model=model, num_microbatches=job.num_microbatches,
+                                   seq_length=job.model.seq_length,
+                                   micro_batch_size=job.training.micro_batch_size,
+                                   forward_only=True)
+    for chunk in model:
+        chunk.train()
+    return _average_over_dp(losses, device)
+
+
+# ----- the loop ---------------------------------------------------------------------------
+
+class _SigtermFlag:
+    """Set by SIGTERM; the loop checks it (agreed over all ranks) after each step."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _open_tensorboard(job: JobConfig):
+    if not job.training.tensorboard_dir or not is_last_rank():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=job.training.tensorboard_dir, max_queue=100)
+
+
+def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss: Optional[float],
+             grad_norm: float, skipped: int, nan_iterations: int, tokens_per_s: float,
+             tflops_per_device: float, absorption: Optional[float], consumed: int) -> str:
+    """Megatron's training log line, with throughput and update absorption added."""
+    parts = [f" iteration {iteration:8d}/{job.training.train_iters:8d}",
+             f"consumed samples: {consumed:12d}",
+             f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+             f"throughput (tokens/s): {tokens_per_s:.1f}",
+             f"throughput per device (TFLOP/s/device): {tflops_per_device:.3f}",
+             f"learning rate: {lr:.6E}",
+             f"global batch size: {job.training.global_batch_size:5d}"]
+    if loss is not None:
+        parts.append(f"lm loss: {loss:.6E}")
+    parts += [f"grad norm: {grad_norm:.3f}"]
+    if absorption is not None:
+        parts.append(f"update absorption: {absorption:.4f}")
+    parts += [f"number of skipped iterations: {skipped:3d}",
+              f"number of nan iterations: {nan_iterations:3d}"]
+    return " | ".join(parts) + " |"
+
+
+def _agree(flags: Sequence[bool], device) -> list[bool]:
+    """Each flag OR-ed over all ranks (one all-reduce)."""
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
+          data: DataStreams, start_iteration: int, consumed_samples: int) -> tuple[int, bool]:
+    """Runs steps until --train-iters or an exit condition; returns (last
+    iteration, whether an exit condition stopped it early). Saves with --save
+    at --save-interval and on every exit."""
+    training = job.training
+    device = parallel_state.get_default_device()
+    strategy = optimizer.strategy
+    forward_step = make_forward_step(strategy, device)
+    writer = _open_tensorboard(job)
+    sigterm = _SigtermFlag()
+    tokens_per_step = training.global_batch_size * job.model.seq_length
+    flops_per_step = flops_per_token(job.model) * tokens_per_step
+    start_time = time.time()
+    iterators = data.train_iterators(consumed_samples)
+    iteration = start_iteration
+    consecutive_skips = 0
+    nan_iterations = 0
+    interval_time, interval_steps = 0.0, 0
+    losses: list[float] = []
+    try:
+        while iteration < training.train_iters:
+            lr = scheduler.get_lr()
+            log_now = (iteration + 1) % training.log_interval == 0
+            step_start = time.perf_counter()
+            report = train_step(job, model, optimizer, iterators, lr, forward_step,
+                                measure_update_absorption=log_now)
+            interval_time += time.perf_counter() - step_start
+            interval_steps += 1
+            iteration += 1
+            consumed_samples += training.global_batch_size
+            scheduler.step()
+            if report.skipped:
+                consecutive_skips += 1
+                nan_iterations += int(report.loss is not None and not math.isfinite(report.loss))
+                print_rank_0(f"[warning] iteration {iteration}: grad norm is {report.grad_norm}, "
+                             f"step skipped ({consecutive_skips} in a row)")
+                if consecutive_skips >= training.max_skipped_iterations:
+                    raise TrainingStopped(
+                        f"{consecutive_skips} consecutive iterations had NaN/Inf gradients "
+                        f"(--max-skipped-iterations {training.max_skipped_iterations}); stopping "
+                        f"instead of training on garbage. Resume from the last checkpoint with a "
+                        f"lower --lr or a smaller --clip-grad.")
+            else:
+                consecutive_skips = 0
+                if report.loss is not None:
+                    losses.append(report.loss)
+            if log_now:
+                elapsed = interval_time / interval_steps
+                loss = sum(losses) / len(losses) if losses else None
+                tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
+                print_rank_last(log_line(
+                    iteration, job, elapsed * 1000, lr, loss, report.grad_norm,
+                    optimizer.skipped_steps, nan_iterations, tokens_per_step / elapsed, tflops,
+                    report.update_absorption, consumed_samples))
+                if writer is not None:
+                    scalars = {"learning-rate": lr, "grad-norm": report.grad_norm,
+                               "throughput/tokens-per-s": tokens_per_step / elapsed,
+                               "throughput/tflops-per-device": tflops,
+                               "skipped-iterations": optimizer.skipped_steps,
+                               "nan-iterations": nan_iterations,
+                               "consumed-samples": consumed_samples}
+                    if loss is not None:
+                        scalars["lm loss"] = loss
+                    if report.update_absorption is not None:
+                        scalars["update-absorption"] = report.update_absorption
+                    for name, value in scalars.items():
+                        writer.add_scalar(name, value, iteration)
+                interval_time, interval_steps, losses = 0.0, 0, []
+            if training.eval_interval and iteration % training.eval_interval == 0 \
+                    and data.valid is not None:
+                run_evaluation(job, model, data, forward_step, iteration, writer)
+            if training.save and training.save_interval and iteration % training.save_interval == 0:
+                save(job, iteration, consumed_samples, model, optimizer, scheduler)
+            elapsed_min = (time.time() - start_time) / 60
+            stop_signal, out_of_time = _agree(
+                [sigterm.received, bool(training.exit_duration_in_mins
+                                        and elapsed_min > training.exit_duration_in_mins)], device)
+            exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
+            if stop_signal or out_of_time or exit_interval:
+                reason = ("SIGTERM received" if stop_signal else
+                          "--exit-duration-in-mins reached" if out_of_time else
+                          "--exit-interval reached")
+                if training.save and not (training.save_interval
+                                          and iteration % training.save_interval == 0):
+                    save(job, iteration, consumed_samples, model, optimizer, scheduler)
+                print_rank_0(f"[exit] {reason} at iteration {iteration}")
+                return iteration, True
+        if training.save and not (training.save_interval
+                                  and iteration % training.save_interval == 0):
+            save(job, iteration, consumed_samples, model, optimizer, scheduler)
+        return iteration, False
+    finally:
+        sigterm.restore()
+        if writer is not None:
+            writer.close()
+
+
+def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, iteration: int,
+                   writer) -> Optional[float]:
+    """Evaluates on the validation split from its start; logs loss and perplexity."""
+    loss = evaluate(job, model, data.valid_iterators(), forward_step)
+    if loss is not None and is_last_rank():
+        ppl = math.exp(min(20.0, loss))
+        line = f"validation loss at iteration {iteration} | lm loss value: {loss:.6E} | " \
+               f"lm loss PPL: {ppl:.6E} |"
+        print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
+        if writer is not None:
+            writer.add_scalar("lm loss validation", loss, iteration)
+            writer.add_scalar("lm loss validation ppl", ppl, iteration)
+    return loss
+
+
+def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer, scheduler):
+    start = time.perf_counter()
+    path = checkpointing.save_training_checkpoint(job, iteration, consumed_samples, model,
+                                                  optimizer, scheduler)
+    print_rank_0(f"[checkpoint] saved iteration {iteration} to {path} "
+                 f"({time.perf_counter() - start:.2f} s)")
+
+
+# ----- entry point --------------------------------------------------------------------------
+
+def pretrain(argv: Optional[Sequence[str]] = None) -> int:
+    """Parses Megatron-style flags and trains; returns the last iteration.
+    Called on every rank (torchrun sets RANK/WORLD_SIZE; one rank without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    job = parse_args(list(argv) if argv is not None else None, world_size)
+    device = initialize_distributed(job)
+    try:
+        data = job.data
+        tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                                    merge_file=data.merge_file,
+                                    tokenizer_model=data.tokenizer_model,
+                                    vocab_size=data.vocab_size)
+        job = job.with_vocab_size(tokenizer.vocab_size)
+        print_rank_0(f"[setup] world {job.world_size} = TP {job.parallel.tensor_model_parallel_size}"
+                     f" x PP {job.parallel.pipeline_model_parallel_size} x DP "
+                     f"{job.data_parallel_size}; --precision {job.optimizer.precision}; device "
+                     f"{device.type}; vocab {job.unpadded_vocab_size} padded to "
+                     f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
+        model, optimizer, scheduler = setup_model_and_optimizer(job)
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, memory_report(optimizer))
+        print_rank_0(_format_memory_report(job, reports))
+        iteration, consumed = checkpointing.load_training_checkpoint(job, model, optimizer,
+                                                                     scheduler)
+        data_streams = DataStreams(job, tokenizer, model)
+        last, stopped_early = train(job, model, optimizer, scheduler, data_streams, iteration,
+                                    consumed)
+        evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
+        if not (stopped_early or evaluated_last) and job.training.eval_iters \
+                and data_streams.valid is not None:
+            run_evaluation(job, model, data_streams, make_forward_step(optimizer.strategy, device),
+                           last, None)
+        return last
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    try:
+        pretrain(sys.argv[1:])
+    except (ValueError, checkpointing.CheckpointError, TrainingStopped) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
