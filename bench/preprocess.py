@@ -1,0 +1,82 @@
+"""Tokenization throughput of tools/preprocess_data.py: MB/s at 1 and N workers.
+
+    python bench/preprocess.py [--input corpus.jsonl] [--workers 1 2] [--repeats 2]
+
+Runs the preprocessing engine on the same input once per worker count
+(interleaved, best of ``--repeats``), checks that every run wrote identical
+files, and prints MB/s per worker count, the ratio to 1 worker, and the CPU
+seconds each run used (its own and its workers'). Default input: the sample
+corpus (GPT-2 BPE, --append-eod). The target is >= 1.7x at 2 workers on 2
+free cores; the load average printed first says whether the cores were free,
+and the CPU seconds separate parallel overhead (worker start-up, per-worker
+merge caches) from contention.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sr.data import sample_files  # noqa: E402
+from megatron_sr.data.preprocessing import TokenizerSpec, preprocess  # noqa: E402
+
+
+def digest(prefix: str) -> str:
+    sha = hashlib.sha256()
+    for suffix in (".bin", ".idx"):
+        with open(prefix + suffix, "rb") as f:
+            sha.update(f.read())
+    return sha.hexdigest()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the pool's workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", default=None, help="JSONL (default: the sample corpus)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs each")
+    args = parser.parse_args(argv)
+    source = args.input or sample_files.sample_corpus()
+    spec = TokenizerSpec("GPT2BPETokenizer", *sample_files.gpt2_bpe_files())
+    counts = sorted(set(args.workers) | {1})
+    best_seconds = {w: float("inf") for w in counts}
+    best_cpu_seconds = {w: float("inf") for w in counts}
+    load_before = os.getloadavg()[0]
+    digests = set()
+    megabytes = 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(args.repeats):
+            for workers in counts:
+                prefix = os.path.join(folder, f"w{workers}")
+                cpu_before = cpu_seconds()
+                stats = preprocess([source], prefix, spec, append_eod=True, workers=workers,
+                                   log=None)
+                best_seconds[workers] = min(best_seconds[workers], stats.seconds)
+                best_cpu_seconds[workers] = min(best_cpu_seconds[workers],
+                                                cpu_seconds() - cpu_before)
+                megabytes = stats.input_bytes / 1e6
+                digests.add(digest(f"{prefix}_text_document"))
+    print(f"input {source}: {megabytes:.2f} MB, GPT2BPETokenizer, best of {args.repeats}, "
+          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    for workers in counts:
+        rate = megabytes / best_seconds[workers]
+        speedup = best_seconds[1] / best_seconds[workers]
+        print(f"workers={workers}: {rate:6.2f} MB/s   x{speedup:.2f} vs 1 worker   "
+              f"{best_cpu_seconds[workers]:.2f} CPU s")
+    print(f"outputs identical across worker counts: {len(digests) == 1}")
+    return 0 if len(digests) == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
