@@ -51,6 +51,11 @@ from megatron_sr.random import model_parallel_seed
 
 _GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
+NAN_GRAD_INJECTION_ENV = "MEGATRON_SR_INJECT_NAN_GRAD_AT"
+"""Fault-injection test hook: a comma-separated list of iterations (1-based, as
+logged), e.g. "3,4", whose backward produces NaN gradients on every rank.
+Read once when `train` starts; unset (the default) injects nothing."""
+
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many consecutive skipped steps)."""
@@ -165,13 +170,14 @@ def _format_memory_report(job: JobConfig, reports: list[dict[str, int]]) -> str:
 # ----- data -------------------------------------------------------------------------------
 
 def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
-    """Samples each split must provide for the whole run (Megatron's counts)."""
+    """Samples the train and valid splits must provide for the whole run
+    (Megatron's counts); the loop never reads the test split, so it asks none."""
     training = job.training
     global_batch = training.global_batch_size
     train = training.train_iters * global_batch
     evaluations = training.train_iters // training.eval_interval + 1
     valid = evaluations * training.eval_iters * global_batch
-    return train, valid, training.eval_iters * global_batch
+    return train, valid, 0
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int,
@@ -219,11 +225,40 @@ class DataStreams:
 
 # ----- one step ---------------------------------------------------------------------------
 
-def make_forward_step(strategy: PrecisionStrategy, device: torch.device):
+class _NaNGradient(torch.autograd.Function):
+    """Identity in the forward; NaN gradient in the backward (fault injection)."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def injected_nan_grad_iterations() -> frozenset[int]:
+    """The iterations named by $MEGATRON_SR_INJECT_NAN_GRAD_AT (empty when unset)."""
+    text = os.environ.get(NAN_GRAD_INJECTION_ENV, "").strip()
+    try:
+        return frozenset(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"${NAN_GRAD_INJECTION_ENV}={text!r}: expected comma-separated "
+                         f"iteration numbers, e.g. 3,4") from None
+
+
+def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
+                      nan_gradients: bool = False):
     """The schedule's forward_step_func: next micro-batch -> chunk forward ->
-    (per-token losses, mean-loss function). amp runs the forward under autocast."""
+    (per-token losses, mean-loss function). amp runs the forward under autocast.
+    `nan_gradients` (fault injection): the loss keeps its value but its
+    backward yields NaN gradients for every parameter."""
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if strategy.autocast else nullcontext())
+
+    def loss_func(losses):
+        loss = losses.float().mean()
+        return _NaNGradient.apply(loss) if nan_gradients else loss
 
     def forward_step(data_iterator, chunk):
         tokens = labels = None
@@ -232,7 +267,7 @@ def make_forward_step(strategy: PrecisionStrategy, device: torch.device):
             tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         with autocast:
             output = chunk(tokens, labels=labels if chunk.post_process else None)
-        return output, lambda losses: losses.float().mean()
+        return output, loss_func
 
     return forward_step
 
@@ -355,6 +390,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
     forward_step = make_forward_step(strategy, device)
+    nan_grad_iterations = injected_nan_grad_iterations()
+    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True)
     writer = _open_tensorboard(job)
     sigterm = _SigtermFlag()
     tokens_per_step = training.global_batch_size * job.model.seq_length
@@ -371,8 +408,9 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             lr = scheduler.get_lr()
             log_now = (iteration + 1) % training.log_interval == 0
             step_start = time.perf_counter()
-            report = train_step(job, model, optimizer, iterators, lr, forward_step,
-                                measure_update_absorption=log_now)
+            report = train_step(job, model, optimizer, iterators, lr,
+                                nan_grad_step if iteration + 1 in nan_grad_iterations
+                                else forward_step, measure_update_absorption=log_now)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
