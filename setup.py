@@ -20,7 +20,7 @@ setup(
         "regex",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors"],
     },
     scripts=[],
 )

@@ -16,6 +16,11 @@ on a single stage the output layer multiplies by the word-embedding matrix
 itself; with pipelining the last stage keeps its own copy, marked
 `shared_embedding=True` and named like the original, initialized equal, and
 kept equal by summing both gradients (`finalize_model_grads`).
+
+Inference with a KV cache: `forward(tokens, kv_cache=KVCache(max_len))` on a
+single-chunk model (PP=1, no sequence parallelism) feeds the next tokens only;
+their positions continue from `kv_cache.sequence_offset` unless
+`position_ids` are given, and the cache advances by the number of tokens fed.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from torch import nn
 
 from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig
-from megatron_sr.model.transformer import RotaryEmbedding, TransformerBlock, dropout
+from megatron_sr.model.transformer import KVCache, RotaryEmbedding, TransformerBlock, dropout
 from megatron_sr.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -72,7 +77,8 @@ class GPTEmbedding(nn.Module):
 class GPTModel(nn.Module):
     """Layers [layer_offset, layer_offset + num_layers) of the GPT of `config`.
 
-    forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None):
+    forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None,
+            kv_cache KVCache or None):
       - post_process and labels: per-token loss [b, s], fp32;
       - post_process, no labels: logits [b, s, V / tp] of this TP rank's vocabulary slice;
       - otherwise: hidden states [s, b, h] ([s / tp, b, h] with sequence_parallel).
@@ -130,14 +136,25 @@ class GPTModel(nn.Module):
         self.input_tensor = input_tensor
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        if kv_cache is not None:
+            if not (self.pre_process and self.post_process) or self.sequence_parallel:
+                raise ValueError("GPTModel: a KVCache needs the whole model in one chunk "
+                                 "(pipeline parallel size 1) and no --sequence-parallel")
+            if position_ids is None:
+                b, s = tokens.shape
+                start = kv_cache.sequence_offset
+                position_ids = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         x = self.embedding(tokens, position_ids) if self.pre_process else self.input_tensor
         rope = None
         if self.rotary_pos_emb is not None:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             seq_length = x.shape[0] * (tp if self.sequence_parallel else 1)
             rope = self.rotary_pos_emb(seq_length, position_ids)
-        x = self.decoder(x, rope)
+        x = self.decoder(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(tokens.shape[1])
         if not self.post_process:
             return x
         shared = self.embedding.word_embeddings.weight if self.tied and self.pre_process else None

@@ -15,7 +15,7 @@ Both copies of a tied word embedding are named "embedding.word_embeddings.weight
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,22 +53,29 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
                          f"virtual) sizes {state}, but the parallel config asks for {wanted}")
     device = parallel_state.get_default_device() if device is None else device
 
-    pp, vp = state[1], state[2] or 1
+    pp, vp = state[1], state[2]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    layers_per_chunk = model_config.num_layers // (pp * vp)
     chunks = []
-    for v in range(vp):
+    for v, layers in enumerate(chunk_layers(model_config.num_layers, pp, vp, pp_rank)):
         parallel_state.set_virtual_pipeline_model_parallel_rank(v)
         chunk = GPTModel(model_config,
                          pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage(),
-                         layer_offset=(v * pp + pp_rank) * layers_per_chunk,
-                         num_layers=layers_per_chunk,
+                         layer_offset=layers.start, num_layers=len(layers),
                          sequence_parallel=parallel_config.sequence_parallel, device=device)
         initialize_parameters(chunk, seed)
         chunks.append(chunk)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
+
+
+def chunk_layers(num_layers: int, pipeline_size: int, virtual_size: Optional[int],
+                 pipeline_rank: int) -> list[range]:
+    """The global layer numbers of each chunk (virtual stage) of `pipeline_rank`."""
+    vp = virtual_size or 1
+    per_chunk = num_layers // (pipeline_size * vp)
+    return [range((v * pipeline_size + pipeline_rank) * per_chunk,
+                  (v * pipeline_size + pipeline_rank + 1) * per_chunk) for v in range(vp)]
 
 
 def named_parameters_global(model_chunks: Iterable[nn.Module]) -> Iterator[tuple[str, nn.Parameter]]:

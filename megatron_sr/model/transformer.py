@@ -16,6 +16,10 @@ from the default stream, so replicated activations stay identical.
 Activation recomputation (--recompute-granularity): `full` keeps only each
 layer's input and reruns the layer in backward; `selective` reruns only the
 core attention (softmax(q k^T) v), the part whose activations grow with s^2.
+
+Inference: a `KVCache` passed down the forward keeps every layer's keys and
+values of the tokens seen so far (this TP rank's heads only), so generating a
+token attends over the cache instead of recomputing the whole prefix.
 """
 from __future__ import annotations
 
@@ -99,6 +103,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for every attention layer of
+    one model chunk on this TP rank (its heads only).
+
+    Buffers are [max_sequence_length, b, heads / tp, head_dim] in the
+    activations' dtype, allocated on a layer's first `store`. One forward of
+    the model stores s new tokens at positions [sequence_offset,
+    sequence_offset + s) in every layer, then `advance(s)` moves the offset
+    (GPTModel.forward calls it). Used with a single chunk (PP=1), without
+    sequence parallelism, in eval mode; the batch size is fixed by the first
+    forward.
+    """
+
+    def __init__(self, max_sequence_length: int):
+        self.max_sequence_length = max_sequence_length
+        self.sequence_offset = 0  # tokens cached so far = position of the next token
+        self.keys: dict[nn.Module, torch.Tensor] = {}
+        self.values: dict[nn.Module, torch.Tensor] = {}
+
+    def store(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
+        """Caches `layer`'s new k, v [s, b, heads, d]; returns all its cached
+        keys and values [sequence_offset + s, b, heads, d]."""
+        end = self.sequence_offset + k.shape[0]
+        if end > self.max_sequence_length:
+            raise ValueError(f"KVCache: {end} tokens exceed the cache's max_sequence_length "
+                             f"({self.max_sequence_length})")
+        if layer not in self.keys:
+            shape = (self.max_sequence_length, *k.shape[1:])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.keys[layer][self.sequence_offset:end] = k
+        self.values[layer][self.sequence_offset:end] = v
+        return self.keys[layer][:end], self.values[layer][:end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.sequence_offset += num_tokens
+
+
 def residual_init_std(config: ModelConfig) -> float:
     """Std of the layers writing into the residual stream (attention output
     projection, MLP fc2): std / sqrt(2 * num_layers), as in GPT-2."""
@@ -127,12 +168,15 @@ class SelfAttention(nn.Module):
             h, h, bias=config.add_bias_linear, init_method=normal_init(residual_init_std(config)),
             sequence_parallel=sequence_parallel, **kw)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple],
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, 3 * h / tp]
         s, b, _ = qkv.shape
         q, k, v = qkv.view(s, b, self.num_heads, 3, self.head_dim).unbind(dim=3)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.store(self, k, v)
         if self.recompute_core and self.training:
             y = recompute(self.core_attention, q, k, v)
         else:
@@ -140,11 +184,18 @@ class SelfAttention(nn.Module):
         return self.linear_proj(y)
 
     def core_attention(self, q, k, v):
-        """softmax(q k^T / sqrt(d), causal) v for [s, b, heads, d] -> [s, b, heads * d]."""
+        """softmax(q k^T / sqrt(d), causal) v: q [s_q, b, heads, d] are the last
+        s_q of the s_k positions of k, v [s_k, b, heads, d] (s_q < s_k when
+        earlier keys come from a KVCache) -> [s_q, b, heads * d]."""
+        s_q, s_k = q.shape[0], k.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         p = self.dropout_p if self.training else 0.0
+        causal_mask = None
+        if s_q != s_k:  # query i sits at position s_k - s_q + i
+            causal_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
         with get_rng_tracker().fork() if p > 0 else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask, dropout_p=p,
+                                               is_causal=causal_mask is None)
         b, heads, s, d = y.shape
         return y.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
@@ -193,8 +244,9 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = build_norm(config, **kw)
         self.mlp = MLP(config, **kw)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
-        x = x + self.residual_dropout(self.self_attention(self.input_layernorm(x), rope))
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = x + self.residual_dropout(self.self_attention(self.input_layernorm(x), rope, kv_cache))
         x = x + self.residual_dropout(self.mlp(self.pre_mlp_layernorm(x)))
         return x
 
@@ -217,10 +269,11 @@ class TransformerBlock(nn.Module):
             build_norm(config, sequence_parallel=sequence_parallel, device=device)
             if final_norm else None)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         for layer in self.layers:
             if self.recompute_layers and self.training:
                 x = recompute(layer, x, rope)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, kv_cache)
         return x if self.final_layernorm is None else self.final_layernorm(x)

@@ -1,0 +1,206 @@
+"""Export of a full GPT state dict to a Hugging Face `transformers` model directory.
+
+Input: the FULL state dict (TP=1, PP=1, keyed by global parameter names; see
+`megatron_sr.model.state_dict_layout`) and the model's `ModelConfig`. Output:
+a directory with config.json and model.safetensors that
+`AutoModelForCausalLM.from_pretrained` loads into a model computing the same
+logits as ours (same padded vocabulary size; the tokenizer files are the
+caller's). Two families can express our models:
+
+- GPT-2 (`GPT2LMHeadModel`): learned absolute positions, LayerNorm, GeLU
+  (exact, erf). HF's Conv1D stores weights [in, out], the transpose of ours;
+  its fused c_attn is [q; k; v] over all heads, ours groups rows per head as
+  (q, k, v). GPT-2 always has biases: a model without them exports zeros.
+- Llama (`LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU, tied or not; biases
+  become attention_bias / mlp_bias. Our RoPE rotates the two halves of each
+  head ("rotate half"), as HF Llama does, so q and k rows need no permutation.
+
+Anything else (e.g. RoPE with LayerNorm, GeLU with RoPE) raises
+`UnsupportedArchitectureError` naming the flags that differ from the nearest
+family. `transformers` (and `safetensors`) are imported only when exporting.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+
+from megatron_sr.config import ModelConfig
+from megatron_sr.model.state_dict_layout import check_parameter_names, global_parameter_names
+
+FAMILIES = {
+    "gpt2": {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm",
+             "activation": "gelu"},
+    "llama": {"position_embedding_type": "rope", "normalization": "RMSNorm",
+              "activation": "swiglu"},
+}
+_FLAGS = {"position_embedding_type": "--position-embedding-type",
+          "normalization": "--normalization", "activation": "--swiglu (activation)"}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model config matches no Hugging Face family this module writes."""
+
+
+def hf_family(config: ModelConfig) -> str:
+    """'gpt2' or 'llama'; UnsupportedArchitectureError otherwise."""
+    mismatches = {}
+    for family, wanted in FAMILIES.items():
+        mismatches[family] = [f"{_FLAGS[field]} is {getattr(config, field)!r}, {family} needs "
+                              f"{value!r}" for field, value in wanted.items()
+                              if getattr(config, field) != value]
+        if not mismatches[family]:
+            return family
+    nearest = min(mismatches, key=lambda family: len(mismatches[family]))
+    raise UnsupportedArchitectureError(
+        f"cannot export to Hugging Face: the model matches neither GPT-2 (learned_absolute "
+        f"positions, LayerNorm, gelu) nor Llama (rope, RMSNorm, swiglu); nearest is {nearest}: "
+        + "; ".join(mismatches[nearest]))
+
+
+def hf_config_kwargs(config: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """(family, keyword arguments of its transformers config class). Token ids
+    (bos, eos) are left unset: they belong to the tokenizer, not the model."""
+    family = hf_family(config)
+    tied = not config.untie_embeddings_and_output_weights
+    if family == "gpt2":
+        return family, dict(
+            vocab_size=config.vocab_size, n_positions=config.max_position_embeddings,
+            n_embd=config.hidden_size, n_layer=config.num_layers,
+            n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
+            activation_function="gelu", layer_norm_epsilon=config.layernorm_epsilon,
+            resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
+            attn_pdrop=config.attention_dropout, initializer_range=config.init_method_std,
+            tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None)
+    return family, dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads, head_dim=config.head_dim,
+        hidden_act="silu", max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+        attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
+        attention_dropout=config.attention_dropout, initializer_range=config.init_method_std,
+        bos_token_id=None, eos_token_id=None)
+
+
+def _split_qkv(tensor: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Our per-head (q, k, v) rows [3h, ...] -> q, k, v [h, ...], each head-major."""
+    heads, d = config.num_attention_heads, config.head_dim
+    grouped = tensor.reshape(heads, 3, d, *tensor.shape[1:])
+    return tuple(grouped[:, i].reshape(heads * d, *tensor.shape[1:]) for i in range(3))
+
+
+def _gpt2_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
+    dtype = state["embedding.word_embeddings.weight"].dtype
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return state[name] if name in state else torch.zeros(size, dtype=dtype)
+
+    h, f = config.hidden_size, config.ffn_hidden_size
+    out = {"transformer.wte.weight": state["embedding.word_embeddings.weight"],
+           "transformer.wpe.weight": state["embedding.position_embeddings.weight"],
+           "transformer.ln_f.weight": state["decoder.final_layernorm.weight"],
+           "transformer.ln_f.bias": state["decoder.final_layernorm.bias"]}
+    for i in range(config.num_layers):
+        ours, theirs = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        qkv_bias = bias(ours + "self_attention.linear_qkv.bias", 3 * h)
+        out.update({
+            theirs + "ln_1.weight": state[ours + "input_layernorm.weight"],
+            theirs + "ln_1.bias": state[ours + "input_layernorm.bias"],
+            theirs + "attn.c_attn.weight": torch.cat(
+                _split_qkv(state[ours + "self_attention.linear_qkv.weight"], config)).t(),
+            theirs + "attn.c_attn.bias": torch.cat(_split_qkv(qkv_bias, config)),
+            theirs + "attn.c_proj.weight": state[ours + "self_attention.linear_proj.weight"].t(),
+            theirs + "attn.c_proj.bias": bias(ours + "self_attention.linear_proj.bias", h),
+            theirs + "ln_2.weight": state[ours + "pre_mlp_layernorm.weight"],
+            theirs + "ln_2.bias": state[ours + "pre_mlp_layernorm.bias"],
+            theirs + "mlp.c_fc.weight": state[ours + "mlp.linear_fc1.weight"].t(),
+            theirs + "mlp.c_fc.bias": bias(ours + "mlp.linear_fc1.bias", f),
+            theirs + "mlp.c_proj.weight": state[ours + "mlp.linear_fc2.weight"].t(),
+            theirs + "mlp.c_proj.bias": bias(ours + "mlp.linear_fc2.bias", h),
+        })
+    if config.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return out
+
+
+def _llama_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    suffixes = ["weight", "bias"] if config.add_bias_linear else ["weight"]
+    for i in range(config.num_layers):
+        ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = state[ours + "input_layernorm.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = state[ours + "pre_mlp_layernorm.weight"]
+        for suffix in suffixes:
+            q, k, v = _split_qkv(state[ours + "self_attention.linear_qkv." + suffix], config)
+            gate, up = state[ours + "mlp.linear_fc1." + suffix].chunk(2, dim=0)
+            out.update({
+                theirs + "self_attn.q_proj." + suffix: q,
+                theirs + "self_attn.k_proj." + suffix: k,
+                theirs + "self_attn.v_proj." + suffix: v,
+                theirs + "self_attn.o_proj." + suffix:
+                    state[ours + "self_attention.linear_proj." + suffix],
+                theirs + "mlp.gate_proj." + suffix: gate,
+                theirs + "mlp.up_proj." + suffix: up,
+                theirs + "mlp.down_proj." + suffix: state[ours + "mlp.linear_fc2." + suffix],
+            })
+    if config.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return out
+
+
+def to_hf_state_dict(full_state: Mapping[str, torch.Tensor], config: ModelConfig,
+                     dtype: Optional[torch.dtype] = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(family, HF-named state dict): contiguous tensors that own their storage,
+    in `dtype` (default: the input's). A tied model has no "lm_head.weight"
+    (transformers ties it on load). Raises UnsupportedArchitectureError, or
+    ValueError listing the names when `full_state` is not `config`'s model."""
+    family = hf_family(config)
+    check_parameter_names("full state dict", list(full_state), global_parameter_names(config))
+    convert = _gpt2_state_dict if family == "gpt2" else _llama_state_dict
+    hf_state = convert(full_state, config)
+    return family, {name: tensor.to(dtype=dtype or tensor.dtype, copy=True,
+                                    memory_format=torch.contiguous_format)
+                    for name, tensor in hf_state.items()}
+
+
+def save_hf_model(full_state: Mapping[str, torch.Tensor], config: ModelConfig,
+                  directory: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
+                  extra_config: Optional[Mapping[str, Any]] = None) -> str:
+    """Writes `directory`/config.json and model.safetensors; returns the family.
+
+    `extra_config`: further transformers config fields (e.g. bos_token_id,
+    eos_token_id from the tokenizer). The weights are loaded strictly into a
+    transformers model before saving, so a name or shape mismatch raises here.
+    """
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("save_hf_model needs the `transformers` (>= 5) and `safetensors` "
+                          "packages: pip install 'transformers>=5' safetensors") from error
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"save_hf_model needs transformers >= 5 (its Llama config takes "
+                          f"rope_parameters), found {transformers.__version__}")
+    family, kwargs = hf_config_kwargs(config)
+    hf_state = to_hf_state_dict(full_state, config, dtype)[1]
+    config_class, model_class = {
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[family]
+    hf_config = config_class(**{**kwargs, **(extra_config or {})})
+    hf_config.dtype = next(iter(hf_state.values())).dtype
+    with torch.device("meta"):
+        model = model_class(hf_config)
+    result = model.load_state_dict(hf_state, strict=False, assign=True)
+    tied_head = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) != tied_head:
+        raise RuntimeError(f"save_hf_model: the {family} weights do not fit {model_class.__name__}:"
+                           f" missing {sorted(set(result.missing_keys) - tied_head)}, "
+                           f"unexpected {result.unexpected_keys}")
+    model.tie_weights()
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return family

@@ -1,0 +1,213 @@
+"""The Dockerfile, checked without a container engine.
+
+A small parser reads the Dockerfile into instructions (comments dropped,
+backslash continuations joined, JSON or shell form) and the checks read
+them: the base is NVIDIA's PyTorch container, every file copied exists in the
+repository and survives .dockerignore, no `pip install` can replace the
+container's torch (no unpinned torch, local installs with --no-deps), every
+requirement of setup.py is in the container or installed here, and there is
+a working directory and an entrypoint. The checks are also run on broken
+Dockerfiles to show that they catch what they claim.
+"""
+import ast
+import fnmatch
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_IMAGE = re.compile(r"nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3")
+# Python packages NVIDIA's PyTorch container ships (its own builds for torch and triton).
+CONTAINER_PACKAGES = {"torch", "triton", "numpy", "tensorboard", "apex"}
+TORCH_PACKAGES = {"torch", "triton", "torchvision", "torchaudio"}
+
+
+class Instruction(NamedTuple):
+    keyword: str
+    arguments: str
+    line: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    instructions, pending, start = [], "", 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        instructions.append(Instruction(keyword.upper(), arguments.strip(), start))
+        pending = ""
+    if pending:
+        raise ValueError(f"Dockerfile line {start}: continuation at the end of the file")
+    return instructions
+
+
+def words(arguments: str) -> list[str]:
+    """The words of an instruction in JSON (exec) form or shell form."""
+    if arguments.startswith("["):
+        return json.loads(arguments)
+    return shlex.split(arguments)
+
+
+def base_image(instructions: list[Instruction]) -> str:
+    defaults = {}
+    for instruction in instructions:
+        if instruction.keyword == "ARG" and "=" in instruction.arguments:
+            name, _, value = instruction.arguments.partition("=")
+            defaults[name] = value
+        elif instruction.keyword == "FROM":
+            image = words(instruction.arguments)[0]
+            return re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), image)
+    raise ValueError("Dockerfile has no FROM")
+
+
+def copied_sources(instructions: list[Instruction]) -> list[tuple[int, str]]:
+    """(line, source path) of every COPY/ADD from the build context."""
+    sources = []
+    for instruction in instructions:
+        if instruction.keyword not in ("COPY", "ADD"):
+            continue
+        parts = words(instruction.arguments)
+        if any(part.startswith("--from") for part in parts):
+            continue
+        paths = [part for part in parts if not part.startswith("--")]
+        sources += [(instruction.line, path) for path in paths[:-1]]
+    return sources
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore `patterns` exclude `path` or a folder above it
+    (the subset of the syntax used here: globs and a leading **/)."""
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        anywhere = pattern.startswith("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatch(prefix, pattern) or (
+                    anywhere and fnmatch.fnmatch(prefix.split("/")[-1], pattern[3:])):
+                result = not negate
+    return result
+
+
+def pip_installs(instructions: list[Instruction]) -> list[tuple[int, list[str]]]:
+    """(line, arguments after `pip install`) of every pip install in a RUN."""
+    found = []
+    for instruction in instructions:
+        if instruction.keyword != "RUN":
+            continue
+        lexer = shlex.shlex(instruction.arguments, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for token in [*lexer, ";"]:
+            if token not in ("&&", "||", ";", "|", "&"):
+                command.append(token)
+                continue
+            for i in range(len(command) - 1):
+                if command[i].endswith("pip") and command[i + 1] == "install":
+                    found.append((instruction.line, command[i + 2:]))
+            command = []
+    return found
+
+
+def requirement_name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0).lower().replace("_", "-")
+
+
+def pip_problems(instructions: list[Instruction]) -> list[str]:
+    """What in the pip installs could replace the container's torch."""
+    problems = []
+    for line, arguments in pip_installs(instructions):
+        requirements = [a for a in arguments if not a.startswith("-")]
+        local = [a for a in requirements if a.startswith((".", "/"))]
+        if local and "--no-deps" not in arguments:
+            problems.append(f"line {line}: installing {local} without --no-deps may "
+                            f"reinstall torch from setup.py's requirements")
+        for requirement in set(requirements) - set(local):
+            name = requirement_name(requirement)
+            if name in TORCH_PACKAGES and "==" not in requirement:
+                problems.append(f"line {line}: unpinned {requirement!r} replaces the "
+                                f"container's CUDA build")
+    return problems
+
+
+def setup_requirements() -> list[str]:
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "install_requires":
+            return [requirement_name(ast.literal_eval(item)) for item in node.value.elts]
+    raise ValueError("setup.py has no install_requires")
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return parse_dockerfile((REPO / "Dockerfile").read_text())
+
+
+def test_base_is_nvidia_pytorch_container(dockerfile):
+    assert BASE_IMAGE.fullmatch(base_image(dockerfile)), base_image(dockerfile)
+
+
+def test_every_copied_file_exists_and_is_in_the_build_context(dockerfile):
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    sources = copied_sources(dockerfile)
+    assert sources
+    for line, source in sources:
+        assert (REPO / source).exists(), f"Dockerfile line {line}: COPY {source}: no such file"
+        assert source == "." or not ignored(source, patterns), f"line {line}: {source} ignored"
+    needed = ["setup.py", "README.md", "megatron_sr/model/gpt_model.py",
+              "megatron_sr/data/indexed_dataset.py", "pretrain_gpt.py", "tools/preprocess_data.py"]
+    if any(source == "." for _, source in sources):
+        assert [path for path in needed if ignored(path, patterns)] == []
+    for path in (".venv/bin/python", ".git/HEAD", "megatron_sr/__pycache__/x.pyc"):
+        assert ignored(path, patterns), f".dockerignore lets {path} into the build context"
+
+
+def test_no_pip_install_replaces_torch(dockerfile):
+    assert pip_installs(dockerfile)
+    assert pip_problems(dockerfile) == []
+
+
+def test_setup_requirements_are_in_the_container_or_installed(dockerfile):
+    installed = {requirement_name(a) for _, arguments in pip_installs(dockerfile)
+                 for a in arguments if not a.startswith(("-", ".", "/"))}
+    missing = set(setup_requirements()) - CONTAINER_PACKAGES - installed
+    assert missing == set(), f"setup.py requires {missing}, which the image lacks"
+
+
+def test_working_directory_and_entrypoint(dockerfile):
+    keywords = [instruction.keyword for instruction in dockerfile]
+    assert "WORKDIR" in keywords and "ENTRYPOINT" in keywords
+    entrypoint = next(i for i in dockerfile if i.keyword == "ENTRYPOINT")
+    assert entrypoint.arguments.startswith("[")  # exec form: signals reach torchrun
+
+
+def test_the_checks_catch_broken_dockerfiles():
+    broken = parse_dockerfile(
+        "ARG BASE=python:3.12\n"
+        "FROM $BASE\n"
+        "# a comment\n"
+        "RUN pip install torch numpy && \\\n"
+        "    pip install -e .\n"
+        'COPY ["no_such_file.txt", "/x/"]\n')
+    assert [i.keyword for i in broken] == ["ARG", "FROM", "RUN", "COPY"]
+    assert broken[2].line == 4
+    assert not BASE_IMAGE.fullmatch(base_image(broken))
+    problems = pip_problems(broken)
+    assert any("unpinned 'torch'" in p for p in problems)
+    assert any("without --no-deps" in p for p in problems)
+    assert copied_sources(broken) == [(6, "no_such_file.txt")]
+    pinned = parse_dockerfile("FROM x\nRUN pip install torch==2.13.0 && pip install --no-deps .\n")
+    assert pip_problems(pinned) == []

@@ -1,0 +1,196 @@
+"""Reshaping the full state dict over TP/PP ranks, and Hugging Face export.
+
+One run of 4 Gloo ranks builds each model (fp32, same seed) at TP=1 PP=1
+(every rank: its parameters are the full state dict, and its logits the
+reference) and at TP=2 x PP=2, with and without virtual stages, and returns
+what each rank holds. The offline `split_state_dict` must produce exactly
+those rank state dicts (so the name and split tables agree with the model),
+`merge_state_dicts` must invert it bit-exactly, and the exported
+transformers model must compute the same logits as ours.
+"""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_harness import SEED, tiny_config
+from multiprocess import run_ranks
+
+from megatron_sr import parallel_state
+from megatron_sr.config import ParallelConfig
+from megatron_sr.model import build_model, named_parameters_global
+from megatron_sr.model.hf_conversion import UnsupportedArchitectureError, hf_family, save_hf_model
+from megatron_sr.model.state_dict_layout import (
+    global_parameter_names,
+    merge_state_dicts,
+    split_state_dict,
+    tensor_parallel_split,
+)
+
+LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu",
+             ffn_hidden_size=48, add_bias_linear=False, untie_embeddings_and_output_weights=True)
+CONFIGS = {
+    "gpt2": tiny_config(init_method_std=0.2),
+    "gpt2_untied_no_bias": tiny_config(init_method_std=0.2, add_bias_linear=False,
+                                       untie_embeddings_and_output_weights=True,
+                                       layernorm_epsilon=1e-6),
+    "llama": tiny_config(init_method_std=0.2, **LLAMA),
+    "llama_tied_bias": tiny_config(init_method_std=0.2, rotary_base=500.0,
+                                   **(LLAMA | dict(add_bias_linear=True,
+                                                   untie_embeddings_and_output_weights=False))),
+}
+LAYOUTS = {"tp2_pp2": (2, 2, None), "tp2_pp2_vp2": (2, 2, 2)}
+TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(11))
+
+
+def _numpy_state(chunks):
+    return {name: param.detach().numpy().copy() for name, param in named_parameters_global(chunks)}
+
+
+def _build_all(rank, world_size):
+    out = {}
+    for key, config in CONFIGS.items():
+        parallel_state.initialize_model_parallel(1)
+        try:
+            (model,) = build_model(config, ParallelConfig(), seed=SEED)
+            model.eval()
+            with torch.no_grad():
+                out[key, "logits"] = model(TOKENS).numpy()
+            out[key, "full"] = _numpy_state([model])
+        finally:
+            parallel_state.destroy_model_parallel()
+        for layout, (tp, pp, vp) in LAYOUTS.items():
+            parallel_state.initialize_model_parallel(tp, pp, vp)
+            try:
+                chunks = build_model(config, ParallelConfig(
+                    tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                    virtual_pipeline_model_parallel_size=vp), seed=SEED)
+                coordinates = (parallel_state.get_tensor_model_parallel_rank(),
+                               parallel_state.get_pipeline_model_parallel_rank())
+                out[key, layout] = (coordinates, _numpy_state(chunks))
+                out[key, layout, "splits"] = {
+                    name: (param.partition_dim, param.partition_stride)
+                    if param.tensor_model_parallel else None
+                    for name, param in named_parameters_global(chunks)}
+            finally:
+                parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def built():
+    return run_ranks(_build_all, 4)
+
+
+def _torch(state):
+    return {name: torch.from_numpy(array) for name, array in state.items()}
+
+
+def _assert_bit_equal(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+def test_names_and_splits_match_the_built_model(built, key):
+    config = CONFIGS[key]
+    assert list(built[0][key, "full"]) == global_parameter_names(config)
+    for rank in built:
+        for layout in LAYOUTS:
+            for name, split in rank[key, layout, "splits"].items():
+                expected = tensor_parallel_split(name, config)
+                assert split == (None if expected is None
+                                 else (expected.partition_dim, expected.partition_stride)), name
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_gives_what_each_rank_holds_and_merge_inverts_it(built, key, layout):
+    config = CONFIGS[key]
+    tp, pp, vp = LAYOUTS[layout]
+    full = _torch(built[0][key, "full"])
+    split = split_state_dict(full, config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                             virtual_pipeline_parallel_size=vp)
+    held = {coordinates: _torch(state) for coordinates, state in (r[key, layout] for r in built)}
+    assert set(split) == set(held)
+    for coordinates in held:
+        _assert_bit_equal(split[coordinates], held[coordinates])
+    _assert_bit_equal(merge_state_dicts(held, config, virtual_pipeline_parallel_size=vp), full)
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+def test_reshape_round_trips_bit_exactly_in_bf16(built, key):
+    config = CONFIGS[key]
+    full = {name: tensor.to(torch.bfloat16)
+            for name, tensor in _torch(built[0][key, "full"]).items()}
+    tp2_pp2 = split_state_dict(full, config, tensor_parallel_size=2, pipeline_parallel_size=2)
+    tp4 = split_state_dict(merge_state_dicts(tp2_pp2, config), config,
+                           tensor_parallel_size=4, pipeline_parallel_size=1)
+    pp4 = split_state_dict(merge_state_dicts(tp4, config), config,
+                           tensor_parallel_size=1, pipeline_parallel_size=4)
+    _assert_bit_equal(merge_state_dicts(pp4, config), full)
+    for state in tp4.values():  # each shard owns its storage: saving it saves no more
+        for tensor in state.values():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_reshape_errors_name_the_problem(built):
+    config = CONFIGS["gpt2"]
+    full = _torch(built[0]["gpt2", "full"])
+    ranks = split_state_dict(full, config, tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size \(3\)"):
+        split_state_dict(full, config, tensor_parallel_size=3, pipeline_parallel_size=1)
+    with pytest.raises(ValueError, match=r"missing \['decoder.final_layernorm.bias'\]"):
+        split_state_dict({k: v for k, v in full.items() if k != "decoder.final_layernorm.bias"},
+                         config, tensor_parallel_size=1, pipeline_parallel_size=1)
+    del ranks[(1, 0)]
+    with pytest.raises(ValueError, match=r"no state dict for \(tp_rank, pp_rank\) \[\(1, 0\)\]"):
+        merge_state_dicts(ranks, config)
+    ranks = split_state_dict(full, config, tensor_parallel_size=2, pipeline_parallel_size=2)
+    del ranks[(0, 1)]["decoder.layers.3.mlp.linear_fc2.weight"]
+    with pytest.raises(ValueError, match=r"\(tp_rank, pp_rank\) = \(0, 1\).*linear_fc2"):
+        merge_state_dicts(ranks, config)
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+def test_hf_export_computes_our_logits(built, key, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = CONFIGS[key]
+    family = save_hf_model(_torch(built[0][key, "full"]), config, tmp_path)
+    assert family == key.split("_")[0]
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors"}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.eval()
+    with torch.no_grad():
+        theirs = model(TOKENS).logits.numpy()
+    np.testing.assert_allclose(theirs, built[0][key, "logits"], rtol=0, atol=1e-5)
+
+
+def test_hf_export_in_bf16_with_tokenizer_ids(built, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    full = _torch(built[0]["llama", "full"])
+    save_hf_model(full, CONFIGS["llama"], tmp_path, dtype=torch.bfloat16,
+                  extra_config={"eos_token_id": 3})
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert (hf_config["dtype"], hf_config["eos_token_id"], hf_config["bos_token_id"]) == (
+        "bfloat16", 3, None)
+    weights = safetensors.load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"],
+                       full["decoder.layers.0.mlp.linear_fc2.weight"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(position_embedding_type="rope"), "--position-embedding-type"),
+    (dict(normalization="RMSNorm"), "--normalization"),
+    (dict(LLAMA, activation="gelu"), "--swiglu"),
+])
+def test_unsupported_architecture_names_the_flag(overrides, flag):
+    config = dataclasses.replace(CONFIGS["gpt2"], **overrides)
+    with pytest.raises(UnsupportedArchitectureError, match=flag) as error:
+        hf_family(config)
+    assert "matches neither GPT-2" in str(error.value)
