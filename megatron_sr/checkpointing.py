@@ -37,6 +37,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sr import fault_injection
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "checksums.json"
 STATE_FILENAME = "model_optim_rng.pt"
@@ -129,6 +131,7 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
         relpath = os.path.join(rank_dir_name(tp_rank, pp_rank, pp_size), STATE_FILENAME)
         try:
             os.makedirs(os.path.join(tmp_dir, os.path.dirname(relpath)), exist_ok=True)
+            fault_injection.at("checkpoint-write", iteration)
             entry = {"file": relpath, **_write_state_file(os.path.join(tmp_dir, relpath), state)}
         except Exception as exc:  # report any failure to every rank instead of hanging them
             error = f"rank {rank} could not write {os.path.join(tmp_dir, relpath)}: {exc}"
@@ -136,17 +139,8 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
     failures = [e for e, _ in reports if e]
     if rank == 0 and not failures:
         try:
-            manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
-                        "tensor_model_parallel_size": tp_size,
-                        "pipeline_model_parallel_size": pp_size,
-                        "files": {e["file"]: {"size": e["size"], "sha256": e["sha256"]}
-                                  for _, e in reports if e is not None}}
-            _write_json(os.path.join(tmp_dir, MANIFEST_FILENAME), manifest)
-            if os.path.exists(final_dir):
-                shutil.rmtree(final_dir)
-            os.replace(tmp_dir, final_dir)
-            _fsync_dir(save_dir)
-            _write_text(os.path.join(save_dir, TRACKER_FILENAME), f"{iteration}\n")
+            _publish(save_dir, tmp_dir, iteration, [e for _, e in reports if e is not None],
+                     tp_size, pp_size)
         except OSError as exc:
             failures.append(f"rank 0 could not finalize {final_dir}: {exc}")
     if rank == 0 and failures:
@@ -156,6 +150,77 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
         raise CheckpointError(f"checkpoint save of iteration {iteration} to {save_dir} failed "
                               f"(previous checkpoint left intact): {'; '.join(failures)}")
     return final_dir
+
+
+def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], tp_size: int,
+             pp_size: int) -> str:
+    """Completes a checkpoint whose files are written and fsynced in `tmp_dir`:
+    writes the manifest, renames `tmp_dir` to `iter_XXXXXXX` (moving an older
+    save of the same iteration aside first, and deleting it only afterwards),
+    then replaces the tracker. Returns the final directory."""
+    final_dir = os.path.join(save_dir, iteration_dir_name(iteration))
+    manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
+                "tensor_model_parallel_size": tp_size, "pipeline_model_parallel_size": pp_size,
+                "files": {e["file"]: {"size": e["size"], "sha256": e["sha256"]} for e in entries}}
+    _write_json(os.path.join(tmp_dir, MANIFEST_FILENAME), manifest)
+    replaced = None
+    if os.path.exists(final_dir):
+        replaced = final_dir + ".replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final_dir, replaced)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(save_dir)
+    fault_injection.at("checkpoint-commit", iteration)
+    _write_text(os.path.join(save_dir, TRACKER_FILENAME), f"{iteration}\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return final_dir
+
+
+def write_checkpoint(save_dir: str, iteration: int, rank_states: dict, tp_size: int,
+                     pp_size: int) -> str:
+    """Writes a whole checkpoint from one process (offline tools: conversion):
+    `rank_states` maps (tp_rank, pp_rank) to the state of that rank's file.
+    Atomic like `save_checkpoint`; on failure nothing of it remains."""
+    tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
+    os.makedirs(save_dir, exist_ok=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        entries = []
+        for (tp_rank, pp_rank), state in sorted(rank_states.items()):
+            relpath = os.path.join(rank_dir_name(tp_rank, pp_rank, pp_size), STATE_FILENAME)
+            os.makedirs(os.path.join(tmp_dir, os.path.dirname(relpath)))
+            entries.append({"file": relpath,
+                            **_write_state_file(os.path.join(tmp_dir, relpath), state)})
+        return _publish(save_dir, tmp_dir, iteration, entries, tp_size, pp_size)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The iteration directory `path` names: a --save directory (its tracker's
+    iteration) or an iter_XXXXXXX directory itself."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILENAME)):
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).startswith("iter_"):
+            read_manifest(path)  # raises: incomplete checkpoint
+        raise CheckpointError(f"{path} holds no checkpoint: neither {TRACKER_FILENAME} nor "
+                              f"{MANIFEST_FILENAME} is there")
+    return os.path.join(path, iteration_dir_name(iteration))
+
+
+def read_all_rank_states(path: str) -> tuple[str, dict, dict]:
+    """Every rank file of the checkpoint `path` names, verified:
+    (iteration directory, manifest, {(tp_rank, pp_rank): state})."""
+    directory = resolve_checkpoint_dir(path)
+    manifest = read_manifest(directory)
+    tp, pp = manifest["tensor_model_parallel_size"], manifest["pipeline_model_parallel_size"]
+    states = {(t, p): load_state_file(directory, t, p, tp, pp)
+              for t in range(tp) for p in range(pp)}
+    return directory, manifest, states
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -383,8 +448,11 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     else:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
-    if not training.no_load_rng:
-        states = state["rng_state"]
+    states = state.get("rng_state")
+    if not training.no_load_rng and states is None and rank0():
+        print(f"[checkpoint] {directory} carries no RNG states (it was reshaped by "
+              f"tools/checkpoint_convert.py): dropout continues from --seed", flush=True)
+    if not training.no_load_rng and states is not None:
         dp_rank = parallel_state.get_data_parallel_rank()
         set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
     if rank0():

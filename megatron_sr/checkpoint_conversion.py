@@ -1,0 +1,160 @@
+"""Checkpoints as whole models: merge all ranks' files, reshape TP/PP, export.
+
+The offline tools (`tools/checkpoint_convert.py`, `tools/text_generation.py`)
+read a checkpoint written by any TP/PP layout into one `FullCheckpoint`: the
+model config it was trained with, the full (unsharded) weights keyed by global
+parameter name, and, when present, the full optimizer state per parameter.
+From there `write_reshaped` writes it back at another layout (resumable:
+optimizer state and scheduler travel along; RNG states, which belong to ranks
+of the old layout, do not) and `megatron_sr.model.hf_conversion` exports it.
+Everything runs in one process, on the CPU, without process groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_sr.checkpointing import CheckpointError, read_all_rank_states, write_checkpoint
+from megatron_sr.config import ModelConfig
+from megatron_sr.model.state_dict_layout import merge_state_dicts, split_state_dict
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_config_from_description(description: dict) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint's "args" (see `checkpointing.job_description`)."""
+    fields = dict(description["model"])
+    fields["params_dtype"] = _DTYPES[fields["params_dtype"]]
+    return ModelConfig(**fields)
+
+
+@dataclass
+class FullCheckpoint:
+    """One checkpoint, merged over its ranks.
+
+    model: global name -> full tensor. optimizer: None, or {"strategy", "step",
+    "skipped_steps", "params": {kind: {global name -> full tensor}}}.
+    """
+
+    directory: str
+    iteration: int
+    description: dict
+    config: ModelConfig
+    model: dict[str, torch.Tensor]
+    optimizer: Optional[dict]
+    lr_scheduler: Optional[dict]
+    consumed_train_samples: int
+
+
+def _virtual_size(description: dict) -> Optional[int]:
+    return description["parallel"].get("virtual_pipeline_model_parallel_size")
+
+
+def load_full_checkpoint(path: str) -> FullCheckpoint:
+    """Reads and merges every rank file of the checkpoint at `path` (a --save
+    directory or an iter_XXXXXXX directory). CheckpointError on a missing,
+    partial or corrupted checkpoint, naming the file."""
+    directory, manifest, states = read_all_rank_states(path)
+    first = states[(0, 0)]
+    description = first["args"]
+    config = model_config_from_description(description)
+    vp = _virtual_size(description)
+    try:
+        model = merge_state_dicts({k: s["model"] for k, s in states.items()}, config,
+                                  virtual_pipeline_parallel_size=vp)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from exc
+    optimizer = None
+    if first.get("optimizer") is not None:
+        kinds = sorted({kind for s in states.values()
+                        for per_param in s["optimizer"]["params"].values() for kind in per_param})
+        optimizer = {key: first["optimizer"][key] for key in ("strategy", "step", "skipped_steps")}
+        optimizer["params"] = {
+            kind: merge_state_dicts(
+                {k: {name: per_param[kind] for name, per_param in s["optimizer"]["params"].items()}
+                 for k, s in states.items()}, config, virtual_pipeline_parallel_size=vp)
+            for kind in kinds}
+    return FullCheckpoint(directory=directory, iteration=manifest["iteration"],
+                          description=description, config=config, model=model,
+                          optimizer=optimizer, lr_scheduler=first.get("lr_scheduler"),
+                          consumed_train_samples=int(first.get("consumed_train_samples", 0)))
+
+
+def write_reshaped(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
+                   pipeline_parallel_size: int,
+                   virtual_pipeline_parallel_size: Optional[int] = None) -> str:
+    """Writes `checkpoint` under `save_dir` at the given layout (same iteration,
+    tracker included); a run with those sizes resumes from it with --load.
+    Returns the iteration directory."""
+    layout = dict(tensor_parallel_size=tensor_parallel_size,
+                  pipeline_parallel_size=pipeline_parallel_size,
+                  virtual_pipeline_parallel_size=virtual_pipeline_parallel_size)
+    model_ranks = split_state_dict(checkpoint.model, checkpoint.config, **layout)
+    optimizer_ranks = None
+    if checkpoint.optimizer is not None:
+        per_kind = {kind: split_state_dict(states, checkpoint.config, **layout)
+                    for kind, states in checkpoint.optimizer["params"].items()}
+        optimizer_ranks = {
+            key: {**{k: v for k, v in checkpoint.optimizer.items() if k != "params"},
+                  "params": {name: {kind: per_kind[kind][key][name] for kind in per_kind}
+                             for name in model_ranks[key]}}
+            for key in model_ranks}
+    description = dict(checkpoint.description)
+    description["parallel"] = dict(
+        description["parallel"], tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel_size)
+    rank_states = {
+        key: {"checkpoint_version": 1, "iteration": checkpoint.iteration,
+              "consumed_train_samples": checkpoint.consumed_train_samples,
+              "args": description, "model": model_ranks[key],
+              "optimizer": None if optimizer_ranks is None else optimizer_ranks[key],
+              "lr_scheduler": checkpoint.lr_scheduler}
+        for key in model_ranks}
+    return write_checkpoint(save_dir, checkpoint.iteration, rank_states, tensor_parallel_size,
+                            pipeline_parallel_size)
+
+
+def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
+                        dtype: Optional[torch.dtype] = None) -> str:
+    """Writes a transformers model directory (config.json, model.safetensors)
+    and, when the checkpoint's tokenizer files are known and exist, the
+    tokenizer files. Returns the architecture family ("gpt2" or "llama")."""
+    from megatron_sr.data.tokenizers import build_tokenizer
+    from megatron_sr.model.hf_conversion import save_hf_model
+
+    data = checkpoint.description["data"]
+    extra = {}
+    tokenizer_files = []
+    if data["tokenizer_type"] == "GPT2BPETokenizer" and data.get("vocab_file") \
+            and data.get("merge_file") and os.path.isfile(data["vocab_file"]) \
+            and os.path.isfile(data["merge_file"]):
+        tokenizer_files = [(data["vocab_file"], "vocab.json"), (data["merge_file"], "merges.txt")]
+    elif data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
+        tokenizer_files = [(data["tokenizer_model"], "tokenizer.model")]
+    if tokenizer_files or data["tokenizer_type"] == "NullTokenizer":
+        tokenizer = build_tokenizer(data["tokenizer_type"], vocab_file=data.get("vocab_file"),
+                                    merge_file=data.get("merge_file"),
+                                    tokenizer_model=data.get("tokenizer_model"),
+                                    vocab_size=data.get("vocab_size"))
+        extra = {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod}
+    family = save_hf_model(checkpoint.model, checkpoint.config, output_dir, dtype=dtype,
+                           extra_config=extra)
+    for source, name in tokenizer_files:
+        shutil.copyfile(source, os.path.join(output_dir, name))
+    return family
+
+
+def describe(checkpoint: FullCheckpoint) -> str:
+    """One line: iteration, shape and layout of a checkpoint."""
+    config = dataclasses.asdict(checkpoint.config)
+    parallel = checkpoint.description["parallel"]
+    return (f"iteration {checkpoint.iteration}: {config['num_layers']} layers, hidden "
+            f"{config['hidden_size']}, {config['num_attention_heads']} heads, vocab "
+            f"{config['vocab_size']}; saved with TP={parallel['tensor_model_parallel_size']} "
+            f"PP={parallel['pipeline_model_parallel_size']}")

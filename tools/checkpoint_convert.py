@@ -1,0 +1,87 @@
+"""Reshape a megatron_sr checkpoint to another TP/PP layout, or export it to Hugging Face.
+
+    python tools/checkpoint_convert.py --load CKPT --save OUT \
+        --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
+
+--load is a --save directory (its latest iteration) or an iter_XXXXXXX
+directory. Reshaping keeps the iteration, weights, optimizer state and LR
+schedule, so `pretrain_gpt.py --load OUT` with the new layout resumes; the RNG
+states belong to the old layout's ranks and are not carried over. The export
+writes a `transformers` model directory (GPT-2 style: learned positions,
+LayerNorm, GeLU; Llama style: RoPE, RMSNorm, SwiGLU) with config.json,
+model.safetensors and the tokenizer files when the checkpoint names them.
+Nothing is left at --save when a conversion fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
+                                               load_full_checkpoint, write_reshaped)
+from megatron_sr.checkpointing import CheckpointError  # noqa: E402
+from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint to read")
+    parser.add_argument("--save", required=True, help="where to write the result")
+    parser.add_argument("--target-tensor-parallel-size", type=int)
+    parser.add_argument("--target-pipeline-parallel-size", type=int)
+    parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int,
+                        help="interleaved layout of the result (default: none)")
+    parser.add_argument("--to-hf", action="store_true", help="export a Hugging Face model")
+    parser.add_argument("--hf-dtype", choices=("float32", "bfloat16"),
+                        help="dtype of the exported weights (default: the checkpoint's)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
+    if args.to_hf == any(v is not None for v in reshape):
+        print("checkpoint_convert.py: error: give either --to-hf or "
+              "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
+        return 2
+    try:
+        checkpoint = load_full_checkpoint(args.load)
+        print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
+        if args.to_hf:
+            if os.path.exists(args.save):
+                raise ValueError(f"--save {args.save} already exists; choose a new directory")
+            staging = args.save.rstrip("/") + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else None
+            try:
+                family = export_hugging_face(checkpoint, staging, dtype)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            os.replace(staging, args.save)
+            print(f"exported a Hugging Face {family} model to {args.save}")
+        else:
+            parallel = checkpoint.description["parallel"]
+            tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
+            pp = args.target_pipeline_parallel_size or parallel["pipeline_model_parallel_size"]
+            vp = None
+            if args.target_num_layers_per_virtual_pipeline_stage:
+                vp = checkpoint.config.num_layers // (
+                    pp * args.target_num_layers_per_virtual_pipeline_stage)
+            path = write_reshaped(checkpoint, args.save, tp, pp, vp)
+            print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
+    except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError) as exc:
+        print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
