@@ -1,0 +1,108 @@
+"""Benchmark: the fused AdamW step of every precision strategy against a
+plain memory copy of the same number of bytes, measured side by side.
+
+For each strategy, times `megatron_sr.precision.adamw.adamw_step` on
+`--numel` elements (default 2^24) and `torch.Tensor.copy_` between two
+uint8 buffers holding as many bytes as the step reads plus writes, then
+prints a table: bytes moved per element, effective GB/s of each and the
+step's fraction of copy bandwidth. On CUDA the step runs the Triton kernel,
+on the CPU the torch path (`--backend` picks compiled or eager).
+
+    .venv/bin/python bench/optimizer_step.py [--numel N] [--device cpu|cuda]
+        [--backend compiled|eager|triton] [--strategies bf16-sr,fp32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_sr.precision.adamw import adamw_step  # noqa: E402
+from megatron_sr.precision.strategies import STRATEGIES, get_strategy  # noqa: E402
+
+
+def make_state(strategy, numel: int, device: str) -> dict:
+    """Random param, grad, m, v (and master, kahan) tensors for `strategy`."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(scale, dtype):
+        return (torch.randn(numel, generator=generator, device=device) * scale).to(dtype)
+
+    state = dict(param=randn(1.0, strategy.param_dtype), grad=randn(1e-3, strategy.grad_dtype),
+                 exp_avg=randn(1e-3, strategy.exp_avg_dtype),
+                 exp_avg_sq=randn(1e-3, torch.float32).square().to(strategy.exp_avg_sq_dtype))
+    if strategy.master_dtype is not None:
+        state["master"] = state["param"].to(strategy.master_dtype)
+    if strategy.kahan_dtype is not None:
+        state["kahan"] = torch.zeros(numel, dtype=strategy.kahan_dtype, device=device)
+    return state
+
+
+def bytes_per_element(state: dict) -> int:
+    """Bytes the step moves per element: every tensor is read once and every
+    tensor but the gradient written once."""
+    return sum(t.element_size() * (1 if name == "grad" else 2) for name, t in state.items())
+
+
+def best_seconds(functions, device: str, repeats: int) -> list[float]:
+    """Best-of-`repeats` wall time of each function, after one warm-up call
+    each; the functions take turns, so that a machine shared with other jobs
+    slows them alike."""
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    best = [float("inf")] * len(functions)
+    for fn in functions:
+        fn()
+    for _ in range(repeats):
+        for i, fn in enumerate(functions):
+            best[i] = min(best[i], timed(fn))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--numel", type=int, default=1 << 24)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None, help="compiled, eager or triton (default: per device)")
+    parser.add_argument("--strategies", default="fp32,bf16-mixed,bf16,bf16-sr,bf16-sr+fp32-state,bf16-kahan",
+                        help="comma-separated; NAME+fp32-state applies --optimizer-state-dtype fp32")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    print(f"device={args.device} numel={args.numel} backend={args.backend or 'default'} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'strategy':<22}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}{'ratio':>8}")
+    for label in args.strategies.split(","):
+        name, _, state_flag = label.partition("+")
+        if name not in STRATEGIES:
+            parser.error(f"--strategies: unknown strategy {name!r}")
+        strategy = get_strategy(name, "fp32" if state_flag == "fp32-state" else None)
+        state = make_state(strategy, args.numel, args.device)
+        moved = bytes_per_element(state) * args.numel
+        source = torch.empty(moved // 2, dtype=torch.uint8, device=args.device)
+        target = torch.empty_like(source)
+
+        def step():
+            adamw_step(strategy, **state, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                       step=10, sr_key=12345, backend=args.backend)
+
+        step_s, copy_s = best_seconds([step, lambda: target.copy_(source)], args.device, args.repeats)
+        step_gbs, copy_gbs = moved / step_s / 1e9, moved / copy_s / 1e9
+        print(f"{label:<22}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}{copy_gbs:>11.1f}"
+              f"{step_gbs / copy_gbs:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
