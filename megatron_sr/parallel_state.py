@@ -28,6 +28,7 @@ Contract:
 """
 from __future__ import annotations
 
+import datetime
 from typing import Optional
 
 import torch
@@ -50,8 +51,13 @@ _VIRTUAL_PP_RANK: Optional[int] = None
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
-                              virtual_pipeline_model_parallel_size: Optional[int] = None) -> None:
+                              virtual_pipeline_model_parallel_size: Optional[int] = None,
+                              timeout: Optional[datetime.timedelta] = None) -> None:
     """Builds the TP, PP, DP, model-parallel and embedding groups.
+
+    `timeout` bounds every collective of these groups (pass the world group's,
+    i.e. --distributed-timeout-minutes: torch does not inherit it; None is
+    torch's default of 30 minutes).
 
     The data-parallel size is world_size / (TP x PP). Raises ValueError naming
     the flag when the sizes do not divide the world, RuntimeError when
@@ -88,28 +94,28 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     for p in range(pp):
         for d in range(dp):
             ranks = [rank_of(t, d, p) for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _TP_GROUP, _TP_RANKS = group, ranks
     for p in range(pp):
         for t in range(tp):
             ranks = [rank_of(t, d, p) for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _DP_GROUP, _DP_RANKS = group, ranks
     for d in range(dp):
         for t in range(tp):
             ranks = [rank_of(t, d, p) for p in range(pp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _PP_GROUP, _PP_RANKS = group, ranks
             embedding_ranks = [ranks[0], ranks[-1]] if pp > 1 else [ranks[0]]
-            group = dist.new_group(embedding_ranks)
+            group = dist.new_group(embedding_ranks, timeout=timeout)
             if rank in embedding_ranks:
                 _EMBEDDING_GROUP, _EMBEDDING_RANKS = group, embedding_ranks
     for d in range(dp):
         ranks = [rank_of(t, d, p) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _MODEL_PARALLEL_GROUP = group
 

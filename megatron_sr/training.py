@@ -30,13 +30,13 @@ import signal
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_sr import checkpointing, parallel_state
+from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
@@ -59,6 +59,12 @@ Read once when `train` starts; unset (the default) injects nothing."""
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many consecutive skipped steps)."""
+
+
+class CommunicationError(RuntimeError):
+    """A collective or point-to-point transfer timed out (a rank stalled past
+    --distributed-timeout-minutes) or failed (a peer died); the message names
+    the phase and the collective."""
 
 
 def print_rank_0(message: str) -> None:
@@ -94,9 +100,10 @@ def initialize_distributed(job: JobConfig) -> torch.device:
     if dist.get_world_size() != job.world_size:
         raise ValueError(f"the job was configured for {job.world_size} ranks but "
                          f"{dist.get_world_size()} joined")
-    parallel_state.initialize_model_parallel(parallel.tensor_model_parallel_size,
-                                             parallel.pipeline_model_parallel_size,
-                                             parallel.virtual_pipeline_model_parallel_size)
+    parallel_state.initialize_model_parallel(
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+        parallel.virtual_pipeline_model_parallel_size,
+        timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
     model_parallel_seed(job.training.seed)
     return parallel_state.get_default_device()
 
@@ -135,11 +142,14 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None)
     Every rank calls it after `initialize_distributed`, with `job` carrying the
     padded vocabulary size."""
     strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
+    # --grad-reduce-dtype overrides the strategy's gradient dtype for the grad
+    # buffer, the DP reduction and the AdamW step alike.
+    strategy = dataclasses.replace(strategy, grad_dtype=grad_dtype(job, strategy))
     model = build_model(job.model, job.parallel, seed=job.training.seed)
     params = [p for chunk in model for p in chunk.parameters()]
     extra = {} if bucket_size is None else {"bucket_size": bucket_size}
     buffer = ParamAndGradBuffer(
-        params, param_infos(params), strategy.param_dtype, grad_dtype(job, strategy),
+        params, param_infos(params), strategy.param_dtype, strategy.grad_dtype,
         parallel_state.get_data_parallel_group(),
         distributed=job.parallel.use_distributed_optimizer,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
@@ -290,23 +300,90 @@ def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
     return local.item() / parallel_state.get_data_parallel_world_size()
 
 
+# Innermost function on the failing stack -> the collective it runs: refines
+# a phase that spans several collectives (the optimizer step, a checkpoint save).
+_COLLECTIVE_OF_FUNCTION = {
+    "communicate": "pipeline p2p send/recv",
+    "finalize_model_grads": "model-parallel grad all-reduce",
+    "_launch_grad_reduce": "data-parallel grad reduce-scatter",
+    "finish_grad_sync": "data-parallel grad reduce-scatter",
+    "_grad_norm": "grad-norm all-reduce",
+    "gather_params": "parameter all-gather",
+    "wait_param_gather": "parameter all-gather",
+    "_full_bucket": "optimizer-state all-gather",
+    "_all_gather_objects": "all-gather of the ranks' write results",
+    "save_training_checkpoint": "all-gather of the RNG states",
+    "_average_over_dp": "loss all-reduce",
+    "_agree": "exit-condition all-reduce",
+}
+_COMMUNICATION_FAILURE_MARKERS = ("gloo", "nccl", "timed out", "connection closed",
+                                  "connection reset", "broken pipe")
+
+
+def _is_communication_failure(exc: BaseException) -> bool:
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _COMMUNICATION_FAILURE_MARKERS)
+
+
+@contextmanager
+def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = None):
+    """Re-raises a communication failure inside the block as CommunicationError
+    naming `phase`, the collective (from the failing stack) and the iteration,
+    so a stalled or dead rank ends the job with a message, not a hang or a
+    backend trace. Other exceptions pass through unchanged."""
+    try:
+        yield
+    except (CommunicationError, checkpointing.CheckpointError, TrainingStopped):
+        raise
+    except Exception as exc:
+        if not _is_communication_failure(exc):
+            raise
+        collective = None
+        frame = exc.__traceback__
+        while frame is not None:
+            collective = _COLLECTIVE_OF_FUNCTION.get(frame.tb_frame.f_code.co_name, collective)
+            frame = frame.tb_next
+        timeout = job.parallel.distributed_timeout_minutes
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        cause = (f"timed out after --distributed-timeout-minutes {timeout:g}: a rank stalled"
+                 if timed_out else "failed: a peer rank died or closed its connection")
+        where = f"{phase} ({collective})" if collective else phase
+        at_iteration = f" at iteration {iteration}" if iteration is not None else ""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CommunicationError(f"rank {rank}: {where}{at_iteration} {cause} "
+                                 f"[{detail}]") from exc
+
+
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
-               forward_step, measure_update_absorption: bool = False) -> StepReport:
+               forward_step, measure_update_absorption: bool = False,
+               iteration: Optional[int] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
-    micro-batches, model-parallel then data-parallel grad syncs, AdamW."""
+    micro-batches, model-parallel then data-parallel grad syncs, AdamW.
+    `iteration` (1-based, as logged) names the step in errors."""
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
     optimizer.buffer.prepare_grad_sync(job.num_microbatches)
     for chunk in model:
         chunk.train()
     forward_backward = get_forward_backward_func()
-    losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model,
-                              num_microbatches=job.num_microbatches,
-                              seq_length=job.model.seq_length,
-                              micro_batch_size=job.training.micro_batch_size)
-    finalize_model_grads(model)
-    result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
-    return StepReport(loss=_average_over_dp(losses, device), grad_norm=result.grad_norm,
+    with communication_phase(job, "forward-backward (pipeline p2p, tensor-parallel collectives)",
+                             iteration):
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
+                                  model=model, num_microbatches=job.num_microbatches,
+                                  seq_length=job.model.seq_length,
+                                  micro_batch_size=job.training.micro_batch_size)
+    fault_injection.at("train-step", iteration)
+    with communication_phase(job, "model-parallel grad sync", iteration):
+        finalize_model_grads(model)
+    with communication_phase(job, "optimizer step", iteration):
+        result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
+    with communication_phase(job, "loss averaging", iteration):
+        loss = _average_over_dp(losses, device)
+    return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption)
 
 
@@ -353,6 +430,35 @@ def _open_tensorboard(job: JobConfig):
     return SummaryWriter(log_dir=job.training.tensorboard_dir, max_queue=100)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: torch.cuda.max_memory_allocated on
+    CUDA, else the peak resident set size (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def write_run_summary(writer, job: JobConfig, optimizer: DistributedOptimizer) -> None:
+    """TensorBoard records of what this run is, written once at start by the
+    logging rank: text "run/config" (precision, LR schedule, sizes, layout) and
+    scalars "memory/<kind>-bytes" of this rank's training state (memory_report),
+    so that tools/compare_runs.py can label and tabulate runs from the event files."""
+    opt, model, training = job.optimizer, job.model, job.training
+    rows = {"precision": opt.precision, "lr": opt.lr, "min-lr": opt.min_lr,
+            "lr-decay-style": opt.lr_decay_style, "lr-warmup-iters": opt.lr_warmup_iters,
+            "weight-decay": opt.weight_decay, "train-iters": training.train_iters,
+            "global-batch-size": training.global_batch_size, "seq-length": model.seq_length,
+            "num-layers": model.num_layers, "hidden-size": model.hidden_size,
+            "world-size": job.world_size,
+            "tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
+            "pipeline-model-parallel-size": job.parallel.pipeline_model_parallel_size}
+    writer.add_text("run/config", "\n".join(f"{k}: {v}" for k, v in rows.items()), 0)
+    for kind, size in memory_report(optimizer).items():
+        writer.add_scalar(f"memory/{kind}-bytes", size, 0)
+
+
 def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss: Optional[float],
              grad_norm: float, skipped: int, nan_iterations: int, tokens_per_s: float,
              tflops_per_device: float, absorption: Optional[float], consumed: int) -> str:
@@ -393,6 +499,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     nan_grad_iterations = injected_nan_grad_iterations()
     nan_grad_step = make_forward_step(strategy, device, nan_gradients=True)
     writer = _open_tensorboard(job)
+    if writer is not None:
+        write_run_summary(writer, job, optimizer)
     sigterm = _SigtermFlag()
     tokens_per_step = training.global_batch_size * job.model.seq_length
     flops_per_step = flops_per_token(job.model) * tokens_per_step
@@ -410,7 +518,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             step_start = time.perf_counter()
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
-                                else forward_step, measure_update_absorption=log_now)
+                                else forward_step, measure_update_absorption=log_now,
+                                iteration=iteration + 1)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
@@ -445,7 +554,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                "throughput/tflops-per-device": tflops,
                                "skipped-iterations": optimizer.skipped_steps,
                                "nan-iterations": nan_iterations,
-                               "consumed-samples": consumed_samples}
+                               "consumed-samples": consumed_samples,
+                               "memory/peak-bytes": peak_memory_bytes(device)}
                     if loss is not None:
                         scalars["lm loss"] = loss
                     if report.update_absorption is not None:
@@ -459,9 +569,11 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             if training.save and training.save_interval and iteration % training.save_interval == 0:
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
             elapsed_min = (time.time() - start_time) / 60
-            stop_signal, out_of_time = _agree(
-                [sigterm.received, bool(training.exit_duration_in_mins
-                                        and elapsed_min > training.exit_duration_in_mins)], device)
+            with communication_phase(job, "exit-condition agreement", iteration):
+                stop_signal, out_of_time = _agree(
+                    [sigterm.received, bool(training.exit_duration_in_mins
+                                            and elapsed_min > training.exit_duration_in_mins)],
+                    device)
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
                 reason = ("SIGTERM received" if stop_signal else
@@ -472,8 +584,10 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                     save(job, iteration, consumed_samples, model, optimizer, scheduler)
                 print_rank_0(f"[exit] {reason} at iteration {iteration}")
                 return iteration, True
-        if training.save and not (training.save_interval
-                                  and iteration % training.save_interval == 0):
+        # Not when no step ran (resumed at --train-iters): re-saving would replace the
+        # very checkpoint the tracker names, with a window where it does not exist.
+        if training.save and iteration > start_iteration and not (
+                training.save_interval and iteration % training.save_interval == 0):
             save(job, iteration, consumed_samples, model, optimizer, scheduler)
         return iteration, False
     finally:
@@ -485,7 +599,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
 def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, iteration: int,
                    writer) -> Optional[float]:
     """Evaluates on the validation split from its start; logs loss and perplexity."""
-    loss = evaluate(job, model, data.valid_iterators(), forward_step)
+    with communication_phase(job, "evaluation", iteration):
+        loss = evaluate(job, model, data.valid_iterators(), forward_step)
     if loss is not None and is_last_rank():
         ppl = math.exp(min(20.0, loss))
         line = f"validation loss at iteration {iteration} | lm loss value: {loss:.6E} | " \
@@ -499,8 +614,9 @@ def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, itera
 
 def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer, scheduler):
     start = time.perf_counter()
-    path = checkpointing.save_training_checkpoint(job, iteration, consumed_samples, model,
-                                                  optimizer, scheduler)
+    with communication_phase(job, "checkpoint save", iteration):
+        path = checkpointing.save_training_checkpoint(job, iteration, consumed_samples, model,
+                                                      optimizer, scheduler)
     print_rank_0(f"[checkpoint] saved iteration {iteration} to {path} "
                  f"({time.perf_counter() - start:.2f} s)")
 
@@ -548,6 +664,7 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
 def main() -> None:
     try:
         pretrain(sys.argv[1:])
-    except (ValueError, checkpointing.CheckpointError, TrainingStopped) as exc:
+    except (ValueError, checkpointing.CheckpointError, TrainingStopped,
+            CommunicationError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -302,8 +302,10 @@ def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_
                        Sequence[int], seed: int):
     """(train, valid, test) datasets for `data_config`; see the module doc.
 
-    `tokenizer` supplies the vocabulary size of ``--mock-data`` (any object with
-    ``vocab_size``; unused otherwise). A split asked for 0 samples is None.
+    `tokenizer` supplies the vocabulary size (any object with ``vocab_size``, or
+    None): the range of ``--mock-data``, and the bound every token id of a
+    dataset must lie under (IndexedDatasetError otherwise, checked at build
+    time in one pass over each ``.bin``). A split asked for 0 samples is None.
     """
     if len(train_valid_test_num_samples) != 3:
         raise ValueError("train_valid_test_num_samples must hold three counts")
@@ -315,6 +317,9 @@ def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_
                      else None for number, n in enumerate(train_valid_test_num_samples))
     weighted_prefixes = parse_data_path(data_config.data_path)
     indexed = [IndexedDataset(prefix) for _, prefix in weighted_prefixes]
+    if tokenizer is not None:  # a wrong tokenizer would train on ids it cannot mean
+        for dataset in indexed:
+            dataset.check_fits_vocabulary(tokenizer.vocab_size)
     if weighted_prefixes[0][0] is None:
         weights = [float(ds.num_tokens) for ds in indexed]
     else:

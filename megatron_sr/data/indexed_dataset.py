@@ -124,6 +124,33 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
+    def token_id_range(self, chunk_tokens: int = 1 << 26) -> Optional[tuple[int, int]]:
+        """(smallest, largest) token id in the ``.bin`` (None when it is empty):
+        one pass over the memory map, `chunk_tokens` at a time."""
+        if not self.num_tokens:
+            return None
+        low, high = None, None
+        for start in range(0, len(self._tokens), chunk_tokens):
+            chunk = self._tokens[start:start + chunk_tokens]
+            chunk_low, chunk_high = chunk.min(), chunk.max()
+            low = chunk_low if low is None else min(low, chunk_low)
+            high = chunk_high if high is None else max(high, chunk_high)
+        return int(low), int(high)
+
+    def check_fits_vocabulary(self, vocab_size: int) -> None:
+        """IndexedDatasetError unless every token id is an integer in [0, vocab_size):
+        a dataset tokenized with another (larger) vocabulary than the run's."""
+        if not np.issubdtype(np.dtype(self.dtype), np.integer):
+            raise IndexedDatasetError(f"{idx_path(self.prefix)}: token dtype "
+                                      f"{np.dtype(self.dtype).name} is not an integer type")
+        id_range = self.token_id_range()
+        if id_range is not None and (id_range[0] < 0 or id_range[1] >= vocab_size):
+            raise IndexedDatasetError(
+                f"{bin_path(self.prefix)}: token ids span [{id_range[0]}, {id_range[1]}] but the "
+                f"tokenizer has {vocab_size} ids [0, {vocab_size - 1}]: the dataset was made with "
+                f"another tokenizer (check --tokenizer-type, --vocab-file, --tokenizer-model, "
+                f"--vocab-size)")
+
 
 def _read_index(index_file: str):
     """(dtype, lengths int32[S], pointers int64[S], document indices int64[D]), validated."""

@@ -1,0 +1,109 @@
+"""Test hooks that inject a fault at a named point of the training job.
+
+The fault-injection suite (`tests/faults/`) sets one environment variable on
+the ranks of a real `torchrun pretrain_gpt.py` run:
+
+    MEGATRON_SR_FAULT="<action>@<point>[,iteration=N][,rank=R]"
+
+e.g. `kill@train-step,iteration=5,rank=1`: rank 1 SIGKILLs itself in the
+middle of iteration 5. Without `iteration` the fault fires at the first
+visit of the point; without `rank`, on every rank. It fires at most once
+per process.
+
+Actions:
+    kill      SIGKILL this process (a crashed or OOM-killed rank)
+    sigterm   send SIGTERM to this process (a scheduler's preemption notice)
+    stall     sleep for an hour: a hung rank; SIGTERM's default action is
+              restored first, so the launcher's teardown ends it
+    enospc    raise OSError(ENOSPC) (a full disk)
+    eio       raise OSError(EIO) (a failing disk)
+
+Points (where the job calls `at`):
+    train-step           training.train_step, after the forward-backward and
+                         before the gradient syncs (mid-iteration)
+    checkpoint-write     checkpointing.save_checkpoint, where a rank writes its
+                         state file (into the temporary directory)
+    checkpoint-commit    checkpointing.save_checkpoint on rank 0, after the
+                         checkpoint directory is in place and before the
+                         tracker file names it
+
+The NaN-gradient hook ($MEGATRON_SR_INJECT_NAN_GRAD_AT) lives in
+`training.py`, next to the loss it poisons.
+
+Unset (always, outside the tests) the hooks cost one global lookup and a
+comparison with None.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+FAULT_ENV = "MEGATRON_SR_FAULT"
+ACTIONS = ("kill", "sigterm", "stall", "enospc", "eio")
+POINTS = ("train-step", "checkpoint-write", "checkpoint-commit")
+STALL_SECONDS = 3600
+
+
+@dataclass
+class Fault:
+    action: str
+    point: str
+    iteration: Optional[int] = None
+    rank: Optional[int] = None
+    fired: bool = False
+
+
+def parse_fault(text: str) -> Fault:
+    """`<action>@<point>[,iteration=N][,rank=R]` -> Fault; ValueError naming the variable."""
+    head, *options = [part.strip() for part in text.split(",")]
+    action, _, point = head.partition("@")
+    if action not in ACTIONS or point not in POINTS:
+        raise ValueError(f"${FAULT_ENV}={text!r}: expected <action>@<point>[,iteration=N][,rank=R]"
+                         f" with action in {ACTIONS} and point in {POINTS}")
+    fault = Fault(action, point)
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in ("iteration", "rank") or not value.isdigit():
+            raise ValueError(f"${FAULT_ENV}={text!r}: unknown option {option!r} "
+                             f"(iteration=N, rank=R)")
+        setattr(fault, key, int(value))
+    return fault
+
+
+_FAULT: Optional[Fault] = (parse_fault(os.environ[FAULT_ENV])
+                           if os.environ.get(FAULT_ENV) else None)
+
+
+def at(point: str, iteration: Optional[int] = None) -> None:
+    """Fires the configured fault if it names `point` (and this iteration and
+    rank). Called by the job at the points listed in the module doc."""
+    if _FAULT is None:
+        return
+    _fire(_FAULT, point, iteration)
+
+
+def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
+    if fault.fired or fault.point != point:
+        return
+    if fault.iteration is not None and fault.iteration != iteration:
+        return
+    if fault.rank is not None and fault.rank != int(os.environ.get("RANK", "0")):
+        return
+    fault.fired = True
+    where = f"{point} (iteration {iteration}, rank {os.environ.get('RANK', '0')})"
+    print(f"[fault-injection] {fault.action} at {where}", flush=True)
+    if fault.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif fault.action == "stall":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(STALL_SECONDS)
+    elif fault.action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {where})")
+    elif fault.action == "eio":
+        raise OSError(errno.EIO, f"Input/output error (injected at {where})")

@@ -1,0 +1,59 @@
+"""Invalid flag combinations end the job with exit code 1 and one line,
+`error: ...`, naming the flags at fault, before any process group forms.
+
+The table is tests/test_arguments.py's INVALID (43 combinations, checked
+there against `parse_args`); here every row goes through the entry point
+`pretrain_gpt.py` uses (`training.main`), plus the reliability flags' own
+rows, and two rows run under a real torchrun."""
+import sys
+import warnings
+
+import pytest
+
+from fault_harness import assert_error_line, run_job, tiny_gpt_argv
+from megatron_sr import training
+from test_arguments import INVALID, argv as base_argv
+
+# Rows of the reliability flags: (extra flags, dropped flags, world size, names in the message).
+RELIABILITY_INVALID = [
+    (("--distributed-timeout-minutes", "0"), (), 1, ["--distributed-timeout-minutes"]),
+    (("--distributed-timeout-minutes", "-0.5"), (), 1, ["--distributed-timeout-minutes"]),
+    (("--max-skipped-iterations", "0"), (), 1, ["--max-skipped-iterations"]),
+    (("--exit-interval", "0"), (), 1, ["--exit-interval"]),
+    (("--exit-duration-in-mins", "0"), (), 1, ["--exit-duration-in-mins"]),
+    (("--save", "/tmp/x", "--save-interval", "0"), (), 1, ["--save-interval"]),
+]
+TABLE = INVALID + RELIABILITY_INVALID
+
+
+@pytest.mark.parametrize("extra, drop, world_size, flags", TABLE,
+                         ids=[" ".join(c[0] + tuple("-" + d for d in c[1])) for c in TABLE])
+def test_invalid_flags_exit_1_with_one_error_line(extra, drop, world_size, flags, monkeypatch,
+                                                  capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *base_argv(*extra, drop=drop)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SystemExit) as exit_info:
+            training.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for flag in flags:
+        assert flag in err, f"{flag} not named in: {err}"
+
+
+def test_the_table_is_large_enough():
+    assert len(TABLE) >= 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, flags, needles", [
+    (3, dict(tensor_model_parallel_size=2), ["--tensor-model-parallel-size"]),
+    (1, dict(load="/nonexistent/megatron_sr_ckpt"), ["--load /nonexistent/megatron_sr_ckpt",
+                                                     "no such directory"]),
+], ids=["tp-does-not-divide-world", "load-dir-missing"])
+def test_invalid_setup_under_torchrun_fails_fast(tmp_path, nproc, flags, needles):
+    run = run_job(nproc, tiny_gpt_argv(train_iters=2, **flags), str(tmp_path / "log"), timeout=90)
+    assert_error_line(run, *needles)
+    assert run.returncode == 1, str(run)
