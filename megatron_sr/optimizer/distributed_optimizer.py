@@ -150,7 +150,8 @@ class DistributedOptimizer:
                 weight_decay=weight_decay, step=self.step_count,
                 sr_key=sr_key(self.seed, self.step_count, info.name, info.sr_tp_rank),
                 offset=segment.param_offset)
-            if before is not None and info.count_in_grad_norm and (
+            # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
+            if before is not None and lr > 0 and info.count_in_grad_norm and (
                     self.buffer.distributed or self.buffer.dp_rank == 0):
                 moved = self._segment_state(segment, "exp_avg") != 0
                 if weight_decay:
