@@ -92,6 +92,7 @@ from megatron_sr.arguments import JobConfig, build_parser, job_config_from_args
 from megatron_sr.config import ModelConfig, ParallelConfig
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model.gpt_model import WORD_EMBEDDING_NAME, flops_per_token
+from megatron_sr.model.parallel_layout import chunk_layers
 from megatron_sr.optimizer.param_buffer import DEFAULT_BUCKET_SIZE, compute_buffer_layout
 from megatron_sr.precision.strategies import STRATEGIES, PrecisionStrategy, get_strategy
 from megatron_sr.training import grad_dtype
@@ -155,12 +156,12 @@ def chunk_placements(model: ModelConfig, parallel: ParallelConfig, pipeline_rank
     """The chunks `build_model` builds on `pipeline_rank` (Megatron's interleaving:
     chunk v of rank p holds model chunk v * PP + p)."""
     pp = parallel.pipeline_model_parallel_size
-    vp = parallel.virtual_pipeline_model_parallel_size or 1
-    per_chunk = model.num_layers // (pp * vp)
-    return [ChunkPlacement(pipeline_rank, v, (v * pp + pipeline_rank) * per_chunk, per_chunk,
+    layers = chunk_layers(model.num_layers, pp, parallel.virtual_pipeline_model_parallel_size,
+                          pipeline_rank)
+    return [ChunkPlacement(pipeline_rank, v, chunk.start, len(chunk),
                            pre_process=v == 0 and pipeline_rank == 0,
-                           post_process=v == vp - 1 and pipeline_rank == pp - 1)
-            for v in range(vp)]
+                           post_process=v == len(layers) - 1 and pipeline_rank == pp - 1)
+            for v, chunk in enumerate(layers)]
 
 
 def chunk_parameters(model: ModelConfig, parallel: ParallelConfig, chunk: ChunkPlacement
