@@ -49,18 +49,9 @@ from typing import Callable, Optional
 
 from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
                                 TrainingConfig, validate_parallel_layout)
-from megatron_sr.data.tokenizers import TOKENIZER_TYPES, padded_vocab_size
+from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, padded_vocab_size
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
 from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
-
-# The flags each tokenizer type reads its vocabulary from.
-_TOKENIZER_FLAGS = {
-    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
-    "SentencePieceTokenizer": ("tokenizer_model",),
-    "GPTSentencePieceTokenizer": ("tokenizer_model",),
-    "NullTokenizer": ("vocab_size",),
-}
-
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -559,10 +550,7 @@ def _check_data(args: argparse.Namespace) -> None:
     if not 1 <= len(proportions) <= 3 or min(proportions) < 0 or sum(proportions) <= 0:
         raise ValueError(f"--split {args.split!r}: give up to three non-negative train,valid,test "
                          f"proportions with a positive sum, e.g. 969,30,1")
-    needed = _TOKENIZER_FLAGS[args.tokenizer_type]
-    missing = [_flag(dest) for dest in needed if getattr(args, dest) is None]
-    if missing:
-        raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs {' and '.join(missing)}")
+    check_tokenizer_flags(args.tokenizer_type, vars(args))
 
 
 def _check_data_path(data_path: list[str]) -> None:

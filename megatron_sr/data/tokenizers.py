@@ -27,7 +27,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 class Tokenizer(ABC):
@@ -241,29 +241,42 @@ class NullTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                   "NullTokenizer")
+TOKENIZER_FLAGS = {
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "SentencePieceTokenizer": ("tokenizer_model",),
+    "GPTSentencePieceTokenizer": ("tokenizer_model",),
+    "NullTokenizer": ("vocab_size",),
+}
+"""The flags (argparse dests) each ``--tokenizer-type`` reads its vocabulary from."""
+
+TOKENIZER_TYPES = tuple(TOKENIZER_FLAGS)
+
+
+def check_tokenizer_flags(tokenizer_type: str, values: Mapping[str, object]) -> None:
+    """Raises ValueError naming the flags `tokenizer_type` needs that `values`
+    (argparse dest -> value) leaves unset. Shared by `build_tokenizer` and the
+    argument validation of `pretrain_gpt.py`."""
+    if tokenizer_type not in TOKENIZER_FLAGS:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
+                         f"{', '.join(TOKENIZER_TYPES)}")
+    missing = ["--" + dest.replace("_", "-") for dest in TOKENIZER_FLAGS[tokenizer_type]
+               if values.get(dest) is None]
+    if missing:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs {' and '.join(missing)}")
 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
                     merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
                     vocab_size: Optional[int] = None) -> Tokenizer:
     """The tokenizer named by ``--tokenizer-type``, checking the flags it needs."""
+    check_tokenizer_flags(tokenizer_type, {"vocab_file": vocab_file, "merge_file": merge_file,
+                                           "tokenizer_model": tokenizer_model,
+                                           "vocab_size": vocab_size})
     if tokenizer_type == "GPT2BPETokenizer":
-        if vocab_file is None or merge_file is None:
-            raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and "
-                             "--merge-file")
         return GPT2BPETokenizer(vocab_file, merge_file)
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
-        if tokenizer_model is None:
-            raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
-        return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
-        if vocab_size is None:
-            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
         return NullTokenizer(vocab_size)
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
-                     f"{', '.join(TOKENIZER_TYPES)}")
+    return SentencePieceTokenizer(tokenizer_model)
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
