@@ -28,7 +28,7 @@ if [ ! -f "${prefix}_text_document.idx" ]; then
 fi
 
 rm -rf "$work/checkpoints" "$work/tensorboard"
-OMP_NUM_THREADS=1 "$venv/bin/torchrun" --nproc_per_node "${NPROC:-4}" pretrain_gpt.py \
+OMP_NUM_THREADS=1 "$venv/bin/torchrun" --standalone --nproc_per_node "${NPROC:-4}" pretrain_gpt.py \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
   --max-position-embeddings 128 --attention-dropout 0 --hidden-dropout 0 \

@@ -33,7 +33,7 @@ def tool(name, *args):
 def trained(tmp_path_factory):
     """A TP=2 x PP=2 checkpoint of 3 bf16-sr steps."""
     save = tmp_path_factory.mktemp("ckpt") / "tp2pp2"
-    result = run([TORCHRUN, "--nproc_per_node", "4", "pretrain_gpt.py", *GPT,
+    result = run([TORCHRUN, "--standalone", "--nproc_per_node", "4", "pretrain_gpt.py", *GPT,
                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                   "--save", str(save)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +69,8 @@ def test_reshape_round_trip_is_bit_exact(trained, tmp_path):
 def generated_text(load, *extra, nproc=1):
     args = ["tools/text_generation.py", "--load", str(load), "--prompt", "5 6 7 8",
             "--prompt", "9", "--max-new-tokens", "12", *extra]
-    launcher = [sys.executable] if nproc == 1 else [TORCHRUN, "--nproc_per_node", str(nproc)]
+    launcher = ([sys.executable] if nproc == 1
+                else [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)])
     result = run(launcher + args)
     assert result.returncode == 0, result.stderr[-3000:]
     return [line for line in result.stdout.splitlines() if line and not line.startswith("-")]

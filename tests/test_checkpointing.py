@@ -183,7 +183,8 @@ def crashed_save(tmp_path_factory):
     script.write_text(_DYING_SAVE.format(crash_iteration=4))
     save = str(root / "checkpoints")
     argv = tiny_gpt_argv(train_iters=6, save=save, save_interval=2, global_batch_size=4)
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                          "--standalone", "--nproc_per_node", "2",
                           str(script), *argv], cwd=REPO, capture_output=True, text=True,
                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {"job": job, "save": save, "argv": argv, "root": root}

@@ -189,7 +189,8 @@ def e2e(counting_corpus, tmp_path_factory):
                          data_path=counting_corpus, data_cache_path=str(root / "cache"),
                          eval_interval=2, eval_iters=1, tensorboard_dir=str(root / "tb"),
                          save=str(root / "checkpoints"))
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                          "--standalone", "--nproc_per_node", "4",
                           "pretrain_gpt.py", *argv], cwd=REPO, capture_output=True, text=True,
                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
