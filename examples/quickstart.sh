@@ -30,8 +30,8 @@ fi
 rm -rf "$work/checkpoints" "$work/tensorboard"
 OMP_NUM_THREADS=1 "$venv/bin/torchrun" --standalone --nproc_per_node "${NPROC:-4}" pretrain_gpt.py \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
-  --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
-  --max-position-embeddings 128 --attention-dropout 0 --hidden-dropout 0 \
+  --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 64 \
+  --max-position-embeddings 64 --attention-dropout 0 --hidden-dropout 0 \
   --micro-batch-size 4 --global-batch-size 16 --train-iters "${TRAIN_ITERS:-300}" \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 \
   --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --precision bf16-sr \

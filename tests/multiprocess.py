@@ -53,8 +53,28 @@ def _worker(fn, rank, world_size, port, args, results, env):
             dist.destroy_process_group()
 
 
+_TRANSIENT_NETWORK_ERRORS = ("Gloo connectFullMesh failed", "Connection closed by peer",
+                             "Connection reset by peer", "Address already in use")
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300,
               env: dict[str, str] | None = None) -> list[Any]:
+    """See the module docstring. A launch whose failures are all transient
+    loopback errors (a port taken between choosing and binding it by another
+    process on a busy machine) is retried once on a new port."""
+    try:
+        return _launch(fn, world_size, args, timeout, env)
+    except RuntimeError as exc:
+        if not all(any(marker in failure for marker in _TRANSIENT_NETWORK_ERRORS)
+                   for failure in exc.args[1]):
+            raise RuntimeError(exc.args[0]) from None
+        try:
+            return _launch(fn, world_size, args, timeout, env)
+        except RuntimeError as again:
+            raise RuntimeError(again.args[0]) from None
+
+
+def _launch(fn, world_size: int, args: tuple, timeout: float, env) -> list[Any]:
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
@@ -68,18 +88,21 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
     values: dict[int, Any] = {}
     failures: list[str] = []
     try:
-        for _ in range(world_size):
+        while len(values) + len(failures) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                # After a first failure, give the other ranks a moment to report theirs:
+                # the root cause is often another rank's error.
+                rank, ok, value = results.get(timeout=2 if failures else timeout)
             except Exception as exc:  # queue.Empty
+                if failures:
+                    break
                 raise TimeoutError(
-                    f"run_ranks: {world_size - len(values) - len(failures)} rank(s) of "
+                    f"run_ranks: {world_size - len(values)} rank(s) of "
                     f"{fn.__name__} did not finish within {timeout} s") from exc
             if ok:
                 values[rank] = value
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
-                break
     finally:
         for proc in procs:
             proc.join(timeout=5 if not failures else 0.5)
@@ -87,5 +110,5 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
                 proc.kill()
                 proc.join()
     if failures:
-        raise RuntimeError("\n".join(failures))
+        raise RuntimeError("\n".join(failures), failures)
     return [values[rank] for rank in range(world_size)]
