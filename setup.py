@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_sr", "megatron_sr.*"]),
+    # The native CPU kernels are compiled from source on first use.
+    package_data={"megatron_sr.precision": ["native_kernel.c"]},
     install_requires=[
         # CPU installs: `pip install torch==2.13.0` first (tools/install.sh does);
         # an unpinned torch pulls a multi-GB CUDA build.
@@ -21,6 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors"],
+        "plot": ["matplotlib"],  # tools/compare_runs.py --plot
     },
     scripts=[],
 )

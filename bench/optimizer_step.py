@@ -6,10 +6,14 @@ For each strategy, times `megatron_sr.precision.adamw.adamw_step` on
 uint8 buffers holding as many bytes as the step reads plus writes, then
 prints a table: bytes moved per element, effective GB/s of each and the
 step's fraction of copy bandwidth. On CUDA the step runs the Triton kernel,
-on the CPU the torch path (`--backend` picks compiled or eager).
+on the CPU the native C kernel (or, without a C compiler, the compiled torch
+path); the table names the backend that ran. `--backend` takes one backend
+or a comma-separated list (e.g. native,compiled): all of them and the copy
+are then timed in turns in the same run, and a last column gives each
+backend's speed relative to the last one of the list.
 
     .venv/bin/python bench/optimizer_step.py [--numel N] [--device cpu|cuda]
-        [--backend compiled|eager|triton] [--strategies bf16-sr,fp32]
+        [--backend native|compiled|eager|triton[,...]] [--strategies bf16-sr,fp32]
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_sr.precision.adamw import adamw_step  # noqa: E402
+from megatron_sr.precision.adamw import adamw_step, resolve_backend  # noqa: E402
 from megatron_sr.precision.strategies import STRATEGIES, get_strategy  # noqa: E402
 
 
@@ -75,33 +79,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=int, default=1 << 24)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, help="compiled, eager or triton (default: per device)")
+    parser.add_argument("--backend", default=None,
+                        help="native, compiled, eager or triton, or a comma-separated list to compare "
+                             "(default: per device)")
     parser.add_argument("--strategies", default="fp32,bf16-mixed,bf16,bf16-sr,bf16-sr+fp32-state,bf16-kahan",
                         help="comma-separated; NAME+fp32-state applies --optimizer-state-dtype fp32")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    print(f"device={args.device} numel={args.numel} backend={args.backend or 'default'} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'strategy':<22}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}{'ratio':>8}")
+    requested = args.backend.split(",") if args.backend else [None]
+    # The backend each request runs on (a "native" without a compiler falls back, with a warning).
+    backends = [resolve_backend(b, torch.device(args.device), args.numel) for b in requested]
+    print(f"device={args.device} numel={args.numel} backend={','.join(backends)}"
+          f"{'' if args.backend else ' (default)'} threads={torch.get_num_threads()} "
+          f"load average={'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    compare = len(backends) > 1
+    print(f"{'strategy':<22}{'backend':>10}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}"
+          f"{'ratio':>8}" + (f"{'vs ' + backends[-1]:>14}" if compare else ""))
     for label in args.strategies.split(","):
         name, _, state_flag = label.partition("+")
         if name not in STRATEGIES:
             parser.error(f"--strategies: unknown strategy {name!r}")
         strategy = get_strategy(name, "fp32" if state_flag == "fp32-state" else None)
-        state = make_state(strategy, args.numel, args.device)
-        moved = bytes_per_element(state) * args.numel
+        states = [make_state(strategy, args.numel, args.device) for _ in backends]
+        moved = bytes_per_element(states[0]) * args.numel
         source = torch.empty(moved // 2, dtype=torch.uint8, device=args.device)
         target = torch.empty_like(source)
 
-        def step():
-            adamw_step(strategy, **state, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                       step=10, sr_key=12345, backend=args.backend)
+        def step_function(state, backend):
+            def step():
+                adamw_step(strategy, **state, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                           step=10, sr_key=12345, backend=backend)
+            return step
 
-        step_s, copy_s = best_seconds([step, lambda: target.copy_(source)], args.device, args.repeats)
-        step_gbs, copy_gbs = moved / step_s / 1e9, moved / copy_s / 1e9
-        print(f"{label:<22}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}{copy_gbs:>11.1f}"
-              f"{step_gbs / copy_gbs:>8.2f}")
+        steps = [step_function(state, backend) for state, backend in zip(states, backends)]
+        *step_seconds, copy_s = best_seconds(steps + [lambda: target.copy_(source)], args.device, args.repeats)
+        copy_gbs = moved / copy_s / 1e9
+        for backend, step_s in zip(backends, step_seconds):
+            step_gbs = moved / step_s / 1e9
+            print(f"{label:<22}{backend:>10}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}"
+                  f"{copy_gbs:>11.1f}{step_gbs / copy_gbs:>8.2f}"
+                  + (f"{step_seconds[-1] / step_s:>13.2f}x" if compare else ""))
 
 
 if __name__ == "__main__":

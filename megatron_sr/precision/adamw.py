@@ -24,15 +24,20 @@ one call over a tensor equals calls over any contiguous shards with their
 offsets, bit for bit, on any backend.
 
 Backends (bit-identical for the same inputs; NaN payloads aside):
+- "native": C code (`megatron_sr.precision.native`, `native_kernel.c`) built
+  with the system C compiler on first use and cached; the default for CPU
+  tensors. Without a compiler (or when the build fails) it warns once and
+  the CPU default becomes "compiled" / "eager" as below.
 - "triton": the kernel of `megatron_sr.precision.kernels`; the default for
   CUDA tensors, usable on the CPU under TRITON_INTERPRET=1 (slow, for tests).
 - "compiled": the torch path fused by `torch.compile` (dynamic shapes, so
   sizes do not recompile; one compile per strategy), working on pairs of
-  elements so that one Philox call serves two; the default on the CPU for
-  segments of at least COMPILE_MIN_NUMEL elements.
+  elements so that one Philox call serves two; without "native", the
+  default on the CPU for segments of at least COMPILE_MIN_NUMEL elements.
 - "eager": the same torch code without compilation, in chunks.
-The env var MEGATRON_SR_ADAMW_BACKEND forces one; MEGATRON_SR_COMPILE=0
-turns the CPU default from "compiled" into "eager".
+The env var MEGATRON_SR_ADAMW_BACKEND forces one ("native" falls back like
+the default when it cannot be built); MEGATRON_SR_COMPILE=0 turns the
+torch CPU fallback from "compiled" into "eager".
 """
 from __future__ import annotations
 
@@ -41,10 +46,10 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_sr.precision import rounding
+from megatron_sr.precision import native, rounding
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 
-BACKENDS = ("triton", "compiled", "eager")
+BACKENDS = ("native", "triton", "compiled", "eager")
 BACKEND_ENV = "MEGATRON_SR_ADAMW_BACKEND"
 COMPILE_ENV = "MEGATRON_SR_COMPILE"
 EAGER_CHUNK = 1 << 16
@@ -260,20 +265,33 @@ def _run_compiled(flat, coefficients, round_keys, offset: int, modes) -> None:
             _fused_update(*piece, coefficients, round_keys, offset_tensor, *modes)
 
 
+def _torch_cpu_backend(numel: int) -> str:
+    """"compiled" for segments of at least COMPILE_MIN_NUMEL elements, "eager"
+    for smaller ones (whose time is overhead) and when MEGATRON_SR_COMPILE=0."""
+    if os.environ.get(COMPILE_ENV, "1") == "0" or numel < COMPILE_MIN_NUMEL:
+        return "eager"
+    return "compiled"
+
+
 def resolve_backend(backend: Optional[str], device: torch.device, numel: int) -> str:
     """The backend a call runs on: `backend` if given, else the env var
-    MEGATRON_SR_ADAMW_BACKEND, else "triton" for CUDA, and on the CPU
-    "compiled" for segments of at least COMPILE_MIN_NUMEL elements ("eager"
-    for smaller ones, whose time is overhead, and when MEGATRON_SR_COMPILE=0)."""
+    MEGATRON_SR_ADAMW_BACKEND, else "triton" for CUDA and "native" for CPU
+    tensors. "native" that cannot be built (one warning) becomes the torch
+    CPU backend of `_torch_cpu_backend`."""
     chosen = backend or os.environ.get(BACKEND_ENV) or None
     if chosen is None:
         if device.type == "cuda":
             return "triton"
-        if os.environ.get(COMPILE_ENV, "1") == "0" or numel < COMPILE_MIN_NUMEL:
-            return "eager"
-        return "compiled"
+        if device.type == "cpu" and native.available():
+            return "native"
+        return _torch_cpu_backend(numel)
     if chosen not in BACKENDS:
         raise ValueError(f"adamw_step: backend {chosen!r} (argument or ${BACKEND_ENV}) must be one of {BACKENDS}")
+    if chosen == "native":
+        if device.type != "cpu":
+            raise ValueError(f"adamw_step: backend 'native' needs CPU tensors, got {device}")
+        if not native.available():
+            return _torch_cpu_backend(numel)
     if chosen == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("adamw_step: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
                          "set before triton is imported")
@@ -349,9 +367,16 @@ def adamw_step(strategy: Union[str, PrecisionStrategy], param: torch.Tensor, gra
                            exp_avg_write=exp_avg_write, exp_avg_sq_write=exp_avg_sq_write)
         return
 
+    modes = (param_write, exp_avg_write, exp_avg_sq_write)
+    if chosen == "native":
+        if native.supports(*modes, has_master=master is not None, grad_dtype=grad.dtype):
+            native.adamw_step(*flat, coefficients, sr_key, offset, param_write=param_write,
+                              exp_avg_write=exp_avg_write, exp_avg_sq_write=exp_avg_sq_write)
+            return
+        chosen = _torch_cpu_backend(param.numel())
+
     coefficients = coefficients.to(param.device)
     round_keys = rounding.philox_key_tensor(sr_key, device=param.device)
-    modes = (param_write, exp_avg_write, exp_avg_sq_write)
     if chosen == "compiled":
         _run_compiled(flat, coefficients, round_keys, offset, modes)
         return
