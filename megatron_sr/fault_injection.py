@@ -27,8 +27,10 @@ Points (where the job calls `at`):
                          checkpoint directory is in place and before the
                          tracker file names it
 
-The NaN-gradient hook ($MEGATRON_SR_INJECT_NAN_GRAD_AT) lives in
-`training.py`, next to the loss it poisons.
+NaN gradients: MEGATRON_SR_INJECT_NAN_GRAD_AT="3,4" (1-based iterations, as
+logged) makes the backward of those iterations produce NaN gradients on every
+rank while the loss keeps its value (`nan_grad_iterations`; the training loop
+poisons the loss's gradient).
 
 Unset (always, outside the tests) the hooks cost one global lookup and a
 comparison with None.
@@ -107,3 +109,16 @@ def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {where})")
     elif fault.action == "eio":
         raise OSError(errno.EIO, f"Input/output error (injected at {where})")
+
+
+NAN_GRAD_ENV = "MEGATRON_SR_INJECT_NAN_GRAD_AT"
+
+
+def nan_grad_iterations() -> frozenset[int]:
+    """The iterations named by $MEGATRON_SR_INJECT_NAN_GRAD_AT (empty when unset)."""
+    text = os.environ.get(NAN_GRAD_ENV, "").strip()
+    try:
+        return frozenset(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"${NAN_GRAD_ENV}={text!r}: expected comma-separated "
+                         f"iteration numbers, e.g. 3,4") from None

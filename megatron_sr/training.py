@@ -41,7 +41,7 @@ from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
-                               named_parameters_global, param_is_unique_in_model)
+                               param_is_unique_in_model)
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
@@ -50,12 +50,6 @@ from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 from megatron_sr.random import model_parallel_seed
 
 _GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-NAN_GRAD_INJECTION_ENV = "MEGATRON_SR_INJECT_NAN_GRAD_AT"
-"""Fault-injection test hook: a comma-separated list of iterations (1-based, as
-logged), e.g. "3,4", whose backward produces NaN gradients on every rank.
-Read once when `train` starts; unset (the default) injects nothing."""
-
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many consecutive skipped steps)."""
@@ -245,16 +239,6 @@ class _NaNGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.full_like(grad, float("nan"))
-
-
-def injected_nan_grad_iterations() -> frozenset[int]:
-    """The iterations named by $MEGATRON_SR_INJECT_NAN_GRAD_AT (empty when unset)."""
-    text = os.environ.get(NAN_GRAD_INJECTION_ENV, "").strip()
-    try:
-        return frozenset(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise ValueError(f"${NAN_GRAD_INJECTION_ENV}={text!r}: expected comma-separated "
-                         f"iteration numbers, e.g. 3,4") from None
 
 
 def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
@@ -496,7 +480,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
     forward_step = make_forward_step(strategy, device)
-    nan_grad_iterations = injected_nan_grad_iterations()
+    nan_grad_iterations = fault_injection.nan_grad_iterations()
     nan_grad_step = make_forward_step(strategy, device, nan_gradients=True)
     writer = _open_tensorboard(job)
     if writer is not None:

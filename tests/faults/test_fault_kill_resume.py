@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _assert_killed(run, rank: int) -> None:
     assert run.returncode != 0, str(run)
-    assert f"[fault-injection] kill" in run.output, str(run)
+    assert "[fault-injection] kill" in run.output, str(run)
     assert "Signal 9 (SIGKILL)" in run.output and f"rank      : {rank}" in run.output, str(run)
 
 
