@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPT 1.3B (~1.3B parameters) pretraining on GPUs, pure BF16 with stochastic
+# rounding by default (the paper's recipe in spirit: seq 2048, RoPE, untied
+# embeddings, AdamW betas 0.9/0.95, weight decay 0.1, cosine decay after a
+# linear warmup; bf16-sr at 2x the mixed-precision learning rate).
+#
+#   DATA_PATH=/data/pile_text_document VOCAB=gpt2-vocab.json MERGES=gpt2-merges.txt \
+#     bash examples/gpt_1.3b.sh
+#   PRECISION=bf16-mixed ... bash examples/gpt_1.3b.sh     # the mixed-precision baseline
+#
+# Defaults: 24 layers, hidden 2048, 16 heads; global batch 512 x 2048 tokens,
+# 25000 iterations (~26B tokens), warmup 1000; mixed-precision LR 2e-4;
+# TP 1 x PP 1, the rest data parallel (distributed optimizer).
+# Every setting is overridable by environment variables: see examples/gpt_common.sh.
+MODEL_NAME=gpt_1.3b
+NUM_LAYERS=24 HIDDEN=2048 NUM_HEADS=16
+MIXED_LR=2e-4
+DEFAULT_GBS=512 DEFAULT_MBS=4
+DEFAULT_TRAIN_ITERS=25000 DEFAULT_WARMUP_ITERS=1000
+DEFAULT_TP=1 DEFAULT_PP=1
+source "$(dirname "${BASH_SOURCE[0]}")/gpt_common.sh"

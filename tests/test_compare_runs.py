@@ -1,0 +1,98 @@
+"""tools/compare_runs.py on synthetic TensorBoard runs: labels from the
+"run/config" text summary (or the folder name), the final-value table, the
+best LR per strategy, and the PNG."""
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("compare_runs", os.path.join(ROOT, "tools", "compare_runs.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+compare_runs = _load_tool()
+
+
+def write_run(path, precision, lr, final_loss, config=True, tokens_per_s=1000.0, state=1 << 20):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(path))
+    if config:
+        writer.add_text("run/config", f"precision: {precision}\nlr: {lr}\ntrain-iters: 20", 0)
+        writer.add_scalar("memory/total-bytes", state, 0)
+    for step in range(5, 25, 5):
+        loss = final_loss + (20 - step) * 0.1
+        writer.add_scalar("lm loss", loss + 0.05, step)
+        writer.add_scalar("throughput/tokens-per-s", 10.0 if step == 5 else tokens_per_s, step)
+        writer.add_scalar("update-absorption", 0.5, step)
+        writer.add_scalar("memory/peak-bytes", 3 * state, step)
+        if step % 10 == 0:
+            writer.add_scalar("lm loss validation", loss, step)
+            writer.add_scalar("lm loss validation ppl", math.exp(loss), step)
+    writer.close()
+
+
+def test_table_reads_final_values_and_labels(tmp_path):
+    write_run(tmp_path / "a", "bf16-sr", 0.001, 5.0, state=8 << 20)
+    write_run(tmp_path / "b", "bf16-mixed", 0.001, 5.5, state=18 << 20)
+    write_run(tmp_path / "bf16-sr_lr0.002", "ignored", None, 4.5, config=False)
+    runs = sorted((compare_runs.load_run(str(tmp_path / n)) for n in ("a", "b", "bf16-sr_lr0.002")),
+                  key=compare_runs._sort_key)
+    assert [(r.precision, r.lr) for r in runs] == [("bf16-mixed", 0.001), ("bf16-sr", 0.001),
+                                                    ("bf16-sr", 0.002)]
+    assert runs[0].label == "bf16-mixed lr=0.001"
+    table = compare_runs.markdown_table(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| a |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # train loss: mean of the last (up to) 5 logged points: 6.55, 6.05, 5.55, 5.05
+    assert cells[1:5] == ["bf16-sr", "0.001", "20", "5.800"]
+    assert cells[5] == "5.0000" and cells[6] == f"{math.exp(5.0):.1f}"
+    assert cells[7] == "1000"  # median tokens/s without the first (start-up) interval
+    assert cells[8] == "8.0" and cells[9] == "24.0" and cells[10] == "0.500"
+    assert "| bf16-sr | 0.002 | 4.5000 |" in table  # best LR per strategy
+
+
+def test_cli_writes_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "runs" / "x", "bf16", 0.001, 6.0)
+    write_run(tmp_path / "runs" / "y", "fp32", 0.001, 5.0)
+    png, table = tmp_path / "out" / "curves.png", tmp_path / "out" / "table.md"
+    assert compare_runs.main([str(tmp_path / "runs" / "x"), str(tmp_path / "runs" / "y"),
+                              str(tmp_path / "missing"), "--plot", str(png), "--table", str(table),
+                              "--title", "t"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = table.read_text()
+    assert "| fp32 |" in text and "| bf16 |" in text
+    assert text.index("| y | fp32") < text.index("| x | bf16")  # strategy order: fp32 first
+
+
+def test_reads_what_training_writes(tmp_path):
+    """write_run_summary (megatron_sr.training) -> load_run: the contract between them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_sr.arguments import parse_args
+    from megatron_sr.training import write_run_summary
+
+    class FakeOptimizer:
+        def memory_bytes(self):
+            return {"params": 2, "grads": 2, "master": 0, "optimizer": 4}
+
+    job = parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                      "--seq-length", "32", "--lr", "3e-4", "--train-iters", "10", "--mock-data",
+                      "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
+                      "--precision", "bf16-kahan"], 1)
+    writer = SummaryWriter(log_dir=str(tmp_path / "run"))
+    write_run_summary(writer, job, FakeOptimizer())
+    writer.close()
+    run = compare_runs.load_run(str(tmp_path / "run"))
+    assert (run.precision, run.lr, run.label) == ("bf16-kahan", 3e-4, "bf16-kahan lr=0.0003")
+    assert run.last("memory/total-bytes") == 8 and run.last("memory/optimizer-bytes") == 4

@@ -1,0 +1,87 @@
+"""The GPU launch scripts examples/gpt_*.sh: their pretrain_gpt.py flags parse
+and validate (megatron_sr.arguments.parse_args) for the world size they would
+launch, under each precision strategy and with the layout overrides. No GPU:
+DRY_RUN=1 makes a script print WORLD_SIZE=<n> and its flags instead of running."""
+import os
+import subprocess
+
+import pytest
+
+from megatron_sr.arguments import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["gpt_350m.sh", "gpt_1.3b.sh", "gpt_2.7b.sh", "gpt_6.7b.sh"]
+# The parameter count each script's name promises (GPT-3 sizes), within 20%: the untied
+# output layer adds vocab x hidden (50M at 350M).
+NOMINAL_PARAMS = {"gpt_350m.sh": 350e6, "gpt_1.3b.sh": 1.3e9, "gpt_2.7b.sh": 2.7e9, "gpt_6.7b.sh": 6.7e9}
+GPT2_VOCAB = 50257
+
+
+def dry_run(script: str, **env) -> tuple[int, list[str]]:
+    """(world size, pretrain_gpt.py flags) the script would launch with."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("PRECISION", "LR", "LR_MULT", "TP", "PP", "EXTRA_ARGS", "GBS", "MBS")}
+    environment.update({"DRY_RUN": "1", "GPUS_PER_NODE": "8", "DATA_PATH": "/data/pile_text_document",
+                        "VOCAB": "/data/gpt2-vocab.json", "MERGES": "/data/gpt2-merges.txt", **env})
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", script)], env=environment,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("WORLD_SIZE="), out[:2]
+    return int(out[0].split("=", 1)[1]), out[1:]
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_default_flags_validate_and_follow_the_recipe(script):
+    world_size, args = dry_run(script)
+    job = parse_args(args, world_size).with_vocab_size(GPT2_VOCAB)
+    model, opt = job.model, job.optimizer
+    assert opt.precision == "bf16-sr"
+    assert model.seq_length == 2048 and model.position_embedding_type == "rope"
+    assert model.untie_embeddings_and_output_weights
+    assert (opt.adam_beta1, opt.adam_beta2, opt.weight_decay) == (0.9, 0.95, 0.1)
+    assert opt.lr_decay_style == "cosine" and opt.lr_warmup_iters > 0
+    assert job.parallel.use_distributed_optimizer
+    h, layers, v = model.hidden_size, model.num_layers, model.vocab_size
+    params = layers * 12 * h * h + 2 * v * h
+    assert abs(params / NOMINAL_PARAMS[script] - 1) < 0.2, params
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sr_learning_rate_is_twice_the_mixed_precision_one(script):
+    _, sr_args = dry_run(script)
+    _, mixed_args = dry_run(script, PRECISION="bf16-mixed")
+    world_size, amp_args = dry_run(script, PRECISION="amp")
+    assert parse_args(mixed_args, world_size).optimizer.precision == "bf16-mixed"
+    assert parse_args(amp_args, world_size).optimizer.precision == "amp"
+    assert float(flag(sr_args, "--lr")) == pytest.approx(2 * float(flag(mixed_args, "--lr")))
+    _, explicit = dry_run(script, LR="1e-4")
+    assert flag(explicit, "--lr") == "1e-4"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_layout_overrides_validate(script):
+    world_size, args = dry_run(script, TP="2", PP="2", GPUS_PER_NODE="8", NNODES="2",
+                               PRECISION="bf16-kahan")
+    assert world_size == 16
+    job = parse_args(args, world_size)
+    assert (job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size,
+            job.data_parallel_size) == (2, 2, 4)
+    assert job.parallel.sequence_parallel
+
+
+def test_data_path_with_blending_weights_and_extra_args():
+    world_size, args = dry_run("gpt_350m.sh", DATA_PATH="0.7 /data/a_text_document 0.3 /data/b",
+                               EXTRA_ARGS="--swiglu --seed 7")
+    job = parse_args(args, world_size)
+    assert job.data.data_path == ["0.7", "/data/a_text_document", "0.3", "/data/b"]
+    assert job.model.activation == "swiglu" and job.training.seed == 7
+
+
+def test_missing_data_path_is_named():
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "DRY_RUN")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "examples", "gpt_350m.sh")],
+                            env=environment, capture_output=True, text=True)
+    assert result.returncode != 0 and "DATA_PATH" in result.stderr

@@ -1,0 +1,267 @@
+"""Compare training runs from their TensorBoard event files.
+
+    python tools/compare_runs.py RUN_DIR [RUN_DIR ...] [--plot curves.png] [--table table.md]
+
+Each RUN_DIR is a run's --tensorboard-dir (all event files in it are read, so
+a resumed run counts as one). A run is labelled by the precision strategy and
+peak learning rate that `megatron_sr.training.write_run_summary` records in
+the text summary "run/config"; event files without it (e.g. from Megatron-LM)
+fall back to the folder name, or to `--label`.
+
+Writes:
+- with --plot (needs matplotlib, `pip install megatron_sr[plot]`): a PNG with
+  training loss, validation loss and update absorption against iteration, one
+  line per run: colour = strategy, line style = learning rate;
+- a markdown table (to --table, else stdout) of each run's final validation
+  loss and perplexity (the last "lm loss validation" point), final training
+  loss (mean of the last --tail logged points), median tokens/s over the run's
+  logged intervals (the first dropped: it holds start-up/compilation), the
+  training-state bytes of memory_report, peak memory ("memory/peak-bytes":
+  peak RSS on the CPU, max allocated on CUDA; logging rank only) and the
+  update absorption (mean of the last --tail points); then, per strategy, the
+  learning rate with the best validation perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+TRAIN_LOSS = "lm loss"
+VALID_LOSS = "lm loss validation"
+VALID_PPL = "lm loss validation ppl"
+TOKENS_PER_S = "throughput/tokens-per-s"
+ABSORPTION = "update-absorption"
+STATE_BYTES = "memory/total-bytes"
+PEAK_BYTES = "memory/peak-bytes"
+CONFIG_TEXT = "run/config"
+
+# Strategy order and colours of the plot (others get the next colour of the cycle).
+STRATEGY_ORDER = ("fp32", "amp", "bf16-mixed", "bf16", "bf16-sr", "bf16-kahan")
+STRATEGY_COLORS = {"fp32": "black", "amp": "tab:purple", "bf16-mixed": "tab:blue",
+                   "bf16": "tab:red", "bf16-sr": "tab:green", "bf16-kahan": "tab:orange"}
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+@dataclass
+class Run:
+    """One run's scalars (tag -> [(step, value)], step-sorted) and labels."""
+
+    path: str
+    scalars: dict[str, list[tuple[int, float]]]
+    config: dict[str, str] = field(default_factory=dict)
+    label_override: Optional[str] = None
+
+    @property
+    def precision(self) -> str:
+        if "precision" in self.config:
+            return self.config["precision"]
+        name = os.path.basename(os.path.normpath(self.path))
+        known = sorted(STRATEGY_ORDER, key=len, reverse=True)
+        return next((s for s in known if name.startswith(s)), name)
+
+    @property
+    def lr(self) -> Optional[float]:
+        text = self.config.get("lr")
+        if text is None:
+            match = re.search(r"lr([0-9.eE+-]+)", os.path.basename(os.path.normpath(self.path)))
+            text = match.group(1) if match else None
+        try:
+            return float(text) if text is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def label(self) -> str:
+        if self.label_override:
+            return self.label_override
+        return self.precision + (f" lr={self.lr:g}" if self.lr is not None else "")
+
+    def series(self, tag: str) -> list[tuple[int, float]]:
+        return self.scalars.get(tag, [])
+
+    def last(self, tag: str) -> Optional[float]:
+        points = self.series(tag)
+        return points[-1][1] if points else None
+
+    def last_step(self, tag: str) -> Optional[int]:
+        points = self.series(tag)
+        return points[-1][0] if points else None
+
+    def tail_mean(self, tag: str, count: int) -> Optional[float]:
+        points = self.series(tag)[-count:]
+        return sum(v for _, v in points) / len(points) if points else None
+
+    def median_after_first(self, tag: str) -> Optional[float]:
+        values = [v for _, v in self.series(tag)]
+        if len(values) > 1:
+            values = values[1:]
+        return statistics.median(values) if values else None
+
+
+def _parse_config(text: str) -> dict[str, str]:
+    rows = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            rows[key.strip()] = value.strip()
+    return rows
+
+
+def load_run(path: str, label: Optional[str] = None) -> Run:
+    """Reads every event file under `path` (a --tensorboard-dir).
+    Raises FileNotFoundError when there is none."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    if not os.path.isdir(path) or not any("tfevents" in f for f in os.listdir(path)):
+        raise FileNotFoundError(f"{path}: no TensorBoard event files (expected a --tensorboard-dir)")
+    accumulator = ea.EventAccumulator(path, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    scalars = {}
+    for tag in tags.get(ea.SCALARS, []):
+        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+        scalars[tag] = sorted(by_step.items())  # a resumed run's later point wins
+    config = {}
+    text_tag = CONFIG_TEXT + "/text_summary"
+    if text_tag in tags.get(ea.TENSORS, []):
+        tensor = accumulator.Tensors(text_tag)[-1].tensor_proto
+        config = _parse_config(b"".join(tensor.string_val).decode("utf-8", "replace"))
+    return Run(path=path, scalars=scalars, config=config, label_override=label)
+
+
+def _sort_key(run: Run):
+    order = STRATEGY_ORDER.index(run.precision) if run.precision in STRATEGY_ORDER else 99
+    return (order, run.precision, run.lr if run.lr is not None else math.inf, run.path)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mib(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f}"
+
+
+def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
+    """The per-run table, then the best learning rate of each strategy."""
+    lines = ["| run | precision | lr | iters | train loss | val loss | val ppl | tokens/s "
+             "| state MiB | peak MiB | absorption |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        ppl = run.last(VALID_PPL)
+        loss = run.last(VALID_LOSS)
+        if ppl is None and loss is not None:
+            ppl = math.exp(min(20.0, loss))
+        iters = run.last_step(TRAIN_LOSS) or run.last_step(VALID_LOSS)
+        lines.append(" | ".join([
+            f"| {os.path.basename(os.path.normpath(run.path))}", run.precision,
+            _fmt(run.lr, "g"), _fmt(iters, "d"), _fmt(run.tail_mean(TRAIN_LOSS, tail), ".3f"),
+            _fmt(loss, ".4f"), _fmt(ppl, ".1f"), _fmt(run.median_after_first(TOKENS_PER_S), ".0f"),
+            _mib(run.last(STATE_BYTES)), _mib(run.last(PEAK_BYTES)),
+            _fmt(run.tail_mean(ABSORPTION, tail), ".3f")]) + " |")
+    best = {}
+    for run in runs:
+        loss = run.last(VALID_LOSS)
+        if loss is not None and (run.precision not in best or loss < best[run.precision].last(VALID_LOSS)):
+            best[run.precision] = run
+    if best:
+        lines += ["", "| precision | best lr | val loss | val ppl |", "|---|---|---:|---:|"]
+        for precision, run in best.items():
+            loss = run.last(VALID_LOSS)
+            lines.append(f"| {precision} | {_fmt(run.lr, 'g')} | {loss:.4f} | "
+                         f"{math.exp(min(20.0, loss)):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
+    """Training loss, validation loss and update absorption against iteration."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib "
+                         "(or pip install -e '.[plot]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = sorted({run.lr for run in runs if run.lr is not None})
+    panels = [(TRAIN_LOSS, "training loss"), (VALID_LOSS, "validation loss"),
+              (ABSORPTION, "update absorption (fraction of updates lost)")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8))
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colors = dict(STRATEGY_COLORS)
+    for run in runs:
+        if run.precision not in colors:
+            colors[run.precision] = next(cycle, "gray")
+        style = LINE_STYLES[lrs.index(run.lr) % len(LINE_STYLES)] if run.lr in lrs else "-"
+        for axis, (tag, _) in zip(axes, panels):
+            points = run.series(tag)
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, style, color=colors[run.precision], label=run.label,
+                          marker="o" if tag == VALID_LOSS else None, markersize=3, linewidth=1.2)
+    for axis, (tag, name) in zip(axes, panels):
+        axis.set_xlabel("iteration")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    # Zoom the loss panels on the part where runs differ: above the best final
+    # value, below the worst value at 1/4 of the run.
+    for axis, tag in ((axes[0], TRAIN_LOSS), (axes[1], VALID_LOSS)):
+        finals = [run.series(tag)[-1][1] for run in runs if run.series(tag)]
+        if finals:
+            horizon = max(run.series(tag)[-1][0] for run in runs if run.series(tag)) // 4
+            early = [v for run in runs for s, v in run.series(tag) if s >= horizon]
+            low, high = min(finals), max(early or finals)
+            margin = 0.05 * (high - low or 1.0)
+            axis.set_ylim(low - margin, high + margin)
+    axes[1].legend(fontsize=7, ncol=2)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="--tensorboard-dir of each run")
+    parser.add_argument("--plot", help="write the loss curves to this PNG (needs matplotlib)")
+    parser.add_argument("--table", help="write the markdown table here (default: stdout)")
+    parser.add_argument("--label", action="append", default=[],
+                        help="label of the n-th run (repeat; default: strategy and LR)")
+    parser.add_argument("--title", help="title of the plot")
+    parser.add_argument("--tail", type=int, default=5,
+                        help="logged points averaged for the final train loss and absorption")
+    args = parser.parse_args(argv)
+    if len(args.label) > len(args.runs):
+        parser.error(f"{len(args.label)} --label for {len(args.runs)} runs")
+    labels = args.label + [None] * (len(args.runs) - len(args.label))
+    runs = []
+    for path, label in zip(args.runs, labels):
+        try:
+            runs.append(load_run(path, label))
+        except FileNotFoundError as exc:
+            print(f"[compare_runs] skipped: {exc}", file=sys.stderr)
+    if not runs:
+        parser.error("no run with event files")
+    runs.sort(key=_sort_key)
+    table = markdown_table(runs, args.tail)
+    if args.table:
+        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
+        with open(args.table, "w", encoding="utf-8") as handle:
+            handle.write(table)
+    print(table, end="")
+    if args.plot:
+        plot(runs, args.plot, args.title)
+        print(f"[compare_runs] wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
