@@ -637,8 +637,13 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
         if not (stopped_early or evaluated_last) and job.training.eval_iters \
                 and data_streams.valid is not None:
-            run_evaluation(job, model, data_streams, make_forward_step(optimizer.strategy, device),
-                           last, None)
+            writer = _open_tensorboard(job)
+            try:
+                run_evaluation(job, model, data_streams,
+                               make_forward_step(optimizer.strategy, device), last, writer)
+            finally:
+                if writer is not None:
+                    writer.close()
         return last
     finally:
         parallel_state.destroy_model_parallel()
