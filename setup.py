@@ -22,8 +22,7 @@ setup(
         "regex",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib"],
         "plot": ["matplotlib"],  # tools/compare_runs.py --plot
     },
-    scripts=[],
 )
