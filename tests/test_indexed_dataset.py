@@ -182,3 +182,21 @@ def test_merge_datasets_tool(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1 and "wide.idx: dtype int32 differs" in result.stderr
     assert not (tmp_path / "bad.idx").exists() and not (tmp_path / "bad.bin").exists()
+
+
+def test_token_id_range_is_cached_by_file_identity(tmp_path):
+    """With --data-cache-path the one pass over the .bin happens once per file
+    version: a cached range is reused, a changed .bin is read again."""
+    prefix = str(tmp_path / "corpus")
+    write_dataset(prefix, [[3, 9, 4], [7]], dtype=np.uint16)
+    cache = tmp_path / "cache"
+    assert IndexedDataset(prefix).token_id_range(cache_path=str(cache)) == (3, 9)
+    (record,) = cache.glob("*-token-id-range.json")
+    record.write_text('{"token_id_range": [0, 5]}')
+    assert IndexedDataset(prefix).token_id_range(cache_path=str(cache)) == (0, 5)
+    assert IndexedDataset(prefix).token_id_range() == (3, 9)
+    stat = os.stat(prefix + ".bin")
+    os.utime(prefix + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert IndexedDataset(prefix).token_id_range(cache_path=str(cache)) == (3, 9)
+    with pytest.raises(IndexedDatasetError, match="token ids span"):
+        IndexedDataset(prefix).check_fits_vocabulary(8, cache_path=str(cache))

@@ -319,7 +319,7 @@ def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_
     indexed = [IndexedDataset(prefix) for _, prefix in weighted_prefixes]
     if tokenizer is not None:  # a wrong tokenizer would train on ids it cannot mean
         for dataset in indexed:
-            dataset.check_fits_vocabulary(tokenizer.vocab_size)
+            dataset.check_fits_vocabulary(tokenizer.vocab_size, data_config.data_cache_path)
     if weighted_prefixes[0][0] is None:
         weights = [float(ds.num_tokens) for ds in indexed]
     else:
