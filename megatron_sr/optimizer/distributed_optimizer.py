@@ -71,6 +71,11 @@ class DistributedOptimizer:
                                     for b in range(len(buffer.layout.bucket_ranges))]
         self.reset_master_from_params()
         self._norm_group = None  # the world
+        # Whether a segment's elements count in model-wide sums (grad norm, update
+        # absorption) on this rank: each model element is counted on exactly one rank.
+        self._counted = [buffer.infos[segment.param_index].count_in_grad_norm
+                         and (buffer.distributed or buffer.dp_rank == 0)
+                         for segment in buffer.segments]
 
     # ----- state helpers -------------------------------------------------------------
     def reset_master_from_params(self) -> None:
@@ -101,14 +106,13 @@ class DistributedOptimizer:
     # ----- the step --------------------------------------------------------------------
     def _grad_norm(self) -> float:
         """Global L2 norm of the reduced grads; NaN/Inf propagate."""
-        squares = torch.zeros((), dtype=torch.float64)
         grads = self.buffer.grad_buffer
-        for segment in self.buffer.segments:
-            info = self.buffer.infos[segment.param_index]
-            if info.count_in_grad_norm and (self.buffer.distributed or self.buffer.dp_rank == 0):
-                squares += grads[segment.buffer_start:segment.buffer_end].double().square().sum().cpu()
+        # Accumulated on the grads' device: no host sync per segment.
+        squares = torch.zeros((), dtype=torch.float64, device=grads.device)
+        for segment, counted in zip(self.buffer.segments, self._counted):
+            if counted:
+                squares += grads[segment.buffer_start:segment.buffer_end].double().square().sum()
         if dist.is_initialized():
-            squares = squares.to(grads.device)
             dist.all_reduce(squares, group=self._norm_group)
         return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")
 
@@ -132,10 +136,10 @@ class DistributedOptimizer:
                 start, end = self.buffer.shard_range(bucket)
                 grads[start:end].mul_(coef)
         self.step_count += 1
-        absorbed = torch.zeros((), dtype=torch.float64)
-        updated = torch.zeros((), dtype=torch.float64)
         params = self.buffer.param_buffer
-        for segment in self.buffer.segments:
+        absorbed = torch.zeros((), dtype=torch.float64, device=params.device)
+        updated = torch.zeros((), dtype=torch.float64, device=params.device)
+        for segment, counted in zip(self.buffer.segments, self._counted):
             info = self.buffer.infos[segment.param_index]
             param = params[segment.buffer_start:segment.buffer_end]
             master = self._segment_state(segment, "master")
@@ -151,17 +155,16 @@ class DistributedOptimizer:
                 sr_key=sr_key(self.seed, self.step_count, info.name, info.sr_tp_rank),
                 offset=segment.param_offset)
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
-            if before is not None and lr > 0 and info.count_in_grad_norm and (
-                    self.buffer.distributed or self.buffer.dp_rank == 0):
+            if before is not None and lr > 0 and counted:
                 moved = self._segment_state(segment, "exp_avg") != 0
                 if weight_decay:
                     moved |= before != 0
-                updated += moved.sum().double().cpu()
-                absorbed += (moved & (stored == before)).sum().double().cpu()
+                updated += moved.sum()
+                absorbed += (moved & (stored == before)).sum()
         self.buffer.gather_params()
         absorption = None
         if measure_update_absorption:
-            counts = torch.stack([absorbed, updated]).to(params.device)
+            counts = torch.stack([absorbed, updated])
             if dist.is_initialized():
                 dist.all_reduce(counts, group=self._norm_group)
             absorption = (counts[0] / counts[1]).item() if counts[1] > 0 else 0.0
