@@ -73,6 +73,9 @@ class JobConfig:
     world_size: int
     make_vocab_size_divisible_by: int = 128
     unpadded_vocab_size: Optional[int] = None  # the tokenizer's, once known
+    # One line per accepted Megatron flag that changes nothing here, saying what
+    # happens instead; `pretrain` prints them on rank 0.
+    notices: tuple[str, ...] = ()
 
     @property
     def data_parallel_size(self) -> int:
@@ -114,6 +117,25 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
                        default=ModelConfig.position_embedding_type)
     group.add_argument("--rotary-base", type=float, default=ModelConfig.rotary_base,
                        help="Base of the rotary frequencies (rope only).")
+    group.add_argument("--rotary-percent", type=float, default=ModelConfig.rotary_percent,
+                       help="Fraction of each head's features RoPE rotates, in (0, 1].")
+    group.add_argument("--rotary-interleaved", action="store_true",
+                       help="RoPE rotates (even, odd) feature pairs instead of the two halves.")
+    group.add_argument("--use-rope-scaling", action="store_true",
+                       help="Llama-3.x RoPE frequency scaling (original context 8192).")
+    group.add_argument("--rope-scaling-factor", type=float,
+                       default=ModelConfig.rope_scaling_factor,
+                       help="Factor of --use-rope-scaling.")
+    group.add_argument("--group-query-attention", action="store_true",
+                       help="Grouped-query attention: --num-query-groups key/value heads.")
+    group.add_argument("--num-query-groups", type=int,
+                       help="Key/value heads with --group-query-attention (1: multi-query).")
+    group.add_argument("--kv-channels", type=int,
+                       help="Head dimension. Default --hidden-size / --num-attention-heads.")
+    group.add_argument("--qk-layernorm", action="store_true",
+                       help="Normalize each head's queries and keys (--normalization's kind).")
+    group.add_argument("--apply-layernorm-1p", action="store_true",
+                       help="Norm weights are stored as gamma - 1 (initialized to 0).")
     group.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"),
                        default=ModelConfig.normalization)
     group.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float,
@@ -160,6 +182,21 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
                        help="Same as --recompute-granularity selective.")
+    group.add_argument("--recompute-method", choices=("uniform", "block"),
+                       help="With --recompute-granularity full: checkpoint groups of "
+                            "--recompute-num-layers layers (uniform, default) or only the first "
+                            "--recompute-num-layers layers of each pipeline chunk (block).")
+    group.add_argument("--recompute-num-layers", type=int,
+                       help="Layers per group (uniform) or recomputed layers per chunk (block); "
+                            "default 1.")
+    group.add_argument("--rampup-batch-size", nargs=3, type=int,
+                       metavar=("START", "INCREMENT", "SAMPLES"),
+                       help="Grow the global batch size from START by INCREMENT up to "
+                            "--global-batch-size, in equal steps over the first SAMPLES samples.")
+    group.add_argument("--calculate-per-token-loss", action="store_true",
+                       help="Average the loss over the step's loss tokens (all micro-batches and "
+                            "data-parallel ranks together) instead of averaging per-micro-batch "
+                            "means; they differ only when --eod-mask-loss masks tokens.")
     group.add_argument("--max-skipped-iterations", type=int,
                        default=TrainingConfig.max_skipped_iterations,
                        help="Stop after this many consecutive steps skipped for NaN/Inf gradients.")
@@ -190,6 +227,10 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
                        help="--lr-warmup-iters in samples (with --train-samples).")
     group.add_argument("--lr-warmup-fraction", type=float,
                        help="Warmup as a fraction of the decay iterations, in [0, 1).")
+    group.add_argument("--decoupled-lr", type=float,
+                       help="Peak learning rate of the input embedding and output layer.")
+    group.add_argument("--decoupled-min-lr", type=float,
+                       help="--min-lr of the input embedding and output layer.")
     group.add_argument("--lr-warmup-init", type=float, default=OptimizerConfig.lr_warmup_init,
                        help="Learning rate at iteration 0 of the warmup.")
     group.add_argument("--lr-wsd-decay-iters", type=int,
@@ -232,6 +273,8 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
     group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
                        help="Gradient buffer and reduction dtype (default: the strategy's).")
+    group.add_argument("--grad-reduce-in-bf16", action="store_true",
+                       help="Megatron's flag: same as --grad-reduce-dtype bf16.")
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +288,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "num layers / pipeline size / this.")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="Split norms and dropout along the sequence over the TP ranks.")
+    group.add_argument("--context-parallel-size", type=int, default=1,
+                       help="Only 1: context parallelism is not implemented.")
     group.add_argument("--use-distributed-optimizer", action="store_true",
                        help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
     group.add_argument("--overlap-grad-reduce", action="store_true")
@@ -279,8 +324,24 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=DataConfig.tokenizer_type)
     group.add_argument("--vocab-file", help="GPT2BPETokenizer vocabulary (JSON).")
     group.add_argument("--merge-file", help="GPT2BPETokenizer merges.")
-    group.add_argument("--tokenizer-model", help="SentencePiece model file.")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids.")
+    group.add_argument("--tokenizer-model",
+                       help="SentencePiece model file; HuggingFaceTokenizer: a tokenizer.json or "
+                            "a local folder holding one; TikTokenizer: a tiktoken BPE ranks file.")
+    group.add_argument("--tiktoken-pattern", choices=("v1", "v2"), default=DataConfig.tiktoken_pattern,
+                       help="TikTokenizer pre-tokenization regex: v1 (GPT-4's cl100k) or v2 "
+                            "(with the Llama-3 / o200k number and word rules).")
+    group.add_argument("--tiktoken-num-special-tokens", type=int,
+                       default=DataConfig.tiktoken_num_special_tokens,
+                       help="TikTokenizer: ids reserved for special tokens below the BPE ids.")
+    group.add_argument("--vocab-size", type=int,
+                       help="NullTokenizer: number of token ids (other tokenizers: ignored).")
+    group.add_argument("--eod-mask-loss", action="store_true",
+                       help="No loss at positions whose input token is eod (predicting the "
+                            "next document's first token).")
+    group.add_argument("--reset-position-ids", action="store_true",
+                       help="Positions restart at 0 after every eod token.")
+    group.add_argument("--reset-attention-mask", action="store_true",
+                       help="Tokens attend only within their document (after the last eod).")
     group.add_argument("--num-workers", type=int, default=DataConfig.num_workers,
                        help="Data loader worker processes.")
 
@@ -290,6 +351,80 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-interval", type=int, default=TrainingConfig.log_interval,
                        help="Print the log line every this many iterations.")
     group.add_argument("--tensorboard-dir", help="Write TensorBoard scalars here.")
+    group.add_argument("--log-timers-to-tensorboard", action="store_true",
+                       help="Also write the per-phase step times (forward-backward, grad syncs, "
+                            "optimizer) as TensorBoard scalars.")
+    group.add_argument("--wandb-project", help="Log the TensorBoard scalars to this Weights & "
+                                               "Biases project too (needs `wandb`).")
+    group.add_argument("--wandb-exp-name", help="Weights & Biases run name.")
+    group.add_argument("--wandb-save-dir", help="Weights & Biases local folder "
+                                                "(default: <--save>/wandb).")
+    group.add_argument("--profile", action="store_true",
+                       help="Record steps --profile-step-start .. --profile-step-end with the "
+                            "torch profiler; the trace goes to --tensorboard-dir.")
+    group.add_argument("--profile-step-start", type=int, default=10,
+                       help="First profiled iteration.")
+    group.add_argument("--profile-step-end", type=int, default=12,
+                       help="Profiling stops before this iteration.")
+    group.add_argument("--profile-ranks", type=int, nargs="+", default=[0],
+                       help="Global ranks that profile.")
+
+
+# Megatron flags that pick an implementation detail with no counterpart here:
+# dest -> what happens instead (printed once when the flag is given).
+_IGNORED_FLAGS = {
+    "attention_backend": "attention is torch's scaled_dot_product_attention, which picks its "
+                         "own kernel (flash / memory-efficient / math)",
+    "use_mcore_models": "megatron_sr has one GPT implementation (megatron-core's layout)",
+    "cross_entropy_loss_fusion": "the vocab-parallel cross entropy is always the fused one",
+    "manual_gc": "Python's garbage collector runs as usual",
+    "empty_unused_memory_level": "the CUDA caching allocator is left alone",
+    "no_create_attention_mask_in_dataloader": "the data loader never builds attention masks; "
+                                              "the model builds document masks itself",
+    "no_mmap_bin_files": ".bin files are always memory-mapped",
+    "log_throughput": "the log line always shows the throughput",
+}
+_FP8_FLAGS = ("fp8_format", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+              "fp8_recipe", "fp8_margin")
+
+
+class _RejectValue(argparse.Action):
+    """A flag whose listed values give a clear error (and the others are stored)."""
+
+    def __init__(self, option_strings, dest, rejected: dict[str, str], **kwargs):
+        self.rejected = rejected
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values in self.rejected:
+            parser.error(f"{option_string} {values}: {self.rejected[values]}")
+        setattr(namespace, self.dest, values)
+
+
+def _add_megatron_compat_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("accepted for Megatron-LM launch scripts")
+    group.add_argument("--attention-backend",
+                       choices=("auto", "flash", "fused", "unfused", "local"), help="Ignored.")
+    for flag in ("--use-mcore-models", "--cross-entropy-loss-fusion", "--manual-gc",
+                 "--no-create-attention-mask-in-dataloader", "--no-mmap-bin-files",
+                 "--log-throughput"):
+        group.add_argument(flag, action="store_true", help="Ignored.")
+    group.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2),
+                       help="Ignored.")
+    fp8 = "Rejected: megatron_sr has no FP8 path."
+    group.add_argument("--fp8-format", choices=("e4m3", "hybrid"), help=fp8)
+    group.add_argument("--fp8-amax-history-len", type=int, help=fp8)
+    group.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), help=fp8)
+    group.add_argument("--fp8-param-gather", action="store_true", help=fp8)
+    group.add_argument("--fp8-recipe", help=fp8)
+    group.add_argument("--fp8-margin", type=int, help=fp8)
+    if "--ckpt-format" not in parser._option_string_actions:
+        group.add_argument("--ckpt-format", default="torch", action=_RejectValue,
+                           choices=("torch", "torch_dist"),
+                           rejected={"torch_dist": "not available in this build: checkpoints "
+                                                   "are Megatron's legacy per-rank files; use "
+                                                   "--ckpt-format torch"},
+                           help="Checkpoint format: torch (Megatron's legacy per-rank files).")
 
 
 def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None
@@ -301,7 +436,7 @@ def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser
     for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
                 _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
-                _add_data_args, _add_logging_args):
+                _add_data_args, _add_logging_args, _add_megatron_compat_args):
         add(parser)
     if extra_args_provider is not None:
         extra_args_provider(parser)
@@ -321,6 +456,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     `config.validate_parallel_layout`'s; the schedule checks are
     `LRSchedule.from_config`'s; the precision checks are `get_strategy`'s.
     """
+    notices = _megatron_compat(args)
     _check_required(args)
     _check_ranges(args)
     precision = _precision(args)
@@ -336,7 +472,12 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, params_dtype=strategy.param_dtype,
-        recompute_granularity=_recompute_granularity(args))
+        recompute_granularity=_recompute_granularity(args),
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+        num_query_groups=_num_query_groups(args), kv_channels=args.kv_channels,
+        rotary_percent=args.rotary_percent, rotary_interleaved=args.rotary_interleaved,
+        use_rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+        qk_layernorm=args.qk_layernorm, apply_layernorm_1p=args.apply_layernorm_1p)
     if model.position_embedding_type == "learned_absolute" and \
             model.max_position_embeddings < model.seq_length:
         raise ValueError(f"--max-position-embeddings ({model.max_position_embeddings}) is smaller "
@@ -370,7 +511,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         lr_wsd_decay_iters=_iters_or_samples(args, "lr_wsd_decay", global_batch_size),
         lr_wsd_decay_style=args.lr_wsd_decay_style, lr_warmup_init=args.lr_warmup_init,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr)
     LRSchedule.from_config(optimizer, train_iters)
 
     _check_data(args)
@@ -378,7 +520,11 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         data_path=list(args.data_path or []), split=args.split, data_cache_path=args.data_cache_path,
         mock_data=args.mock_data, tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
         merge_file=args.merge_file, tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
-        seq_length=args.seq_length, num_workers=args.num_workers)
+        seq_length=args.seq_length, num_workers=args.num_workers,
+        tiktoken_pattern=args.tiktoken_pattern,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+        eod_mask_loss=args.eod_mask_loss, reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask)
 
     _check_checkpointing(args)
     training = TrainingConfig(
@@ -390,11 +536,49 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         load=args.load, save_interval=args.save_interval,
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
-        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations)
+        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
+        rampup_batch_size=_rampup_batch_size(args, global_batch_size, data_parallel_size),
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        log_timers_to_tensorboard=args.log_timers_to_tensorboard,
+        wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
+        wandb_save_dir=args.wandb_save_dir, profile=args.profile,
+        profile_step_start=args.profile_step_start, profile_step_end=args.profile_step_end,
+        profile_ranks=tuple(args.profile_ranks))
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,
-                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                     notices=notices)
+
+
+def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
+    """Rejects what cannot run here (FP8, context parallelism) and returns one
+    notice per accepted flag that changes nothing here."""
+    fp8 = [_flag(dest) for dest in _FP8_FLAGS if getattr(args, dest)]
+    if fp8:
+        raise ValueError(f"{', '.join(fp8)}: FP8 training is not supported: megatron_sr keeps "
+                         f"the weights in BF16 and its stochastic rounding is defined for BF16 "
+                         f"storage; drop the --fp8-* flags (the run is then BF16)")
+    if args.context_parallel_size != 1:
+        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context "
+                         f"parallelism is not implemented; use 1 (split long sequences with "
+                         f"--tensor-model-parallel-size and --sequence-parallel instead)")
+    if args.grad_reduce_in_bf16:
+        if args.grad_reduce_dtype not in (None, "bf16"):
+            raise ValueError(f"--grad-reduce-in-bf16 means --grad-reduce-dtype bf16, which "
+                             f"conflicts with --grad-reduce-dtype {args.grad_reduce_dtype}")
+        args.grad_reduce_dtype = "bf16"
+    notices = []
+    for dest, instead in _IGNORED_FLAGS.items():
+        value = getattr(args, dest)
+        if value not in (None, False):
+            shown = "" if value is True else f" {value}"
+            notices.append(f"[flags] {_flag(dest)}{shown} is accepted and ignored: {instead}")
+    if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
+        notices.append(f"[flags] --vocab-size {args.vocab_size} is ignored with --tokenizer-type "
+                       f"{args.tokenizer_type}: the vocabulary is the tokenizer's")
+    args.split = args.split.strip("'\"")  # a quoted value inside a shell array keeps its quotes
+    return tuple(notices)
 
 
 def _check_required(args: argparse.Namespace) -> None:
@@ -414,12 +598,14 @@ _INT_MINIMUMS = (
     ("exit_interval", 1), ("max_skipped_iterations", 1), ("num_layers_per_virtual_pipeline_stage", 1),
     ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
     ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
-    ("lr_wsd_decay_samples", 1),
+    ("lr_wsd_decay_samples", 1), ("num_query_groups", 1), ("kv_channels", 1),
+    ("recompute_num_layers", 1), ("context_parallel_size", 1),
 )
 # Float flags that must lie in [0, 1).
 _UNIT_INTERVAL_FLOATS = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")
 # Float flags that must be > 0, and those that must be >= 0.
 _POSITIVE_FLOATS = ("adam_eps", "norm_epsilon", "init_method_std", "rotary_base",
+                    "rope_scaling_factor",
                     "distributed_timeout_minutes", "exit_duration_in_mins")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "clip_grad")
 
@@ -437,6 +623,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, dest)
         if value is not None and not value > 0:
             raise ValueError(f"{_flag(dest)} must be > 0, got {value}")
+    if not 0.0 < args.rotary_percent <= 1.0:
+        raise ValueError(f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
     for dest in _NON_NEGATIVE_FLOATS:
         value = getattr(args, dest)
         if not value >= 0:
@@ -457,6 +645,10 @@ def _precision(args: argparse.Namespace) -> str:
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
+    if (args.recompute_method or args.recompute_num_layers) and \
+            args.recompute_granularity != "full":
+        raise ValueError("--recompute-method and --recompute-num-layers apply to "
+                         "--recompute-granularity full only")
     if args.recompute_activations:
         if args.recompute_granularity not in (None, "selective"):
             raise ValueError(f"--recompute-activations means --recompute-granularity selective, "
@@ -464,6 +656,17 @@ def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
                              f"{args.recompute_granularity}")
         return "selective"
     return args.recompute_granularity
+
+
+def _num_query_groups(args: argparse.Namespace) -> Optional[int]:
+    if not args.group_query_attention:
+        if args.num_query_groups is not None and args.num_query_groups != args.num_attention_heads:
+            raise ValueError(f"--num-query-groups {args.num_query_groups} needs "
+                             f"--group-query-attention")
+        return None
+    if args.num_query_groups is None:
+        raise ValueError("--group-query-attention needs --num-query-groups")
+    return args.num_query_groups
 
 
 def _ffn_hidden_size(args: argparse.Namespace) -> int:
@@ -510,6 +713,25 @@ def _global_batch_size(args: argparse.Namespace, data_parallel_size: int) -> int
             f"({data_parallel_size} = world size / (--tensor-model-parallel-size x "
             f"--pipeline-model-parallel-size))")
     return args.global_batch_size
+
+
+def _rampup_batch_size(args: argparse.Namespace, global_batch_size: int,
+                       data_parallel_size: int) -> Optional[tuple[int, int, int]]:
+    if args.rampup_batch_size is None:
+        return None
+    start, increment, samples = args.rampup_batch_size
+    per_step = args.micro_batch_size * data_parallel_size
+    if start < 1 or increment < 1 or samples < 0:
+        raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: give START >= 1, "
+                         f"INCREMENT >= 1, SAMPLES >= 0")
+    if start % per_step or increment % per_step:
+        raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: START and INCREMENT "
+                         f"must be multiples of --micro-batch-size x data-parallel size "
+                         f"({per_step})")
+    if (global_batch_size - start) % increment or start > global_batch_size:
+        raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: --global-batch-size "
+                         f"({global_batch_size}) must be START plus a multiple of INCREMENT")
+    return start, increment, samples
 
 
 def _train_iters(args: argparse.Namespace, global_batch_size: int) -> int:

@@ -37,16 +37,49 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: torch.dtype = torch.bfloat16
     recompute_granularity: Optional[str] = None  # None, "full" or "selective"
+    # "full" only: "uniform" checkpoints groups of recompute_num_layers layers,
+    # "block" the first recompute_num_layers layers of each chunk (None: uniform, 1).
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    # Grouped-query attention: key/value heads (None: one per query head).
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None  # head dimension (`head_dim`); None: hidden / heads
+    rotary_percent: float = 1.0  # fraction of each head's features RoPE rotates
+    rotary_interleaved: bool = False  # rotate (even, odd) feature pairs instead of halves
+    use_rope_scaling: bool = False  # Llama-3.x frequency scaling (original context 8192)
+    rope_scaling_factor: float = 8.0
+    qk_layernorm: bool = False  # a norm over each head's q and k features
+    apply_layernorm_1p: bool = False  # norms hold gamma - 1 (zero-centered), compute with gamma
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
+        """--kv-channels, default hidden_size / num_attention_heads."""
+        if self.kv_channels is not None:
+            return self.kv_channels
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_projection_size(self) -> int:
+        """Features of all query heads together (= hidden_size unless --kv-channels differs)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        """Output features of linear_qkv: queries, then one key and one value per group."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Features per head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.rotary_percent)
 
 
 @dataclass
@@ -90,6 +123,10 @@ class OptimizerConfig:
     # side is chosen: the flags (override) or the checkpoint (use_checkpoint).
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    # The word embedding and output layer follow the same schedule shape between
+    # these (Megatron's --decoupled-lr / --decoupled-min-lr); None: lr / min_lr.
+    decoupled_lr: Optional[float] = None
+    decoupled_min_lr: Optional[float] = None
 
 
 @dataclass
@@ -106,8 +143,14 @@ class DataConfig:
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None  # NullTokenizer only
+    tiktoken_pattern: str = "v2"
+    tiktoken_num_special_tokens: int = 1000
     seq_length: int = 1024
     num_workers: int = 0
+    # Document-aware batches (eod = the tokenizer's end-of-document id):
+    eod_mask_loss: bool = False  # no loss where the input token is eod
+    reset_position_ids: bool = False  # positions restart after each eod
+    reset_attention_mask: bool = False  # attention stays within a document
 
 
 @dataclass
@@ -132,6 +175,18 @@ class TrainingConfig:
     finetune: bool = False
     tensorboard_dir: Optional[str] = None
     max_skipped_iterations: int = 10
+    # (start, increment, samples): the global batch grows from start by increment
+    # up to global_batch_size over the first `samples` samples (Megatron's ramp-up).
+    rampup_batch_size: Optional[tuple[int, int, int]] = None
+    calculate_per_token_loss: bool = False
+    log_timers_to_tensorboard: bool = False
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: tuple[int, ...] = (0,)
 
 
 def validate_parallel_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int,
@@ -153,21 +208,31 @@ def validate_parallel_layout(model: ModelConfig, parallel: ParallelConfig, world
         raise ValueError(
             f"world size ({world_size}) is not divisible by --tensor-model-parallel-size ({tp}) "
             f"x --pipeline-model-parallel-size ({pp})")
-    if model.hidden_size % model.num_attention_heads != 0:
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads != 0:
         raise ValueError(f"--hidden-size ({model.hidden_size}) is not divisible by "
-                         f"--num-attention-heads ({model.num_attention_heads})")
+                         f"--num-attention-heads ({model.num_attention_heads}); or give "
+                         f"--kv-channels (the head dimension)")
     if model.num_attention_heads % tp != 0:
         raise ValueError(f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
                          f"--tensor-model-parallel-size ({tp})")
+    if model.num_attention_heads % model.num_query_groups != 0:
+        raise ValueError(f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
+                         f"--num-query-groups ({model.num_query_groups})")
+    if model.num_query_groups % tp != 0:
+        raise ValueError(f"--num-query-groups ({model.num_query_groups}) is not divisible by "
+                         f"--tensor-model-parallel-size ({tp}): TP splits the key/value groups")
     if model.ffn_hidden_size % tp != 0:
         raise ValueError(f"--ffn-hidden-size ({model.ffn_hidden_size}) is not divisible by "
                          f"--tensor-model-parallel-size ({tp})")
     if model.vocab_size % tp != 0:
         raise ValueError(f"padded vocab size ({model.vocab_size}) is not divisible by "
                          f"--tensor-model-parallel-size ({tp})")
-    if model.position_embedding_type == "rope" and model.head_dim % 2 != 0:
-        raise ValueError(f"--position-embedding-type rope needs an even head dimension "
-                         f"(--hidden-size / --num-attention-heads = {model.head_dim})")
+    if model.position_embedding_type == "rope" and (model.rotary_dim % 2 != 0
+                                                    or model.rotary_dim < 2):
+        raise ValueError(f"--position-embedding-type rope needs an even number (>= 2) of rotated "
+                         f"features per head: head dimension {model.head_dim} (--kv-channels, "
+                         f"default --hidden-size / --num-attention-heads) x --rotary-percent "
+                         f"{model.rotary_percent} gives {model.rotary_dim}")
     if vp is None:
         if model.num_layers % pp != 0:
             raise ValueError(f"--num-layers ({model.num_layers}) is not divisible by "

@@ -13,8 +13,10 @@ rank's parameters by global name in the model's registration order, from an
 analytic count of the GPT of `megatron_sr.model` (t = TP size, h hidden,
 f ffn, V padded vocabulary, P max positions):
   embedding (first stage):  word V/t x h, learned positions P x h (replicated)
-  per layer:  2 norms (h, + h bias for LayerNorm; replicated), qkv 3h/t x h
-              (+ 3h/t bias), proj h x h/t (+ h bias, replicated), fc1 f'/t x h
+  per layer:  2 norms (h, + h bias for LayerNorm; replicated), qkv q'/t x h
+              (+ q'/t bias) with q' = (heads + 2 query groups) x head dim, proj
+              h x heads x head dim / t (+ h bias, replicated), --qk-layernorm's
+              two norms of head dim (replicated), fc1 f'/t x h
               (+ f'/t bias) with f' = 2f for SwiGLU else f, fc2 h x f/t (+ h bias)
   final norm and output layer (last stage): output V/t x h, which is a tied
               copy of the word embedding when PP > 1 (no own weight on a
@@ -109,8 +111,9 @@ class ParameterEntry:
     tensor_parallel: bool
 
 
-def _norm_entries(config: ModelConfig, prefix: str) -> list[ParameterEntry]:
-    h = config.hidden_size
+def _norm_entries(config: ModelConfig, prefix: str, size: Optional[int] = None
+                  ) -> list[ParameterEntry]:
+    h = config.hidden_size if size is None else size
     entries = [ParameterEntry(f"{prefix}.weight", h, False)]
     if config.normalization == "LayerNorm":
         entries.append(ParameterEntry(f"{prefix}.bias", h, False))
@@ -122,12 +125,16 @@ def _layer_entries(config: ModelConfig, tp: int, layer: int) -> list[ParameterEn
     fc1_out = (2 * f if config.activation == "swiglu" else f) // tp
     attention, mlp = f"decoder.layers.{layer}.self_attention", f"decoder.layers.{layer}.mlp"
     entries = _norm_entries(config, f"decoder.layers.{layer}.input_layernorm")
-    entries.append(ParameterEntry(f"{attention}.linear_qkv.weight", 3 * h // tp * h, True))
+    qkv, proj_in = config.qkv_size // tp, config.query_projection_size // tp
+    entries.append(ParameterEntry(f"{attention}.linear_qkv.weight", qkv * h, True))
     if bias:
-        entries.append(ParameterEntry(f"{attention}.linear_qkv.bias", 3 * h // tp, True))
-    entries.append(ParameterEntry(f"{attention}.linear_proj.weight", h * (h // tp), True))
+        entries.append(ParameterEntry(f"{attention}.linear_qkv.bias", qkv, True))
+    entries.append(ParameterEntry(f"{attention}.linear_proj.weight", h * proj_in, True))
     if bias:
         entries.append(ParameterEntry(f"{attention}.linear_proj.bias", h, False))
+    if config.qk_layernorm:
+        for which in ("q_layernorm", "k_layernorm"):
+            entries += _norm_entries(config, f"{attention}.{which}", config.head_dim)
     entries += _norm_entries(config, f"decoder.layers.{layer}.pre_mlp_layernorm")
     entries.append(ParameterEntry(f"{mlp}.linear_fc1.weight", fc1_out * h, True))
     if bias:

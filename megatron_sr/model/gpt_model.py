@@ -78,12 +78,13 @@ class GPTModel(nn.Module):
     """Layers [layer_offset, layer_offset + num_layers) of the GPT of `config`.
 
     forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None,
-            kv_cache KVCache or None):
+            kv_cache KVCache or None, attention_mask [b, 1, s, s] bool or None):
       - post_process and labels: per-token loss [b, s], fp32;
       - post_process, no labels: logits [b, s, V / tp] of this TP rank's vocabulary slice;
       - otherwise: hidden states [s, b, h] ([s / tp, b, h] with sequence_parallel).
     Non-first chunks ignore `tokens` and read `set_input_tensor`'s tensor;
-    `position_ids` matter to every chunk when RoPE is used (None: 0..s-1).
+    `position_ids` matter to every chunk when RoPE is used (None: 0..s-1), and
+    `attention_mask` (True = may attend; None: causal) to every chunk.
     Every parameter has `global_name`, its name in the unsplit model.
     """
 
@@ -106,7 +107,7 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = GPTEmbedding(config, sequence_parallel=sequence_parallel, device=device)
-        self.rotary_pos_emb = (RotaryEmbedding(config.head_dim, config.rotary_base, device)
+        self.rotary_pos_emb = (RotaryEmbedding(config, device)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, num_layers, final_norm=post_process,
                                         sequence_parallel=sequence_parallel, device=device)
@@ -137,7 +138,8 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if kv_cache is not None:
             if not (self.pre_process and self.post_process) or self.sequence_parallel:
                 raise ValueError("GPTModel: a KVCache needs the whole model in one chunk "
@@ -152,7 +154,7 @@ class GPTModel(nn.Module):
             tp = parallel_state.get_tensor_model_parallel_world_size()
             seq_length = x.shape[0] * (tp if self.sequence_parallel else 1)
             rope = self.rotary_pos_emb(seq_length, position_ids)
-        x = self.decoder(x, rope, kv_cache)
+        x = self.decoder(x, rope, kv_cache, attention_mask)
         if kv_cache is not None:
             kv_cache.advance(tokens.shape[1])
         if not self.post_process:
@@ -167,19 +169,27 @@ class GPTModel(nn.Module):
 def flops_per_token(config: ModelConfig, training: bool = True) -> float:
     """Matmul FLOPs per token of the whole model (all TP/PP ranks together).
 
-    Forward, per layer: 2 * (3h^2 + h^2) for qkv and proj, 2 * (2 or 3) * h * f
-    for the MLP (SwiGLU has three matrices), 2 * 2 * s * h for q k^T and
-    (attention) v, counted without the causal half-saving, as PaLM's MFU does;
-    plus 2 * h * V for the logits. Training = forward + backward (2x forward);
-    full recomputation adds one more forward of the layers. Norms, softmax and
+    Forward, per layer, with d the head dim, n heads and g query groups:
+    2 * h * (n + 2g) * d for qkv, 2 * n * d * h for proj (4h^2 together when
+    g = n and n * d = h), 2 * (2 or 3) * h * f for the MLP (SwiGLU has three
+    matrices), 2 * 2 * s * n * d for q k^T and (attention) v, counted without
+    the causal half-saving, as PaLM's MFU does; plus 2 * h * V for the logits.
+    Training = forward + backward (2x forward); full recomputation adds one
+    more forward of the layers (every layer under --recompute-method uniform,
+    --recompute-num-layers per chunk under block). Norms, softmax and
     elementwise ops are left out (a few percent).
     """
     h, f, s = config.hidden_size, config.ffn_hidden_size, config.seq_length
     mlp_matrices = 3 if config.activation == "swiglu" else 2
-    per_layer = 2 * (4 * h * h + mlp_matrices * h * f + 2 * s * h)
+    attention = 2 * h * (config.qkv_size + config.query_projection_size)
+    per_layer = attention + 2 * (mlp_matrices * h * f + 2 * s * config.query_projection_size)
     layers = config.num_layers * per_layer
     logits = 2 * h * config.vocab_size
     if not training:
         return float(layers + logits)
-    recompute = layers if config.recompute_granularity == "full" else 0
+    recompute = 0
+    if config.recompute_granularity == "full":
+        recompute = layers
+        if config.recompute_method == "block":
+            recompute = min(config.recompute_num_layers or 1, config.num_layers) * per_layer
     return float(3 * (layers + logits) + recompute)

@@ -12,8 +12,15 @@ caller's). Two families can express our models:
   its fused c_attn is [q; k; v] over all heads, ours groups rows per head as
   (q, k, v). GPT-2 always has biases: a model without them exports zeros.
 - Llama (`LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU, tied or not; biases
-  become attention_bias / mlp_bias. Our RoPE rotates the two halves of each
-  head ("rotate half"), as HF Llama does, so q and k rows need no permutation.
+  become attention_bias / mlp_bias; grouped-query attention becomes
+  num_key_value_heads (our fused qkv rows are per query group: the group's
+  q heads, then its k, then its v); --use-rope-scaling becomes the "llama3"
+  rope type; --apply-layernorm-1p norms export gamma = weight + 1. Our RoPE
+  rotates the two halves of each head ("rotate half"), as HF Llama does, so
+  q and k rows need no permutation; with --rotary-interleaved each head's
+  q and k rows are reordered (even features, then odd), which turns the
+  interleaved pairs into halves and leaves q . k unchanged.
+  --qk-layernorm and --rotary-percent < 1 have no Llama equivalent.
 
 Anything else (e.g. RoPE with LayerNorm, GeLU with RoPE) raises
 `UnsupportedArchitectureError` naming the flags that differ from the nearest
@@ -64,6 +71,7 @@ def hf_config_kwargs(config: ModelConfig) -> tuple[str, dict[str, Any]]:
     (bos, eos) are left unset: they belong to the tokenizer, not the model."""
     family = hf_family(config)
     tied = not config.untie_embeddings_and_output_weights
+    _check_llama_extras(config, family)
     if family == "gpt2":
         return family, dict(
             vocab_size=config.vocab_size, n_positions=config.max_position_embeddings,
@@ -77,20 +85,60 @@ def hf_config_kwargs(config: ModelConfig) -> tuple[str, dict[str, Any]]:
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads, head_dim=config.head_dim,
+        num_key_value_heads=config.num_query_groups, head_dim=config.head_dim,
         hidden_act="silu", max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+        rope_parameters=_llama_rope_parameters(config),
         attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
         attention_dropout=config.attention_dropout, initializer_range=config.init_method_std,
         bos_token_id=None, eos_token_id=None)
 
 
+def _check_llama_extras(config: ModelConfig, family: str) -> None:
+    """Options outside the GPT-2 / Llama families' three defining fields."""
+    unsupported = []
+    if config.qk_layernorm:
+        unsupported.append("--qk-layernorm")
+    if config.rotary_percent != 1.0:
+        unsupported.append(f"--rotary-percent {config.rotary_percent}")
+    if family == "gpt2":
+        if config.num_query_groups != config.num_attention_heads:
+            unsupported.append("--group-query-attention")
+        if config.head_dim * config.num_attention_heads != config.hidden_size:
+            unsupported.append(f"--kv-channels {config.head_dim}")
+        if config.apply_layernorm_1p:
+            unsupported.append("--apply-layernorm-1p")
+    if unsupported:
+        raise UnsupportedArchitectureError(
+            f"cannot export to Hugging Face {family}: {', '.join(unsupported)} has no "
+            f"equivalent there")
+
+
+def _llama_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    if not config.use_rope_scaling:
+        return {"rope_type": "default", "rope_theta": config.rotary_base}
+    return {"rope_type": "llama3", "rope_theta": config.rotary_base,
+            "factor": config.rope_scaling_factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def _split_qkv(tensor: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
-    """Our per-head (q, k, v) rows [3h, ...] -> q, k, v [h, ...], each head-major."""
-    heads, d = config.num_attention_heads, config.head_dim
-    grouped = tensor.reshape(heads, 3, d, *tensor.shape[1:])
-    return tuple(grouped[:, i].reshape(heads * d, *tensor.shape[1:]) for i in range(3))
+    """Our fused rows [(heads + 2 groups) x d, ...], per query group (its q
+    heads, k, v) -> q [heads x d, ...], k, v [groups x d, ...], head-major."""
+    heads, groups, d = config.num_attention_heads, config.num_query_groups, config.head_dim
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(groups, heads // groups + 2, d, *rest)
+    q = grouped[:, :heads // groups].reshape(heads, d, *rest)
+    k, v = grouped[:, -2], grouped[:, -1]  # [groups, d, ...]
+    if config.rotary_interleaved:  # feature order (0, 2, 4, ..., 1, 3, ...) per head
+        order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+        q, k = q[:, order], k[:, order]
+    return q.reshape(heads * d, *rest), k.reshape(groups * d, *rest), v.reshape(groups * d, *rest)
+
+
+def _norm_weight(state: Mapping[str, torch.Tensor], name: str, config: ModelConfig):
+    """gamma of a norm: the stored weight, + 1 under --apply-layernorm-1p."""
+    return state[name] + 1 if config.apply_layernorm_1p else state[name]
 
 
 def _gpt2_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
@@ -129,12 +177,14 @@ def _gpt2_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
 
 def _llama_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+           "model.norm.weight": _norm_weight(state, "decoder.final_layernorm.weight", config)}
     suffixes = ["weight", "bias"] if config.add_bias_linear else ["weight"]
     for i in range(config.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[theirs + "input_layernorm.weight"] = state[ours + "input_layernorm.weight"]
-        out[theirs + "post_attention_layernorm.weight"] = state[ours + "pre_mlp_layernorm.weight"]
+        out[theirs + "input_layernorm.weight"] = _norm_weight(
+            state, ours + "input_layernorm.weight", config)
+        out[theirs + "post_attention_layernorm.weight"] = _norm_weight(
+            state, ours + "pre_mlp_layernorm.weight", config)
         for suffix in suffixes:
             q, k, v = _split_qkv(state[ours + "self_attention.linear_qkv." + suffix], config)
             gate, up = state[ours + "mlp.linear_fc1." + suffix].chunk(2, dim=0)

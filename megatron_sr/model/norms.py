@@ -5,8 +5,20 @@ dtype. On CUDA tensors apex's fused kernels are used when apex is importable;
 torch otherwise (same math). Under --sequence-parallel each rank normalizes
 its own sequence shard, so the parameters carry `sequence_parallel=True` and
 `finalize_model_grads` sums their gradients over TP.
+
+--apply-layernorm-1p (Megatron's zero-centered gamma): the weight is stored
+as gamma - 1, initialized to 0, and the norm multiplies by weight + 1, so
+weight decay pulls gamma towards 1 instead of 0.
+
+--qk-layernorm: a norm of the same kind over each head's head_dim features
+of q and k (`build_norm(config, size=config.head_dim, ...)`). Each TP rank
+normalizes only its own heads, so its gradient is partial: the builder of
+those norms passes `partial_grad=True`, which marks the parameters for the
+TP gradient sum (the `sequence_parallel` attribute) whatever the layout.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,39 +40,51 @@ def _replicated(size: int, value: float, sequence_parallel: bool, dtype, device)
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool, dtype, device=None):
+    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool, dtype, device=None,
+                 one_plus: bool = False):
         super().__init__()
-        self.shape, self.eps = (hidden_size,), eps
-        self.weight = _replicated(hidden_size, 1.0, sequence_parallel, dtype, device)
+        self.shape, self.eps, self.one_plus = (hidden_size,), eps, one_plus
+        self.weight = _replicated(hidden_size, 0.0 if one_plus else 1.0, sequence_parallel, dtype,
+                                  device)
         self.bias = _replicated(hidden_size, 0.0, sequence_parallel, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.one_plus else self.weight
         if x.is_cuda and fused_layer_norm_affine is not None:
-            return fused_layer_norm_affine(x, self.weight, self.bias, self.shape, self.eps)
-        y = F.layer_norm(x.float(), self.shape, self.weight.float(), self.bias.float(), self.eps)
+            return fused_layer_norm_affine(x, weight, self.bias, self.shape, self.eps)
+        y = F.layer_norm(x.float(), self.shape, weight.float(), self.bias.float(), self.eps)
         return y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool, dtype, device=None):
+    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool, dtype, device=None,
+                 one_plus: bool = False):
         super().__init__()
-        self.shape, self.eps = (hidden_size,), eps
-        self.weight = _replicated(hidden_size, 1.0, sequence_parallel, dtype, device)
+        self.shape, self.eps, self.one_plus = (hidden_size,), eps, one_plus
+        self.weight = _replicated(hidden_size, 0.0 if one_plus else 1.0, sequence_parallel, dtype,
+                                  device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.one_plus else self.weight
         if x.is_cuda and fused_rms_norm_affine is not None:
-            return fused_rms_norm_affine(x, self.weight, self.shape, self.eps)
+            return fused_rms_norm_affine(x, weight, self.shape, self.eps)
         x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * weight.float()
         return y.to(x.dtype)
 
 
-def build_norm(config, *, sequence_parallel: bool, device=None) -> nn.Module:
-    """The norm `config.normalization` names (--normalization LayerNorm|RMSNorm)."""
+def build_norm(config, *, sequence_parallel: bool, device=None, size: Optional[int] = None,
+               partial_grad: bool = False) -> nn.Module:
+    """The norm `config.normalization` names (--normalization LayerNorm|RMSNorm)
+    over `size` features (default hidden_size). `partial_grad`: each TP rank
+    sees only part of the inputs (qk-layernorm), so the gradient is summed
+    over TP like a sequence-parallel norm's."""
     classes = {"LayerNorm": LayerNorm, "RMSNorm": RMSNorm}
     if config.normalization not in classes:
         raise ValueError(f"--normalization must be one of {sorted(classes)}, "
                          f"got {config.normalization!r}")
-    return classes[config.normalization](config.hidden_size, config.layernorm_epsilon,
-                                         sequence_parallel=sequence_parallel,
-                                         dtype=config.params_dtype, device=device)
+    return classes[config.normalization](config.hidden_size if size is None else size,
+                                         config.layernorm_epsilon,
+                                         sequence_parallel=sequence_parallel or partial_grad,
+                                         dtype=config.params_dtype, device=device,
+                                         one_plus=config.apply_layernorm_1p)

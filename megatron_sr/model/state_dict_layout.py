@@ -50,6 +50,9 @@ def _layer_parameter_names(config: ModelConfig, layer: int) -> list[str]:
     names = [f"{prefix}input_layernorm.{n}" for n in norm_names]
     names += [f"{prefix}self_attention.linear_qkv.{n}" for n in linear_names]
     names += [f"{prefix}self_attention.linear_proj.{n}" for n in linear_names]
+    if config.qk_layernorm:
+        names += [f"{prefix}self_attention.{which}.{n}" for which in ("q_layernorm", "k_layernorm")
+                  for n in norm_names]
     names += [f"{prefix}pre_mlp_layernorm.{n}" for n in norm_names]
     names += [f"{prefix}mlp.linear_fc1.{n}" for n in linear_names]
     names += [f"{prefix}mlp.linear_fc2.{n}" for n in linear_names]

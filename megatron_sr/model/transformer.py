@@ -13,9 +13,16 @@ parallelism). Dropout on TP-sharded activations draws from the per-TP-rank
 stream (`megatron_sr.random.get_rng_tracker().fork()`), on replicated ones
 from the default stream, so replicated activations stay identical.
 
-Activation recomputation (--recompute-granularity): `full` keeps only each
-layer's input and reruns the layer in backward; `selective` reruns only the
-core attention (softmax(q k^T) v), the part whose activations grow with s^2.
+Activation recomputation (--recompute-granularity): `full` keeps only the
+input of each group of layers (--recompute-method, --recompute-num-layers;
+see TransformerBlock) and reruns the group in backward; `selective` reruns
+only the core attention (softmax(q k^T) v), the part whose activations grow
+with s^2.
+
+Attention: grouped-query (heads / groups query heads share a key/value
+head), SDPA with `enable_gqa`; RoPE on the first head_dim x --rotary-percent
+features; optional qk-layernorm per head; an optional boolean attention mask
+[b, 1, s, s] (document masks, --reset-attention-mask) replaces the causal one.
 
 Inference: a `KVCache` passed down the forward keeps every layer's keys and
 values of the tokens seen so far (this TP rank's heads only), so generating a
@@ -76,13 +83,40 @@ def recompute(function: Callable, *args):
                       context_fn=lambda: (on_forward(), on_recompute()))
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE tables: cos, sin of shape [s, b or 1, 1, head_dim] in fp32."""
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float = 1.0,
+                           high_freq_factor: float = 4.0,
+                           original_max_position_embeddings: int = 8192) -> torch.Tensor:
+    """Llama-3.x RoPE scaling (--use-rope-scaling --rope-scaling-factor), as
+    Megatron and Hugging Face's "llama3" rope type compute it: wavelengths
+    longer than the original context / low_freq_factor are divided by `factor`,
+    shorter than context / high_freq_factor kept, the band between interpolated."""
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
-    def __init__(self, head_dim: int, base: float, device=None):
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables: cos, sin of shape [s, b or 1, 1, rotary_dim] in fp32.
+
+    rotary_dim = head_dim x --rotary-percent; frequencies base^(-2i / rotary_dim).
+    Feature j of the table belongs to frequency j mod rotary_dim/2 (halves,
+    the default) or j // 2 (--rotary-interleaved), matching `apply_rope`.
+    """
+
+    def __init__(self, config: ModelConfig, device=None):
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-        inv_freq = 1.0 / base ** exponents
+        dim = config.rotary_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        inv_freq = 1.0 / config.rotary_base ** exponents
+        if config.use_rope_scaling:
+            inv_freq = llama3_scaled_inv_freq(inv_freq, config.rope_scaling_factor)
+        self.interleaved = config.rotary_interleaved
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, seq_length: int, position_ids: Optional[torch.Tensor]):
@@ -91,16 +125,28 @@ class RotaryEmbedding(nn.Module):
         else:
             positions = position_ids.t()  # [s, b]
         angles = positions.float()[..., None] * self.inv_freq  # [s, b, d/2]
-        angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [s, b, 1, d]
-        return angles.cos(), angles.sin()
+        if self.interleaved:
+            angles = angles.repeat_interleave(2, dim=-1)[:, :, None, :]  # [s, b, 1, d]
+        else:
+            angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [s, b, 1, d]
+        return angles.cos(), angles.sin(), self.interleaved
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the two halves of each head's features ([s, b, heads, d]), in fp32."""
-    x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool = False) -> torch.Tensor:
+    """Rotates the first rotary_dim features of each head ([s, b, heads, d]) in
+    fp32: pairs (j, j + rotary_dim/2), or (2i, 2i + 1) when `interleaved`;
+    features past rotary_dim (--rotary-percent < 1) pass unchanged."""
+    rotary_dim = cos.shape[-1]
+    x32, passed = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    if interleaved:
+        even, odd = x32[..., 0::2], x32[..., 1::2]
+        rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
+    else:
+        first, second = x32.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    y = (x32 * cos + rotated * sin).to(x.dtype)
+    return y if passed.shape[-1] == 0 else torch.cat([y, passed], dim=-1)
 
 
 class KVCache:
@@ -147,55 +193,79 @@ def residual_init_std(config: ModelConfig) -> float:
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention over this rank's heads.
+    """Causal self-attention over this rank's heads, with grouped-query attention.
 
-    linear_qkv's full weight is [3h, h] with rows grouped per head as
-    (q, k, v) x head_dim, so a contiguous TP slice holds whole heads.
+    num_attention_heads query heads share num_query_groups key/value heads
+    (--group-query-attention --num-query-groups; equal counts: multi-head,
+    one group: multi-query). linear_qkv's full weight is
+    [(heads + 2 x groups) x d, h] in Megatron's fused layout: rows grouped per
+    query group as (q of its heads/groups heads, k, v) x d, so a contiguous TP
+    slice holds whole groups (groups / tp per rank) with their query heads.
+    With one head per group this is the per-head (q, k, v) layout.
     """
 
     def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.num_heads = config.num_attention_heads // tp
+        self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         self.recompute_core = config.recompute_granularity == "selective"
         h, kw = config.hidden_size, dict(params_dtype=config.params_dtype, device=device)
         self.linear_qkv = ColumnParallelLinear(
-            h, 3 * h, bias=config.add_bias_linear, init_method=normal_init(config.init_method_std),
+            h, config.qkv_size, bias=config.add_bias_linear,
+            init_method=normal_init(config.init_method_std),
             sequence_parallel=sequence_parallel, **kw)
         self.linear_proj = RowParallelLinear(
-            h, h, bias=config.add_bias_linear, init_method=normal_init(residual_init_std(config)),
+            config.query_projection_size, h, bias=config.add_bias_linear,
+            init_method=normal_init(residual_init_std(config)),
             sequence_parallel=sequence_parallel, **kw)
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm:
+            norm = dict(size=config.head_dim, sequence_parallel=False, partial_grad=True,
+                        device=device)
+            self.q_layernorm = build_norm(config, **norm)
+            self.k_layernorm = build_norm(config, **norm)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple],
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        qkv = self.linear_qkv(x)  # [s, b, 3 * h / tp]
+                kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        qkv = self.linear_qkv(x)  # [s, b, (heads + 2 groups) * d / tp]
         s, b, _ = qkv.shape
-        q, k, v = qkv.view(s, b, self.num_heads, 3, self.head_dim).unbind(dim=3)
+        per_group = self.num_heads // self.num_groups
+        qkv = qkv.view(s, b, self.num_groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(s, b, self.num_heads, self.head_dim)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # [s, b, groups, d]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.store(self, k, v)
         if self.recompute_core and self.training:
-            y = recompute(self.core_attention, q, k, v)
+            y = recompute(self.core_attention, q, k, v, attention_mask)
         else:
-            y = self.core_attention(q, k, v)
+            y = self.core_attention(q, k, v, attention_mask)
         return self.linear_proj(y)
 
-    def core_attention(self, q, k, v):
+    def core_attention(self, q, k, v, attention_mask: Optional[torch.Tensor] = None):
         """softmax(q k^T / sqrt(d), causal) v: q [s_q, b, heads, d] are the last
-        s_q of the s_k positions of k, v [s_k, b, heads, d] (s_q < s_k when
-        earlier keys come from a KVCache) -> [s_q, b, heads * d]."""
+        s_q of the s_k positions of k, v [s_k, b, groups, d] (s_q < s_k when
+        earlier keys come from a KVCache); query head i reads key/value group
+        i // (heads / groups). `attention_mask` [b, 1, s_q, s_k] bool, True =
+        may attend, replaces the causal mask (document masks include it).
+        Returns [s_q, b, heads * d]."""
         s_q, s_k = q.shape[0], k.shape[0]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, s, d]
         p = self.dropout_p if self.training else 0.0
-        causal_mask = None
-        if s_q != s_k:  # query i sits at position s_k - s_q + i
-            causal_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        mask = attention_mask
+        if mask is None and s_q != s_k:  # query i sits at position s_k - s_q + i
+            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
         with get_rng_tracker().fork() if p > 0 else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask, dropout_p=p,
-                                               is_causal=causal_mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=mask is None, **gqa)
         b, heads, s, d = y.shape
         return y.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
@@ -245,8 +315,10 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, **kw)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.residual_dropout(self.self_attention(self.input_layernorm(x), rope, kv_cache))
+                kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.self_attention(self.input_layernorm(x), rope, kv_cache, attention_mask)
+        x = x + self.residual_dropout(y)
         x = x + self.residual_dropout(self.mlp(self.pre_mlp_layernorm(x)))
         return x
 
@@ -256,12 +328,21 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """This chunk's layers, plus the final norm on the last pipeline stage."""
+    """This chunk's layers, plus the final norm on the last pipeline stage.
+
+    Full recomputation (--recompute-granularity full) checkpoints, in
+    training, with --recompute-method uniform (the default) groups of
+    --recompute-num-layers (default 1) consecutive layers, each group keeping
+    only its input; with block, the first --recompute-num-layers layers of
+    this chunk one by one, the others keep their activations.
+    """
 
     def __init__(self, config: ModelConfig, num_layers: int, *, final_norm: bool,
                  sequence_parallel: bool, device=None):
         super().__init__()
         self.recompute_layers = config.recompute_granularity == "full"
+        self.recompute_method = config.recompute_method or "uniform"
+        self.recompute_num_layers = config.recompute_num_layers or 1
         self.layers = nn.ModuleList(
             TransformerLayer(config, sequence_parallel=sequence_parallel, device=device)
             for _ in range(num_layers))
@@ -269,11 +350,25 @@ class TransformerBlock(nn.Module):
             build_norm(config, sequence_parallel=sequence_parallel, device=device)
             if final_norm else None)
 
+    def _run_layers(self, first: int, end: int, x: torch.Tensor, rope, attention_mask):
+        for layer in self.layers[first:end]:
+            x = layer(x, rope, None, attention_mask)
+        return x
+
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        for layer in self.layers:
-            if self.recompute_layers and self.training:
-                x = recompute(layer, x, rope)
-            else:
-                x = layer(x, rope, kv_cache)
+                kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.recompute_layers and self.training:
+            n, step = len(self.layers), self.recompute_num_layers
+            if self.recompute_method == "uniform":
+                for first in range(0, n, step):
+                    x = recompute(self._run_layers, first, min(first + step, n), x, rope,
+                                  attention_mask)
+            else:  # block
+                for i in range(n):
+                    x = (recompute(self._run_layers, i, i + 1, x, rope, attention_mask)
+                         if i < step else self._run_layers(i, i + 1, x, rope, attention_mask))
+        else:
+            for layer in self.layers:
+                x = layer(x, rope, kv_cache, attention_mask)
         return x if self.final_layernorm is None else self.final_layernorm(x)
