@@ -27,6 +27,15 @@ GPT2_STYLE = tiny_config()  # learned positions, LayerNorm, GeLU, biases, tied e
 LLAMA_STYLE = tiny_config(position_embedding_type="rope", normalization="RMSNorm",
                           activation="swiglu", ffn_hidden_size=48, add_bias_linear=False,
                           untie_embeddings_and_output_weights=True)
+# Grouped-query attention (4 heads, 2 key/value groups: TP 2 holds one group per rank)
+# with every attention option a Llama-class model may use.
+LLAMA_GQA = tiny_config(position_embedding_type="rope", normalization="RMSNorm",
+                        activation="swiglu", ffn_hidden_size=48, add_bias_linear=False,
+                        untie_embeddings_and_output_weights=True, num_query_groups=2,
+                        kv_channels=16, rotary_percent=0.5, rotary_interleaved=True,
+                        use_rope_scaling=True, rope_scaling_factor=4.0, qk_layernorm=True,
+                        apply_layernorm_1p=True, recompute_granularity="full",
+                        recompute_method="uniform", recompute_num_layers=2)
 FP32_CASES = {
     ("gpt2", "tp2"): (GPT2_STYLE, dict(tp=2)),
     ("gpt2", "pp2"): (GPT2_STYLE, dict(pp=2)),
@@ -38,9 +47,11 @@ FP32_CASES = {
     ("llama", "tp4_sp"): (LLAMA_STYLE, dict(tp=4, sp=True)),
     ("llama", "tp2_pp2_vp2_sp"): (LLAMA_STYLE, dict(tp=2, pp=2, vp=2, sp=True)),
     ("llama", "pp4"): (LLAMA_STYLE, dict(pp=4)),
+    ("gqa", "tp2_sp"): (LLAMA_GQA, dict(tp=2, sp=True)),
+    ("gqa", "tp2_pp2"): (LLAMA_GQA, dict(tp=2, pp=2)),
 }
 BF16_CASES = {("gpt2_bf16", "tp2_pp2"): dict(tp=2, pp=2), ("gpt2_bf16", "tp2_sp"): dict(tp=2, sp=True)}
-REFERENCES = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE,
+REFERENCES = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE, "gqa": LLAMA_GQA,
               "gpt2_bf16": with_dtype(GPT2_STYLE, torch.bfloat16)}
 
 
@@ -124,3 +135,15 @@ def test_flops_per_token_counts_the_matmuls():
     assert flops_per_token(c) == 3 * forward
     full = tiny_config(recompute_granularity="full")
     assert flops_per_token(full) == 3 * forward + forward - 2 * h * v
+
+
+def test_flops_per_token_with_grouped_query_attention():
+    # 4 heads of 16 features, 2 key/value groups: qkv (4 + 2 x 2) x 16 = 128 rows, proj 64 -> 32.
+    c = tiny_config(num_query_groups=2, kv_channels=16, activation="swiglu", ffn_hidden_size=48)
+    h, f, s, v, layers, qkv, q = 32, 48, 8, 64, 4, 128, 64
+    forward = 2 * (layers * (h * qkv + q * h + 3 * h * f + 2 * s * q) + h * v)
+    assert flops_per_token(c, training=False) == forward
+    block = tiny_config(recompute_granularity="full", recompute_method="block",
+                        recompute_num_layers=1)
+    assert flops_per_token(block) == flops_per_token(tiny_config()) + (
+        flops_per_token(tiny_config(num_layers=1), training=False) - 2 * h * v)

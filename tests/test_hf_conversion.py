@@ -21,7 +21,8 @@ from multiprocess import run_ranks
 from megatron_sr import parallel_state
 from megatron_sr.config import ParallelConfig
 from megatron_sr.model import build_model, named_parameters_global
-from megatron_sr.model.hf_conversion import UnsupportedArchitectureError, hf_family, save_hf_model
+from megatron_sr.model.hf_conversion import (UnsupportedArchitectureError, hf_config_kwargs,
+                                              save_hf_model)
 from megatron_sr.model.state_dict_layout import (
     global_parameter_names,
     merge_state_dicts,
@@ -40,6 +41,11 @@ CONFIGS = {
     "llama_tied_bias": tiny_config(init_method_std=0.2, rotary_base=500.0,
                                    **(LLAMA | dict(add_bias_linear=True,
                                                    untie_embeddings_and_output_weights=False))),
+    # Llama-3 style: grouped-query attention (4 heads, 2 key/value groups), head dim 16 != h / heads,
+    # interleaved RoPE with Llama-3 frequency scaling, zero-centered norm weights.
+    "llama_gqa": tiny_config(init_method_std=0.2, num_query_groups=2, kv_channels=16,
+                             rotary_base=500000.0, rotary_interleaved=True, use_rope_scaling=True,
+                             apply_layernorm_1p=True, **LLAMA),
 }
 LAYOUTS = {"tp2_pp2": (2, 2, None), "tp2_pp2_vp2": (2, 2, 2)}
 TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(11))
@@ -127,8 +133,9 @@ def test_reshape_round_trips_bit_exactly_in_bf16(built, key):
     full = {name: tensor.to(torch.bfloat16)
             for name, tensor in _torch(built[0][key, "full"]).items()}
     tp2_pp2 = split_state_dict(full, config, tensor_parallel_size=2, pipeline_parallel_size=2)
+    tp_max = min(4, config.num_query_groups)  # TP splits the key/value groups
     tp4 = split_state_dict(merge_state_dicts(tp2_pp2, config), config,
-                           tensor_parallel_size=4, pipeline_parallel_size=1)
+                           tensor_parallel_size=tp_max, pipeline_parallel_size=1)
     pp4 = split_state_dict(merge_state_dicts(tp4, config), config,
                            tensor_parallel_size=1, pipeline_parallel_size=4)
     _assert_bit_equal(merge_state_dicts(pp4, config), full)
@@ -188,9 +195,11 @@ def test_hf_export_in_bf16_with_tokenizer_ids(built, tmp_path):
     (dict(position_embedding_type="rope"), "--position-embedding-type"),
     (dict(normalization="RMSNorm"), "--normalization"),
     (dict(LLAMA, activation="gelu"), "--swiglu"),
+    (dict(LLAMA, qk_layernorm=True), "--qk-layernorm"),
+    (dict(LLAMA, rotary_percent=0.5), "--rotary-percent"),
+    (dict(num_query_groups=2), "--group-query-attention"),
 ])
 def test_unsupported_architecture_names_the_flag(overrides, flag):
     config = dataclasses.replace(CONFIGS["gpt2"], **overrides)
-    with pytest.raises(UnsupportedArchitectureError, match=flag) as error:
-        hf_family(config)
-    assert "matches neither GPT-2" in str(error.value)
+    with pytest.raises(UnsupportedArchitectureError, match=flag):
+        hf_config_kwargs(config)
