@@ -568,6 +568,17 @@ def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
             raise ValueError(f"--grad-reduce-in-bf16 means --grad-reduce-dtype bf16, which "
                              f"conflicts with --grad-reduce-dtype {args.grad_reduce_dtype}")
         args.grad_reduce_dtype = "bf16"
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        raise ValueError("--decoupled-min-lr needs --decoupled-lr")
+    if args.calculate_per_token_loss and args.eod_mask_loss:
+        raise ValueError("--calculate-per-token-loss with --eod-mask-loss is not implemented: "
+                         "micro-batches then hold different numbers of loss tokens and the "
+                         "step's token count is not known before backward; drop one of them "
+                         "(without --eod-mask-loss the per-token average is the one computed)")
+    if args.rampup_batch_size is not None:
+        raise ValueError("--rampup-batch-size is not implemented: the global batch size is "
+                         "fixed; drop the flag (the run trains at --global-batch-size from "
+                         "the start)")
     notices = []
     for dest, instead in _IGNORED_FLAGS.items():
         value = getattr(args, dest)

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -38,12 +39,13 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.data.document_masks import DocumentInputs, document_inputs, masked_mean
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
                                param_is_unique_in_model)
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
-from megatron_sr.optimizer.lr_schedules import LRScheduler
+from megatron_sr.optimizer.lr_schedules import LRScheduler, learning_rate_at
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
 from megatron_sr.pipeline_parallel import get_forward_backward_func
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
@@ -207,6 +209,7 @@ class DataStreams:
     def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module]):
         self.job = job
         self.model = model
+        self.eod = tokenizer.eod
         self.train, self.valid, _ = build_gpt_datasets(
             job.data, tokenizer, train_valid_test_num_samples(job), job.training.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -215,9 +218,11 @@ class DataStreams:
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return [None] * len(self.model)
+        # Positions and attention masks of documents matter to every chunk.
+        every_chunk = self.job.data.reset_position_ids or self.job.data.reset_attention_mask
         return [micro_batches(dataset, consumed, self.job.training.micro_batch_size,
                               self.dp_rank, self.dp_size)
-                if chunk.pre_process or chunk.post_process else None
+                if chunk.pre_process or chunk.post_process or every_chunk else None
                 for chunk in self.model]
 
     def train_iterators(self, consumed_samples: int):
@@ -242,26 +247,40 @@ class _NaNGradient(torch.autograd.Function):
 
 
 def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
-                      nan_gradients: bool = False):
+                      nan_gradients: bool = False, data_config=None, eod: Optional[int] = None):
     """The schedule's forward_step_func: next micro-batch -> chunk forward ->
     (per-token losses, mean-loss function). amp runs the forward under autocast.
     `nan_gradients` (fault injection): the loss keeps its value but its
-    backward yields NaN gradients for every parameter."""
+    backward yields NaN gradients for every parameter. With `data_config`'s
+    --eod-mask-loss / --reset-position-ids / --reset-attention-mask (and the
+    tokenizer's `eod`), the chunk gets document positions and masks
+    (`megatron_sr.data.document_masks`) and the loss averages the unmasked tokens."""
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if strategy.autocast else nullcontext())
+    documents = data_config is not None and (data_config.eod_mask_loss
+                                             or data_config.reset_position_ids
+                                             or data_config.reset_attention_mask)
 
-    def loss_func(losses):
-        loss = losses.float().mean()
+    def loss_func(loss_mask, losses):
+        loss = masked_mean(losses, loss_mask)
         return _NaNGradient.apply(loss) if nan_gradients else loss
 
     def forward_step(data_iterator, chunk):
         tokens = labels = None
-        if chunk.pre_process or chunk.post_process:
+        inputs = DocumentInputs(None, None, None)
+        if data_iterator is not None:
             batch = next(data_iterator).to(device, non_blocking=True)
             tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+            if documents:
+                inputs = document_inputs(
+                    tokens, eod, eod_mask_loss=data_config.eod_mask_loss,
+                    reset_position_ids=data_config.reset_position_ids,
+                    reset_attention_mask=data_config.reset_attention_mask)
         with autocast:
-            output = chunk(tokens, labels=labels if chunk.post_process else None)
-        return output, loss_func
+            output = chunk(tokens, position_ids=inputs.position_ids,
+                           labels=labels if chunk.post_process else None,
+                           attention_mask=inputs.attention_mask)
+        return output, partial(loss_func, inputs.loss_mask)
 
     return forward_step
 
@@ -344,7 +363,8 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
 
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
                forward_step, measure_update_absorption: bool = False,
-               iteration: Optional[int] = None) -> StepReport:
+               iteration: Optional[int] = None,
+               decoupled_lr: Optional[float] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
     micro-batches, model-parallel then data-parallel grad syncs, AdamW.
     `iteration` (1-based, as logged) names the step in errors."""
@@ -364,7 +384,8 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     with communication_phase(job, "model-parallel grad sync", iteration):
         finalize_model_grads(model)
     with communication_phase(job, "optimizer step", iteration):
-        result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
+        result = optimizer.step(lr, measure_update_absorption=measure_update_absorption,
+                                decoupled_lr=decoupled_lr)
     with communication_phase(job, "loss averaging", iteration):
         loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
@@ -464,6 +485,19 @@ def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss:
     return " | ".join(parts) + " |"
 
 
+def decoupled_lr_at(job: JobConfig, iteration: int) -> Optional[float]:
+    """--decoupled-lr's schedule at step `iteration` (0-based): this run's
+    schedule shape from --decoupled-lr down to --decoupled-min-lr (default
+    --min-lr); None without --decoupled-lr."""
+    opt = job.optimizer
+    if opt.decoupled_lr is None:
+        return None
+    decoupled = dataclasses.replace(
+        opt, lr=opt.decoupled_lr,
+        min_lr=opt.min_lr if opt.decoupled_min_lr is None else opt.decoupled_min_lr)
+    return learning_rate_at(iteration, decoupled, job.training.train_iters)
+
+
 def _agree(flags: Sequence[bool], device) -> list[bool]:
     """Each flag OR-ed over all ranks (one all-reduce)."""
     tensor = torch.tensor([float(f) for f in flags], device=device)
@@ -479,9 +513,10 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
-    forward_step = make_forward_step(strategy, device)
+    forward_step = make_forward_step(strategy, device, data_config=job.data, eod=data.eod)
     nan_grad_iterations = fault_injection.nan_grad_iterations()
-    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True)
+    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True, data_config=job.data,
+                                      eod=data.eod)
     writer = _open_tensorboard(job)
     if writer is not None:
         write_run_summary(writer, job, optimizer)
@@ -503,7 +538,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
-                                iteration=iteration + 1)
+                                iteration=iteration + 1,
+                                decoupled_lr=decoupled_lr_at(job, scheduler.iteration))
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
@@ -640,7 +676,9 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
             writer = _open_tensorboard(job)
             try:
                 run_evaluation(job, model, data_streams,
-                               make_forward_step(optimizer.strategy, device), last, writer)
+                               make_forward_step(optimizer.strategy, device,
+                                                 data_config=job.data, eod=data_streams.eod),
+                               last, writer)
             finally:
                 if writer is not None:
                     writer.close()

@@ -34,6 +34,8 @@ from megatron_sr.precision.strategies import PrecisionStrategy
 from megatron_sr.random import sr_key
 
 _STATE_KINDS = ("exp_avg", "exp_avg_sq", "master", "kahan")
+# The parameters --decoupled-lr applies to (Megatron's embedding and output layer weights).
+DECOUPLED_LR_PARAMETERS = frozenset({"embedding.word_embeddings.weight", "output_layer.weight"})
 
 
 @dataclass
@@ -116,8 +118,12 @@ class DistributedOptimizer:
             dist.all_reduce(squares, group=self._norm_group)
         return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")
 
-    def step(self, lr: float, measure_update_absorption: bool = False) -> StepResult:
+    def step(self, lr: float, measure_update_absorption: bool = False,
+             decoupled_lr: Optional[float] = None) -> StepResult:
         """One AdamW step at learning rate `lr` on the reduced grads.
+
+        `decoupled_lr` (--decoupled-lr): the learning rate of the word
+        embedding and the output layer instead of `lr`.
 
         With `measure_update_absorption`, also returns the fraction of stored
         elements (the master copy where there is one) whose update was
@@ -146,16 +152,18 @@ class DistributedOptimizer:
             stored = master if master is not None else param
             before = stored.clone() if measure_update_absorption else None
             weight_decay = cfg.weight_decay if info.weight_decay else 0.0
+            segment_lr = (decoupled_lr if decoupled_lr is not None
+                          and info.name in DECOUPLED_LR_PARAMETERS else lr)
             adamw_step(
                 self.strategy, param, grads[segment.buffer_start:segment.buffer_end],
                 self._segment_state(segment, "exp_avg"), self._segment_state(segment, "exp_avg_sq"),
                 master=master, kahan=self._segment_state(segment, "kahan"),
-                lr=lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+                lr=segment_lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                 weight_decay=weight_decay, step=self.step_count,
                 sr_key=sr_key(self.seed, self.step_count, info.name, info.sr_tp_rank),
                 offset=segment.param_offset)
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
-            if before is not None and lr > 0 and counted:
+            if before is not None and segment_lr > 0 and counted:
                 moved = self._segment_state(segment, "exp_avg") != 0
                 if weight_decay:
                     moved |= before != 0

@@ -1,0 +1,76 @@
+"""--eod-mask-loss, --reset-position-ids, --reset-attention-mask: the inputs
+Megatron's get_ltor_masks_and_position_ids builds, and a packed sample with
+document masks computes what its documents compute one by one."""
+import numpy as np
+import torch
+
+from gpt_harness import SEED, tiny_config
+from multiprocess import run_ranks
+
+from megatron_sr import parallel_state
+from megatron_sr.config import ParallelConfig
+from megatron_sr.data.document_masks import document_inputs, masked_mean
+from megatron_sr.model import build_model
+
+EOD = 0
+
+
+def _megatron_reference(tokens):
+    """Megatron's loop: after each eod at i, later positions restart and
+    cannot see [0, i]."""
+    b, s = tokens.shape
+    mask = torch.ones(s, s).tril().repeat(b, 1, 1)
+    positions = torch.arange(s).repeat(b, 1)
+    for row in range(b):
+        previous = 0
+        for i in (tokens[row] == EOD).nonzero().flatten().tolist():
+            mask[row, i + 1:, :i + 1] = 0
+            positions[row, i + 1:] -= i + 1 - previous
+            previous = i + 1
+    return mask[:, None].bool(), positions
+
+
+def test_document_inputs_match_megatrons_loop():
+    tokens = torch.tensor([[5, 6, EOD, 7, 8, EOD, EOD, 9], [EOD, 1, 2, 3, 4, 5, 6, 7]])
+    inputs = document_inputs(tokens, EOD, eod_mask_loss=True, reset_position_ids=True,
+                             reset_attention_mask=True)
+    mask, positions = _megatron_reference(tokens)
+    assert torch.equal(inputs.attention_mask, mask)
+    assert torch.equal(inputs.position_ids, positions)
+    assert torch.equal(inputs.loss_mask, (tokens != EOD).float())
+    off = document_inputs(tokens, EOD, eod_mask_loss=False, reset_position_ids=False,
+                          reset_attention_mask=False)
+    assert off == (None, None, None)
+
+
+def test_masked_mean_averages_kept_tokens():
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert masked_mean(losses, None) == 2.5
+    assert masked_mean(losses, torch.tensor([[1.0, 0.0, 1.0, 0.0]])) == 2.0
+
+
+def _packed_and_alone(rank, world_size):
+    config = tiny_config(position_embedding_type="rope", normalization="RMSNorm",
+                         activation="swiglu", ffn_hidden_size=48, num_query_groups=2)
+    parallel_state.initialize_model_parallel(1)
+    try:
+        (model,) = build_model(config, ParallelConfig(), seed=SEED)
+        model.eval()
+        first, second = torch.tensor([[5, 6, 7, EOD]]), torch.tensor([[9, 10, 11, 12]])
+        packed = torch.cat([first, second], dim=1)
+        inputs = document_inputs(packed, EOD, eod_mask_loss=False, reset_position_ids=True,
+                                 reset_attention_mask=True)
+        with torch.no_grad():
+            together = model(packed, position_ids=inputs.position_ids,
+                             attention_mask=inputs.attention_mask)
+            alone = torch.cat([model(first), model(second)], dim=1)
+            causal_only = model(packed)
+        return together.numpy(), alone.numpy(), causal_only.numpy()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_packed_documents_compute_what_each_document_computes():
+    together, alone, causal_only = run_ranks(_packed_and_alone, 1)[0]
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(causal_only[:, 4:], alone[:, 4:], atol=1e-3)
