@@ -554,6 +554,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
 def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
     """Rejects what cannot run here (FP8, context parallelism) and returns one
     notice per accepted flag that changes nothing here."""
+    _precision(args)  # --fp16 first: the reason a Megatron fp16 script cannot run here
     fp8 = [_flag(dest) for dest in _FP8_FLAGS if getattr(args, dest)]
     if fp8:
         raise ValueError(f"{', '.join(fp8)}: FP8 training is not supported: megatron_sr keeps "

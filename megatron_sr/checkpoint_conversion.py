@@ -135,7 +135,16 @@ def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
             and data.get("merge_file") and os.path.isfile(data["vocab_file"]) \
             and os.path.isfile(data["merge_file"]):
         tokenizer_files = [(data["vocab_file"], "vocab.json"), (data["merge_file"], "merges.txt")]
-    elif data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
+    elif data["tokenizer_type"] == "HuggingFaceTokenizer" and data.get("tokenizer_model"):
+        source = data["tokenizer_model"]
+        folder = source if os.path.isdir(source) else os.path.dirname(source)
+        json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
+        tokenizer_files = [(json_file, "tokenizer.json")] if os.path.isfile(json_file) else []
+        if tokenizer_files and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            tokenizer_files.append((os.path.join(folder, "tokenizer_config.json"),
+                                    "tokenizer_config.json"))
+    elif data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]) \
+            and data["tokenizer_type"] != "TikTokenizer":
         tokenizer_files = [(data["tokenizer_model"], "tokenizer.model")]
     if tokenizer_files or data["tokenizer_type"] == "NullTokenizer":
         tokenizer = build_tokenizer(data["tokenizer_type"], vocab_file=data.get("vocab_file"),

@@ -650,11 +650,15 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
     job = parse_args(list(argv) if argv is not None else None, world_size)
     device = initialize_distributed(job)
     try:
+        for notice in job.notices:
+            print_rank_0(notice)
         data = job.data
         tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                     merge_file=data.merge_file,
                                     tokenizer_model=data.tokenizer_model,
-                                    vocab_size=data.vocab_size)
+                                    vocab_size=data.vocab_size,
+                                    tiktoken_pattern=data.tiktoken_pattern,
+                                    tiktoken_num_special_tokens=data.tiktoken_num_special_tokens)
         job = job.with_vocab_size(tokenizer.vocab_size)
         print_rank_0(f"[setup] world {job.world_size} = TP {job.parallel.tensor_model_parallel_size}"
                      f" x PP {job.parallel.pipeline_model_parallel_size} x DP "

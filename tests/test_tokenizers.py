@@ -178,3 +178,111 @@ def test_padded_vocab_size():
     assert padded_vocab_size(50257) == 50304
     assert padded_vocab_size(50257, 128, 8) == 51200
     assert padded_vocab_size(1024, 128, 2) == 1024
+
+
+# ----- GPT2BPETokenizer on the `tokenizers` library ------------------------------------------
+
+def test_gpt2_runs_on_the_tokenizers_library_with_identical_ids(gpt2_files, sample_slice):
+    fast = GPT2BPETokenizer(*gpt2_files, backend="tokenizers")
+    regex = GPT2BPETokenizer(*gpt2_files, backend="regex")
+    assert (fast.backend, regex.backend) == ("tokenizers", "regex")
+    assert GPT2BPETokenizer(*gpt2_files).backend == "regex"  # auto: measured faster
+    with open(sample_slice, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    for text in texts + ROUND_TRIP_TEXTS + [text for text, _ in GPT2_KNOWN]:
+        assert fast.tokenize(text) == regex.tokenize(text)
+
+
+# ----- HuggingFaceTokenizer ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_folder(sample_slice, tmp_path_factory):
+    """A byte-level BPE tokenizer.json trained here with the `tokenizers` library."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    with open(sample_slice, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    fast = FastTokenizer(models.BPE())
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast.decoder = decoders.ByteLevel()
+    fast.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    fast.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_huggingface_tokenizer_from_file_or_folder(hf_tokenizer_folder):
+    from megatron_sr.data.tokenizers import HuggingFaceTokenizer
+
+    by_folder = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(hf_tokenizer_folder))
+    by_file = HuggingFaceTokenizer(str(hf_tokenizer_folder / "tokenizer.json"))
+    assert by_folder.vocab_size == by_file.vocab_size == 400
+    assert by_folder.eod == by_file.eod == 0  # <|endoftext|>, the first special token
+    for text in ROUND_TRIP_TEXTS:
+        ids = by_folder.tokenize(text)
+        assert ids == by_file.tokenize(text) and by_folder.detokenize(ids) == text
+        assert all(0 <= i < 400 for i in ids)
+
+
+def test_huggingface_tokenizer_eod_from_tokenizer_config(hf_tokenizer_folder, tmp_path):
+    import shutil
+
+    shutil.copy(hf_tokenizer_folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "a"}))
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+    assert tokenizer.eod == tokenizer.tokenize("a")[0]
+
+
+def test_huggingface_tokenizer_errors_name_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model .*no tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="--tokenizer-model .*not a Hugging Face tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+
+
+# ----- TikTokenizer ------------------------------------------------------------------------
+
+def _gpt2_ranks(gpt2_files) -> dict:
+    """GPT-2's vocabulary as tiktoken BPE ranks (bytes -> id; r50k_base is exactly this)."""
+    from megatron_sr.data.tokenizers import _byte_to_printable
+
+    byte_of = {c: b for b, c in _byte_to_printable().items()}
+    vocab = json.loads(open(gpt2_files[0], encoding="utf-8").read())
+    return {bytes(byte_of[c] for c in piece): i for piece, i in vocab.items()
+            if piece != "<|endoftext|>"}
+
+
+@pytest.mark.parametrize("file_format", ["megatron_json", "tiktoken"])
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_tiktokenizer_reads_a_local_ranks_file(gpt2_files, gpt2_tokenizer, tmp_path, file_format,
+                                               pattern):
+    pytest.importorskip("tiktoken")
+    import base64
+
+    ranks = _gpt2_ranks(gpt2_files)
+    path = tmp_path / "ranks"
+    if file_format == "megatron_json":
+        path.write_text(json.dumps([
+            {"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": ""}
+            for t, r in sorted(ranks.items(), key=lambda item: item[1])]))
+    else:
+        path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tokenizer = build_tokenizer("TikTokenizer", tokenizer_model=str(path), tiktoken_pattern=pattern,
+                                tiktoken_num_special_tokens=1000)
+    assert (tokenizer.vocab_size, tokenizer.eod) == (1000 + 50256, 2)  # eod: Megatron's </s>
+    for text in ROUND_TRIP_TEXTS + ["Hello world"]:
+        ids = tokenizer.tokenize(text)
+        assert tokenizer.detokenize(ids) == text
+        # Same BPE ranks, shifted past the special tokens: GPT-2 decodes them to the text.
+        assert gpt2_tokenizer.detokenize([i - 1000 for i in ids]) == text
+    assert tokenizer.tokenize("Hello world") == [1000 + 15496, 1000 + 995]
+
+
+def test_tiktokenizer_needs_a_local_file(tmp_path):
+    pytest.importorskip("tiktoken")
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model .*nothing is downloaded"):
+        build_tokenizer("TikTokenizer", tokenizer_model=str(tmp_path / "missing.tiktoken"))

@@ -39,7 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--vocab-file", default=None, help="GPT-2 encoder.json / vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe / merges.txt")
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece model file; HuggingFaceTokenizer: tokenizer.json or a "
+                            "local folder holding it; TikTokenizer: a local BPE ranks file")
+    group.add_argument("--tiktoken-pattern", choices=("v1", "v2"), default="v2",
+                       help="TikTokenizer pre-tokenization regex")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids reserved for special tokens")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
     group.add_argument("--append-eod", action="store_true",
                        help="append the end-of-document token to every document")
@@ -56,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     spec = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
-                         args.tokenizer_model, args.vocab_size)
+                         args.tokenizer_model, args.vocab_size, args.tiktoken_pattern,
+                         args.tiktoken_num_special_tokens)
     try:
         stats = preprocess(args.input, args.output_prefix, spec, json_keys=args.json_keys,
                            append_eod=args.append_eod, workers=args.workers,

@@ -77,7 +77,10 @@ def run(args) -> list[str]:
                                 vocab_file=args.vocab_file or data.get("vocab_file"),
                                 merge_file=args.merge_file or data.get("merge_file"),
                                 tokenizer_model=args.tokenizer_model or data.get("tokenizer_model"),
-                                vocab_size=data.get("vocab_size"))
+                                vocab_size=data.get("vocab_size"),
+                                tiktoken_pattern=data.get("tiktoken_pattern", "v2"),
+                                tiktoken_num_special_tokens=data.get(
+                                    "tiktoken_num_special_tokens", 1000))
     _init_process_group()
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tp, 1)

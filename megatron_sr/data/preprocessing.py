@@ -51,10 +51,14 @@ class TokenizerSpec:
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
+    tiktoken_pattern: str = "v2"
+    tiktoken_num_special_tokens: int = 1000
+    gpt2_backend: str = "auto"  # GPT2BPETokenizer: auto, tokenizers or regex
 
     def build(self) -> Tokenizer:
         return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file,
-                               self.tokenizer_model, self.vocab_size)
+                               self.tokenizer_model, self.vocab_size, self.tiktoken_pattern,
+                               self.tiktoken_num_special_tokens, self.gpt2_backend)
 
 
 @dataclass

@@ -11,7 +11,25 @@ Every tokenizer offers the same small interface (`Tokenizer`):
 ============================  =====================================================
 ``GPT2BPETokenizer``          byte-level BPE from ``--vocab-file`` (encoder.json or
                               vocab.json) and ``--merge-file`` (vocab.bpe or
-                              merges.txt); eod is ``<|endoftext|>``.
+                              merges.txt); eod is ``<|endoftext|>``. Runs on a
+                              regex BPE with a per-word merge cache, or on the
+                              ``tokenizers`` library (backend="tokenizers"); both
+                              give the same ids. The regex one is the default:
+                              measured faster here (docs/DATA.md).
+``HuggingFaceTokenizer``      a Hugging Face ``tokenizer.json`` (``--tokenizer-model``:
+                              the file, or a local folder holding it), through
+                              ``tokenizers``; its post-processor runs (a Llama
+                              tokenizer adds BOS), as Megatron's does; eod is the
+                              eos token of the folder's tokenizer_config.json, else
+                              the first of <|endoftext|>, <|end_of_text|>, </s>,
+                              <eos> in the vocabulary.
+``TikTokenizer``              ``tiktoken`` BPE ranks from a local ``--tokenizer-model``
+                              (Megatron's JSON list of {rank, token_bytes,
+                              token_str}, or a .tiktoken file of "base64 rank"
+                              lines; nothing is downloaded), pre-tokenized by
+                              ``--tiktoken-pattern``; ids below
+                              ``--tiktoken-num-special-tokens`` are Megatron's
+                              special tokens (<unk>, <s>, </s>, ...), eod is </s>.
 ``SentencePieceTokenizer``,   a SentencePiece model from ``--tokenizer-model``; eod
 ``GPTSentencePieceTokenizer`` is the model's end-of-sentence piece (``</s>``), as in
                               Megatron's GPT SentencePiece tokenizer.
@@ -80,13 +98,26 @@ _GPT2_PRETOKENIZE_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\
 
 
 class GPT2BPETokenizer(Tokenizer):
-    """Byte-level BPE with GPT-2's files; merges of each pre-token are cached."""
+    """Byte-level BPE with GPT-2's files.
+
+    `backend`: "tokenizers" (the Rust library: a BPE model with GPT-2's
+    byte-level pre-tokenizer, no special tokens, so "<|endoftext|>" in a text
+    is plain text exactly as in GPT-2's own encoder), "regex" (the pure-Python
+    BPE below, merges of each pre-token cached), or "auto", which is "regex":
+    on natural text nearly every word hits the merge cache, and
+    bench/preprocess.py measures the regex backend faster per worker than
+    the library's (docs/DATA.md). Both give identical ids (a test checks on
+    the sample corpus).
+    """
 
     END_OF_TEXT = "<|endoftext|>"
 
-    def __init__(self, vocab_file: str, merge_file: str):
+    def __init__(self, vocab_file: str, merge_file: str, backend: str = "auto"):
         import regex
 
+        if backend not in ("auto", "tokenizers", "regex"):
+            raise ValueError(f"GPT2BPETokenizer backend must be auto, tokenizers or regex, "
+                             f"got {backend!r}")
         self._encoder = _read_json_vocab(vocab_file)
         self._decoder = {i: piece for piece, i in self._encoder.items()}
         self._merge_rank = _read_merges(merge_file)
@@ -98,6 +129,23 @@ class GPT2BPETokenizer(Tokenizer):
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._pretokenizer = regex.compile(_GPT2_PRETOKENIZE_PATTERN)
         self._merge_cache: dict[str, list[int]] = {}
+        self._fast = self._build_fast(vocab_file) if backend == "tokenizers" else None
+        self.backend = "regex" if self._fast is None else "tokenizers"
+
+    def _build_fast(self, vocab_file: str):
+        from tokenizers import Tokenizer as FastTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        merges = sorted(self._merge_rank, key=self._merge_rank.get)
+        missing = [a + b for a, b in merges if a not in self._encoder or b not in self._encoder
+                   or a + b not in self._encoder]
+        if missing:
+            raise ValueError(f"--vocab-file {vocab_file}: merge results {missing[:3]} of "
+                             f"--merge-file are not in the vocabulary")
+        fast = FastTokenizer(models.BPE(vocab=dict(self._encoder), merges=merges))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        fast.decoder = decoders.ByteLevel()
+        return fast
 
     @property
     def vocab_size(self) -> int:
@@ -108,6 +156,8 @@ class GPT2BPETokenizer(Tokenizer):
         return self._eod
 
     def tokenize(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
         for pretoken in self._pretokenizer.findall(text):
             cached = self._merge_cache.get(pretoken)
@@ -212,6 +262,131 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor.DecodeIds([int(i) for i in ids])
 
 
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` through the `tokenizers` library (module docstring)."""
+
+    EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+    def __init__(self, tokenizer_model: str):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        path = tokenizer_model
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: no tokenizer.json there "
+                                    f"(give the file or a local folder holding it)")
+        try:
+            self._tokenizer = FastTokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception on bad files
+            raise ValueError(f"--tokenizer-model {path}: not a Hugging Face tokenizer.json "
+                             f"({e})") from None
+        self._eod = self._find_eod(tokenizer_model, path)
+
+    def _find_eod(self, tokenizer_model: str, path: str) -> int:
+        config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        names = list(self.EOD_CANDIDATES)
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                names.insert(0, eos)
+        for name in names:
+            token_id = self._tokenizer.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        raise ValueError(f"--tokenizer-model {tokenizer_model}: no end-of-document token: "
+                         f"tokenizer_config.json names no eos_token in the vocabulary and none "
+                         f"of {', '.join(self.EOD_CANDIDATES)} is in it")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# Megatron's TikTokenizer pre-tokenization patterns (--tiktoken-pattern).
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+
+
+def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """BPE ranks from Megatron's JSON list or a .tiktoken "base64 rank" file."""
+    import base64
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--tokenizer-model {path}: no such file (TikTokenizer reads its "
+                                f"BPE ranks from a local file; nothing is downloaded)")
+    with open(path, "rb") as f:
+        content = f.read()
+    try:
+        if content.lstrip()[:1] == b"[":
+            entries = json.loads(content)
+            return {base64.b64decode(e["token_bytes"]): int(e["rank"]) for e in entries}
+        ranks = {}
+        for line in content.splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        return ranks
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--tokenizer-model {path}: not a tiktoken BPE ranks file (a JSON list "
+                         f"of {{rank, token_bytes, token_str}} or 'base64 rank' lines): {e}"
+                         ) from None
+
+
+class TikTokenizer(Tokenizer):
+    """tiktoken BPE with Megatron's special-token layout (module docstring)."""
+
+    def __init__(self, tokenizer_model: str, pattern: str = "v2", num_special_tokens: int = 1000):
+        import tiktoken
+
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise ValueError(f"--tiktoken-pattern must be v1 or v2, got {pattern!r}")
+        if num_special_tokens < len(TIKTOKEN_SPECIAL_TOKENS):
+            raise ValueError(f"--tiktoken-num-special-tokens must be >= "
+                             f"{len(TIKTOKEN_SPECIAL_TOKENS)}, got {num_special_tokens}")
+        ranks = _read_tiktoken_ranks(tokenizer_model)
+        self._num_special = num_special_tokens
+        shifted = {token: rank + num_special_tokens for token, rank in ranks.items()}
+        specials = list(TIKTOKEN_SPECIAL_TOKENS) + [
+            f"<SPECIAL_{i}>" for i in range(len(TIKTOKEN_SPECIAL_TOKENS), num_special_tokens)]
+        self._encoding = tiktoken.Encoding(
+            name=os.path.basename(tokenizer_model), pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks=shifted, special_tokens={t: i for i, t in enumerate(specials)})
+        self._vocab_size = num_special_tokens + len(ranks)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return TIKTOKEN_SPECIAL_TOKENS.index("</s>")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoding.encode(text, allowed_special="all")
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._encoding.decode([int(i) for i in ids])
+
+
 class NullTokenizer(Tokenizer):
     """Text is space-separated integer ids; for tests and synthetic data."""
 
@@ -246,6 +421,8 @@ TOKENIZER_FLAGS = {
     "SentencePieceTokenizer": ("tokenizer_model",),
     "GPTSentencePieceTokenizer": ("tokenizer_model",),
     "NullTokenizer": ("vocab_size",),
+    "HuggingFaceTokenizer": ("tokenizer_model",),
+    "TikTokenizer": ("tokenizer_model",),
 }
 """The flags (argparse dests) each ``--tokenizer-type`` reads its vocabulary from."""
 
@@ -267,15 +444,22 @@ def check_tokenizer_flags(tokenizer_type: str, values: Mapping[str, object]) -> 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
                     merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> Tokenizer:
-    """The tokenizer named by ``--tokenizer-type``, checking the flags it needs."""
+                    vocab_size: Optional[int] = None, tiktoken_pattern: str = "v2",
+                    tiktoken_num_special_tokens: int = 1000,
+                    gpt2_backend: str = "auto") -> Tokenizer:
+    """The tokenizer named by ``--tokenizer-type``, checking the flags it needs.
+    `gpt2_backend`: GPT2BPETokenizer's backend (auto, tokenizers, regex)."""
     check_tokenizer_flags(tokenizer_type, {"vocab_file": vocab_file, "merge_file": merge_file,
                                            "tokenizer_model": tokenizer_model,
                                            "vocab_size": vocab_size})
     if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(vocab_file, merge_file)
+        return GPT2BPETokenizer(vocab_file, merge_file, gpt2_backend)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "TikTokenizer":
+        return TikTokenizer(tokenizer_model, tiktoken_pattern, tiktoken_num_special_tokens)
     return SentencePieceTokenizer(tokenizer_model)
 
 

@@ -1,0 +1,205 @@
+"""Megatron-LM's own launch scripts parse here unchanged, minus FP8.
+
+The flag lists below are copied verbatim from Megatron-LM's
+examples/gpt3/train_gpt3_175b_distributed.sh (the version with
+--rampup-batch-size, before NVIDIA/Megatron-LM#4411 replaced it with
+--step-batch-size-schedule) and examples/llama/train_llama3_8b_h100_fp8.sh
+(real-data branch; the mock branch's extra flags are in LLAMA3_8B_MOCK), with
+the shell variables filled in. Word splitting is the shell's (shlex): the
+script's "--split '99,1,0'" reaches argparse with its quotes.
+"""
+import shlex
+
+import pytest
+
+from megatron_sr.arguments import build_parser, job_config_from_args
+
+GPT3_175B = """
+    --num-layers 96
+    --hidden-size 12288
+    --num-attention-heads 96
+    --seq-length 2048
+    --max-position-embeddings 2048
+    --attention-backend auto
+    --micro-batch-size 1
+    --global-batch-size 1536
+    --rampup-batch-size 16 16 5859375
+    --train-iters 500000
+    --weight-decay 0.1
+    --adam-beta1 0.9
+    --adam-beta2 0.95
+    --init-method-std 0.006
+    --clip-grad 1.0
+    --fp16
+    --lr 6.0e-5
+    --lr-decay-style cosine
+    --min-lr 6.0e-6
+    --lr-warmup-fraction .001
+    --lr-decay-iters 430000
+    --tensor-model-parallel-size 8
+    --pipeline-model-parallel-size 16
+    --data-path /data/my-gpt3_00_text_document
+    --vocab-file /data/gpt2-vocab.json
+    --merge-file /data/gpt2-merges.txt
+    --split 949,50,1
+    --log-interval 100
+    --save-interval 10000
+    --eval-interval 1000
+    --save /ckpt
+    --load /ckpt
+    --eval-iters 10
+    --tensorboard-dir /tb
+"""
+
+LLAMA3_8B = """
+    --use-mcore-models
+    --num-layers 32
+    --hidden-size 4096
+    --ffn-hidden-size 14336
+    --num-attention-heads 32
+    --group-query-attention
+    --num-query-groups 8
+    --kv-channels 128
+    --seq-length 8192
+    --max-position-embeddings 8192
+    --position-embedding-type rope
+    --rotary-base 1000000
+    --rotary-percent 1.0
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
+    --swiglu
+    --normalization RMSNorm
+    --init-method-std 0.0134
+    --attention-backend fused
+    --apply-layernorm-1p
+    --untie-embeddings-and-output-weights
+    --disable-bias-linear
+    --micro-batch-size 1
+    --global-batch-size 128
+    --train-samples 1953125000
+    --lr-decay-samples 1949218748
+    --lr-warmup-samples 3906252
+    --lr 0.00015
+    --min-lr 0.00001
+    --decoupled-lr 5.0e-4
+    --decoupled-min-lr 4.5e-5
+    --lr-decay-style cosine
+    --clip-grad 1.0
+    --weight-decay 0.1
+    --adam-beta1 0.9
+    --adam-beta2 0.95
+    --bf16
+    --grad-reduce-in-bf16
+    --cross-entropy-loss-fusion
+    --calculate-per-token-loss
+    --manual-gc
+    --empty-unused-memory-level 1
+    --exit-duration-in-mins 235
+    --use-distributed-optimizer
+    --overlap-grad-reduce
+    --overlap-param-gather
+    --fp8-format hybrid
+    --fp8-amax-history-len 1024
+    --fp8-amax-compute-algo max
+    --fp8-param-gather
+    --tensor-model-parallel-size 1
+    --context-parallel-size 1
+    --sequence-parallel
+    --data-path /data/llama_text_document
+    --tokenizer-type HuggingFaceTokenizer
+    --tokenizer-model /models/llama3
+    --data-cache-path /cache
+    --split '99,1,0'
+    --no-create-attention-mask-in-dataloader
+    --no-mmap-bin-files
+    --num-workers 1
+    --vocab-size 128256
+    --log-interval 1
+    --eval-iters 32
+    --eval-interval 100
+    --save-interval 1000
+    --log-throughput
+    --profile
+    --profile-step-start 4
+    --profile-step-end 6
+    --ckpt-format torch_dist
+    --distributed-timeout-minutes 60
+    --save /ckpt
+    --load /ckpt
+    --tensorboard-dir /tb
+"""
+LLAMA3_8B_MOCK = """
+    --mock-data
+    --tokenizer-type NullTokenizer
+    --vocab-size 128256
+    --tiktoken-pattern v2
+"""
+
+# What must be dropped to run here: FP8 (both), the GPT-3 script's --fp16, and
+# what this build does not implement yet.
+NOT_HERE = ("--fp16", "--fp8-", "--rampup-batch-size", "--ckpt-format")
+
+
+def _argv(flags: str) -> list[str]:
+    return shlex.split(flags.replace("'", "\\'"), posix=True)
+
+
+def _without(argv: list[str], prefixes) -> list[str]:
+    out, skip = [], False
+    for word in argv:
+        if word.startswith("--"):
+            skip = word.startswith(prefixes)
+        if not skip:
+            out.append(word)
+    return out
+
+
+@pytest.mark.parametrize("flags", [GPT3_175B, LLAMA3_8B, LLAMA3_8B + LLAMA3_8B_MOCK])
+def test_every_flag_of_the_script_is_known(flags):
+    known = build_parser()._option_string_actions
+    unknown = [w for w in _argv(flags) if w.startswith("--") and w not in known]
+    assert not unknown
+
+
+def test_gpt3_175b_runs_without_fp16_and_rampup():
+    parser = build_parser()
+    argv = _without(_argv(GPT3_175B), ("--fp16", "--rampup-batch-size"))
+    job = job_config_from_args(parser.parse_args(argv), world_size=128 * 12)
+    assert (job.model.num_layers, job.model.head_dim, job.training.global_batch_size) == (
+        96, 128, 1536)
+    assert job.optimizer.precision == "bf16-sr"
+    assert any("--attention-backend auto" in notice for notice in job.notices)
+
+
+def test_gpt3_175b_fp16_gives_the_reason():
+    with pytest.raises(ValueError, match="--fp16 is not supported: megatron_sr trains in bf16"):
+        job_config_from_args(build_parser().parse_args(_argv(GPT3_175B)), world_size=128 * 12)
+
+
+def test_llama3_8b_runs_without_fp8():
+    argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--ckpt-format"))
+    job = job_config_from_args(build_parser().parse_args(argv), world_size=8)
+    model = job.model
+    assert (model.num_query_groups, model.head_dim, model.qkv_size) == (8, 128, 48 * 128)
+    assert model.apply_layernorm_1p and not model.add_bias_linear
+    assert job.optimizer.grad_reduce_dtype == "bf16" and job.optimizer.decoupled_lr == 5e-4
+    assert job.data.split == "99,1,0" and job.training.profile
+    assert job.parallel.sequence_parallel is False  # TP 1: ignored with a warning, as in Megatron
+    ignored = "\n".join(job.notices)
+    for flag in ("--use-mcore-models", "--attention-backend fused", "--cross-entropy-loss-fusion",
+                 "--manual-gc", "--empty-unused-memory-level 1", "--no-mmap-bin-files",
+                 "--no-create-attention-mask-in-dataloader", "--log-throughput", "--vocab-size"):
+        assert flag in ignored
+
+
+def test_llama3_8b_fp8_gives_the_reason():
+    argv = _without(_argv(LLAMA3_8B), ("--ckpt-format",))
+    with pytest.raises(ValueError, match="--fp8-format.*FP8 training is not supported"):
+        job_config_from_args(build_parser().parse_args(argv), world_size=8)
+
+
+def test_context_parallelism_gives_a_clear_error():
+    argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--ckpt-format", "--context-parallel-size"))
+    with pytest.raises(ValueError, match="--context-parallel-size 2: context parallelism is not"):
+        job_config_from_args(build_parser().parse_args(argv + ["--context-parallel-size", "2"]),
+                             world_size=8)
