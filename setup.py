@@ -20,9 +20,13 @@ setup(
         "sentencepiece",
         "tensorboard",
         "regex",
+        "tokenizers",  # HuggingFaceTokenizer, GPT2BPETokenizer's tokenizers backend
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib",
+                 "tiktoken", "wandb"],
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
+        "wandb": ["wandb"],  # --wandb-project
         "plot": ["matplotlib"],  # tools/compare_runs.py --plot
     },
 )

@@ -18,7 +18,8 @@ slice [c + (j x dp + r) x micro, + micro), as Megatron's pretraining sampler
 cuts it, so a resumed run sees exactly the samples a continuous run would.
 
 Logging is done by the last rank (it holds the loss): Megatron's line format
-on stdout and the same values as TensorBoard scalars with --tensorboard-dir.
+on stdout and the same values as TensorBoard (and wandb) scalars; see
+`megatron_sr.training_log`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
 from megatron_sr.pipeline_parallel import get_forward_backward_func
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 from megatron_sr.random import model_parallel_seed
+from megatron_sr.training_log import (MetricsWriter, PhaseTimers, StepProfiler, format_log_line,
+                                      open_metrics_writer)
 
 _GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -364,10 +367,13 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
                forward_step, measure_update_absorption: bool = False,
                iteration: Optional[int] = None,
-               decoupled_lr: Optional[float] = None) -> StepReport:
+               decoupled_lr: Optional[float] = None,
+               timers: Optional[PhaseTimers] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
     micro-batches, model-parallel then data-parallel grad syncs, AdamW.
-    `iteration` (1-based, as logged) names the step in errors."""
+    `iteration` (1-based, as logged) names the step in errors; `timers`
+    (--log-timers-to-tensorboard) time its phases."""
+    timers = timers or PhaseTimers(False, torch.device("cpu"))
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
     optimizer.buffer.prepare_grad_sync(job.num_microbatches)
@@ -375,15 +381,16 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
         chunk.train()
     forward_backward = get_forward_backward_func()
     with communication_phase(job, "forward-backward (pipeline p2p, tensor-parallel collectives)",
-                             iteration):
+                             iteration), timers.phase("forward-backward"):
         losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
                                   model=model, num_microbatches=job.num_microbatches,
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
-    with communication_phase(job, "model-parallel grad sync", iteration):
+    with communication_phase(job, "model-parallel grad sync", iteration), \
+            timers.phase("model-parallel-grads-all-reduce"):
         finalize_model_grads(model)
-    with communication_phase(job, "optimizer step", iteration):
+    with communication_phase(job, "optimizer step", iteration), timers.phase("optimizer"):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption,
                                 decoupled_lr=decoupled_lr)
     with communication_phase(job, "loss averaging", iteration):
@@ -427,12 +434,10 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _open_tensorboard(job: JobConfig):
-    if not job.training.tensorboard_dir or not is_last_rank():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=job.training.tensorboard_dir, max_queue=100)
+def _open_metrics(job: JobConfig) -> MetricsWriter:
+    """TensorBoard / wandb writer on the last rank (inactive elsewhere)."""
+    return open_metrics_writer(job.training, is_last_rank(),
+                               run_config=checkpointing.job_description(job))
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -462,27 +467,6 @@ def write_run_summary(writer, job: JobConfig, optimizer: DistributedOptimizer) -
     writer.add_text("run/config", "\n".join(f"{k}: {v}" for k, v in rows.items()), 0)
     for kind, size in memory_report(optimizer).items():
         writer.add_scalar(f"memory/{kind}-bytes", size, 0)
-
-
-def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss: Optional[float],
-             grad_norm: float, skipped: int, nan_iterations: int, tokens_per_s: float,
-             tflops_per_device: float, absorption: Optional[float], consumed: int) -> str:
-    """Megatron's training log line, with throughput and update absorption added."""
-    parts = [f" iteration {iteration:8d}/{job.training.train_iters:8d}",
-             f"consumed samples: {consumed:12d}",
-             f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
-             f"throughput (tokens/s): {tokens_per_s:.1f}",
-             f"throughput per device (TFLOP/s/device): {tflops_per_device:.3f}",
-             f"learning rate: {lr:.6E}",
-             f"global batch size: {job.training.global_batch_size:5d}"]
-    if loss is not None:
-        parts.append(f"lm loss: {loss:.6E}")
-    parts += [f"grad norm: {grad_norm:.3f}"]
-    if absorption is not None:
-        parts.append(f"update absorption: {absorption:.4f}")
-    parts += [f"number of skipped iterations: {skipped:3d}",
-              f"number of nan iterations: {nan_iterations:3d}"]
-    return " | ".join(parts) + " |"
 
 
 def decoupled_lr_at(job: JobConfig, iteration: int) -> Optional[float]:
@@ -517,9 +501,11 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     nan_grad_iterations = fault_injection.nan_grad_iterations()
     nan_grad_step = make_forward_step(strategy, device, nan_gradients=True, data_config=job.data,
                                       eod=data.eod)
-    writer = _open_tensorboard(job)
-    if writer is not None:
-        write_run_summary(writer, job, optimizer)
+    metrics = _open_metrics(job)
+    if metrics.writer is not None:
+        write_run_summary(metrics.writer, job, optimizer)
+    timers = PhaseTimers(training.log_timers_to_tensorboard and is_last_rank(), device)
+    profiler = StepProfiler(training, dist.get_rank(), device)
     sigterm = _SigtermFlag()
     tokens_per_step = training.global_batch_size * job.model.seq_length
     flops_per_step = flops_per_token(job.model) * tokens_per_step
@@ -535,11 +521,14 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             lr = scheduler.get_lr()
             log_now = (iteration + 1) % training.log_interval == 0
             step_start = time.perf_counter()
+            profiler.before_step(iteration + 1)
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
                                 iteration=iteration + 1,
-                                decoupled_lr=decoupled_lr_at(job, scheduler.iteration))
+                                decoupled_lr=decoupled_lr_at(job, scheduler.iteration),
+                                timers=timers)
+            profiler.after_step(iteration + 1)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
@@ -564,28 +553,39 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                 elapsed = interval_time / interval_steps
                 loss = sum(losses) / len(losses) if losses else None
                 tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
-                print_rank_last(log_line(
-                    iteration, job, elapsed * 1000, lr, loss, report.grad_norm,
-                    optimizer.skipped_steps, nan_iterations, tokens_per_step / elapsed, tflops,
-                    report.update_absorption, consumed_samples))
-                if writer is not None:
-                    scalars = {"learning-rate": lr, "grad-norm": report.grad_norm,
-                               "throughput/tokens-per-s": tokens_per_step / elapsed,
-                               "throughput/tflops-per-device": tflops,
-                               "skipped-iterations": optimizer.skipped_steps,
-                               "nan-iterations": nan_iterations,
-                               "consumed-samples": consumed_samples,
-                               "memory/peak-bytes": peak_memory_bytes(device)}
-                    if loss is not None:
-                        scalars["lm loss"] = loss
-                    if report.update_absorption is not None:
-                        scalars["update-absorption"] = report.update_absorption
-                    for name, value in scalars.items():
-                        writer.add_scalar(name, value, iteration)
+                print_rank_last(format_log_line(
+                    iteration=iteration, train_iters=training.train_iters,
+                    consumed_samples=consumed_samples, elapsed_ms=elapsed * 1000,
+                    tflops_per_device=tflops, lr=lr,
+                    global_batch_size=training.global_batch_size, loss=loss,
+                    grad_norm=report.grad_norm, skipped=optimizer.skipped_steps,
+                    nan_iterations=nan_iterations, tokens_per_s=tokens_per_step / elapsed,
+                    update_absorption=report.update_absorption))
+                scalars = {"learning-rate": lr, "batch-size": training.global_batch_size,
+                           "loss-scale": 1.0, "world-size": job.world_size,
+                           "grad-norm": report.grad_norm,
+                           "throughput/tokens-per-s": tokens_per_step / elapsed,
+                           "throughput/tflops-per-device": tflops,
+                           "skipped-iterations": optimizer.skipped_steps,
+                           "nan-iterations": nan_iterations,
+                           "consumed-samples": consumed_samples,
+                           "memory/peak-bytes": peak_memory_bytes(device)}
+                if loss is not None:
+                    scalars["lm loss"] = loss
+                if report.update_absorption is not None:
+                    scalars["update-absorption"] = report.update_absorption
+                if timers.enabled:
+                    scalars["iteration-time"] = elapsed
+                    scalars["throughput"] = tflops
+                    scalars.update({f"{name}-time": seconds / interval_steps
+                                    for name, seconds in timers.pop().items()})
+                for name, value in scalars.items():
+                    metrics.scalar(name, value, iteration, consumed_samples)
                 interval_time, interval_steps, losses = 0.0, 0, []
             if training.eval_interval and iteration % training.eval_interval == 0 \
                     and data.valid is not None:
-                run_evaluation(job, model, data, forward_step, iteration, writer)
+                run_evaluation(job, model, data, forward_step, iteration, metrics,
+                               consumed_samples)
             if training.save and training.save_interval and iteration % training.save_interval == 0:
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
             elapsed_min = (time.time() - start_time) / 60
@@ -612,12 +612,13 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
         return iteration, False
     finally:
         sigterm.restore()
-        if writer is not None:
-            writer.close()
+        profiler.close()
+        metrics.close()
 
 
 def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, iteration: int,
-                   writer) -> Optional[float]:
+                   metrics: MetricsWriter, consumed_samples: Optional[int] = None
+                   ) -> Optional[float]:
     """Evaluates on the validation split from its start; logs loss and perplexity."""
     with communication_phase(job, "evaluation", iteration):
         loss = evaluate(job, model, data.valid_iterators(), forward_step)
@@ -626,9 +627,8 @@ def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, itera
         line = f"validation loss at iteration {iteration} | lm loss value: {loss:.6E} | " \
                f"lm loss PPL: {ppl:.6E} |"
         print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
-        if writer is not None:
-            writer.add_scalar("lm loss validation", loss, iteration)
-            writer.add_scalar("lm loss validation ppl", ppl, iteration)
+        metrics.scalar("lm loss validation", loss, iteration, consumed_samples)
+        metrics.scalar("lm loss validation ppl", ppl, iteration, consumed_samples)
     return loss
 
 
@@ -677,15 +677,15 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
         if not (stopped_early or evaluated_last) and job.training.eval_iters \
                 and data_streams.valid is not None:
-            writer = _open_tensorboard(job)
+            metrics = _open_metrics(job)
             try:
                 run_evaluation(job, model, data_streams,
                                make_forward_step(optimizer.strategy, device,
                                                  data_config=job.data, eod=data_streams.eod),
-                               last, writer)
+                               last, metrics, consumed + (last - iteration)
+                               * job.training.global_batch_size)
             finally:
-                if writer is not None:
-                    writer.close()
+                metrics.close()
         return last
     finally:
         parallel_state.destroy_model_parallel()

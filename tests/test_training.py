@@ -164,19 +164,21 @@ def test_consecutive_nan_steps_stop_the_job_with_a_clear_message():
 
 E2E_ITERS = 4
 
-LOG_LINE = re.compile(
-    r"^ iteration\s+(?P<iteration>\d+)/\s*(?P<iters>\d+) \| "
+LOG_LINE = re.compile(  # Megatron's fields, then ours (tokens/s, update absorption)
+    r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\] "
+    r"iteration\s+(?P<iteration>\d+)/\s*(?P<iters>\d+) \| "
     r"consumed samples:\s+(?P<consumed>\d+) \| "
     r"elapsed time per iteration \(ms\): (?P<ms>[0-9.]+) \| "
-    r"throughput \(tokens/s\): (?P<tokens>[0-9.]+) \| "
-    r"throughput per device \(TFLOP/s/device\): (?P<tflops>[0-9.]+) \| "
+    r"throughput per GPU \(TFLOP/s/GPU\): (?P<tflops>[0-9.]+) \| "
     r"learning rate: (?P<lr>[0-9.E+-]+) \| "
     r"global batch size:\s+(?P<gbs>\d+) \| "
     r"lm loss: (?P<loss>[0-9.E+-]+) \| "
+    r"loss scale: 1\.0 \| "
     r"grad norm: (?P<grad_norm>[0-9.]+) \| "
-    r"update absorption: (?P<absorption>[0-9.]+) \| "
     r"number of skipped iterations:\s+(?P<skipped>\d+) \| "
-    r"number of nan iterations:\s+(?P<nan>\d+) \|$", re.MULTILINE)
+    r"number of nan iterations:\s+(?P<nan>\d+) \| "
+    r"throughput \(tokens/s\): (?P<tokens>[0-9.]+) \| "
+    r"update absorption: (?P<absorption>[0-9.]+) \|$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")

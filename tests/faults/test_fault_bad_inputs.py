@@ -4,6 +4,7 @@ datasets (truncated .bin, .idx of another dataset), a dataset made with
 another tokenizer; and NaN/Inf gradients are skipped and counted until
 --max-skipped-iterations in a row stop the job."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_nan_gradients_are_skipped_and_counted_then_stop_the_job(tmp_path):
     run = run_job(2, argv, str(tmp_path / "log"),
                   {"MEGATRON_SR_INJECT_NAN_GRAD_AT": "2,4,5,6"}, timeout=120)
     lines = {int(line.split("/")[0].split()[-1]): line for line in run.output.splitlines()
-             if line.startswith(" iteration ")}
+             if re.match(r" \[[0-9 :.-]+\] iteration ", line)}
     assert "iteration 2: grad norm is nan, step skipped (1 in a row)" in run.output, str(run)
     assert "number of skipped iterations:   1" in lines[2] and "grad norm: nan" in lines[2]
     assert "number of skipped iterations:   1" in lines[3] and "grad norm: nan" not in lines[3]

@@ -1,0 +1,93 @@
+"""What a Megatron user reads: the log line, TensorBoard tags (with "vs
+samples"), Weights & Biases in offline mode, per-phase timers, and the
+profiler's trace; end to end through pretrain() on one rank."""
+import datetime
+import glob
+import json
+import os
+
+import pytest
+
+from job_harness import pretrain_worker, tiny_gpt_argv
+from multiprocess import run_ranks
+
+from megatron_sr.config import TrainingConfig
+from megatron_sr.training_log import MetricsWriter, format_log_line, open_metrics_writer
+
+# Megatron-LM's training_log with --log-throughput, for these values, then our two fields.
+MEGATRON_LINE = (
+    " [2026-11-30 02:30:00.123456] iteration       10/     100 | consumed samples:           80 |"
+    " elapsed time per iteration (ms): 512.3 | throughput per GPU (TFLOP/s/GPU): 123.5 |"
+    " learning rate: 1.000000E-04 | global batch size:     8 | lm loss: 5.123457E+00 |"
+    " loss scale: 1.0 | grad norm: 0.812 | number of skipped iterations:   0 |"
+    " number of nan iterations:   0 |")
+
+
+def test_log_line_is_megatrons_then_ours():
+    line = format_log_line(
+        iteration=10, train_iters=100, consumed_samples=80, elapsed_ms=512.34,
+        tflops_per_device=123.45, lr=1e-4, global_batch_size=8, loss=5.1234567,
+        grad_norm=0.8123, skipped=0, nan_iterations=0, tokens_per_s=1234.56,
+        update_absorption=0.01234, now=datetime.datetime(2026, 11, 30, 2, 30, 0, 123456))
+    assert line == MEGATRON_LINE + " throughput (tokens/s): 1234.6 | update absorption: 0.0123 |"
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_scalars_are_also_written_against_consumed_samples(tmp_path):
+    metrics = open_metrics_writer(TrainingConfig(tensorboard_dir=str(tmp_path)), True)
+    metrics.scalar("lm loss", 2.5, 3, consumed_samples=24)
+    metrics.scalar("update-absorption", 0.5, 3, consumed_samples=24)
+    metrics.close()
+    scalars = _scalars(tmp_path)
+    assert scalars["lm loss"] == [(3, 2.5)] and scalars["lm loss vs samples"] == [(24, 2.5)]
+    assert scalars["update-absorption"] == [(3, 0.5)]
+    assert "update-absorption vs samples" not in scalars
+    assert open_metrics_writer(TrainingConfig(tensorboard_dir=str(tmp_path)), False).writer is None
+
+
+def test_wandb_offline_run_records_the_scalars(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    training = TrainingConfig(wandb_project="megatron-sr-test", wandb_exp_name="offline",
+                              wandb_save_dir=str(tmp_path))
+    metrics = open_metrics_writer(training, True, run_config={"model": {"num_layers": 2}})
+    assert isinstance(metrics, MetricsWriter) and metrics.writer is None
+    run = metrics.wandb_run
+    assert (run.name, run.project, run.config["model"]["num_layers"]) == (
+        "offline", "megatron-sr-test", 2)
+    metrics.scalar("lm loss", 2.5, 1, consumed_samples=8)
+    metrics.scalar("lm loss", 2.0, 2, consumed_samples=16)
+    metrics.close()
+    run_files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(run_files) == 1 and os.path.getsize(run_files[0]) > 0
+    assert wandb.run is None
+
+
+@pytest.mark.slow
+def test_pretrain_writes_megatrons_tags_timers_and_a_profile(tmp_path):
+    argv = tiny_gpt_argv(train_iters=4, tensorboard_dir=str(tmp_path / "tb"),
+                         log_timers_to_tensorboard=True, profile=True, profile_step_start=2,
+                         profile_step_end=4)
+    (result,) = run_ranks(pretrain_worker, 1, argv)
+    scalars = _scalars(tmp_path / "tb")
+    for tag in ("learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
+                "grad-norm"):
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
+        assert [step for step, _ in scalars[tag + " vs samples"]] == [2, 4, 6, 8], tag
+    for tag in ("iteration-time", "throughput", "forward-backward-time", "optimizer-time",
+                "model-parallel-grads-all-reduce-time"):
+        assert len(scalars[tag]) == 4 and all(value >= 0 for _, value in scalars[tag]), tag
+    traces = glob.glob(str(tmp_path / "tb" / "*.pt.trace.json*"))
+    assert len(traces) == 1, os.listdir(tmp_path / "tb")
+    with open(traces[0], encoding="utf-8") as f:
+        names = {event.get("name") for event in json.load(f)["traceEvents"]}
+    assert {"aten::scaled_dot_product_attention", "c10d::allreduce_"} <= names
