@@ -85,3 +85,33 @@ def test_missing_data_path_is_named():
     result = subprocess.run(["bash", os.path.join(ROOT, "examples", "gpt_350m.sh")],
                             env=environment, capture_output=True, text=True)
     assert result.returncode != 0 and "DATA_PATH" in result.stderr
+
+
+# ----- Llama scripts -----------------------------------------------------------------------
+
+LLAMA_SCRIPTS = {"llama3_8b.sh": (128256, 8.03e9, 8), "llama2_7b.sh": (32000, 6.74e9, 32)}
+
+
+@pytest.mark.parametrize("script", LLAMA_SCRIPTS)
+def test_llama_scripts_validate_and_have_the_published_size(script):
+    vocab, nominal, groups = LLAMA_SCRIPTS[script]
+    world_size, args = dry_run(script, TOKENIZER="/models/tokenizer")
+    job = parse_args(args, world_size).with_vocab_size(vocab)
+    model = job.model
+    assert job.data.tokenizer_type == "HuggingFaceTokenizer"
+    assert (model.activation, model.normalization, model.add_bias_linear) == ("swiglu", "RMSNorm",
+                                                                             False)
+    assert model.num_query_groups == groups and model.untie_embeddings_and_output_weights
+    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    per_layer = h * model.qkv_size + model.query_projection_size * h + 3 * h * f + 2 * h
+    params = layers * per_layer + 2 * vocab * h + h
+    assert abs(params / nominal - 1) < 0.01, params
+    assert job.optimizer.precision == "bf16-sr" and job.parallel.sequence_parallel
+
+
+def test_llama_script_names_a_missing_tokenizer():
+    environment = {k: v for k, v in os.environ.items() if k not in ("TOKENIZER", "DRY_RUN")}
+    environment["DATA_PATH"] = "/data/x_text_document"
+    result = subprocess.run(["bash", os.path.join(ROOT, "examples", "llama3_8b.sh")],
+                            env=environment, capture_output=True, text=True)
+    assert result.returncode != 0 and "TOKENIZER" in result.stderr
