@@ -36,8 +36,9 @@ Decisions where Megatron-LM leaves room:
   a hidden size below 48 must give --ffn-hidden-size.
 - `--sequence-parallel` with TP=1 is ignored with a warning, as in Megatron.
 - `--train-samples N` trains N // global batch iterations.
-- `--lr-*-samples` (with `--train-samples`) must be multiples of the global
-  batch size: the schedule counts iterations.
+- `--lr-*-samples` (with `--train-samples`) are converted to iterations, the
+  nearest when not a multiple of the global batch size (with a notice): the
+  schedule counts iterations.
 - `--finetune` needs `--load` and implies `--no-load-optim --no-load-rng`.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-                                TrainingConfig, validate_parallel_layout)
+                                TrainingConfig, global_batch_size_at, validate_parallel_layout)
 from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, padded_vocab_size
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
 from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
@@ -456,7 +457,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     `config.validate_parallel_layout`'s; the schedule checks are
     `LRSchedule.from_config`'s; the precision checks are `get_strategy`'s.
     """
-    notices = _megatron_compat(args)
+    notices = list(_megatron_compat(args))
     _check_required(args)
     _check_ranges(args)
     precision = _precision(args)
@@ -499,16 +500,17 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     num_microbatches = global_batch_size // (args.micro_batch_size * data_parallel_size)
     validate_parallel_layout(model, parallel, world_size, num_microbatches)
 
-    train_iters = _train_iters(args, global_batch_size)
+    rampup = _rampup_batch_size(args, global_batch_size, data_parallel_size)
+    train_iters = _train_iters(args, global_batch_size, rampup)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
         grad_reduce_dtype=args.grad_reduce_dtype, lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
-        lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size),
-        lr_warmup_iters=_iters_or_samples(args, "lr_warmup", global_batch_size) or 0,
+        lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size, notices),
+        lr_warmup_iters=_iters_or_samples(args, "lr_warmup", global_batch_size, notices) or 0,
         lr_warmup_fraction=args.lr_warmup_fraction,
-        lr_wsd_decay_iters=_iters_or_samples(args, "lr_wsd_decay", global_batch_size),
+        lr_wsd_decay_iters=_iters_or_samples(args, "lr_wsd_decay", global_batch_size, notices),
         lr_wsd_decay_style=args.lr_wsd_decay_style, lr_warmup_init=args.lr_warmup_init,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
@@ -537,7 +539,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
         tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
-        rampup_batch_size=_rampup_batch_size(args, global_batch_size, data_parallel_size),
+        rampup_batch_size=rampup,
         calculate_per_token_loss=args.calculate_per_token_loss,
         log_timers_to_tensorboard=args.log_timers_to_tensorboard,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
@@ -548,7 +550,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,
                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                     notices=notices)
+                     notices=tuple(notices))
 
 
 def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
@@ -576,10 +578,6 @@ def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
                          "micro-batches then hold different numbers of loss tokens and the "
                          "step's token count is not known before backward; drop one of them "
                          "(without --eod-mask-loss the per-token average is the one computed)")
-    if args.rampup_batch_size is not None:
-        raise ValueError("--rampup-batch-size is not implemented: the global batch size is "
-                         "fixed; drop the flag (the run trains at --global-batch-size from "
-                         "the start)")
     notices = []
     for dest, instead in _IGNORED_FLAGS.items():
         value = getattr(args, dest)
@@ -740,23 +738,41 @@ def _rampup_batch_size(args: argparse.Namespace, global_batch_size: int,
         raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: START and INCREMENT "
                          f"must be multiples of --micro-batch-size x data-parallel size "
                          f"({per_step})")
+    pp = args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage is not None and (
+            (start // per_step) % pp or (increment // per_step) % pp):
+        raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: interleaved "
+                         f"pipelining needs every step's micro-batch count to be a multiple of "
+                         f"--pipeline-model-parallel-size ({pp}); START and INCREMENT must be "
+                         f"multiples of {per_step * pp}")
     if (global_batch_size - start) % increment or start > global_batch_size:
         raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: --global-batch-size "
                          f"({global_batch_size}) must be START plus a multiple of INCREMENT")
     return start, increment, samples
 
 
-def _train_iters(args: argparse.Namespace, global_batch_size: int) -> int:
+def _train_iters(args: argparse.Namespace, global_batch_size: int,
+                 rampup: Optional[tuple[int, int, int]] = None) -> int:
     if args.train_iters is not None:
         return args.train_iters
+    if rampup is not None:  # Megatron's count: the ramp's steps, then full batches
+        training = TrainingConfig(global_batch_size=global_batch_size, rampup_batch_size=rampup)
+        iterations = consumed = 0
+        while consumed <= rampup[2] and consumed <= args.train_samples:
+            consumed += global_batch_size_at(training, consumed)
+            iterations += 1
+        return iterations + (args.train_samples - consumed) // global_batch_size
     if args.train_samples < global_batch_size:
         raise ValueError(f"--train-samples ({args.train_samples}) is smaller than "
                          f"--global-batch-size ({global_batch_size}): not one iteration")
     return args.train_samples // global_batch_size
 
 
-def _iters_or_samples(args: argparse.Namespace, name: str, global_batch_size: int) -> Optional[int]:
-    """The value of --<name>-iters, or --<name>-samples converted to iterations."""
+def _iters_or_samples(args: argparse.Namespace, name: str, global_batch_size: int,
+                      notices: Optional[list[str]] = None) -> Optional[int]:
+    """The value of --<name>-iters, or --<name>-samples converted to iterations
+    (rounded to the nearest when not a multiple of the global batch size, with
+    a notice: the schedule counts iterations)."""
     iters, samples = getattr(args, name + "_iters"), getattr(args, name + "_samples")
     iters_flag, samples_flag = _flag(name + "_iters"), _flag(name + "_samples")
     if samples is None:
@@ -765,10 +781,12 @@ def _iters_or_samples(args: argparse.Namespace, name: str, global_batch_size: in
         raise ValueError(f"{samples_flag} needs --train-samples; with --train-iters use {iters_flag}")
     if iters:  # --lr-warmup-iters defaults to 0, the others to None
         raise ValueError(f"{iters_flag} and {samples_flag} are exclusive: give one")
-    if samples % global_batch_size != 0:
-        raise ValueError(f"{samples_flag} ({samples}) is not a multiple of --global-batch-size "
-                         f"({global_batch_size}); the schedule counts iterations")
-    return samples // global_batch_size
+    iterations = round(samples / global_batch_size)
+    if samples % global_batch_size != 0 and notices is not None:
+        notices.append(f"[flags] {samples_flag} {samples} is not a multiple of --global-batch-size "
+                       f"{global_batch_size}: the schedule counts iterations and uses "
+                       f"{iterations} ({iterations * global_batch_size} samples)")
+    return iterations
 
 
 def _check_data(args: argparse.Namespace) -> None:

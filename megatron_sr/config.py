@@ -189,6 +189,21 @@ class TrainingConfig:
     profile_ranks: tuple[int, ...] = (0,)
 
 
+def global_batch_size_at(training: TrainingConfig, consumed_samples: int) -> int:
+    """The global batch size of the step that starts after `consumed_samples`
+    samples: --global-batch-size, or under --rampup-batch-size START INCREMENT
+    SAMPLES Megatron's ramp: START + INCREMENT x (consumed_samples //
+    (SAMPLES / number of increments)), at most --global-batch-size."""
+    if training.rampup_batch_size is None:
+        return training.global_batch_size
+    start, increment, samples = training.rampup_batch_size
+    increments = (training.global_batch_size - start) // increment
+    if increments == 0 or consumed_samples > samples:
+        return training.global_batch_size
+    per_increment = samples / increments
+    return min(training.global_batch_size, start + increment * int(consumed_samples / per_increment))
+
+
 def validate_parallel_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int,
                              num_microbatches: Optional[int] = None) -> int:
     """Checks that the model splits over the layout; returns the data-parallel size.

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.config import global_batch_size_at
 from megatron_sr.data.document_masks import DocumentInputs, document_inputs, masked_mean
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
@@ -368,22 +369,25 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                forward_step, measure_update_absorption: bool = False,
                iteration: Optional[int] = None,
                decoupled_lr: Optional[float] = None,
-               timers: Optional[PhaseTimers] = None) -> StepReport:
+               timers: Optional[PhaseTimers] = None,
+               num_microbatches: Optional[int] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
     micro-batches, model-parallel then data-parallel grad syncs, AdamW.
     `iteration` (1-based, as logged) names the step in errors; `timers`
-    (--log-timers-to-tensorboard) time its phases."""
+    (--log-timers-to-tensorboard) time its phases; `num_microbatches` per
+    data-parallel rank (default the job's; --rampup-batch-size varies it)."""
     timers = timers or PhaseTimers(False, torch.device("cpu"))
+    num_microbatches = num_microbatches or job.num_microbatches
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
-    optimizer.buffer.prepare_grad_sync(job.num_microbatches)
+    optimizer.buffer.prepare_grad_sync(num_microbatches)
     for chunk in model:
         chunk.train()
     forward_backward = get_forward_backward_func()
     with communication_phase(job, "forward-backward (pipeline p2p, tensor-parallel collectives)",
                              iteration), timers.phase("forward-backward"):
         losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
-                                  model=model, num_microbatches=job.num_microbatches,
+                                  model=model, num_microbatches=num_microbatches,
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
@@ -507,19 +511,20 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     timers = PhaseTimers(training.log_timers_to_tensorboard and is_last_rank(), device)
     profiler = StepProfiler(training, dist.get_rank(), device)
     sigterm = _SigtermFlag()
-    tokens_per_step = training.global_batch_size * job.model.seq_length
-    flops_per_step = flops_per_token(job.model) * tokens_per_step
+    flops_per_sample = flops_per_token(job.model) * job.model.seq_length
+    samples_per_microbatch_step = training.micro_batch_size * job.data_parallel_size
     start_time = time.time()
     iterators = data.train_iterators(consumed_samples)
     iteration = start_iteration
     consecutive_skips = 0
     nan_iterations = 0
-    interval_time, interval_steps = 0.0, 0
+    interval_time, interval_steps, interval_samples = 0.0, 0, 0
     losses: list[float] = []
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
             log_now = (iteration + 1) % training.log_interval == 0
+            batch_size = global_batch_size_at(training, consumed_samples)
             step_start = time.perf_counter()
             profiler.before_step(iteration + 1)
             report = train_step(job, model, optimizer, iterators, lr,
@@ -527,12 +532,14 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                 else forward_step, measure_update_absorption=log_now,
                                 iteration=iteration + 1,
                                 decoupled_lr=decoupled_lr_at(job, scheduler.iteration),
-                                timers=timers)
+                                timers=timers,
+                                num_microbatches=batch_size // samples_per_microbatch_step)
             profiler.after_step(iteration + 1)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
+            interval_samples += batch_size
             iteration += 1
-            consumed_samples += training.global_batch_size
+            consumed_samples += batch_size
             scheduler.step()
             if report.skipped:
                 consecutive_skips += 1
@@ -552,19 +559,21 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             if log_now:
                 elapsed = interval_time / interval_steps
                 loss = sum(losses) / len(losses) if losses else None
-                tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
+                tflops = (flops_per_sample * interval_samples / interval_time
+                          / dist.get_world_size() / 1e12)
+                tokens_per_s = interval_samples * job.model.seq_length / interval_time
                 print_rank_last(format_log_line(
                     iteration=iteration, train_iters=training.train_iters,
                     consumed_samples=consumed_samples, elapsed_ms=elapsed * 1000,
                     tflops_per_device=tflops, lr=lr,
-                    global_batch_size=training.global_batch_size, loss=loss,
+                    global_batch_size=batch_size, loss=loss,
                     grad_norm=report.grad_norm, skipped=optimizer.skipped_steps,
-                    nan_iterations=nan_iterations, tokens_per_s=tokens_per_step / elapsed,
+                    nan_iterations=nan_iterations, tokens_per_s=tokens_per_s,
                     update_absorption=report.update_absorption))
-                scalars = {"learning-rate": lr, "batch-size": training.global_batch_size,
+                scalars = {"learning-rate": lr, "batch-size": batch_size,
                            "loss-scale": 1.0, "world-size": job.world_size,
                            "grad-norm": report.grad_norm,
-                           "throughput/tokens-per-s": tokens_per_step / elapsed,
+                           "throughput/tokens-per-s": tokens_per_s,
                            "throughput/tflops-per-device": tflops,
                            "skipped-iterations": optimizer.skipped_steps,
                            "nan-iterations": nan_iterations,
@@ -581,7 +590,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                     for name, seconds in timers.pop().items()})
                 for name, value in scalars.items():
                     metrics.scalar(name, value, iteration, consumed_samples)
-                interval_time, interval_steps, losses = 0.0, 0, []
+                interval_time, interval_steps, interval_samples, losses = 0.0, 0, 0, []
             if training.eval_interval and iteration % training.eval_interval == 0 \
                     and data.valid is not None:
                 run_evaluation(job, model, data, forward_step, iteration, metrics,
@@ -630,6 +639,13 @@ def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, itera
         metrics.scalar("lm loss validation", loss, iteration, consumed_samples)
         metrics.scalar("lm loss validation ppl", ppl, iteration, consumed_samples)
     return loss
+
+
+def _consumed_after(job: JobConfig, consumed_samples: int, steps: int) -> int:
+    """Consumed samples after `steps` more steps (global batch sizes may ramp up)."""
+    for _ in range(steps):
+        consumed_samples += global_batch_size_at(job.training, consumed_samples)
+    return consumed_samples
 
 
 def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer, scheduler):
@@ -682,8 +698,7 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
                 run_evaluation(job, model, data_streams,
                                make_forward_step(optimizer.strategy, device,
                                                  data_config=job.data, eod=data_streams.eod),
-                               last, metrics, consumed + (last - iteration)
-                               * job.training.global_batch_size)
+                               last, metrics, _consumed_after(job, consumed, last - iteration))
             finally:
                 metrics.close()
         return last

@@ -160,6 +160,15 @@ def test_lr_samples_flags_become_iterations():
     assert (o.lr_decay_iters, o.lr_warmup_iters, o.lr_wsd_decay_iters) == (80, 10, 20)
 
 
+def test_lr_samples_not_a_multiple_of_the_batch_round_with_a_notice():
+    # Megatron's Llama-3 8B script: --lr-warmup-samples 3906252 with a global batch of 128.
+    j = job("--train-samples", "100000000", "--global-batch-size", "128",
+            "--lr-warmup-samples", "3906252", drop=("--train-iters",))
+    assert j.optimizer.lr_warmup_iters == 30518  # 3906252 / 128 = 30517.6
+    assert any("--lr-warmup-samples 3906252 is not a multiple of --global-batch-size 128" in n
+               and "uses 30518" in n for n in j.notices)
+
+
 def test_sequence_parallel_with_tp1_is_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="--sequence-parallel"):
         assert not job("--sequence-parallel").parallel.sequence_parallel
@@ -226,8 +235,6 @@ INVALID = [
     (("--min-lr", "0.01"), (), 1, ["--min-lr", "--lr"]),
     (("--lr-decay-style", "WSD"), (), 1, ["--lr-wsd-decay-iters"]),
     (("--lr-decay-samples", "50"), (), 1, ["--lr-decay-samples", "--train-samples"]),
-    (("--train-samples", "100", "--lr-warmup-samples", "10", "--global-batch-size", "4"),
-     ("--train-iters",), 1, ["--lr-warmup-samples", "--global-batch-size"]),
     (("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"), (), 1,
      ["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"]),
     (("--save-interval", "10"), (), 1, ["--save-interval", "--save"]),

@@ -135,11 +135,6 @@ LLAMA3_8B_MOCK = """
     --tiktoken-pattern v2
 """
 
-# What must be dropped to run here: FP8 (both), the GPT-3 script's --fp16, and
-# what this build does not implement yet.
-NOT_HERE = ("--fp16", "--fp8-", "--rampup-batch-size", "--ckpt-format")
-
-
 def _argv(flags: str) -> list[str]:
     return shlex.split(flags.replace("'", "\\'"), posix=True)
 
@@ -161,12 +156,13 @@ def test_every_flag_of_the_script_is_known(flags):
     assert not unknown
 
 
-def test_gpt3_175b_runs_without_fp16_and_rampup():
+def test_gpt3_175b_runs_without_fp16():
     parser = build_parser()
-    argv = _without(_argv(GPT3_175B), ("--fp16", "--rampup-batch-size"))
-    job = job_config_from_args(parser.parse_args(argv), world_size=128 * 12)
+    argv = _without(_argv(GPT3_175B), ("--fp16",))
+    job = job_config_from_args(parser.parse_args(argv), world_size=128 * 16)  # DP 16
     assert (job.model.num_layers, job.model.head_dim, job.training.global_batch_size) == (
         96, 128, 1536)
+    assert job.training.rampup_batch_size == (16, 16, 5859375)
     assert job.optimizer.precision == "bf16-sr"
     assert any("--attention-backend auto" in notice for notice in job.notices)
 
@@ -178,13 +174,15 @@ def test_gpt3_175b_fp16_gives_the_reason():
 
 def test_llama3_8b_runs_without_fp8():
     argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--ckpt-format"))
-    job = job_config_from_args(build_parser().parse_args(argv), world_size=8)
+    with pytest.warns(UserWarning, match="--sequence-parallel has no effect"):
+        job = job_config_from_args(build_parser().parse_args(argv), world_size=8)
     model = job.model
     assert (model.num_query_groups, model.head_dim, model.qkv_size) == (8, 128, 48 * 128)
     assert model.apply_layernorm_1p and not model.add_bias_linear
     assert job.optimizer.grad_reduce_dtype == "bf16" and job.optimizer.decoupled_lr == 5e-4
     assert job.data.split == "99,1,0" and job.training.profile
-    assert job.parallel.sequence_parallel is False  # TP 1: ignored with a warning, as in Megatron
+    assert job.parallel.sequence_parallel is False  # TP 1: ignored, as in Megatron
+    assert job.optimizer.lr_warmup_iters == 30518  # 3906252 samples / 128, rounded
     ignored = "\n".join(job.notices)
     for flag in ("--use-mcore-models", "--attention-backend fused", "--cross-entropy-loss-fusion",
                  "--manual-gc", "--empty-unused-memory-level 1", "--no-mmap-bin-files",
