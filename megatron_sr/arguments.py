@@ -276,6 +276,8 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="Gradient buffer and reduction dtype (default: the strategy's).")
     group.add_argument("--grad-reduce-in-bf16", action="store_true",
                        help="Megatron's flag: same as --grad-reduce-dtype bf16.")
+    group.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                       help="Megatron's flag: same as --grad-reduce-dtype fp32.")
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -504,7 +506,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     train_iters = _train_iters(args, global_batch_size, rampup)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
-        grad_reduce_dtype=args.grad_reduce_dtype, lr=args.lr, min_lr=args.min_lr,
+        grad_reduce_dtype=_grad_reduce_dtype(args), lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
         lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size, notices),
@@ -566,11 +568,6 @@ def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context "
                          f"parallelism is not implemented; use 1 (split long sequences with "
                          f"--tensor-model-parallel-size and --sequence-parallel instead)")
-    if args.grad_reduce_in_bf16:
-        if args.grad_reduce_dtype not in (None, "bf16"):
-            raise ValueError(f"--grad-reduce-in-bf16 means --grad-reduce-dtype bf16, which "
-                             f"conflicts with --grad-reduce-dtype {args.grad_reduce_dtype}")
-        args.grad_reduce_dtype = "bf16"
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:
         raise ValueError("--decoupled-min-lr needs --decoupled-lr")
     if args.calculate_per_token_loss and args.eod_mask_loss:
@@ -652,6 +649,23 @@ def _precision(args: argparse.Namespace) -> str:
                              f"--precision {args.precision}: give one")
         return "bf16-mixed"
     return DEFAULT_STRATEGY if args.precision is None else args.precision
+
+
+def _grad_reduce_dtype(args: argparse.Namespace) -> Optional[str]:
+    if args.grad_reduce_in_bf16:
+        if args.accumulate_allreduce_grads_in_fp32 or args.grad_reduce_dtype not in (None, "bf16"):
+            other = ("--accumulate-allreduce-grads-in-fp32" if args.accumulate_allreduce_grads_in_fp32
+                     else f"--grad-reduce-dtype {args.grad_reduce_dtype}")
+            raise ValueError(f"--grad-reduce-in-bf16 means --grad-reduce-dtype bf16, which "
+                             f"conflicts with {other}: give one")
+        return "bf16"
+    if args.accumulate_allreduce_grads_in_fp32:
+        if args.grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"--accumulate-allreduce-grads-in-fp32 means --grad-reduce-dtype "
+                             f"fp32, which conflicts with --grad-reduce-dtype "
+                             f"{args.grad_reduce_dtype}: give one")
+        return "fp32"
+    return args.grad_reduce_dtype
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
