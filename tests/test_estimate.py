@@ -79,6 +79,10 @@ STATE_CASES = {  # name: flags; every case runs on 4 ranks
         "--global-batch-size 2"),
     "dp4_mixed_distributed": "--bf16 --use-distributed-optimizer",
     "tp4_fp32_nobias": "--tensor-model-parallel-size 4 --precision fp32 --disable-bias-linear",
+    "tp2_dp2_gqa_kv_channels_qk_layernorm": (
+        "--tensor-model-parallel-size 2 --group-query-attention --num-query-groups 2 "
+        "--kv-channels 16 --qk-layernorm --swiglu --ffn-hidden-size 48 --normalization RMSNorm "
+        "--position-embedding-type rope --use-distributed-optimizer"),
 }
 ACTIVATION_FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
                     "--micro-batch-size 2 --vocab-size 250 --make-vocab-size-divisible-by 8 "
