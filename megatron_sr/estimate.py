@@ -40,9 +40,10 @@ else 0; k the bytes of a dropout mask element: 1 on CUDA (torch's fused
 kernel keeps a bool mask), m elsewhere (the CPU keeps it in the activation dtype)):
   norms (x2)       LayerNorm: its fp32 input 4Sbh + mean, rstd 8Sb;
                    RMSNorm: fp32 input and normalized product 8Sbh + rstd 4Sb
-  attention        qkv input m sbh, qkv output 3m sbh/t (q, k, v saved by the
-                   attention kernel; + 2m sbh/t for RoPE's rotated q, k),
-                   attention output m sbh/t (the kernel writes it in q's layout, so
+  attention        qkv input m sbh, qkv output m sbq'/t (q, k, v saved by the
+                   attention kernel; q' = (heads + 2 groups) x head dim, 3h without
+                   GQA; + m sb(heads + groups) x head dim/t for RoPE's rotated q, k),
+                   attention output m sb(heads x head dim)/t (the kernel writes it in q's layout, so
                    it is also proj's input) + log-sum-exp 4 a/t sb
   MLP              fc1 input m sbh; GELU: fc1 output + activation 2m sbf/t;
                    SwiGLU: fc1 output 2m sbf/t, silu(gate) and product 2m sbf/t
@@ -255,11 +256,14 @@ def layer_saved_bytes(model: ModelConfig, parallel: ParallelConfig, strategy: Pr
     m, residual = _matmul_bytes(strategy), strategy.param_dtype.itemsize
     if model.recompute_granularity == "full":
         return residual * local_tokens * h
-    qkv_output = (3 + (2 if model.position_embedding_type == "rope" else 0)) * m * tokens * h // tp
+    # q, k, v (heads + 2 groups heads of head_dim); RoPE keeps its rotated q and k too.
+    query, key = model.query_projection_size, model.num_query_groups * model.head_dim
+    rotated = query + key if model.position_embedding_type == "rope" else 0
+    qkv_output = m * tokens * (model.qkv_size + rotated) // tp
     log_sum_exp = 4 * tokens * model.num_attention_heads // tp
     if model.recompute_granularity == "selective":
         log_sum_exp = 0
-    attention = m * tokens * h + qkv_output + m * tokens * h // tp + log_sum_exp
+    attention = m * tokens * h + qkv_output + m * tokens * query // tp + log_sum_exp
     mlp_matrices = 4 if model.activation == "swiglu" else 2
     mlp = m * tokens * h + mlp_matrices * m * tokens * f // tp
     mask_bytes = _dropout_mask_bytes(strategy, device)

@@ -175,8 +175,9 @@ def flops_per_token(config: ModelConfig, training: bool = True) -> float:
     matrices), 2 * 2 * s * n * d for q k^T and (attention) v, counted without
     the causal half-saving, as PaLM's MFU does; plus 2 * h * V for the logits.
     Training = forward + backward (2x forward); full recomputation adds one
-    more forward of the layers (every layer under --recompute-method uniform,
-    --recompute-num-layers per chunk under block). Norms, softmax and
+    more forward of the layers (every layer under --recompute-method uniform;
+    under block --recompute-num-layers layers, counted once as for a single
+    pipeline chunk). Norms, softmax and
     elementwise ops are left out (a few percent).
     """
     h, f, s = config.hidden_size, config.ffn_hidden_size, config.seq_length
