@@ -498,10 +498,12 @@ def _agree(flags: Sequence[bool], device) -> list[bool]:
 
 
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
-          data: DataStreams, start_iteration: int, consumed_samples: int) -> tuple[int, bool]:
+          data: DataStreams, start_iteration: int, consumed_samples: int,
+          metrics: Optional[MetricsWriter] = None) -> tuple[int, bool]:
     """Runs steps until --train-iters or an exit condition; returns (last
     iteration, whether an exit condition stopped it early). Saves with --save
-    at --save-interval and on every exit."""
+    at --save-interval and on every exit. `metrics`: the caller's writer (left
+    open); None: one opened and closed here."""
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
@@ -509,7 +511,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     nan_grad_iterations = fault_injection.nan_grad_iterations()
     nan_grad_step = make_forward_step(strategy, device, nan_gradients=True, data_config=job.data,
                                       eod=data.eod)
-    metrics = _open_metrics(job)
+    own_metrics = metrics is None
+    metrics = _open_metrics(job) if own_metrics else metrics
     if metrics.writer is not None:
         write_run_summary(metrics.writer, job, optimizer)
     timers = PhaseTimers(training.log_timers_to_tensorboard and is_last_rank(), device)
@@ -626,7 +629,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     finally:
         sigterm.restore()
         profiler.close()
-        metrics.close()
+        if own_metrics:
+            metrics.close()
 
 
 def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, iteration: int,
@@ -694,19 +698,19 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         iteration, consumed = checkpointing.load_training_checkpoint(job, model, optimizer,
                                                                      scheduler)
         data_streams = DataStreams(job, tokenizer, model)
-        last, stopped_early = train(job, model, optimizer, scheduler, data_streams, iteration,
-                                    consumed)
-        evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
-        if not (stopped_early or evaluated_last) and job.training.eval_iters \
-                and data_streams.valid is not None:
-            metrics = _open_metrics(job)
-            try:
+        metrics = _open_metrics(job)  # one TensorBoard writer / wandb run for the whole job
+        try:
+            last, stopped_early = train(job, model, optimizer, scheduler, data_streams,
+                                        iteration, consumed, metrics)
+            evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
+            if not (stopped_early or evaluated_last) and job.training.eval_iters \
+                    and data_streams.valid is not None:
                 run_evaluation(job, model, data_streams,
                                make_forward_step(optimizer.strategy, device,
                                                  data_config=job.data, eod=data_streams.eod),
                                last, metrics, _consumed_after(job, consumed, last - iteration))
-            finally:
-                metrics.close()
+        finally:
+            metrics.close()
         return last
     finally:
         parallel_state.destroy_model_parallel()
