@@ -197,7 +197,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calculate-per-token-loss", action="store_true",
                        help="Average the loss over the step's loss tokens (all micro-batches and "
                             "data-parallel ranks together) instead of averaging per-micro-batch "
-                            "means; they differ only when --eod-mask-loss masks tokens.")
+                            "means; they differ only when --eod-mask-loss masks tokens (then the "
+                            "step's micro-batches are read ahead to count them).")
     group.add_argument("--max-skipped-iterations", type=int,
                        default=TrainingConfig.max_skipped_iterations,
                        help="Stop after this many consecutive steps skipped for NaN/Inf gradients.")
@@ -570,11 +571,6 @@ def _megatron_compat(args: argparse.Namespace) -> tuple[str, ...]:
                          f"--tensor-model-parallel-size and --sequence-parallel instead)")
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:
         raise ValueError("--decoupled-min-lr needs --decoupled-lr")
-    if args.calculate_per_token_loss and args.eod_mask_loss:
-        raise ValueError("--calculate-per-token-loss with --eod-mask-loss is not implemented: "
-                         "micro-batches then hold different numbers of loss tokens and the "
-                         "step's token count is not known before backward; drop one of them "
-                         "(without --eod-mask-loss the per-token average is the one computed)")
     notices = []
     for dest, instead in _IGNORED_FLAGS.items():
         value = getattr(args, dest)

@@ -251,43 +251,91 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
-def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
-                      nan_gradients: bool = False, data_config=None, eod: Optional[int] = None):
+class ForwardStep:
     """The schedule's forward_step_func: next micro-batch -> chunk forward ->
-    (per-token losses, mean-loss function). amp runs the forward under autocast.
+    (per-token losses, loss function). Build it with `make_forward_step`.
+
+    --calculate-per-token-loss with --eod-mask-loss: micro-batches hold
+    different numbers of loss tokens, so the step's loss is the sum of the
+    token losses over all micro-batches and data-parallel ranks divided by
+    their count, not a mean of means. `prepare_step` (train_step calls it
+    before the schedule) reads the step's micro-batches of the loss chunks
+    ahead, counts their loss tokens and all-reduces the count over the DP
+    group (last-stage ranks; one small all-reduce, no host sync); each
+    micro-batch's loss is then its token-loss sum x M x DP / count, which the
+    schedule's 1/M and the DP mean turn into exactly the per-token average.
+    Without `prepare_step` (evaluation) the loss is the micro-batch's mean.
+    """
+
+    def __init__(self, strategy: PrecisionStrategy, device: torch.device, nan_gradients: bool,
+                 data_config, eod: Optional[int], per_token_loss: bool):
+        self.device, self.nan_gradients, self.data_config, self.eod = (
+            device, nan_gradients, data_config, eod)
+        self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                         if strategy.autocast else nullcontext())
+        self.documents = data_config is not None and (data_config.eod_mask_loss
+                                                      or data_config.reset_position_ids
+                                                      or data_config.reset_attention_mask)
+        self.per_token = bool(per_token_loss and data_config is not None
+                              and data_config.eod_mask_loss)
+        self.token_scale: Optional[torch.Tensor] = None  # M x DP / loss tokens of the step
+
+    def prepare_step(self, iterators: list, model, num_microbatches: int) -> list:
+        """The iterators for this step's schedule (see the class docstring)."""
+        if not self.per_token:
+            return iterators
+        iterators, local, loss_chunks = list(iterators), 0, False
+        for i, chunk in enumerate(model):
+            if chunk.post_process and iterators[i] is not None:
+                batches = [next(iterators[i]) for _ in range(num_microbatches)]
+                local += sum(int((b[:, :-1] != self.eod).sum()) for b in batches)
+                iterators[i], loss_chunks = iter(batches), True
+        self.token_scale = None
+        if loss_chunks:
+            count = torch.tensor(float(local), device=self.device)
+            dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+            dp = parallel_state.get_data_parallel_world_size()
+            self.token_scale = num_microbatches * dp / count.clamp(min=1.0)
+        return iterators
+
+    def loss_func(self, loss_mask, losses):
+        if self.token_scale is not None and loss_mask is not None:
+            loss = (losses.float() * loss_mask).sum() * self.token_scale
+        else:
+            loss = masked_mean(losses, loss_mask)
+        return _NaNGradient.apply(loss) if self.nan_gradients else loss
+
+    def __call__(self, data_iterator, chunk):
+        tokens = labels = None
+        inputs = DocumentInputs(None, None, None)
+        if data_iterator is not None:
+            batch = next(data_iterator).to(self.device, non_blocking=True)
+            tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+            if self.documents:
+                config = self.data_config
+                inputs = document_inputs(
+                    tokens, self.eod, eod_mask_loss=config.eod_mask_loss,
+                    reset_position_ids=config.reset_position_ids,
+                    reset_attention_mask=config.reset_attention_mask)
+        with self.autocast:
+            output = chunk(tokens, position_ids=inputs.position_ids,
+                           labels=labels if chunk.post_process else None,
+                           attention_mask=inputs.attention_mask)
+        return output, partial(self.loss_func, inputs.loss_mask)
+
+
+def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
+                      nan_gradients: bool = False, data_config=None,
+                      eod: Optional[int] = None, per_token_loss: bool = False) -> ForwardStep:
+    """The schedule's forward_step_func. amp runs the forward under autocast.
     `nan_gradients` (fault injection): the loss keeps its value but its
     backward yields NaN gradients for every parameter. With `data_config`'s
     --eod-mask-loss / --reset-position-ids / --reset-attention-mask (and the
     tokenizer's `eod`), the chunk gets document positions and masks
-    (`megatron_sr.data.document_masks`) and the loss averages the unmasked tokens."""
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if strategy.autocast else nullcontext())
-    documents = data_config is not None and (data_config.eod_mask_loss
-                                             or data_config.reset_position_ids
-                                             or data_config.reset_attention_mask)
-
-    def loss_func(loss_mask, losses):
-        loss = masked_mean(losses, loss_mask)
-        return _NaNGradient.apply(loss) if nan_gradients else loss
-
-    def forward_step(data_iterator, chunk):
-        tokens = labels = None
-        inputs = DocumentInputs(None, None, None)
-        if data_iterator is not None:
-            batch = next(data_iterator).to(device, non_blocking=True)
-            tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-            if documents:
-                inputs = document_inputs(
-                    tokens, eod, eod_mask_loss=data_config.eod_mask_loss,
-                    reset_position_ids=data_config.reset_position_ids,
-                    reset_attention_mask=data_config.reset_attention_mask)
-        with autocast:
-            output = chunk(tokens, position_ids=inputs.position_ids,
-                           labels=labels if chunk.post_process else None,
-                           attention_mask=inputs.attention_mask)
-        return output, partial(loss_func, inputs.loss_mask)
-
-    return forward_step
+    (`megatron_sr.data.document_masks`) and the loss averages the unmasked
+    tokens (per micro-batch, or over the step with `per_token_loss`,
+    --calculate-per-token-loss)."""
+    return ForwardStep(strategy, device, nan_gradients, data_config, eod, per_token_loss)
 
 
 @dataclasses.dataclass
@@ -385,6 +433,9 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     for chunk in model:
         chunk.train()
     forward_backward = get_forward_backward_func()
+    if isinstance(forward_step, ForwardStep):
+        with communication_phase(job, "loss-token count all-reduce", iteration):
+            iterators = forward_step.prepare_step(iterators, model, num_microbatches)
     with communication_phase(job, "forward-backward (pipeline p2p, tensor-parallel collectives)",
                              iteration), timers.phase("forward-backward"):
         losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
@@ -507,10 +558,12 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
-    forward_step = make_forward_step(strategy, device, data_config=job.data, eod=data.eod)
+    forward_step = make_forward_step(strategy, device, data_config=job.data, eod=data.eod,
+                                     per_token_loss=training.calculate_per_token_loss)
     nan_grad_iterations = fault_injection.nan_grad_iterations()
     nan_grad_step = make_forward_step(strategy, device, nan_gradients=True, data_config=job.data,
-                                      eod=data.eod)
+                                      eod=data.eod,
+                                      per_token_loss=training.calculate_per_token_loss)
     own_metrics = metrics is None
     metrics = _open_metrics(job) if own_metrics else metrics
     if metrics.writer is not None:
