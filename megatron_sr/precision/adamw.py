@@ -35,13 +35,13 @@ import torch
 
 from megatron_sr.precision import native, rounding
 from megatron_sr.precision.adamw_compiled import run_compiled
-from megatron_sr.precision.adamw_torch import adamw_coefficients, run_eager, write_modes
+from megatron_sr.precision.adamw_torch import adamw_coefficient_values, adamw_coefficients, run_eager, write_modes
 from megatron_sr.precision.backend import (BACKEND_ENV, BACKENDS, COMPILE_ENV, COMPILE_MIN_NUMEL,
                                            resolve_backend, torch_cpu_backend)
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "COMPILE_ENV", "COMPILE_MIN_NUMEL", "SegmentTable", "adamw_coefficients",
-           "adamw_shard_step", "adamw_step", "resolve_backend", "write_modes"]
+           "adamw_shard_step", "adamw_step", "resolve_backend", "sr_key_tensor", "write_modes"]
 
 _BLOCK_SIZE = 1024  # kernels.BLOCK_SIZE, without importing triton on the CPU paths
 
@@ -129,9 +129,9 @@ def _check_scalars(step: int, sr_keys: Sequence[int]) -> None:
             raise ValueError(f"adamw_step: sr_key {key} must be in [0, 2^63)")
 
 
-def _key_tensor(sr_keys, device: torch.device) -> torch.Tensor:
-    """The int64 keys on `device`; from host ints through pinned memory on CUDA
-    (an asynchronous copy: no host sync)."""
+def sr_key_tensor(sr_keys: Union[Sequence[int], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The SR keys as an int64 tensor on `device`; host ints travel through
+    pinned memory on CUDA (an asynchronous copy: no host sync)."""
     if isinstance(sr_keys, torch.Tensor):
         return sr_keys.to(device=device, dtype=torch.int64)
     keys = torch.tensor(list(sr_keys), dtype=torch.int64, pin_memory=device.type == "cuda")
@@ -181,8 +181,8 @@ def adamw_shard_step(strategy: Union[str, PrecisionStrategy], param: torch.Tenso
         if not isinstance(sr_keys, torch.Tensor):
             _check_scalars(step, sr_keys)
         table, total_blocks = segments.device_table(param.device)
-        coefficients = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step).tolist()[:9]
-        kernels.adamw_step(*tensors, coefficients, table, _key_tensor(sr_keys, param.device),
+        coefficients = adamw_coefficient_values(lr, beta1, beta2, eps, weight_decay, step)[:9]
+        kernels.adamw_step(*tensors, coefficients, table, sr_key_tensor(sr_keys, param.device),
                            None if grad_scale is None else grad_scale.reshape(()), total_blocks,
                            param_write=modes[0], exp_avg_write=modes[1], exp_avg_sq_write=modes[2])
         return

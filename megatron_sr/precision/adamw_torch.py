@@ -14,6 +14,8 @@ constexprs and the C kernel use the same codes.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from megatron_sr.precision import rounding
@@ -40,16 +42,25 @@ def write_modes(strategy: PrecisionStrategy) -> tuple[int, int, int]:
             _write_mode(strategy.exp_avg_sq_dtype, strategy.state_rounding))
 
 
-def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                       step: int, grad_scale: float = 1.0) -> torch.Tensor:
-    """The ten fp32 scalars every backend computes with: lr, beta1, 1-beta1,
-    beta2, 1-beta2, 1/bc1, 1/bc2, eps, 1-lr*wd, grad_scale (derived in
-    float64, then rounded once to fp32). The gradient is multiplied by
-    grad_scale in fp32 before use (1.0: exactly the gradient)."""
+def adamw_coefficient_values(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                             step: int, grad_scale: float = 1.0) -> list[float]:
+    """The ten scalars every backend computes with, as Python floats holding
+    fp32 values: lr, beta1, 1-beta1, beta2, 1-beta2, 1/bc1, 1/bc2, eps,
+    1-lr*wd, grad_scale (derived in float64, then rounded once to fp32). The
+    gradient is multiplied by grad_scale in fp32 before use (1.0: exactly
+    the gradient)."""
     values = [lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
               1.0 / (1.0 - beta1 ** step), 1.0 / (1.0 - beta2 ** step), eps, 1.0 - lr * weight_decay,
               grad_scale]
-    return torch.tensor(values, dtype=torch.float32)
+    # struct's 'f' rounds a double to the nearest fp32, as torch's float64 -> float32 cast does.
+    return list(struct.unpack("10f", struct.pack("10f", *values)))
+
+
+def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                       step: int, grad_scale: float = 1.0) -> torch.Tensor:
+    """`adamw_coefficient_values` as an fp32 tensor of ten values (CPU)."""
+    return torch.tensor(adamw_coefficient_values(lr, beta1, beta2, eps, weight_decay, step, grad_scale),
+                        dtype=torch.float32)
 
 
 def _round_for_write(value: torch.Tensor, mode: int, random16) -> torch.Tensor:
