@@ -26,7 +26,7 @@ from megatron_sr.precision import native
 from megatron_sr.precision.adamw import SegmentTable, adamw_shard_step, adamw_step
 from megatron_sr.precision.strategies import get_strategy
 from megatron_sr.random import sr_key
-from precision_helpers import TRITON_AVAILABLE, same_bits
+from precision_helpers import DEVICE, TRITON_AVAILABLE, same_bits
 from test_precision_adamw import HYPER, STRATEGY_VARIANTS, clone, make_state
 
 needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")
@@ -39,6 +39,16 @@ SEGMENTS = SegmentTable(starts=[0, 5, 700, 701, 702, 2000], lengths=[5, 690, 0, 
                         offsets=[3, 0, 10, (1 << 32) + 1, 64, 7],
                         weight_decay=[True, False, True, False, True, True])
 SHARD_NUMEL = 3000
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's tensors live: Triton on CUDA when there is a GPU (else
+    the interpreter on the CPU), the others on the CPU."""
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def on(device: str, state: dict) -> dict:
+    return {name: t.to(device) for name, t in state.items()}
 
 
 def segment_keys(step: int) -> list[int]:
@@ -63,12 +73,13 @@ def shard_call(strategy, state, step: int, backend: str, grad_scale=None) -> Non
 def test_shard_step_equals_one_call_per_segment(backend, name, state_dtype):
     strategy = get_strategy(name, state_dtype)
     reference = make_state(strategy, SHARD_NUMEL, seed=5)
-    shard = clone(reference)
+    device = backend_device(backend)
+    shard = on(device, reference)
     for step in (1, 2):
         one_call_per_segment(strategy, reference, step)
-        shard_call(strategy, shard, step, backend, grad_scale=torch.ones(()) if step == 2 else None)
+        shard_call(strategy, shard, step, backend, grad_scale=torch.ones((), device=device) if step == 2 else None)
     for key in reference:
-        assert same_bits(shard[key], reference[key]), key
+        assert same_bits(shard[key].cpu(), reference[key]), key
 
 
 @pytest.mark.parametrize("name, state_dtype", STRATEGY_VARIANTS)
@@ -80,8 +91,9 @@ def test_backends_agree_on_a_gradient_scale(name, state_dtype):
     for backend in ("eager", "native", "triton"):
         if (backend == "native" and not native.available()) or (backend == "triton" and not TRITON_AVAILABLE):
             continue
-        results[backend] = clone(initial)
-        shard_call(strategy, results[backend], 3, backend, grad_scale=scale)
+        results[backend] = on(backend_device(backend), initial)
+        shard_call(strategy, results[backend], 3, backend, grad_scale=scale.to(backend_device(backend)))
+        results[backend] = on("cpu", results[backend])
     unscaled = clone(initial)
     shard_call(strategy, unscaled, 3, "eager")
     assert not same_bits(unscaled["exp_avg"], results["eager"]["exp_avg"])  # the scale is applied
@@ -94,11 +106,12 @@ def test_backends_agree_on_a_gradient_scale(name, state_dtype):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_grad_scale_writes_nothing(backend, bad):
     strategy = get_strategy("bf16-kahan")
-    state = make_state(strategy, SHARD_NUMEL, seed=7)
+    device = backend_device(backend)
+    state = make_state(strategy, SHARD_NUMEL, seed=7, device=device)
     before = clone(state)
-    shard_call(strategy, state, 1, backend, grad_scale=torch.tensor(bad, dtype=torch.float32))
+    shard_call(strategy, state, 1, backend, grad_scale=torch.tensor(bad, dtype=torch.float32, device=device))
     for key in state:
-        assert same_bits(state[key], before[key]), key
+        assert same_bits(state[key].cpu(), before[key].cpu()), key
 
 
 def test_segment_table_rejects_overlaps_and_short_tensors():
@@ -140,12 +153,13 @@ def gpt_400m_params(hidden: int = 8, layers: int = 24, vocab: int = 64):
 
 
 def make_optimizer(strategy_name: str, bucket_size: int, clip_grad: float = 1.0, seed: int = 0,
-                   layers: int = 24):
+                   layers: int = 24, device: str = "cpu"):
     strategy = get_strategy(strategy_name)
     generator = torch.Generator().manual_seed(seed)
     params, infos = [], []
     for name, shape, decay in gpt_400m_params(layers=layers):
-        params.append(torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(strategy.param_dtype)))
+        params.append(torch.nn.Parameter(
+            (torch.randn(shape, generator=generator) * 0.02).to(device=device, dtype=strategy.param_dtype)))
         infos.append(ParamInfo(name=name, sr_tp_rank=None, weight_decay=decay, count_in_grad_norm=True))
     buffer = ParamAndGradBuffer(params, infos, strategy.param_dtype, strategy.grad_dtype,
                                 data_parallel_group=None, distributed=True, bucket_size=bucket_size)
@@ -160,9 +174,9 @@ def fill_grads(optimizer, seed: int, scale: float = 1e-2) -> None:
 
 
 def snapshot(optimizer) -> dict:
-    tensors = {"params": optimizer.buffer.param_buffer.clone()}
+    tensors = {"params": optimizer.buffer.param_buffer.cpu().clone()}
     for kind, shards in optimizer.state.items():
-        tensors[kind] = torch.cat(shards).clone()
+        tensors[kind] = torch.cat(shards).cpu()
     return tensors
 
 
@@ -200,7 +214,7 @@ def test_gpt_400m_step_launches_one_kernel_per_bucket_and_reads_the_device_once(
     from megatron_sr.precision import kernels
 
     monkeypatch.setenv("MEGATRON_SR_ADAMW_BACKEND", "triton")
-    optimizer = make_optimizer("bf16-sr", bucket_size=8000)
+    optimizer = make_optimizer("bf16-sr", bucket_size=8000, device=DEVICE)
     num_buckets = len(optimizer.buffer.layout.bucket_ranges)
     assert len(optimizer.buffer.segments) >= 292 and 3 <= num_buckets <= 10
     fill_grads(optimizer, seed=1)
@@ -221,7 +235,7 @@ def test_gpt_400m_step_launches_one_kernel_per_bucket_and_reads_the_device_once(
 @pytest.mark.parametrize("name", ["bf16-sr", "bf16-mixed", "bf16-kahan"])
 def test_a_nan_step_leaves_params_state_and_step_count_unchanged(monkeypatch, backend, name):
     monkeypatch.setenv("MEGATRON_SR_ADAMW_BACKEND", backend)
-    optimizer = make_optimizer(name, bucket_size=1500, layers=2)
+    optimizer = make_optimizer(name, bucket_size=1500, layers=2, device=backend_device(backend))
     fill_grads(optimizer, seed=2)
     assert not optimizer.step(lr=1e-2).skipped
     before, step_count = snapshot(optimizer), optimizer.step_count
@@ -244,7 +258,8 @@ def test_distributed_step_matches_eager_on_every_cpu_backend(monkeypatch):
         if (backend == "native" and not native.available()) or (backend == "triton" and not TRITON_AVAILABLE):
             continue
         monkeypatch.setenv("MEGATRON_SR_ADAMW_BACKEND", backend)
-        optimizer = make_optimizer("bf16-sr", bucket_size=1500, clip_grad=0.05, layers=2)
+        optimizer = make_optimizer("bf16-sr", bucket_size=1500, clip_grad=0.05, layers=2,
+                                   device=backend_device(backend))
         norms = []
         for step in range(2):
             fill_grads(optimizer, seed=10 + step)

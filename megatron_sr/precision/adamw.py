@@ -121,9 +121,7 @@ def _validate(strategy: PrecisionStrategy, tensors: dict) -> None:
             raise ValueError(f"adamw_step: {name} must be contiguous")
 
 
-def _check_scalars(step: int, sr_keys: Sequence[int]) -> None:
-    if step < 1:
-        raise ValueError(f"adamw_step: step must be >= 1, got {step}")
+def _check_keys(sr_keys: Sequence[int]) -> None:
     for key in sr_keys:
         if not 0 <= key <= rounding.MAX_KEY:
             raise ValueError(f"adamw_step: sr_key {key} must be in [0, 2^63)")
@@ -179,7 +177,7 @@ def adamw_shard_step(strategy: Union[str, PrecisionStrategy], param: torch.Tenso
         from megatron_sr.precision import kernels
 
         if not isinstance(sr_keys, torch.Tensor):
-            _check_scalars(step, sr_keys)
+            _check_keys(sr_keys)
         table, total_blocks = segments.device_table(param.device)
         coefficients = adamw_coefficient_values(lr, beta1, beta2, eps, weight_decay, step)[:9]
         kernels.adamw_step(*tensors, coefficients, table, sr_key_tensor(sr_keys, param.device),
@@ -191,7 +189,7 @@ def adamw_shard_step(strategy: Union[str, PrecisionStrategy], param: torch.Tenso
     if not math.isfinite(scale):
         return
     keys = sr_keys.tolist() if isinstance(sr_keys, torch.Tensor) else list(sr_keys)
-    _check_scalars(step, keys)
+    _check_keys(keys)
     with_decay = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step, scale)
     without_decay = adamw_coefficients(lr, beta1, beta2, eps, 0.0, step, scale)
     for start, length, offset, decays, key in zip(segments.starts, segments.lengths, segments.offsets,
@@ -241,7 +239,9 @@ def adamw_step(strategy: Union[str, PrecisionStrategy], param: torch.Tensor, gra
                              master=master, kahan=kahan))
     if offset < 0:
         raise ValueError(f"adamw_step: offset must be >= 0, got {offset}")
-    _check_scalars(step, [sr_key])
+    if step < 1:
+        raise ValueError(f"adamw_step: step must be >= 1, got {step}")
+    _check_keys([sr_key])
     flat = [t.view(-1) if t is not None else None for t in (param, grad, exp_avg, exp_avg_sq, master, kahan)]
     adamw_shard_step(strategy, *flat[:4], master=flat[4], kahan=flat[5],
                      segments=SegmentTable([0], [param.numel()], [offset], [True]), sr_keys=[sr_key], lr=lr,
