@@ -447,17 +447,20 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 # ----- the loop ---------------------------------------------------------------------------
 
 class _SigtermFlag:
-    """Set by SIGTERM; the loop checks it (agreed over all ranks) after each step."""
+    """Set by SIGTERM or --exit-signal (`received` names it); the loop checks it
+    (agreed over all ranks) after each step."""
 
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, exit_signal: str = "SIGTERM"):
+        self.received: Optional[str] = None
+        self._previous = {number: signal.signal(number, self._handle) for number in
+                          {signal.SIGTERM, signal.Signals[exit_signal]}}
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.received = signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def _open_tensorboard(job: JobConfig):
@@ -541,7 +544,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     writer = _open_tensorboard(job)
     if writer is not None:
         write_run_summary(writer, job, optimizer)
-    sigterm = _SigtermFlag()
+    sigterm = _SigtermFlag(training.exit_signal)
     tokens_per_step = training.global_batch_size * job.model.seq_length
     flops_per_step = flops_per_token(job.model) * tokens_per_step
     start_time = time.time()
@@ -610,13 +613,17 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
             elapsed_min = (time.time() - start_time) / 60
             with communication_phase(job, "exit-condition agreement", iteration):
-                stop_signal, out_of_time = _agree(
-                    [sigterm.received, bool(training.exit_duration_in_mins
-                                            and elapsed_min > training.exit_duration_in_mins)],
+                got_sigterm, got_exit_signal, out_of_time = _agree(
+                    [sigterm.received == "SIGTERM",
+                     sigterm.received not in (None, "SIGTERM"),
+                     bool(training.exit_duration_in_mins
+                          and elapsed_min > training.exit_duration_in_mins)],
                     device)
+            stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
-                reason = ("SIGTERM received" if stop_signal else
+                reason = ("SIGTERM received" if got_sigterm else
+                          f"{training.exit_signal} received" if got_exit_signal else
                           "--exit-duration-in-mins reached" if out_of_time else
                           "--exit-interval reached")
                 if training.save and not (training.save_interval
