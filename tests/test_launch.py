@@ -183,7 +183,8 @@ def test_the_slurm_script_resumes_after_the_time_limit_signal_and_requeues(one_n
     script = model_script(str(tmp_path / "tiny_gpt.sh"), save)
     env = environment(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", SHIM_DIR=str(shims),
                       SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
-                      SLURM_JOB_NODELIST="node[1-2]", SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=REPO,
+                      SLURM_JOB_NODELIST="node[1-2]", SLURM_CPUS_PER_TASK="1",
+                      SLURM_SUBMIT_DIR=REPO,
                       PYTHON=sys.executable, MASTER_PORT=str(free_port()))
 
     # First run: SIGUSR1 to every rank mid-run, as `#SBATCH --signal=USR1@900` sends it.
