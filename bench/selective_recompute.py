@@ -33,7 +33,6 @@ selective recomputation:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
