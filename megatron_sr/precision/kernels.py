@@ -33,6 +33,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Before 3.4, tl.randint4x with an int64 counter ran a 64-bit Philox: other bits than the contract's.
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+if _TRITON_VERSION < (3, 4):
+    raise ImportError(f"megatron_sr's Triton kernels need triton>=3.4 (setup.py), found {triton.__version__}: "
+                      f"its tl.randint4x draws other SR bits; install triton>=3.4,<3.10 or set "
+                      f"MEGATRON_SR_ADAMW_BACKEND=eager")
+
 BLOCK_SIZE = 1024
 
 # Compile options of every launch (see the module docstring).
