@@ -187,6 +187,7 @@ class TrainingConfig:
     profile_step_start: int = 10
     profile_step_end: int = 12
     profile_ranks: tuple[int, ...] = (0,)
+    exit_signal: str = "SIGTERM"  # also saves and exits, besides SIGTERM
 
 
 def global_batch_size_at(training: TrainingConfig, consumed_samples: int) -> int:

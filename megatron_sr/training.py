@@ -1,6 +1,10 @@
 """The training job: set-up, the train/eval loop, logging, exits.
 
-`pretrain(argv)` is what `pretrain_gpt.py` runs on every rank under torchrun:
+`pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func)`
+is what `pretrain_gpt.py` runs on every rank under torchrun, in Megatron-LM's
+shape: the three providers say what is trained (the model chunk, the loss, the
+data) and `pretrain` does the rest (see `pretrain` for their contracts; None
+takes the library's GPT default, which `pretrain_gpt.py` spells out):
 
     initialize_distributed   backend and device (CUDA+NCCL, else CPU+Gloo), process groups, seeds
     build_tokenizer          the vocabulary pads the model's embedding
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import signal
@@ -32,8 +37,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,7 +46,7 @@ from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.config import global_batch_size_at
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
-from megatron_sr.data.document_masks import DocumentInputs, document_inputs, masked_mean
+from megatron_sr.data.document_masks import document_inputs
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
@@ -137,16 +141,19 @@ def grad_dtype(job: JobConfig, strategy: PrecisionStrategy) -> torch.dtype:
     return _GRAD_DTYPES[job.optimizer.grad_reduce_dtype]
 
 
-def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None):
+def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
+                              model_provider: Optional[Callable] = None):
     """(model chunks, optimizer, LR scheduler), with the param/grad buffers built.
 
     Every rank calls it after `initialize_distributed`, with `job` carrying the
-    padded vocabulary size."""
+    padded vocabulary size. `model_provider`: see `pretrain` (None: GPTModel)."""
     strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
     # --grad-reduce-dtype overrides the strategy's gradient dtype for the grad
     # buffer, the DP reduction and the AdamW step alike.
     strategy = dataclasses.replace(strategy, grad_dtype=grad_dtype(job, strategy))
-    model = build_model(job.model, job.parallel, seed=job.training.seed)
+    model = build_model(job.model, job.parallel, seed=job.training.seed,
+                        model_provider=(None if model_provider is None
+                                        else functools.partial(model_provider, job=job)))
     params = [p for chunk in model for p in chunk.parameters()]
     extra = {} if bucket_size is None else {"bucket_size": bucket_size}
     buffer = ParamAndGradBuffer(
@@ -180,6 +187,13 @@ def _format_memory_report(job: JobConfig, reports: list[dict[str, int]]) -> str:
 
 # ----- data -------------------------------------------------------------------------------
 
+def gpt_datasets_provider(train_val_test_num_samples: Sequence[int], *, job: JobConfig,
+                          tokenizer) -> tuple:
+    """The default train_valid_test_datasets_provider: Megatron GPT datasets of
+    --data-path (or --mock-data), see `megatron_sr.data.gpt_dataset`."""
+    return build_gpt_datasets(job.data, tokenizer, train_val_test_num_samples, job.training.seed)
+
+
 def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
     """Samples the train and valid splits must provide for the whole run
     (Megatron's counts); the loop never reads the test split, so it asks none."""
@@ -209,26 +223,33 @@ class DataStreams:
     """Per-chunk micro-batch iterators for training and validation.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
-    own iterator over the same stream; other chunks get None."""
+    own iterator over the same stream (a `MicroBatchStream` carrying the
+    run's `DocumentSettings`); other chunks get None, unless document
+    positions or masks are reset (--reset-position-ids,
+    --reset-attention-mask), which every chunk needs. The datasets come
+    from `datasets_provider` (see `pretrain`; None: `gpt_datasets_provider`)."""
 
-    def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module]):
+    def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module],
+                 datasets_provider: Optional[Callable] = None):
         self.job = job
         self.model = model
-        self.eod = tokenizer.eod
-        self.train, self.valid, _ = build_gpt_datasets(
-            job.data, tokenizer, train_valid_test_num_samples(job), job.training.seed)
+        datasets_provider = datasets_provider or gpt_datasets_provider
+        self.train, self.valid, _ = datasets_provider(train_valid_test_num_samples(job),
+                                                      job=job, tokenizer=tokenizer)
+        data = job.data
+        self.documents = DocumentSettings(tokenizer.eod, data.eod_mask_loss,
+                                          data.reset_position_ids, data.reset_attention_mask)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return [None] * len(self.model)
-        # Positions and attention masks of documents matter to every chunk.
-        every_chunk = self.job.data.reset_position_ids or self.job.data.reset_attention_mask
-        return [micro_batches(dataset, consumed, self.job.training.micro_batch_size,
-                              self.dp_rank, self.dp_size)
-                if chunk.pre_process or chunk.post_process or every_chunk else None
-                for chunk in self.model]
+        return [MicroBatchStream(micro_batches(dataset, consumed,
+                                               self.job.training.micro_batch_size,
+                                               self.dp_rank, self.dp_size), self.documents)
+                if chunk.pre_process or chunk.post_process or self.documents.every_chunk
+                else None for chunk in self.model]
 
     def train_iterators(self, consumed_samples: int):
         return self._iterators(self.train, consumed_samples)
@@ -251,91 +272,157 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
-class ForwardStep:
-    """The schedule's forward_step_func: next micro-batch -> chunk forward ->
-    (per-token losses, loss function). Build it with `make_forward_step`.
+@dataclasses.dataclass(frozen=True)
+class DocumentSettings:
+    """The run's document-aware flags and the tokenizer's eod id."""
 
-    --calculate-per-token-loss with --eod-mask-loss: micro-batches hold
-    different numbers of loss tokens, so the step's loss is the sum of the
-    token losses over all micro-batches and data-parallel ranks divided by
-    their count, not a mean of means. `prepare_step` (train_step calls it
-    before the schedule) reads the step's micro-batches of the loss chunks
-    ahead, counts their loss tokens and all-reduces the count over the DP
-    group (last-stage ranks; one small all-reduce, no host sync); each
-    micro-batch's loss is then its token-loss sum x M x DP / count, which the
-    schedule's 1/M and the DP mean turn into exactly the per-token average.
-    Without `prepare_step` (evaluation) the loss is the micro-batch's mean.
+    eod: int
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+
+    @property
+    def every_chunk(self) -> bool:
+        """Positions and attention masks of documents matter to every chunk."""
+        return self.reset_position_ids or self.reset_attention_mask
+
+
+class MicroBatchStream:
+    """An iterator over micro-batch rows that carries the run's
+    `DocumentSettings` (`documents`), which `get_batch` reads; `DataStreams`
+    makes them. A plain iterator stands for a stream without document flags."""
+
+    def __init__(self, batches: Iterator[torch.Tensor], documents: Optional[DocumentSettings]):
+        self.batches, self.documents = batches, documents
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.batches)
+
+
+def get_batch(data_iterator, model) -> tuple:
+    """(tokens, labels, loss_mask, attention_mask, position_ids) of the next
+    micro-batch for the chunk `model`, on this rank's device, in Megatron's
+    order: tokens and labels int64 [b, s] (the stream's rows [b, s + 1]
+    shifted by one); loss_mask fp32 [b, s] of the tokens that count, None when
+    all do (--eod-mask-loss); attention_mask bool [b, 1, s, s], True = may
+    attend, None for causal (--reset-attention-mask); position_ids [b, s],
+    None for 0..s-1 (--reset-position-ids); see `megatron_sr.data.document_masks`.
+    A chunk without an iterator (neither embedding nor loss, and no document
+    flags) draws nothing and gets five Nones."""
+    documents = getattr(data_iterator, "documents", None)
+    every_chunk = documents is not None and documents.every_chunk
+    if data_iterator is None or not (model.pre_process or model.post_process or every_chunk):
+        return None, None, None, None, None
+    batch = next(data_iterator).to(parallel_state.get_default_device(), non_blocking=True)
+    tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    if documents is None or not (documents.eod_mask_loss or every_chunk):
+        return tokens, labels, None, None, None
+    inputs = document_inputs(tokens, documents.eod, eod_mask_loss=documents.eod_mask_loss,
+                             reset_position_ids=documents.reset_position_ids,
+                             reset_attention_mask=documents.reset_attention_mask)
+    return tokens, labels, inputs.loss_mask, inputs.attention_mask, inputs.position_ids
+
+
+def gpt_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's mean loss (fp32 scalar) over the tokens `loss_mask` keeps
+    (all of them when None), from the per-token losses [b, s] of the last stage."""
+    losses = output_tensor.float()
+    if loss_mask is None:
+        return losses.mean()
+    return torch.sum(losses * loss_mask) / loss_mask.sum().clamp(min=1.0)
+
+
+def gpt_forward_step(data_iterator, model):
+    """The default forward_step_func (see `pretrain`): next micro-batch ->
+    chunk forward -> (per-token losses on the last stage, else hidden states;
+    the loss function of this micro-batch)."""
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
+    output_tensor = model(tokens, position_ids, labels=labels if model.post_process else None,
+                          attention_mask=attention_mask)
+    return output_tensor, functools.partial(gpt_loss_func, loss_mask)
+
+
+def _scalar_loss(loss_func, nan_gradients: bool, output_tensor):
+    loss = loss_func(output_tensor)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+        raise TypeError(
+            f"the loss function returned by forward_step must return the micro-batch's loss "
+            f"as a scalar tensor, got a {type(loss).__name__}{shape}; a Megatron-style "
+            f"(loss, num_tokens, {{'lm loss': ...}}) tuple is not supported: return the mean "
+            f"loss, which is also what the log line reports")
+    return _NaNGradient.apply(loss) if nan_gradients else loss
+
+
+class ForwardStep:
+    """The schedule's forward_step_func built by `make_forward_step`.
+
+    --calculate-per-token-loss (`per_token_loss`) with --eod-mask-loss:
+    micro-batches hold different numbers of loss tokens, so the step's loss
+    is the sum of the token losses over all micro-batches and data-parallel
+    ranks divided by their count, not a mean of means. `prepare_step`
+    (train_step calls it before the schedule) reads the step's micro-batches
+    of the loss chunks ahead, counts each one's loss tokens n_j and
+    all-reduces their sum N over the DP group (last-stage ranks; one small
+    all-reduce, no host sync); the loss function's micro-batch mean is then
+    scaled by n_j x M x DP / N, which the schedule's 1/M and the DP mean turn
+    into exactly the per-token average. Without `prepare_step` (evaluation)
+    the loss is the micro-batch's mean.
     """
 
     def __init__(self, strategy: PrecisionStrategy, device: torch.device, nan_gradients: bool,
-                 data_config, eod: Optional[int], per_token_loss: bool):
-        self.device, self.nan_gradients, self.data_config, self.eod = (
-            device, nan_gradients, data_config, eod)
+                 forward_step_func: Callable, per_token_loss: bool):
+        self.device, self.nan_gradients = device, nan_gradients
+        self.forward_step_func, self.per_token_loss = forward_step_func, per_token_loss
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                          if strategy.autocast else nullcontext())
-        self.documents = data_config is not None and (data_config.eod_mask_loss
-                                                      or data_config.reset_position_ids
-                                                      or data_config.reset_attention_mask)
-        self.per_token = bool(per_token_loss and data_config is not None
-                              and data_config.eod_mask_loss)
-        self.token_scale: Optional[torch.Tensor] = None  # M x DP / loss tokens of the step
+        self.token_scales: list[torch.Tensor] = []  # per prefetched micro-batch, in order
 
     def prepare_step(self, iterators: list, model, num_microbatches: int) -> list:
         """The iterators for this step's schedule (see the class docstring)."""
-        if not self.per_token:
+        self.token_scales = []
+        if not self.per_token_loss:
             return iterators
-        iterators, local, loss_chunks = list(iterators), 0, False
+        iterators, counts = list(iterators), []
         for i, chunk in enumerate(model):
-            if chunk.post_process and iterators[i] is not None:
+            documents = getattr(iterators[i], "documents", None)
+            if chunk.post_process and documents is not None and documents.eod_mask_loss:
                 batches = [next(iterators[i]) for _ in range(num_microbatches)]
-                local += sum(int((b[:, :-1] != self.eod).sum()) for b in batches)
-                iterators[i], loss_chunks = iter(batches), True
-        self.token_scale = None
-        if loss_chunks:
-            count = torch.tensor(float(local), device=self.device)
-            dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+                counts += [(b[:, :-1] != documents.eod).sum() for b in batches]
+                iterators[i] = MicroBatchStream(iter(batches), documents)
+        if counts:
+            local = torch.stack(counts).to(self.device, torch.float32)
+            total = local.sum()
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             dp = parallel_state.get_data_parallel_world_size()
-            self.token_scale = num_microbatches * dp / count.clamp(min=1.0)
+            self.token_scales = list(local * (num_microbatches * dp) / total.clamp(min=1.0))
         return iterators
 
-    def loss_func(self, loss_mask, losses):
-        if self.token_scale is not None and loss_mask is not None:
-            loss = (losses.float() * loss_mask).sum() * self.token_scale
-        else:
-            loss = masked_mean(losses, loss_mask)
+    def _loss(self, loss_func, output_tensor):
+        loss = _scalar_loss(loss_func, False, output_tensor)
+        if self.token_scales:
+            loss = loss * self.token_scales.pop(0)
         return _NaNGradient.apply(loss) if self.nan_gradients else loss
 
     def __call__(self, data_iterator, chunk):
-        tokens = labels = None
-        inputs = DocumentInputs(None, None, None)
-        if data_iterator is not None:
-            batch = next(data_iterator).to(self.device, non_blocking=True)
-            tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-            if self.documents:
-                config = self.data_config
-                inputs = document_inputs(
-                    tokens, self.eod, eod_mask_loss=config.eod_mask_loss,
-                    reset_position_ids=config.reset_position_ids,
-                    reset_attention_mask=config.reset_attention_mask)
         with self.autocast:
-            output = chunk(tokens, position_ids=inputs.position_ids,
-                           labels=labels if chunk.post_process else None,
-                           attention_mask=inputs.attention_mask)
-        return output, partial(self.loss_func, inputs.loss_mask)
+            output, loss_func = self.forward_step_func(data_iterator, chunk)
+        return output, functools.partial(self._loss, loss_func)
 
 
 def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
-                      nan_gradients: bool = False, data_config=None,
-                      eod: Optional[int] = None, per_token_loss: bool = False) -> ForwardStep:
-    """The schedule's forward_step_func. amp runs the forward under autocast.
-    `nan_gradients` (fault injection): the loss keeps its value but its
-    backward yields NaN gradients for every parameter. With `data_config`'s
-    --eod-mask-loss / --reset-position-ids / --reset-attention-mask (and the
-    tokenizer's `eod`), the chunk gets document positions and masks
-    (`megatron_sr.data.document_masks`) and the loss averages the unmasked
-    tokens (per micro-batch, or over the step with `per_token_loss`,
-    --calculate-per-token-loss)."""
-    return ForwardStep(strategy, device, nan_gradients, data_config, eod, per_token_loss)
+                      nan_gradients: bool = False, forward_step_func: Optional[Callable] = None,
+                      per_token_loss: bool = False) -> ForwardStep:
+    """The schedule's forward_step_func: `forward_step_func` (see `pretrain`;
+    None: `gpt_forward_step`) under torch.autocast for amp, its loss function
+    checked to return a scalar. `nan_gradients` (fault injection): the loss keeps
+    its value but its backward yields NaN gradients for every parameter.
+    `per_token_loss` (--calculate-per-token-loss): see `ForwardStep`."""
+    return ForwardStep(strategy, device, nan_gradients, forward_step_func or gpt_forward_step,
+                       per_token_loss)
 
 
 @dataclasses.dataclass
@@ -477,17 +564,20 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 # ----- the loop ---------------------------------------------------------------------------
 
 class _SigtermFlag:
-    """Set by SIGTERM; the loop checks it (agreed over all ranks) after each step."""
+    """Set by SIGTERM or --exit-signal (`received` names it); the loop checks it
+    (agreed over all ranks) after each step."""
 
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, exit_signal: str = "SIGTERM"):
+        self.received: Optional[str] = None
+        self._previous = {number: signal.signal(number, self._handle) for number in
+                          {signal.SIGTERM, signal.Signals[exit_signal]}}
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.received = signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def _open_metrics(job: JobConfig) -> MetricsWriter:
@@ -550,19 +640,20 @@ def _agree(flags: Sequence[bool], device) -> list[bool]:
 
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
           data: DataStreams, start_iteration: int, consumed_samples: int,
+          forward_step_func: Optional[Callable] = None,
           metrics: Optional[MetricsWriter] = None) -> tuple[int, bool]:
     """Runs steps until --train-iters or an exit condition; returns (last
     iteration, whether an exit condition stopped it early). Saves with --save
-    at --save-interval and on every exit. `metrics`: the caller's writer (left
-    open); None: one opened and closed here."""
+    at --save-interval and on every exit. `forward_step_func`: see `pretrain`.
+    `metrics`: the caller's writer (left open); None: one opened and closed here."""
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
-    forward_step = make_forward_step(strategy, device, data_config=job.data, eod=data.eod,
+    forward_step = make_forward_step(strategy, device, forward_step_func=forward_step_func,
                                      per_token_loss=training.calculate_per_token_loss)
     nan_grad_iterations = fault_injection.nan_grad_iterations()
-    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True, data_config=job.data,
-                                      eod=data.eod,
+    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True,
+                                      forward_step_func=forward_step_func,
                                       per_token_loss=training.calculate_per_token_loss)
     own_metrics = metrics is None
     metrics = _open_metrics(job) if own_metrics else metrics
@@ -570,7 +661,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
         write_run_summary(metrics.writer, job, optimizer)
     timers = PhaseTimers(training.log_timers_to_tensorboard and is_last_rank(), device)
     profiler = StepProfiler(training, dist.get_rank(), device)
-    sigterm = _SigtermFlag()
+    sigterm = _SigtermFlag(training.exit_signal)
     flops_per_sample = flops_per_token(job.model) * job.model.seq_length
     samples_per_microbatch_step = training.micro_batch_size * job.data_parallel_size
     start_time = time.time()
@@ -659,13 +750,17 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
             elapsed_min = (time.time() - start_time) / 60
             with communication_phase(job, "exit-condition agreement", iteration):
-                stop_signal, out_of_time = _agree(
-                    [sigterm.received, bool(training.exit_duration_in_mins
-                                            and elapsed_min > training.exit_duration_in_mins)],
+                got_sigterm, got_exit_signal, out_of_time = _agree(
+                    [sigterm.received == "SIGTERM",
+                     sigterm.received not in (None, "SIGTERM"),
+                     bool(training.exit_duration_in_mins
+                          and elapsed_min > training.exit_duration_in_mins)],
                     device)
+            stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
-                reason = ("SIGTERM received" if stop_signal else
+                reason = ("SIGTERM received" if got_sigterm else
+                          f"{training.exit_signal} received" if got_exit_signal else
                           "--exit-duration-in-mins reached" if out_of_time else
                           "--exit-interval reached")
                 if training.save and not (training.save_interval
@@ -720,9 +815,38 @@ def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer
 
 # ----- entry point --------------------------------------------------------------------------
 
-def pretrain(argv: Optional[Sequence[str]] = None) -> int:
-    """Parses Megatron-style flags and trains; returns the last iteration.
-    Called on every rank (torchrun sets RANK/WORLD_SIZE; one rank without it)."""
+def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
+             model_provider: Optional[Callable] = None,
+             forward_step_func: Optional[Callable] = None, *,
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Parses Megatron-style flags (`argv`; None: sys.argv[1:]) and trains what
+    the providers describe; returns the last iteration. Called on every rank
+    (torchrun sets RANK/WORLD_SIZE; one rank without it). Megatron-LM's
+    providers, with the job's typed config passed as keyword arguments where
+    Megatron reads its global args (None: the library's GPT default):
+
+    - `train_valid_test_datasets_provider(train_val_test_num_samples, *, job,
+      tokenizer) -> (train, valid, test)`: map-style datasets whose item i is
+      {"tokens": int64 tensor [seq_length + 1]}; valid None skips evaluation,
+      test is not read. Called once on every rank; the counts are what the run
+      consumes (train: --train-iters x global batch). Default `gpt_datasets_provider`.
+    - `model_provider(pre_process, post_process, *, job, layers, device) ->
+      model chunk`: the global layers `layers` of the model, with the embedding
+      when `pre_process` and the output layer and loss when `post_process`,
+      built on `device`; called once per chunk on every rank. The chunk keeps
+      GPTModel's interface: `pre_process`/`post_process`, `set_input_tensor`,
+      [s, b, h] hidden states between stages, and parameters made by
+      megatron_sr's layers (`build_model` initializes them from `global_name`
+      and `init_method`). Default: `GPTModel(job.model, ...)`.
+    - `forward_step_func(data_iterator, model) -> (output_tensor, loss_func)`:
+      one micro-batch through the chunk `model`, drawn from `data_iterator`
+      (int64 CPU rows [micro_batch_size, seq_length + 1]; None on chunks that
+      neither embed nor compute the loss: `get_batch` handles both). On the
+      last stage `loss_func(output_tensor)` returns the micro-batch's loss, a
+      scalar tensor: the schedule backpropagates its mean over micro-batches
+      and the log line reports it averaged over data-parallel ranks. It runs
+      under torch.autocast for --precision amp. Default `gpt_forward_step`.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = parse_args(list(argv) if argv is not None else None, world_size)
     device = initialize_distributed(job)
@@ -744,23 +868,24 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
         if device.type == "cpu":
             print_rank_0(f"[setup] {cpu_bf16_summary()}")
-        model, optimizer, scheduler = setup_model_and_optimizer(job)
+        model, optimizer, scheduler = setup_model_and_optimizer(job,
+                                                                model_provider=model_provider)
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, memory_report(optimizer))
         print_rank_0(_format_memory_report(job, reports))
         iteration, consumed = checkpointing.load_training_checkpoint(job, model, optimizer,
                                                                      scheduler)
-        data_streams = DataStreams(job, tokenizer, model)
+        data_streams = DataStreams(job, tokenizer, model, train_valid_test_datasets_provider)
         metrics = _open_metrics(job)  # one TensorBoard writer / wandb run for the whole job
         try:
             last, stopped_early = train(job, model, optimizer, scheduler, data_streams,
-                                        iteration, consumed, metrics)
+                                        iteration, consumed, forward_step_func, metrics)
             evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
             if not (stopped_early or evaluated_last) and job.training.eval_iters \
                     and data_streams.valid is not None:
                 run_evaluation(job, model, data_streams,
                                make_forward_step(optimizer.strategy, device,
-                                                 data_config=job.data, eod=data_streams.eod),
+                                                 forward_step_func=forward_step_func),
                                last, metrics, _consumed_after(job, consumed, last - iteration))
         finally:
             metrics.close()
@@ -770,10 +895,20 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         dist.destroy_process_group()
 
 
-def main() -> None:
+@contextmanager
+def exit_on_job_error():
+    """Errors a user fixes (bad flags, an unusable checkpoint, a training that
+    cannot go on, a dead or stalled rank) end the process with one line
+    `error: <message>` on stderr and exit status 1 instead of a traceback."""
     try:
-        pretrain(sys.argv[1:])
+        yield
     except (ValueError, checkpointing.CheckpointError, TrainingStopped,
             CommunicationError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def main() -> None:
+    """`pretrain` of the default GPT on sys.argv's flags, errors as messages."""
+    with exit_on_job_error():
+        pretrain(argv=sys.argv[1:])

@@ -74,3 +74,31 @@ def test_packed_documents_compute_what_each_document_computes():
     together, alone, causal_only = run_ranks(_packed_and_alone, 1)[0]
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
     assert not np.allclose(causal_only[:, 4:], alone[:, 4:], atol=1e-3)
+
+
+class _Chunk:
+    def __init__(self, pre_process, post_process):
+        self.pre_process, self.post_process = pre_process, post_process
+
+
+def test_get_batch_gives_megatrons_five_values_from_a_document_stream():
+    from megatron_sr.training import DocumentSettings, MicroBatchStream, get_batch
+
+    rows = torch.tensor([[5, 6, EOD, 7, 8, EOD, 9, 4, 3], [EOD, 1, 2, 3, 4, 5, 6, 7, 8]])
+    settings = DocumentSettings(eod=EOD, eod_mask_loss=True, reset_position_ids=True,
+                                reset_attention_mask=True)
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(
+        MicroBatchStream(iter([rows]), settings), _Chunk(True, False))
+    expected = document_inputs(rows[:, :-1], EOD, eod_mask_loss=True, reset_position_ids=True,
+                               reset_attention_mask=True)
+    assert torch.equal(tokens, rows[:, :-1]) and torch.equal(labels, rows[:, 1:])
+    assert torch.equal(loss_mask, expected.loss_mask)
+    assert torch.equal(attention_mask, expected.attention_mask)
+    assert torch.equal(position_ids, expected.position_ids)
+    # A middle pipeline chunk draws its micro-batch too: it needs positions and masks.
+    middle = get_batch(MicroBatchStream(iter([rows]), settings), _Chunk(False, False))
+    assert torch.equal(middle[3], expected.attention_mask)
+    # Without document flags (or a plain iterator): Megatron's defaults, nothing drawn mid-pipe.
+    plain = get_batch(iter([rows]), _Chunk(True, True))
+    assert plain[2:] == (None, None, None)
+    assert get_batch(None, _Chunk(False, False)) == (None,) * 5

@@ -38,9 +38,10 @@ def _step(rank, world_size, micro, per_token):
         mine = [rows[(j * dp + dp_rank) * micro:(j * dp + dp_rank + 1) * micro]
                 for j in range(job.num_microbatches)]
         forward_step = training.make_forward_step(optimizer.strategy, device,
-                                                  data_config=job.data, eod=VOCAB,
                                                   per_token_loss=per_token)
-        report = training.train_step(job, model, optimizer, [iter(mine)], 0.0, forward_step)
+        stream = training.MicroBatchStream(iter(mine), training.DocumentSettings(
+            eod=VOCAB, eod_mask_loss=True))
+        report = training.train_step(job, model, optimizer, [stream], 0.0, forward_step)
         return report.loss, report.grad_norm
     finally:
         parallel_state.destroy_model_parallel()
