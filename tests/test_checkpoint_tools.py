@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitwise import assert_same_bits
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 GPT = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -59,10 +61,10 @@ def test_reshape_round_trip_is_bit_exact(trained, tmp_path):
         reshaped = torch.load(back / relative, weights_only=True)
         assert original["model"].keys() == reshaped["model"].keys()
         for name, tensor in original["model"].items():
-            assert torch.equal(tensor, reshaped["model"][name]), name
+            assert_same_bits(tensor, reshaped["model"][name], name)
         for name, kinds in original["optimizer"]["params"].items():
             for kind, tensor in kinds.items():
-                assert torch.equal(tensor, reshaped["optimizer"]["params"][name][kind]), (name, kind)
+                assert_same_bits(tensor, reshaped["optimizer"]["params"][name][kind], f"{name} {kind}")
         assert original["lr_scheduler"] == reshaped["lr_scheduler"]
 
 
