@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
@@ -625,6 +626,8 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
                      f"{job.data_parallel_size}; --precision {job.optimizer.precision}; device "
                      f"{device.type}; vocab {job.unpadded_vocab_size} padded to "
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
+        if device.type == "cpu":
+            print_rank_0(f"[setup] {cpu_bf16_summary()}")
         model, optimizer, scheduler = setup_model_and_optimizer(job)
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, memory_report(optimizer))
