@@ -23,6 +23,7 @@ from bitwise import assert_same_bits
 from multiprocess import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a 4-rank torchrun job, then the tools on it: ~60 CPU-s together
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 GPT = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
