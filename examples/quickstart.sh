@@ -8,6 +8,7 @@
 #      torchrun on 4 CPU ranks, tensor parallel 2 x pipeline parallel 2, printing Megatron's
 #      log lines and the validation perplexity, and saves a checkpoint,
 #   4. prints a sample generated from that checkpoint with tools/text_generation.py.
+# Measured times per kind of CPU: docs/GUIDE.md#quickstart.
 # Environment: VENV (default .venv), WORK (checkpoints/TensorBoard, default .cache/quickstart),
 # TRAIN_ITERS (default 100).
 set -euo pipefail
@@ -35,6 +36,6 @@ OMP_NUM_THREADS=1 "$venv/bin/torchrun" --standalone --nproc_per_node 4 pretrain_
   --log-interval 10 --eval-interval "$train_iters" --eval-iters 10 \
   --save "$work/checkpoints" --save-interval "$train_iters" --tensorboard-dir "$work/tensorboard"
 
-echo "[sample] greedy continuation from the checkpoint just saved:"
+echo "[sample] a continuation sampled from the checkpoint just saved (temperature 0.8, top-k 40):"
 "$py" tools/text_generation.py --load "$work/checkpoints" --prompt "And God said" \
-  --max-new-tokens 24 --greedy
+  --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 1234

@@ -12,11 +12,14 @@ same way and return BF16 gradients. Costs: transient FP32 copies of the
 inputs, kept for backward (this path exists for CPU test benches, not for
 memory-bound runs). Everywhere else `linear` is `F.linear`.
 
-`scaled_dot_product_attention` does the same for attention: FP32 attention on
-the exact FP32 copies of BF16 q, k, v, output rounded to BF16 once. A GPU's
-flash attention also computes q k^T and the softmax in FP32 but rounds the
-probabilities to BF16 before multiplying by v; here they stay FP32, so the
-result is slightly more precise than a GPU's, never less.
+`scaled_dot_product_attention` does the same for attention: torch's CPU flash
+attention in FP32 on the exact FP32 copies of BF16 q, k, v, output rounded to
+BF16 once; it keeps q, k, v, the BF16 output and the FP32 log-sum-exp for
+backward, as the BF16 kernel does. A GPU's flash attention also computes
+q k^T and the softmax in FP32 but rounds the probabilities to BF16 before
+multiplying by v; here they stay FP32, so the result is slightly more precise
+than a GPU's, never less. With dropout, an explicit mask or grouped heads it
+falls back to autograd through the casts (FP32 copies saved).
 """
 from __future__ import annotations
 
@@ -66,27 +69,82 @@ def cpu_bf16_summary() -> str:
             f"bf16 strategies are no faster than fp32 here; use them for correctness, not speed")
 
 
+def _emulated_bf16(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in tensors) \
+        and not cpu_has_native_bf16()
+
+
+class _LinearInFp32(torch.autograd.Function):
+    """y = x W^T + b for BF16 x [..., in], W [out, in], b [out]: FP32 products of
+    the exact upcasts, each result rounded to BF16 once. Saves x and W (BF16)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.float(), weight.float(),
+                        None if bias is None else bias.float()).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad = grad_y.float()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.float()).to(torch.bfloat16)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0).to(torch.bfloat16)
+        return grad_x, grad_weight, grad_bias
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; for BF16 inputs on a CPU without native BF16,
     computed in FP32 from the exact upcasts and rounded to BF16 once (see the
     module docstring). Output dtype and shape are those of `F.linear`."""
     if _emulated_bf16(x, weight):
-        return F.linear(x.float(), weight.float(),
-                        None if bias is None else bias.float()).to(torch.bfloat16)
+        return _LinearInFp32.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _emulated_bf16(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in tensors) \
-        and not cpu_has_native_bf16()
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+class _FlashAttentionInFp32(torch.autograd.Function):
+    """Causal or full attention of BF16 q, k, v [b, heads, s, d] by torch's CPU
+    flash kernel in FP32; saves q, k, v, the BF16 output and the FP32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, scale):
+        out, logsumexp = _cpu_flash(q.float(), k.float(), v.float(), 0.0, is_causal, scale=scale)
+        out = out.to(torch.bfloat16)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        grads = _cpu_flash_backward(grad_out.float(), q.float(), k.float(), v.float(), out.float(),
+                                    logsumexp, 0.0, ctx.is_causal, scale=ctx.scale)
+        return (*(grad.to(torch.bfloat16) for grad in grads), None, None)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
                                  **kwargs) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, **kwargs)`; for BF16 inputs on a
-    CPU without native BF16, computed in FP32 and rounded to BF16 once."""
-    if _emulated_bf16(q, k, v):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                              **kwargs).to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    """`F.scaled_dot_product_attention`; for BF16 inputs on a CPU without native
+    BF16, computed in FP32 and rounded to BF16 once (see the module docstring)."""
+    if not _emulated_bf16(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, **kwargs)
+    if attn_mask is None and dropout_p == 0.0 and not kwargs and q.shape[1] == k.shape[1]:
+        return _FlashAttentionInFp32.apply(q, k, v, is_causal, scale)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                          **kwargs).to(torch.bfloat16)

