@@ -247,6 +247,8 @@ INVALID = [
     (("--finetune",), (), 1, ["--finetune", "--load"]),
     (("--fp16",), (), 1, ["--fp16", "--precision"]),
     (("--bf16", "--precision", "bf16-sr"), (), 1, ["--bf16", "--precision"]),
+    (("--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype", "bf16"), (), 1,
+     ["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype"]),
     (("--precision", "bf16-mixed", "--optimizer-state-dtype", "fp32"), (), 1,
      ["--optimizer-state-dtype", "--precision"]),
     (("--recompute-activations", "--recompute-granularity", "full"), (), 1,
