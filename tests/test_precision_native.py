@@ -92,7 +92,7 @@ def test_native_multithreaded_call_equals_single_threaded(name, state_dtype):
 
 
 @pytest.fixture
-def philox_path():
+def force_philox():
     """Yields `native.use_philox`; the fastest path is restored afterwards."""
     yield native.use_philox
     native.use_philox(None)
@@ -100,14 +100,14 @@ def philox_path():
 
 @needs_native
 @pytest.mark.parametrize("path", native.PHILOX_PATHS)
-def test_every_philox_path_of_this_cpu_is_bit_identical(philox_path, path):
+def test_every_philox_path_of_this_cpu_is_bit_identical(force_philox, path):
     """Each Philox code path (AVX-512, AVX2 intrinsics, portable C), forced,
     writes the eager bits: pair counters crossing 2^32 inside a vector of
     lanes (pair 10 of the first or the fourth block of 256 elements), odd
     offsets, blocks ending inside a vector group (the portable tail)."""
     if path not in native.philox_paths():
         pytest.skip(f"this CPU cannot run the {path} path (it has {native.philox_paths()})")
-    assert philox_path(path) == path == native.philox_path()
+    assert force_philox(path) == path == native.philox_path()
     for name, state_dtype in (("bf16-sr", None), ("bf16-sr", "fp32"), ("bf16-kahan", None)):
         strategy = get_strategy(name, state_dtype)
         for numel, offset in ((3001, (1 << 33) - 3 * 256 - 20), (45, (1 << 33) - 21), (1029, 7), (45, 1)):
@@ -122,15 +122,14 @@ def test_every_philox_path_of_this_cpu_is_bit_identical(philox_path, path):
         assert same_bits(native.stochastic_round(x, 3, offset), stochastic_round(x, 3, offset)), (path, offset)
 
 
-def test_unknown_or_unavailable_philox_path_is_refused(philox_path):
-    if not native.available():
-        pytest.skip("needs a C compiler")
+@needs_native
+def test_unknown_or_unavailable_philox_path_is_refused(force_philox):
     with pytest.raises(ValueError, match="not one of"):
-        philox_path("sse9")
+        force_philox("sse9")
     missing = [path for path in native.PHILOX_PATHS if path not in native.philox_paths()]
     if missing:
         with pytest.raises(ValueError, match="cannot run"):
-            philox_path(missing[0])
+            force_philox(missing[0])
     assert "portable" in native.philox_paths()
 
 

@@ -9,7 +9,7 @@ updates a whole bucket shard (its `SegmentTable`) in one C call, its
 elements split over the threads.
 
 Philox runs in uint32 lanes on one of three code paths (`PHILOX_PATHS`),
-the fastest the CPU has chosen when the library loads: "avx512" and "avx2"
+the fastest the CPU has, chosen at the first call: "avx512" and "avx2"
 intrinsics (x86), or the "portable" C loop that the compiler auto-vectorizes
 as it can (every CPU). All write the same bits; `use_philox` forces one
 (process-wide, for tests and benchmarks).

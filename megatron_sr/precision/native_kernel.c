@@ -20,9 +20,9 @@
  *
  * Work is split into blocks of BLOCK elements: prefetch the block's tensors,
  * Philox for the block's pairs into small arrays of 16-bit draws, then the
- * element loop (auto-vectorized). Philox has three code paths, chosen at
- * load time by the CPU's features (megatron_sr_set_philox_path can force an
- * available one, for tests and benchmarks): AVX-512 intrinsics (16 lanes),
+ * element loop (auto-vectorized). Philox has three code paths, the fastest
+ * the CPU has chosen at the first call (megatron_sr_set_philox_path can
+ * force an available one, for tests and benchmarks): AVX-512 intrinsics (16 lanes),
  * AVX2 intrinsics (8 lanes), and the portable scalar loop (which the
  * compiler auto-vectorizes as it can; it also does every path's tail).
  * One call updates a whole bucket shard (a table of segments) on up to
