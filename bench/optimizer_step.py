@@ -183,6 +183,10 @@ def main() -> None:
         if "native" not in backends:
             parser.error("--native-variants: the native backend is not among the backends of this run")
         variants = [f"native[{v}]" for v in args.native_variants.split(",")]
+        for variant in args.native_variants.split(","):
+            if variant.partition("/")[0] not in native.philox_paths():
+                parser.error(f"--native-variants: {variant!r}: this CPU runs the Philox paths "
+                             f"{native.philox_paths()}")
         at = backends.index("native")
         backends[at:at + 1] = variants
     print(f"device={args.device} numel={args.numel} segments={len(segments)} (hidden {args.hidden}) "
