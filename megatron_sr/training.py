@@ -8,7 +8,7 @@
                              then --load
     build_data_iterators     train/valid samples for this data-parallel rank, from consumed samples
     train                    the loop: forward-backward over micro-batches (the pipeline schedule),
-                             model-parallel grad syncs, the optimizer step; logging, evaluation,
+                             DP and model-parallel grad syncs, the optimizer step; logging, evaluation,
                              checkpoints, exits (--exit-interval, --exit-duration-in-mins, SIGTERM)
 
 Batches: global batch = micro-batch x data-parallel size x micro-batches per
@@ -40,8 +40,7 @@ from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
-from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
-                               param_is_unique_in_model)
+from megatron_sr.model import build_model, flops_per_token, param_is_unique_in_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
@@ -111,15 +110,14 @@ def _free_port() -> int:
 def param_infos(params: Sequence[torch.nn.Parameter]) -> list[ParamInfo]:
     """What the optimizer needs of each parameter, read off the model's attributes:
     global name, TP sharding, weight decay (not for biases and norms, i.e.
-    1-D tensors), counting in the grad norm, model-parallel grad syncs."""
+    1-D tensors), counting in the grad norm, model-parallel grad sums."""
     return [ParamInfo(name=p.global_name,
                       sr_tp_rank=(parallel_state.get_tensor_model_parallel_rank()
                                   if p.tensor_model_parallel else None),
                       weight_decay=p.dim() > 1,
                       count_in_grad_norm=param_is_unique_in_model(p),
-                      needs_model_parallel_grad_sync=bool(
-                          getattr(p, "sequence_parallel", False)
-                          or getattr(p, "shared_embedding", False)))
+                      sequence_parallel_grad=bool(getattr(p, "sequence_parallel", False)),
+                      tied_embedding=bool(getattr(p, "shared_embedding", False)))
             for p in params]
 
 
@@ -147,7 +145,10 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None)
         parallel_state.get_data_parallel_group(),
         distributed=job.parallel.use_distributed_optimizer,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
-        overlap_param_gather=job.parallel.overlap_param_gather, **extra)
+        overlap_param_gather=job.parallel.overlap_param_gather,
+        tensor_parallel_group=parallel_state.get_tensor_model_parallel_group(),
+        embedding_group=(parallel_state.get_embedding_group()
+                         if parallel_state.is_rank_in_embedding_group() else None), **extra)
     buffer.wait_before_forward(model)
     optimizer = DistributedOptimizer(buffer, strategy, job.optimizer, seed=job.training.seed)
     scheduler = LRScheduler(job.optimizer, job.training.train_iters)
@@ -288,7 +289,7 @@ def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
 # a phase that spans several collectives (the optimizer step, a checkpoint save).
 _COLLECTIVE_OF_FUNCTION = {
     "communicate": "pipeline p2p send/recv",
-    "finalize_model_grads": "model-parallel grad all-reduce",
+    "_sum_model_parallel_grads": "model-parallel grad all-reduce",
     "_launch_grad_reduce": "data-parallel grad reduce-scatter",
     "finish_grad_sync": "data-parallel grad reduce-scatter",
     "_grad_norm": "grad-norm all-reduce",
@@ -346,7 +347,9 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                forward_step, measure_update_absorption: bool = False,
                iteration: Optional[int] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
-    micro-batches, model-parallel then data-parallel grad syncs, AdamW.
+    micro-batches (each bucket's DP reduction starts from the backward hooks
+    with --overlap-grad-reduce), then the optimizer: the DP reduction's end,
+    the model-parallel grad sums on the shard, AdamW.
     `iteration` (1-based, as logged) names the step in errors."""
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
@@ -361,8 +364,6 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
-    with communication_phase(job, "model-parallel grad sync", iteration):
-        finalize_model_grads(model)
     with communication_phase(job, "optimizer step", iteration):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
     with communication_phase(job, "loss averaging", iteration):

@@ -137,7 +137,10 @@ def _grad_of(param: nn.Parameter) -> torch.Tensor:
 
 
 def finalize_model_grads(model_chunks: list[nn.Module]) -> None:
-    """The gradient syncs other than data parallelism, after the last backward of a step.
+    """The gradient syncs other than data parallelism, after the last backward
+    of a step, for gradients outside the optimizer's buffer (the buffer does
+    the same sums itself, after the DP reduction and on its shard only:
+    `ParamAndGradBuffer.finish_grad_sync`).
 
     Every rank calls it. In place on `main_grad` (if the attribute exists) or `.grad`:
     - TP > 1: gradients of `sequence_parallel` parameters (norms, row-parallel
