@@ -275,6 +275,32 @@ class StepReport:
     update_absorption: Optional[float]
 
 
+class LossAccumulator:
+    """The training losses of the steps since the last log line, kept on the
+    device so that no step waits for a loss: `add` takes this rank's mean
+    over a step's micro-batches (a device scalar; last stage only), and
+    `mean_over_data_parallel` (at log steps: one all-reduce over the DP group
+    and one host sync) returns the mean over those steps and DP ranks, or None
+    on ranks without the last stage or when no step was added."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+
+    def add(self, local_mean: torch.Tensor) -> None:
+        self.values.append(local_mean)
+
+    def mean_over_data_parallel(self) -> Optional[float]:
+        values, self.values = self.values, []
+        if not values:
+            return None
+        return _average_over_dp(values, values[0].device)
+
+
+def _local_mean(values: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """This rank's mean micro-batch loss, an fp32 device scalar (None without losses)."""
+    return torch.stack([v.float() for v in values]).mean() if values else None
+
+
 def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
     """Mean of this rank's micro-batch losses, averaged over the DP group;
     None on ranks without the last stage (which pass an empty list)."""
@@ -345,12 +371,19 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
 
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
                forward_step, measure_update_absorption: bool = False,
-               iteration: Optional[int] = None) -> StepReport:
+               iteration: Optional[int] = None,
+               loss_accumulator: Optional[LossAccumulator] = None,
+               reduce_loss: Optional[bool] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
     micro-batches (each bucket's DP reduction starts from the backward hooks
     with --overlap-grad-reduce), then the optimizer: the DP reduction's end,
     the model-parallel grad sums on the shard, AdamW.
-    `iteration` (1-based, as logged) names the step in errors."""
+    `iteration` (1-based, as logged) names the step in errors.
+    Loss: an applied step adds this rank's micro-batch mean to
+    `loss_accumulator` (on the device) when one is given. `reduce_loss`
+    (default: when no accumulator is given) also averages it over DP into
+    `StepReport.loss` (an all-reduce and a host sync); a skipped step always
+    does, so that a NaN loss is seen (all DP ranks skip together)."""
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
     optimizer.buffer.prepare_grad_sync(job.num_microbatches)
@@ -366,8 +399,13 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     fault_injection.at("train-step", iteration)
     with communication_phase(job, "optimizer step", iteration):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
-    with communication_phase(job, "loss averaging", iteration):
-        loss = _average_over_dp(losses, device)
+    local_loss = _local_mean(losses)
+    if loss_accumulator is not None and local_loss is not None and not result.skipped:
+        loss_accumulator.add(local_loss)
+    loss = None
+    if result.skipped or (loss_accumulator is None if reduce_loss is None else reduce_loss):
+        with communication_phase(job, "loss averaging", iteration):
+            loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption)
 
@@ -465,10 +503,19 @@ def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss:
     return " | ".join(parts) + " |"
 
 
-def _agree(flags: Sequence[bool], device) -> list[bool]:
-    """Each flag OR-ed over all ranks (one all-reduce)."""
-    tensor = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def host_group() -> Optional[dist.ProcessGroup]:
+    """A Gloo group over the whole world for host-side decisions (None: the
+    world group, already Gloo). Its all-reduce runs on CPU tensors, so it
+    never waits for the device's queue (the step's last all-gathers).
+    Collective: every rank calls it, once per job."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bool]:
+    """Each flag OR-ed over all ranks: one all-reduce of a CPU tensor over
+    `group` (`host_group`), no device synchronization."""
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in tensor.tolist()]
 
 
@@ -495,7 +542,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     consecutive_skips = 0
     nan_iterations = 0
     interval_time, interval_steps = 0.0, 0
-    losses: list[float] = []
+    losses = LossAccumulator()
+    agreement_group = host_group()
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
@@ -504,7 +552,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
-                                iteration=iteration + 1)
+                                iteration=iteration + 1, loss_accumulator=losses)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
@@ -523,11 +571,10 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                         f"lower --lr or a smaller --clip-grad.")
             else:
                 consecutive_skips = 0
-                if report.loss is not None:
-                    losses.append(report.loss)
             if log_now:
                 elapsed = interval_time / interval_steps
-                loss = sum(losses) / len(losses) if losses else None
+                with communication_phase(job, "loss averaging", iteration):
+                    loss = losses.mean_over_data_parallel()
                 tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
                 print_rank_last(log_line(
                     iteration, job, elapsed * 1000, lr, loss, report.grad_norm,
@@ -547,7 +594,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                         scalars["update-absorption"] = report.update_absorption
                     for name, value in scalars.items():
                         writer.add_scalar(name, value, iteration)
-                interval_time, interval_steps, losses = 0.0, 0, []
+                interval_time, interval_steps = 0.0, 0
             if training.eval_interval and iteration % training.eval_interval == 0 \
                     and data.valid is not None:
                 run_evaluation(job, model, data, forward_step, iteration, writer)
@@ -558,7 +605,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                 stop_signal, out_of_time = _agree(
                     [sigterm.received, bool(training.exit_duration_in_mins
                                             and elapsed_min > training.exit_duration_in_mins)],
-                    device)
+                    agreement_group)
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
                 reason = ("SIGTERM received" if stop_signal else
