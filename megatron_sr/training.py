@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
+from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import build_model, flops_per_token, param_is_unique_in_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
@@ -185,25 +186,12 @@ def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
     return train, valid, 0
 
 
-def micro_batches(dataset, consumed_samples: int, micro_batch_size: int,
-                  data_parallel_rank: int, data_parallel_size: int) -> Iterator[torch.Tensor]:
-    """This DP rank's micro-batches of `dataset` from `consumed_samples` on:
-    int64 tensors [micro_batch_size, seq_length + 1]. The stream wraps around
-    the dataset (validation reuses its samples when it runs past them)."""
-    stride = micro_batch_size * data_parallel_size
-    start = consumed_samples
-    while True:
-        first = start + data_parallel_rank * micro_batch_size
-        rows = [dataset[(first + i) % len(dataset)]["tokens"] for i in range(micro_batch_size)]
-        yield torch.stack(rows)
-        start += stride
-
-
 class DataStreams:
     """Per-chunk micro-batch iterators for training and validation.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
-    own iterator over the same stream; other chunks get None."""
+    own iterator over the same stream (`micro_batch_loader`: --num-workers
+    reader processes, pinned memory on CUDA); other chunks get None."""
 
     def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module]):
         self.job = job
@@ -216,8 +204,10 @@ class DataStreams:
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return [None] * len(self.model)
-        return [micro_batches(dataset, consumed, self.job.training.micro_batch_size,
-                              self.dp_rank, self.dp_size)
+        return [micro_batch_loader(dataset, consumed, self.job.training.micro_batch_size,
+                                   self.dp_rank, self.dp_size,
+                                   num_workers=self.job.data.num_workers,
+                                   pin_memory=parallel_state.get_default_device().type == "cuda")
                 if chunk.pre_process or chunk.post_process else None
                 for chunk in self.model]
 
