@@ -85,11 +85,15 @@ def named_parameters_global(model_chunks: Iterable[nn.Module]) -> Iterator[tuple
             yield param.global_name, param
 
 
-INIT_CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 22}
-"""Elements drawn at a time, per device type: bounds initialization's
-temporaries (an int64 index, a few int64 Philox and float64 Box-Muller
-buffers: ~100 bytes per element) to ~6 MB on the CPU (cache-sized) and
-~400 MB on a GPU (few kernel launches)."""
+INIT_CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 20}
+"""Elements drawn at a time, per device type. Initialization's temporaries
+(an int64 index, int64 Philox words, float64 Box-Muller terms) peak at about
+INIT_BYTES_PER_ELEMENT per element of a chunk: ~8 MB on the CPU (a
+cache-sized chunk) and ~130 MB on a GPU (few kernel launches: ~300 per chunk)."""
+
+INIT_BYTES_PER_ELEMENT = 125
+"""Peak temporary bytes per drawn element (measured on the CPU: the index and
+fp32 output, 12, plus 113 of Philox and Box-Muller temporaries)."""
 
 
 @torch.no_grad()
