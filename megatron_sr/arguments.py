@@ -232,6 +232,8 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
     group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
                        help="Gradient buffer and reduction dtype (default: the strategy's).")
+    group.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                       help="Megatron's flag: same as --grad-reduce-dtype fp32.")
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -362,7 +364,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     train_iters = _train_iters(args, global_batch_size)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
-        grad_reduce_dtype=args.grad_reduce_dtype, lr=args.lr, min_lr=args.min_lr,
+        grad_reduce_dtype=_grad_reduce_dtype(args), lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
         lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size),
@@ -455,6 +457,16 @@ def _precision(args: argparse.Namespace) -> str:
                              f"--precision {args.precision}: give one")
         return "bf16-mixed"
     return DEFAULT_STRATEGY if args.precision is None else args.precision
+
+
+def _grad_reduce_dtype(args: argparse.Namespace) -> Optional[str]:
+    if args.accumulate_allreduce_grads_in_fp32:
+        if args.grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"--accumulate-allreduce-grads-in-fp32 means --grad-reduce-dtype "
+                             f"fp32, which conflicts with --grad-reduce-dtype "
+                             f"{args.grad_reduce_dtype}: give one")
+        return "fp32"
+    return args.grad_reduce_dtype
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.data.tokenizers import build_tokenizer
@@ -462,7 +463,10 @@ def write_run_summary(writer, job: JobConfig, optimizer: DistributedOptimizer) -
     rows = {"precision": opt.precision, "lr": opt.lr, "min-lr": opt.min_lr,
             "lr-decay-style": opt.lr_decay_style, "lr-warmup-iters": opt.lr_warmup_iters,
             "weight-decay": opt.weight_decay, "train-iters": training.train_iters,
-            "global-batch-size": training.global_batch_size, "seq-length": model.seq_length,
+            "global-batch-size": training.global_batch_size,
+            "micro-batch-size": training.micro_batch_size, "seed": training.seed,
+            "grad-reduce-dtype": opt.grad_reduce_dtype or "strategy default",
+            "seq-length": model.seq_length,
             "num-layers": model.num_layers, "hidden-size": model.hidden_size,
             "world-size": job.world_size,
             "tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
@@ -663,6 +667,8 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
                      f"{job.data_parallel_size}; --precision {job.optimizer.precision}; device "
                      f"{device.type}; vocab {job.unpadded_vocab_size} padded to "
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
+        if device.type == "cpu":
+            print_rank_0(f"[setup] {cpu_bf16_summary()}")
         model, optimizer, scheduler = setup_model_and_optimizer(job)
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, memory_report(optimizer))
