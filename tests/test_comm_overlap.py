@@ -203,3 +203,67 @@ def test_tied_embedding_has_its_own_bucket_and_both_copies_stay_identical(pp2_dp
         np.testing.assert_array_equal(first["tied"][name], last["tied"][name])
     losses = next(r["losses"] for r in pp2_dp2 if r["pp_rank"] == 1)
     assert all(np.isfinite(losses))
+
+
+# ----- host synchronizations of the training loop ------------------------------------------
+
+LOG_INTERVAL, ITERS = 3, 6
+
+
+def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
+    """Runs the real job, counting the loss all-reduces (each ends in .item())
+    and recording every step's local loss as the loop hands it over."""
+    import contextlib
+    import io
+
+    from megatron_sr import training
+
+    reductions, local_losses = [], []
+    average, add, agree = (training._average_over_dp, training.LossAccumulator.add,
+                           training._agree)
+    agreements = []
+
+    def counting_average(values, device):
+        reductions.append(len(values))
+        return average(values, device)
+
+    def recording_add(self, local_mean):
+        local_losses.append(local_mean.item())
+        add(self, local_mean)
+
+    def recording_agree(flags, group):
+        agreements.append(group)
+        return agree(flags, group)
+
+    training._average_over_dp = counting_average
+    training.LossAccumulator.add = recording_add
+    training._agree = recording_agree
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            training.pretrain(argv)
+    finally:
+        training._average_over_dp, training.LossAccumulator.add = average, add
+        training._agree = agree
+    return {"reductions": reductions, "local_losses": local_losses,
+            "agreements": len(agreements), "stdout": stdout.getvalue()}
+
+
+@pytest.mark.slow
+def test_the_loss_is_reduced_and_read_only_at_log_steps():
+    import re
+
+    argv = tiny_gpt_argv(train_iters=ITERS, log_interval=LOG_INTERVAL, global_batch_size=8,
+                         micro_batch_size=2)
+    results = run_ranks(_count_loss_reductions, 2, argv, timeout=300,
+                        env={"WORLD_SIZE": "2"})
+    for result in results:
+        # One all-reduce per log line, over the steps of its interval (the loop's
+        # accumulator hands it one value per step).
+        assert result["reductions"] == [LOG_INTERVAL] * (ITERS // LOG_INTERVAL)
+        assert len(result["local_losses"]) == ITERS
+        assert result["agreements"] == ITERS
+    logged = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+) \|", results[-1]["stdout"])]
+    per_step = np.mean([r["local_losses"] for r in results], axis=0)  # the DP mean
+    expected = [per_step[i:i + LOG_INTERVAL].mean() for i in range(0, ITERS, LOG_INTERVAL)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)

@@ -98,3 +98,12 @@ def test_training_with_workers_gives_the_same_losses_and_resumes_exactly(corpus,
     (resume_dir / checkpointing.TRACKER_FILENAME).write_text("2\n")
     resumed = run_pretrain(1, _argv(corpus, tmp_path, 2, load=str(resume_dir)))
     assert losses(resumed) == losses(no_workers)[2:]
+
+
+@pytest.mark.gpu
+def test_batches_come_in_pinned_memory_for_a_cuda_device(train_dataset):
+    loader = micro_batch_loader(train_dataset, 0, 2, 0, 1, num_workers=1, pin_memory=True)
+    batch = next(loader)
+    assert batch.is_pinned()
+    assert torch.equal(batch.to("cuda", non_blocking=True).cpu(),
+                       next(micro_batch_loader(train_dataset, 0, 2, 0, 1)))
