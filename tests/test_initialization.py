@@ -11,7 +11,8 @@ Spec:
 - TP 1, 2, 4 and PP 2 / 4 (with virtual stages) hold bit-identical weights
   after gathering, in fp32 and bf16, GPT-2 and Llama-style;
 - building never creates a tensor larger than the rank's largest local
-  parameter (no full weight, bounded temporaries).
+  parameter (no full weight, bounded temporaries);
+- a 7B model builds on the meta device without allocating its weights.
 """
 from __future__ import annotations
 
@@ -178,3 +179,34 @@ def test_building_never_creates_a_full_weight_or_unbounded_temporaries():
         assert result["largest_full"] > result["largest_param"]  # the test can tell them apart
         # Parameters themselves, and per-chunk draws of at most one row more than `chunk`.
         assert result["largest_created"] <= max(result["largest_param"], 2 * chunk)
+
+
+def _build_7b_on_meta(rank, world_size):
+    import resource
+
+    from megatron_sr import parallel_state
+    from megatron_sr.config import ModelConfig, ParallelConfig
+    from megatron_sr.model import build_model
+
+    config = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                         vocab_size=32000, seq_length=4096, ffn_hidden_size=11008,
+                         position_embedding_type="rope", normalization="RMSNorm",
+                         activation="swiglu", add_bias_linear=False,
+                         untie_embeddings_and_output_weights=True)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        build_model(tiny_config(), ParallelConfig(), seed=SEED, device="meta")  # imports
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        chunks = build_model(config, ParallelConfig(), seed=SEED, device="meta")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"numel": sum(p.numel() for c in chunks for p in c.parameters()),
+                "all_meta": all(p.is_meta for c in chunks for p in c.parameters()),
+                "rss_growth": after - before}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_7b_model_builds_on_meta_without_allocating_it():
+    (result,) = run_ranks(_build_7b_on_meta, 1)
+    assert result["numel"] > 6.7e9 and result["all_meta"]
+    assert result["rss_growth"] < 64 * 2 ** 20  # vs 13.5 GB of bf16 weights

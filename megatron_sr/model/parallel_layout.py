@@ -104,10 +104,13 @@ def initialize_parameters(model_chunk: nn.Module, seed: int) -> None:
     its index in the unsharded tensor. So the values do not depend on the
     TP/PP layout, no rank materializes a full weight, and the temporaries
     are bounded by INIT_CHUNK_ELEMENTS (drawn in fp32/fp64, stored in the
-    parameter's dtype). No communication."""
+    parameter's dtype). Parameters on the meta device are left as they are.
+    No communication."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in named_parameters_global([model_chunk]):
+        if param.is_meta:  # shapes only (planning, `estimate`): nothing to draw
+            continue
         key = init_key(seed, name)
         row_numel = max(1, param[0].numel()) if param.shape[0] else 1
         chunk = INIT_CHUNK_ELEMENTS.get(param.device.type, INIT_CHUNK_ELEMENTS["cuda"])
