@@ -497,12 +497,14 @@ def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss:
     return " | ".join(parts) + " |"
 
 
-def host_group() -> Optional[dist.ProcessGroup]:
+def host_group(timeout: datetime.timedelta) -> Optional[dist.ProcessGroup]:
     """A Gloo group over the whole world for host-side decisions (None: the
     world group, already Gloo). Its all-reduce runs on CPU tensors, so it
     never waits for the device's queue (the step's last all-gathers).
     Collective: every rank calls it, once per job."""
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bool]:
@@ -537,7 +539,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     nan_iterations = 0
     interval_time, interval_steps = 0.0, 0
     losses = LossAccumulator()
-    agreement_group = host_group()
+    agreement_group = host_group(
+        datetime.timedelta(minutes=job.parallel.distributed_timeout_minutes))
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
