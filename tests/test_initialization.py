@@ -210,3 +210,11 @@ def test_a_7b_model_builds_on_meta_without_allocating_it():
     (result,) = run_ranks(_build_7b_on_meta, 1)
     assert result["numel"] > 6.7e9 and result["all_meta"]
     assert result["rss_growth"] < 64 * 2 ** 20  # vs 13.5 GB of bf16 weights
+
+
+@pytest.mark.gpu
+def test_a_gpu_draws_the_cpus_bits():
+    index = torch.arange(3, 1_000_003, 7)
+    key = init_key(SEED, "decoder.layers.1.mlp.linear_fc2.weight")
+    on_gpu = philox_normal(index.cuda(), key).cpu()
+    assert torch.equal(on_gpu, philox_normal(index, key))
