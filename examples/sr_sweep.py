@@ -20,12 +20,17 @@ The plan, in the order runs start (a partial sweep is useful early):
    micro-batches of 1 per step (the same 8 x 256 tokens), gradient buffer in bf16
    (the default) vs --grad-reduce-dtype fp32.
 
-A finished run is stored in OUT/runs/NAME/ (its log, its TensorBoard events and
-run.json: flags, code commit, wall time, final validation loss), moved there in one
-rename when the run ends well, so a folder there always holds a whole run; runs
-whose folder exists are skipped, which is how an interrupted sweep resumes (on any
-machine, from the committed results). With --commit each finished run is committed
-to git at once (only its folder). tools/compare_runs.py aggregates OUT/runs/*/tensorboard.
+A run trains in its staging folder (--staging-dir, outside the repository by
+default so that it outlives a fresh checkout on the same machine) and saves a
+checkpoint at every evaluation; a run started again resumes from it, bit-exact,
+so a sweep stopped mid-run loses at most one evaluation interval. A finished run
+is stored in OUT/runs/NAME/ (its log, its TensorBoard events and run.json: flags,
+code commit, wall time, final validation loss; not the checkpoint), renamed into
+place in one step when the run ends well, so a folder there always holds a whole
+run; runs whose folder exists are skipped, which is how an interrupted sweep
+resumes on any machine from the committed results. With --commit each finished
+run is committed to git at once (only its folder). tools/compare_runs.py
+aggregates OUT/runs/*/tensorboard.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ SCAN_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
 GRID_MULTIPLIERS = (1.0, 2.0, 4.0)
 GRID_STRATEGIES = ("bf16-sr", "bf16-mixed", "bf16")
 BEST_LR_STRATEGIES = ("fp32", "bf16-kahan")
+CHECKPOINTS = "checkpoints"
+TRACKER = "latest_checkpointed_iteration.txt"  # written last by a save: a checkpoint exists
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,8 @@ class RunSpec:
         return name
 
     def flags(self, shape: Shape, data_prefix: str, tokenizer_model: str,
-              tensorboard_dir: str, cache_dir: str) -> list[str]:
+              staging_dir: str, cache_dir: str) -> list[str]:
+        """pretrain_gpt.py's flags; TensorBoard and checkpoints go under staging_dir."""
         micro = self.micro_batch_size or shape.global_batch_size
         flags = [
             "--num-layers", shape.num_layers, "--hidden-size", shape.hidden_size,
@@ -107,7 +115,10 @@ class RunSpec:
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
             "--data-cache-path", cache_dir,
             "--log-interval", shape.log_interval, "--eval-interval", shape.eval_interval,
-            "--eval-iters", shape.eval_iters, "--tensorboard-dir", tensorboard_dir]
+            "--eval-iters", shape.eval_iters,
+            "--tensorboard-dir", os.path.join(staging_dir, "tensorboard"),
+            "--save", os.path.join(staging_dir, CHECKPOINTS), "--load",
+            os.path.join(staging_dir, CHECKPOINTS), "--save-interval", shape.eval_interval]
         if self.grad_reduce_dtype is not None:
             flags += ["--grad-reduce-dtype", self.grad_reduce_dtype]
         return [str(flag) for flag in flags]
@@ -131,9 +142,9 @@ def grid_runs(best_lr: float, seeds: list[int]) -> list[RunSpec]:
 class ResultStore:
     """OUT/runs/NAME/{run.log, tensorboard/, run.json} for every finished run."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, staging_dir: str):
         self.runs_dir = os.path.join(out, "runs")
-        self.staging_dir = os.path.join(out, "staging")
+        self.staging_dir = staging_dir
 
     def path(self, spec: RunSpec) -> str:
         return os.path.join(self.runs_dir, spec.name)
@@ -151,13 +162,18 @@ class ResultStore:
         return os.path.join(self.staging_dir, spec.name)
 
     def publish(self, spec: RunSpec, record: dict) -> str:
-        """Writes run.json into the staging folder and renames it into runs/."""
-        staging = self.staging(spec)
-        with open(os.path.join(staging, "run.json"), "w", encoding="utf-8") as handle:
+        """Copies the run's log and events, with run.json, next to runs/NAME and renames
+        the copy into place; then removes the staging folder (and its checkpoints)."""
+        staging, final = self.staging(spec), self.path(spec)
+        partial = final + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        shutil.copy2(os.path.join(staging, "run.log"), partial)
+        shutil.copytree(os.path.join(staging, "tensorboard"), os.path.join(partial, "tensorboard"))
+        with open(os.path.join(partial, "run.json"), "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1, sort_keys=True)
-        os.makedirs(self.runs_dir, exist_ok=True)
-        final = self.path(spec)
-        os.replace(staging, final)
+        os.replace(partial, final)
+        shutil.rmtree(staging)
         return final
 
 
@@ -201,15 +217,17 @@ class RunningJob:
 
 def start_run(spec: RunSpec, store: ResultStore, shape: Shape, args) -> RunningJob:
     staging = store.staging(spec)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    flags = spec.flags(shape, args.data_prefix, args.tokenizer_model,
-                       os.path.join(staging, "tensorboard"), args.cache_dir)
+    resuming = os.path.isfile(os.path.join(staging, CHECKPOINTS, TRACKER))
+    if not resuming:  # nothing to resume: start clean (no events of an earlier attempt)
+        shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, CHECKPOINTS), exist_ok=True)
+    flags = spec.flags(shape, args.data_prefix, args.tokenizer_model, staging, args.cache_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run))
-    log = open(os.path.join(staging, "run.log"), "w", encoding="utf-8")
+    log = open(os.path.join(staging, "run.log"), "a" if resuming else "w", encoding="utf-8")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *flags],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"[sweep] {time.strftime('%H:%M:%S')} started {spec.name}", flush=True)
+    print(f"[sweep] {time.strftime('%H:%M:%S')} {'resumed' if resuming else 'started'} "
+          f"{spec.name}", flush=True)
     return RunningJob(spec, process, log, time.time(), _git_commit_of_code(), flags)
 
 
@@ -264,6 +282,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "sr_sweep"))
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache", "sr_sweep"),
                         help="dataset index cache")
+    parser.add_argument("--staging-dir",
+                        default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr",
+                                             "sr_sweep_staging"),
+                        help="where runs train and keep their checkpoints until they finish")
     parser.add_argument("--base-lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -274,7 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else Shape()
-    store = ResultStore(args.out)
+    store = ResultStore(args.out, args.staging_dir)
 
     if args.dry_run:
         lr = best_lr(store, args.base_lr)

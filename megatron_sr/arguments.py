@@ -53,6 +53,8 @@ from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, 
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
 from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # --exit-signal
+
 @dataclass(frozen=True)
 class JobConfig:
     """One training job's configuration: what `parse_args` returns, already
@@ -156,6 +158,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Save (with --save) and exit when the iteration is a multiple of this.")
     group.add_argument("--exit-duration-in-mins", type=float,
                        help="Save (with --save) and exit after this many minutes.")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="Accepted for Megatron-LM scripts: here the handler is always on "
+                            "(SIGTERM and --exit-signal save with --save and exit after the "
+                            "current step).")
+    group.add_argument("--exit-signal", choices=EXIT_SIGNALS, default=TrainingConfig.exit_signal,
+                       help="A signal that, like SIGTERM, makes every rank save (with --save) "
+                            "and exit after the current step, e.g. SIGUSR1 sent by Slurm's "
+                            "`#SBATCH --signal=USR1@600` ahead of the time limit.")
     group.add_argument("--recompute-granularity", choices=("full", "selective"),
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
@@ -393,7 +403,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         load=args.load, save_interval=args.save_interval,
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
-        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations)
+        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
+        exit_signal=args.exit_signal)
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,

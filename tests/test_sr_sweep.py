@@ -57,12 +57,14 @@ def tiny_data(sample_slice, tmp_path_factory):
     return str(folder / "slice_text_document"), str(folder / "tok.model")
 
 
-def _sweep(tiny_data, out, *extra):
+def _sweep(tiny_data, out, *extra, env=None):
     prefix, tokenizer = tiny_data
     return subprocess.run([PYTHON, "examples/sr_sweep.py", "--quick", "--data-prefix", prefix,
                            "--tokenizer-model", tokenizer, "--out", str(out), "--cache-dir",
-                           str(out / "cache"), "--seeds", "1", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(out / "cache"), "--staging-dir", str(out / "staging"),
+                           "--seeds", "1", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
 
 
 @pytest.mark.slow
@@ -70,12 +72,13 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     result = _sweep(tiny_data, out, "--max-runs", "4", "--jobs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
-    store = sr_sweep.ResultStore(str(out))
+    store = sr_sweep.ResultStore(str(out), str(out / "staging"))
     scan = sr_sweep.scan_runs(1e-3)
     assert all(store.done(spec) for spec in scan)
     record = json.loads((out / "runs" / scan[0].name / "run.json").read_text())
     assert record["precision"] == "bf16-mixed" and record["final_valid_loss"] > 0
     assert (out / "runs" / scan[0].name / "run.log").is_file()
+    assert not (out / "runs" / scan[0].name / "checkpoints").exists()
     assert not os.listdir(out / "staging")  # every started run was published
     best = sr_sweep.best_lr(store, 1e-3)
     losses = {spec.lr: store.final_valid_loss(spec) for spec in scan}
@@ -96,11 +99,24 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
 def test_failed_run_is_not_published(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     prefix, tokenizer = tiny_data
-    result = subprocess.run([PYTHON, "examples/sr_sweep.py", "--quick", "--data-prefix",
-                             prefix + "_missing", "--tokenizer-model", tokenizer, "--out", str(out),
-                             "--max-runs", "1", "--jobs", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = _sweep((prefix + "_missing", tokenizer), out, "--max-runs", "1", "--jobs", "1")
     assert result.returncode == 1 and "FAILED" in result.stderr
     assert not (out / "runs").exists()
     name = sr_sweep.scan_runs(1e-3)[0].name
     assert "error" in (out / "staging" / name / "run.log").read_text().lower()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_data, tmp_path):
+    first = sr_sweep.scan_runs(1e-3)[0]
+    killed = _sweep(tiny_data, tmp_path / "a", "--max-runs", "1", "--jobs", "1",
+                    env={"MEGATRON_SR_FAULT": "kill@train-step,iteration=6"})
+    assert killed.returncode == 1
+    assert (tmp_path / "a" / "staging" / first.name / "checkpoints" / sr_sweep.TRACKER).is_file()
+    resumed = _sweep(tiny_data, tmp_path / "a", "--max-runs", "1", "--jobs", "1")
+    assert resumed.returncode == 0 and f"resumed {first.name}" in resumed.stdout
+    clean = _sweep(tiny_data, tmp_path / "b", "--max-runs", "1", "--jobs", "1")
+    assert clean.returncode == 0
+    losses = [sr_sweep.ResultStore(str(tmp_path / x), str(tmp_path / x / "staging"))
+              .final_valid_loss(first) for x in ("a", "b")]
+    assert losses[0] == losses[1]

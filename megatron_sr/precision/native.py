@@ -11,7 +11,7 @@ as plain C that the compiler auto-vectorizes elsewhere (AVX2, NEON).
 Build. The system C compiler (``$CC``, else ``cc``) compiles the source with
 `FLAGS` into ``<cache>/kernels/native_kernel-<hash>.so``, where ``<cache>`` is
 ``$MEGATRON_SR_CACHE`` / ``<repo>/.cache`` / ``~/.cache/megatron_sr``
-(`megatron_sr.data.sample_files.cache_root`) and the hash covers the source,
+(`megatron_sr.cache.cache_root`) and the hash covers the source,
 the compiler command and its version, the flags and the CPU (``-march=native``
 code must not run on another machine's CPU). The library is written under a
 temporary name and renamed into place, so concurrent ranks are safe and a
@@ -42,7 +42,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared",
          "-pthread")
 CC_ENV = "CC"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -82,7 +82,7 @@ def library_path(cache_dir: Optional[str] = None) -> str:
     for part in (shlex.join(compiler), version, " ".join(FLAGS), _cpu_fingerprint()):
         digest.update(b"\0" + part.encode())
     if cache_dir is None:
-        from megatron_sr.data.sample_files import cache_root
+        from megatron_sr.cache import cache_root
 
         cache_dir = cache_root()
     return os.path.join(cache_dir, "kernels", f"native_kernel-{digest.hexdigest()[:20]}.so")
@@ -165,7 +165,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients: to
                offset: int, *, param_write: int, exp_avg_write: int, exp_avg_sq_write: int,
                threads: Optional[int] = None) -> None:
     """The fused step on contiguous 1-D CPU tensors already validated by
-    `adamw.adamw_step` (`coefficients`: its nine fp32 scalars). Runs on
+    `adamw.adamw_shard_step` (`coefficients`: the ten fp32 scalars of
+    `adamw_torch.adamw_coefficients`, the last the gradient's factor). Runs on
     `threads` threads (default torch.get_num_threads()) for large segments."""
     library = load()
     if library is None:
@@ -174,6 +175,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients: to
         raise ValueError(f"native adamw_step: exp_avg and exp_avg_sq must share a write mode, got "
                          f"{exp_avg_write} and {exp_avg_sq_write}")
     coefficients = coefficients.to(torch.float32).contiguous()
+    if coefficients.numel() != 10:
+        raise ValueError(f"native adamw_step: 10 coefficients expected, got {coefficients.numel()}")
     status = library.megatron_sr_adamw_step(
         _pointer(param), _pointer(grad), _pointer(exp_avg), _pointer(exp_avg_sq), _pointer(master),
         _pointer(kahan), coefficients.data_ptr(), sr_key, offset, param.numel(), param_write, exp_avg_write,
