@@ -241,7 +241,7 @@ def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            training.pretrain(argv)
+            training.pretrain(argv=argv)
     finally:
         training._average_over_dp, training.LossAccumulator.add = average, add
         training._agree = agree
