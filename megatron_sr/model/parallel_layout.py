@@ -35,20 +35,13 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
 
     Every rank calls it after `parallel_state.initialize_model_parallel` with
     sizes matching `parallel_config`. Raises ValueError naming the flags when
-<<<<<<< HEAD
     the model does not split over the layout. Weights: this rank draws only
-    its own slice of each parameter, on `device` (`initialize_parameters`), and every
-    layout holds the same model. `device`: default
+    its own slice of each parameter, on `device` (`initialize_parameters`), and
+    every layout holds the same model. `device`: default
     `parallel_state.get_default_device()` (CUDA under NCCL, else CPU).
-=======
-    the model does not split over the layout. Weights: each parameter's full
-    tensor is drawn from `init_generator(seed, global_name)` and this rank
-    keeps its TP slice, so every layout holds the same model. `device`:
-    default `parallel_state.get_default_device()` (CUDA under NCCL, else CPU).
     `model_provider(pre_process, post_process, layers=range, device=...)`
     builds each chunk instead of `GPTModel(model_config, ...)` (see
     `training.pretrain` for what the chunk must provide).
->>>>>>> main
     """
     if not dist.is_initialized():
         raise RuntimeError("build_model: call torch.distributed.init_process_group first")
