@@ -56,7 +56,8 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
     train_step, load = training.train_step, checkpointing.load_training_checkpoint
 
     def recording_train_step(*args, **kwargs):
-        report = train_step(*args, **kwargs)
+        # Every step's DP-mean loss (the loop itself reduces losses only at log steps).
+        report = train_step(*args, **kwargs, reduce_loss=True)
         reports.append(dataclasses.asdict(report))
         return report
 
