@@ -357,7 +357,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reset-attention-mask", action="store_true",
                        help="Tokens attend only within their document (after the last eod).")
     group.add_argument("--num-workers", type=int, default=DataConfig.num_workers,
-                       help="Data loader worker processes.")
+                       help="Data loader worker processes per rank (0: read on the training "
+                       "thread); the samples and their order do not depend on it.")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -612,7 +613,7 @@ _INT_MINIMUMS = (
     ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
     ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
     ("lr_wsd_decay_samples", 1), ("num_query_groups", 1), ("kv_channels", 1),
-    ("recompute_num_layers", 1), ("context_parallel_size", 1),
+    ("recompute_num_layers", 1),
 )
 # Float flags that must lie in [0, 1).
 _UNIT_INTERVAL_FLOATS = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")

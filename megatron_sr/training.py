@@ -12,7 +12,7 @@ takes the library's GPT default, which `pretrain_gpt.py` spells out):
                              then --load
     build_data_iterators     train/valid samples for this data-parallel rank, from consumed samples
     train                    the loop: forward-backward over micro-batches (the pipeline schedule),
-                             model-parallel grad syncs, the optimizer step; logging, evaluation,
+                             DP and model-parallel grad syncs, the optimizer step; logging, evaluation,
                              checkpoints, exits (--exit-interval, --exit-duration-in-mins, SIGTERM)
 
 Batches: global batch = micro-batch x data-parallel size x micro-batches per
@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,9 +48,9 @@ from megatron_sr.config import global_batch_size_at
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.document_masks import document_inputs
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
+from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.data.tokenizers import build_tokenizer
-from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
-                               param_is_unique_in_model)
+from megatron_sr.model import build_model, flops_per_token, param_is_unique_in_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler, learning_rate_at
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
@@ -122,15 +122,14 @@ def _free_port() -> int:
 def param_infos(params: Sequence[torch.nn.Parameter]) -> list[ParamInfo]:
     """What the optimizer needs of each parameter, read off the model's attributes:
     global name, TP sharding, weight decay (not for biases and norms, i.e.
-    1-D tensors), counting in the grad norm, model-parallel grad syncs."""
+    1-D tensors), counting in the grad norm, model-parallel grad sums."""
     return [ParamInfo(name=p.global_name,
                       sr_tp_rank=(parallel_state.get_tensor_model_parallel_rank()
                                   if p.tensor_model_parallel else None),
                       weight_decay=p.dim() > 1,
                       count_in_grad_norm=param_is_unique_in_model(p),
-                      needs_model_parallel_grad_sync=bool(
-                          getattr(p, "sequence_parallel", False)
-                          or getattr(p, "shared_embedding", False)))
+                      sequence_parallel_grad=bool(getattr(p, "sequence_parallel", False)),
+                      tied_embedding=bool(getattr(p, "shared_embedding", False)))
             for p in params]
 
 
@@ -161,7 +160,10 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
         parallel_state.get_data_parallel_group(),
         distributed=job.parallel.use_distributed_optimizer,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
-        overlap_param_gather=job.parallel.overlap_param_gather, **extra)
+        overlap_param_gather=job.parallel.overlap_param_gather,
+        tensor_parallel_group=parallel_state.get_tensor_model_parallel_group(),
+        embedding_group=(parallel_state.get_embedding_group()
+                         if parallel_state.is_rank_in_embedding_group() else None), **extra)
     buffer.wait_before_forward(model)
     optimizer = DistributedOptimizer(buffer, strategy, job.optimizer, seed=job.training.seed)
     scheduler = LRScheduler(job.optimizer, job.training.train_iters)
@@ -205,29 +207,16 @@ def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
     return train, valid, 0
 
 
-def micro_batches(dataset, consumed_samples: int, micro_batch_size: int,
-                  data_parallel_rank: int, data_parallel_size: int) -> Iterator[torch.Tensor]:
-    """This DP rank's micro-batches of `dataset` from `consumed_samples` on:
-    int64 tensors [micro_batch_size, seq_length + 1]. The stream wraps around
-    the dataset (validation reuses its samples when it runs past them)."""
-    stride = micro_batch_size * data_parallel_size
-    start = consumed_samples
-    while True:
-        first = start + data_parallel_rank * micro_batch_size
-        rows = [dataset[(first + i) % len(dataset)]["tokens"] for i in range(micro_batch_size)]
-        yield torch.stack(rows)
-        start += stride
-
-
 class DataStreams:
     """Per-chunk micro-batch iterators for training and validation.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
-    own iterator over the same stream (a `MicroBatchStream` carrying the
-    run's `DocumentSettings`); other chunks get None, unless document
-    positions or masks are reset (--reset-position-ids,
-    --reset-attention-mask), which every chunk needs. The datasets come
-    from `datasets_provider` (see `pretrain`; None: `gpt_datasets_provider`)."""
+    own iterator over the same stream (`micro_batch_loader`: --num-workers
+    reader processes, pinned memory on CUDA; wrapped in a `MicroBatchStream`
+    carrying the run's `DocumentSettings`); other chunks get None, unless
+    document positions or masks are reset (--reset-position-ids,
+    --reset-attention-mask), which every chunk needs. The datasets come from
+    `datasets_provider` (see `pretrain`; None: `gpt_datasets_provider`)."""
 
     def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module],
                  datasets_provider: Optional[Callable] = None):
@@ -245,9 +234,12 @@ class DataStreams:
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return [None] * len(self.model)
-        return [MicroBatchStream(micro_batches(dataset, consumed,
-                                               self.job.training.micro_batch_size,
-                                               self.dp_rank, self.dp_size), self.documents)
+        return [MicroBatchStream(
+                    micro_batch_loader(dataset, consumed, self.job.training.micro_batch_size,
+                                       self.dp_rank, self.dp_size,
+                                       num_workers=self.job.data.num_workers,
+                                       pin_memory=parallel_state.get_default_device().type
+                                       == "cuda"), self.documents)
                 if chunk.pre_process or chunk.post_process or self.documents.every_chunk
                 else None for chunk in self.model]
 
@@ -433,6 +425,32 @@ class StepReport:
     update_absorption: Optional[float]
 
 
+class LossAccumulator:
+    """The training losses of the steps since the last log line, kept on the
+    device so that no step waits for a loss: `add` takes this rank's mean
+    over a step's micro-batches (a device scalar; last stage only), and
+    `mean_over_data_parallel` (at log steps: one all-reduce over the DP group
+    and one host sync) returns the mean over those steps and DP ranks, or None
+    on ranks without the last stage or when no step was added."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+
+    def add(self, local_mean: torch.Tensor) -> None:
+        self.values.append(local_mean)
+
+    def mean_over_data_parallel(self) -> Optional[float]:
+        values, self.values = self.values, []
+        if not values:
+            return None
+        return _average_over_dp(values, values[0].device)
+
+
+def _local_mean(values: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """This rank's mean micro-batch loss, an fp32 device scalar (None without losses)."""
+    return torch.stack([v.float() for v in values]).mean() if values else None
+
+
 def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
     """Mean of this rank's micro-batch losses, averaged over the DP group;
     None on ranks without the last stage (which pass an empty list)."""
@@ -447,7 +465,7 @@ def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
 # a phase that spans several collectives (the optimizer step, a checkpoint save).
 _COLLECTIVE_OF_FUNCTION = {
     "communicate": "pipeline p2p send/recv",
-    "finalize_model_grads": "model-parallel grad all-reduce",
+    "_sum_model_parallel_grads": "model-parallel grad all-reduce",
     "_launch_grad_reduce": "data-parallel grad reduce-scatter",
     "finish_grad_sync": "data-parallel grad reduce-scatter",
     "_grad_norm": "grad-norm all-reduce",
@@ -504,14 +522,25 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
                forward_step, measure_update_absorption: bool = False,
                iteration: Optional[int] = None,
+               loss_accumulator: Optional[LossAccumulator] = None,
+               reduce_loss: Optional[bool] = None,
                decoupled_lr: Optional[float] = None,
                timers: Optional[PhaseTimers] = None,
                num_microbatches: Optional[int] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
-    micro-batches, model-parallel then data-parallel grad syncs, AdamW.
-    `iteration` (1-based, as logged) names the step in errors; `timers`
-    (--log-timers-to-tensorboard) time its phases; `num_microbatches` per
-    data-parallel rank (default the job's; --rampup-batch-size varies it)."""
+    micro-batches (each bucket's DP reduction starts from the backward hooks
+    with --overlap-grad-reduce), then the optimizer: the DP reduction's end,
+    the model-parallel grad sums on the shard, AdamW.
+    `iteration` (1-based, as logged) names the step in errors.
+    Loss: an applied step adds this rank's micro-batch mean to
+    `loss_accumulator` (on the device) when one is given. `reduce_loss`
+    (default: when no accumulator is given) also averages it over DP into
+    `StepReport.loss` (an all-reduce and a host sync); a skipped step always
+    does, so that a NaN loss is seen (all DP ranks skip together).
+    `decoupled_lr` (--decoupled-lr) is the embedding and output layer's
+    learning rate; `timers` (--log-timers-to-tensorboard) time the phases;
+    `num_microbatches` per data-parallel rank (default the job's;
+    --rampup-batch-size varies it)."""
     timers = timers or PhaseTimers(False, torch.device("cpu"))
     num_microbatches = num_microbatches or job.num_microbatches
     device = optimizer.buffer.param_buffer.device
@@ -530,14 +559,16 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
-    with communication_phase(job, "model-parallel grad sync", iteration), \
-            timers.phase("model-parallel-grads-all-reduce"):
-        finalize_model_grads(model)
     with communication_phase(job, "optimizer step", iteration), timers.phase("optimizer"):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption,
                                 decoupled_lr=decoupled_lr)
-    with communication_phase(job, "loss averaging", iteration):
-        loss = _average_over_dp(losses, device)
+    local_loss = _local_mean(losses)
+    if loss_accumulator is not None and local_loss is not None and not result.skipped:
+        loss_accumulator.add(local_loss)
+    loss = None
+    if result.skipped or (loss_accumulator is None if reduce_loss is None else reduce_loss):
+        with communication_phase(job, "loss averaging", iteration):
+            loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption)
 
@@ -631,10 +662,21 @@ def decoupled_lr_at(job: JobConfig, iteration: int) -> Optional[float]:
     return learning_rate_at(iteration, decoupled, job.training.train_iters)
 
 
-def _agree(flags: Sequence[bool], device) -> list[bool]:
-    """Each flag OR-ed over all ranks (one all-reduce)."""
-    tensor = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def host_group(timeout: datetime.timedelta) -> Optional[dist.ProcessGroup]:
+    """A Gloo group over the whole world for host-side decisions (None: the
+    world group, already Gloo). Its all-reduce runs on CPU tensors, so it
+    never waits for the device's queue (the step's last all-gathers).
+    Collective: every rank calls it, once per job."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bool]:
+    """Each flag OR-ed over all ranks: one all-reduce of a CPU tensor over
+    `group` (`host_group`), no device synchronization."""
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in tensor.tolist()]
 
 
@@ -670,7 +712,9 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     consecutive_skips = 0
     nan_iterations = 0
     interval_time, interval_steps, interval_samples = 0.0, 0, 0
-    losses: list[float] = []
+    losses = LossAccumulator()
+    agreement_group = host_group(
+        datetime.timedelta(minutes=job.parallel.distributed_timeout_minutes))
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
@@ -681,7 +725,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
-                                iteration=iteration + 1,
+                                iteration=iteration + 1, loss_accumulator=losses,
                                 decoupled_lr=decoupled_lr_at(job, scheduler.iteration),
                                 timers=timers,
                                 num_microbatches=batch_size // samples_per_microbatch_step)
@@ -705,11 +749,10 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                         f"lower --lr or a smaller --clip-grad.")
             else:
                 consecutive_skips = 0
-                if report.loss is not None:
-                    losses.append(report.loss)
             if log_now:
                 elapsed = interval_time / interval_steps
-                loss = sum(losses) / len(losses) if losses else None
+                with communication_phase(job, "loss averaging", iteration):
+                    loss = losses.mean_over_data_parallel()
                 tflops = (flops_per_sample * interval_samples / interval_time
                           / dist.get_world_size() / 1e12)
                 tokens_per_s = interval_samples * job.model.seq_length / interval_time
@@ -741,7 +784,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                     for name, seconds in timers.pop().items()})
                 for name, value in scalars.items():
                     metrics.scalar(name, value, iteration, consumed_samples)
-                interval_time, interval_steps, interval_samples, losses = 0.0, 0, 0, []
+                interval_time, interval_steps, interval_samples = 0.0, 0, 0
             if training.eval_interval and iteration % training.eval_interval == 0 \
                     and data.valid is not None:
                 run_evaluation(job, model, data, forward_step, iteration, metrics,
@@ -755,7 +798,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                      sigterm.received not in (None, "SIGTERM"),
                      bool(training.exit_duration_in_mins
                           and elapsed_min > training.exit_duration_in_mins)],
-                    device)
+                    agreement_group)
             stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
