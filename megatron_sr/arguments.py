@@ -219,6 +219,10 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune", action="store_true",
                        help="Load only the model from --load and start at iteration 0 "
                             "(implies --no-load-optim --no-load-rng).")
+    group.add_argument("--override-existing-checkpoints", action="store_true",
+                       help="Allow --save to name a directory holding checkpoints of another "
+                            "run (one that is not also --load): its tracker and its iterations "
+                            "of the same numbers get replaced.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -390,6 +394,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         load=args.load, save_interval=args.save_interval,
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
+        override_existing_checkpoints=args.override_existing_checkpoints,
         tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations)
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,

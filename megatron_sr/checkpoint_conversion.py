@@ -120,28 +120,70 @@ def write_reshaped(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_si
                             pipeline_parallel_size)
 
 
+_EXPORT_NAMES = {"vocab_file": "vocab.json", "merge_file": "merges.txt",
+                 "tokenizer_model": "tokenizer.model"}
+
+
+def tokenizer_export_files(description: dict) -> list[tuple[str, str]]:
+    """(resolved source path, file name in the export) of the files the
+    checkpoint's --tokenizer-type reads, and only those: GPT2BPETokenizer its
+    --vocab-file and --merge-file, the SentencePiece types their
+    --tokenizer-model, NullTokenizer none. Empty when a file the type needs is
+    not named or does not exist (the export then carries no tokenizer).
+
+    The checkpoint's metadata is not trusted: each path is resolved (symlinks
+    followed), must be a regular file, and must build the tokenizer with the
+    checkpoint's vocabulary size; otherwise ValueError naming the file. So a
+    crafted checkpoint cannot make the export copy an arbitrary file.
+    """
+    from megatron_sr.data.tokenizers import TOKENIZER_FLAGS, build_tokenizer
+
+    data = description["data"]
+    kind = data["tokenizer_type"]
+    if kind not in TOKENIZER_FLAGS:
+        raise ValueError(f"checkpoint names an unknown --tokenizer-type {kind!r}")
+    sources = {}
+    for flag in TOKENIZER_FLAGS[kind]:
+        if flag not in _EXPORT_NAMES:
+            continue
+        if not data.get(flag) or not os.path.exists(data[flag]):
+            return []
+        resolved = os.path.realpath(data[flag])
+        if not os.path.isfile(resolved):
+            raise ValueError(f"the checkpoint's --{flag.replace('_', '-')} {data[flag]} is not "
+                             f"a regular file ({resolved})")
+        sources[flag] = resolved
+    if not sources:
+        return []
+    try:
+        tokenizer = build_tokenizer(kind, **sources)
+    except Exception as exc:  # any parse failure of a file that is not this tokenizer's
+        raise ValueError(f"the checkpoint's tokenizer files {sorted(sources.values())} do not "
+                         f"build its --tokenizer-type {kind}: {exc}") from exc
+    expected = description.get("unpadded_vocab_size")
+    if expected is not None and tokenizer.vocab_size != expected:
+        raise ValueError(f"the checkpoint's tokenizer files {sorted(sources.values())} give a "
+                         f"vocabulary of {tokenizer.vocab_size}, the checkpoint was trained with "
+                         f"{expected}")
+    return [(path, _EXPORT_NAMES[flag]) for flag, path in sources.items()]
+
+
 def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
                         dtype: Optional[torch.dtype] = None) -> str:
     """Writes a transformers model directory (config.json, model.safetensors)
-    and, when the checkpoint's tokenizer files are known and exist, the
-    tokenizer files. Returns the architecture family ("gpt2" or "llama")."""
+    and the tokenizer files `tokenizer_export_files` accepts. Returns the
+    architecture family ("gpt2" or "llama")."""
     from megatron_sr.data.tokenizers import build_tokenizer
     from megatron_sr.model.hf_conversion import save_hf_model
 
     data = checkpoint.description["data"]
     extra = {}
-    tokenizer_files = []
-    if data["tokenizer_type"] == "GPT2BPETokenizer" and data.get("vocab_file") \
-            and data.get("merge_file") and os.path.isfile(data["vocab_file"]) \
-            and os.path.isfile(data["merge_file"]):
-        tokenizer_files = [(data["vocab_file"], "vocab.json"), (data["merge_file"], "merges.txt")]
-    elif data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
-        tokenizer_files = [(data["tokenizer_model"], "tokenizer.model")]
+    tokenizer_files = tokenizer_export_files(checkpoint.description)
     if tokenizer_files or data["tokenizer_type"] == "NullTokenizer":
-        tokenizer = build_tokenizer(data["tokenizer_type"], vocab_file=data.get("vocab_file"),
-                                    merge_file=data.get("merge_file"),
-                                    tokenizer_model=data.get("tokenizer_model"),
-                                    vocab_size=data.get("vocab_size"))
+        tokenizer = build_tokenizer(
+            data["tokenizer_type"], vocab_size=data.get("vocab_size"),
+            **{flag: source for flag, name in _EXPORT_NAMES.items()
+               for source, exported in tokenizer_files if exported == name})
         extra = {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod}
     family = save_hf_model(checkpoint.model, checkpoint.config, output_dir, dtype=dtype,
                            extra_config=extra)

@@ -130,6 +130,7 @@ class TrainingConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
+    override_existing_checkpoints: bool = False  # --save may hold another run's checkpoints
     tensorboard_dir: Optional[str] = None
     max_skipped_iterations: int = 10
 

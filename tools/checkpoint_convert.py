@@ -11,7 +11,9 @@ states belong to the old layout's ranks and are not carried over. The export
 writes a `transformers` model directory (GPT-2 style: learned positions,
 LayerNorm, GeLU; Llama style: RoPE, RMSNorm, SwiGLU) with config.json,
 model.safetensors and the tokenizer files when the checkpoint names them.
-Nothing is left at --save when a conversion fails.
+Nothing is left at --save when a conversion fails. --save must not exist or
+be an empty directory, and must not be --load or lie inside it (or contain
+it): a conversion never writes over a checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,6 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_directory(load: str, save: str) -> None:
+    """ValueError unless `save` is new or an empty directory, distinct from
+    `load` and neither inside the other."""
+    source, target = os.path.realpath(load), os.path.realpath(save)
+    if source == target or target.startswith(source + os.sep) \
+            or source.startswith(target + os.sep):
+        raise ValueError(f"--save {save} is --load {load} or overlaps it; write the conversion "
+                         "to a new directory")
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise ValueError(f"--save {save} already exists and is not an empty directory; choose "
+                         "a new directory")
+
+
+def export_to_new_directory(write, save: str) -> None:
+    """Calls `write(staging)` on a staging directory this process creates next
+    to `save` (a unique name: nothing that exists is ever removed), then
+    renames it to `save`; on any failure only the staging directory goes."""
+    parent = os.path.dirname(os.path.abspath(save)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(save)) + ".partial-",
+                               dir=parent)
+    try:
+        write(staging)
+        if os.path.isdir(save):
+            os.rmdir(save)  # empty, checked by check_output_directory
+        os.replace(staging, save)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
@@ -52,21 +86,16 @@ def main(argv=None) -> int:
               "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
         return 2
     try:
+        check_output_directory(args.load, args.save)
         checkpoint = load_full_checkpoint(args.load)
         print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
         if args.to_hf:
-            if os.path.exists(args.save):
-                raise ValueError(f"--save {args.save} already exists; choose a new directory")
-            staging = args.save.rstrip("/") + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
             dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else None
-            try:
-                family = export_hugging_face(checkpoint, staging, dtype)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            os.replace(staging, args.save)
-            print(f"exported a Hugging Face {family} model to {args.save}")
+            families = []
+            export_to_new_directory(
+                lambda staging: families.append(export_hugging_face(checkpoint, staging, dtype)),
+                args.save)
+            print(f"exported a Hugging Face {families[0]} model to {args.save}")
         else:
             parallel = checkpoint.description["parallel"]
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
@@ -75,7 +104,11 @@ def main(argv=None) -> int:
             if args.target_num_layers_per_virtual_pipeline_stage:
                 vp = checkpoint.config.num_layers // (
                     pp * args.target_num_layers_per_virtual_pipeline_stage)
-            path = write_reshaped(checkpoint, args.save, tp, pp, vp)
+            paths = []
+            export_to_new_directory(
+                lambda staging: paths.append(write_reshaped(checkpoint, staging, tp, pp, vp)),
+                args.save)
+            path = os.path.join(args.save, os.path.basename(paths[0]))
             print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
     except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError) as exc:
         print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)

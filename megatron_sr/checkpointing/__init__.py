@@ -118,6 +118,7 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
     if rank == 0:
         try:
             os.makedirs(save_dir, exist_ok=True)
+            recover_interrupted_publish(save_dir)
             shutil.rmtree(tmp_dir, ignore_errors=True)
             os.makedirs(tmp_dir)
         except OSError as exc:
@@ -168,6 +169,7 @@ def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], t
         replaced = final_dir + ".replaced"
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final_dir, replaced)
+        fault_injection.at("checkpoint-replace", iteration)
     os.replace(tmp_dir, final_dir)
     _fsync_dir(save_dir)
     fault_injection.at("checkpoint-commit", iteration)
@@ -177,6 +179,54 @@ def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], t
     return final_dir
 
 
+REPLACED_SUFFIX = ".replaced"
+
+
+def recover_interrupted_publish(save_dir: str) -> list[str]:
+    """Finishes or rolls back a `_publish` that died while replacing an
+    iteration directory (the old one moved to `iter_XXXXXXX.replaced`).
+
+    For every `iter_XXXXXXX.replaced` in `save_dir`: if `iter_XXXXXXX` is a
+    complete checkpoint (the new one was published), the old copy is deleted;
+    otherwise the old copy is moved back (roll back), so the iteration the
+    tracker names exists again. Called by the one process that writes
+    `save_dir` (rank 0) before it writes anything there. Returns what it did,
+    one line per directory; raises CheckpointError naming the directory when
+    a rename fails.
+    """
+    if not os.path.isdir(save_dir):
+        return []
+    actions = []
+    for entry in sorted(os.listdir(save_dir)):
+        if not (entry.startswith("iter_") and entry.endswith(REPLACED_SUFFIX)):
+            continue
+        replaced = os.path.join(save_dir, entry)
+        final = replaced[:-len(REPLACED_SUFFIX)]
+        try:
+            if os.path.isfile(os.path.join(final, MANIFEST_FILENAME)):
+                shutil.rmtree(replaced)
+                actions.append(f"removed {replaced}: {final} was published")
+            else:
+                if os.path.exists(final):  # an incomplete directory under the final name
+                    shutil.rmtree(final)
+                os.replace(replaced, final)
+                _fsync_dir(save_dir)
+                actions.append(f"restored {final} from {replaced}: its replacement was "
+                               "interrupted")
+        except OSError as exc:
+            raise CheckpointError(f"could not recover the interrupted replacement of {final} "
+                                  f"(from {replaced}): {exc}") from exc
+    return actions
+
+
+def holds_checkpoints(directory: str) -> bool:
+    """Whether `directory` holds a tracker or any iteration directory."""
+    if not os.path.isdir(directory):
+        return False
+    return any(entry == TRACKER_FILENAME or entry.startswith("iter_")
+               for entry in os.listdir(directory))
+
+
 def write_checkpoint(save_dir: str, iteration: int, rank_states: dict, tp_size: int,
                      pp_size: int) -> str:
     """Writes a whole checkpoint from one process (offline tools: conversion):
@@ -184,6 +234,7 @@ def write_checkpoint(save_dir: str, iteration: int, rank_states: dict, tp_size: 
     Atomic like `save_checkpoint`; on failure nothing of it remains."""
     tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
     os.makedirs(save_dir, exist_ok=True)
+    recover_interrupted_publish(save_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         entries = []
@@ -204,6 +255,14 @@ def resolve_checkpoint_dir(path: str) -> str:
     if os.path.isfile(os.path.join(path, MANIFEST_FILENAME)):
         return path
     iteration = read_tracker(path)
+    if iteration is not None:
+        directory = os.path.join(path, iteration_dir_name(iteration))
+        replaced = directory + REPLACED_SUFFIX
+        # A replacement interrupted before the new copy was renamed in: read the old
+        # copy where it lies (offline readers do not repair; the next save does).
+        if not os.path.exists(directory) and os.path.isfile(
+                os.path.join(replaced, MANIFEST_FILENAME)):
+            return replaced
     if iteration is None:
         if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).startswith("iter_"):
             read_manifest(path)  # raises: incomplete checkpoint
@@ -421,8 +480,10 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     from megatron_sr import parallel_state
 
     training = job.training
+    check_save_directory(training)
     if not training.load:
         return 0, 0
+    _collective_on_rank0(lambda: _log_recovery(recover_interrupted_publish(training.load)))
     iteration = read_tracker(training.load)
     if iteration is None:
         if not os.path.isdir(training.load):
@@ -454,10 +515,75 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
               f"tools/checkpoint_convert.py): dropout continues from --seed", flush=True)
     if not training.no_load_rng and states is not None:
         dp_rank = parallel_state.get_data_parallel_rank()
-        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+        if dp_rank < len(states):
+            set_rng_state(states[dp_rank])
+        else:
+            seed_new_data_parallel_rank(training.seed, dp_rank, iteration)
     if rank0():
         print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
     return iteration, int(state["consumed_train_samples"])
+
+
+def seed_new_data_parallel_rank(seed: int, dp_rank: int, iteration: int) -> None:
+    """Seeds the RNG streams of a data-parallel rank the checkpoint has no state
+    for (resuming at a larger DP size) from (seed, DP rank, iteration): its
+    dropout masks are its own, not a copy of DP rank 0's stream. The TP and PP
+    offsets of `model_parallel_seed` still apply, so the streams shared by the
+    TP ranks of one position stay shared."""
+    from megatron_sr.random import model_parallel_seed
+
+    digest = hashlib.sha256(f"resume|{seed}|{dp_rank}|{iteration}".encode()).digest()
+    model_parallel_seed(int.from_bytes(digest[:4], "little") % (2 ** 31 - 10 ** 6))
+
+
+def check_save_directory(training) -> None:
+    """Refuses (CheckpointError on every rank) a --save directory that holds
+    checkpoints of another run: one that is not also --load, unless
+    --override-existing-checkpoints is given. Rank 0 looks; every rank calls it."""
+    save, load = training.save, training.load
+    if not save or getattr(training, "override_existing_checkpoints", False):
+        return
+    if load and os.path.realpath(save) == os.path.realpath(load):
+        return
+
+    def look() -> Optional[str]:
+        if not holds_checkpoints(save):
+            return None
+        iteration = read_tracker(save) if os.path.isfile(os.path.join(save, TRACKER_FILENAME)) \
+            else None
+        what = f"a tracker naming iteration {iteration}" if iteration is not None \
+            else "iteration directories"
+        return (f"--save {save} holds checkpoints of another run ({what}); saving there would "
+                f"replace its tracker and its iterations of the same numbers. Resume that run "
+                f"with --load {save}, choose an empty directory, or pass "
+                f"--override-existing-checkpoints")
+
+    error = _collective_on_rank0(look)
+    if error:
+        raise CheckpointError(error)
+
+
+def _collective_on_rank0(function):
+    """Runs `function` on rank 0 and hands its result (or its CheckpointError)
+    to every rank: one broadcast over the world."""
+    result, error = None, None
+    if rank0():
+        try:
+            result = function()
+        except CheckpointError as exc:
+            error = str(exc)
+    if dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error:
+        raise CheckpointError(error)
+    return result
+
+
+def _log_recovery(actions: list[str]) -> None:
+    for action in actions:
+        print(f"[checkpoint] {action}", flush=True)
 
 
 def rank0() -> bool:
