@@ -19,9 +19,11 @@ from typing import Optional
 
 import torch
 
-from megatron_sr.checkpointing import CheckpointError, read_all_rank_states, write_checkpoint
+from megatron_sr.checkpointing import (CheckpointError, read_all_rank_states, read_manifest,
+                                      resolve_checkpoint_dir, write_checkpoint)
 from megatron_sr.config import ModelConfig
-from megatron_sr.model.state_dict_layout import merge_state_dicts, split_state_dict
+from megatron_sr.model.state_dict_layout import (global_parameter_names, merge_state_dicts,
+                                                split_state_dict, tensor_parallel_split)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,6 +61,10 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
     """Reads and merges every rank file of the checkpoint at `path` (a --save
     directory or an iter_XXXXXXX directory). CheckpointError on a missing,
     partial or corrupted checkpoint, naming the file."""
+    directory = resolve_checkpoint_dir(path)
+    manifest = read_manifest(directory)
+    if manifest.get("format") == "torch_dist":
+        return _load_full_torch_dist(directory, manifest)
     directory, manifest, states = read_all_rank_states(path)
     first = states[(0, 0)]
     description = first["args"]
@@ -83,6 +89,41 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
                           description=description, config=config, model=model,
                           optimizer=optimizer, lr_scheduler=first.get("lr_scheduler"),
                           consumed_train_samples=int(first.get("consumed_train_samples", 0)))
+
+
+def _from_logical(tensor: torch.Tensor, name: str, config: ModelConfig) -> torch.Tensor:
+    """A torch_dist tensor (stored as [stride, n / stride, ...] along a strided
+    partition dim, see `checkpointing.global_blocks`) in its parameter's shape."""
+    split = tensor_parallel_split(name, config)
+    if split is None or split.partition_stride == 1:
+        return tensor
+    dim = split.partition_dim
+    return tensor.reshape(*tensor.shape[:dim], -1, *tensor.shape[dim + 2:])
+
+
+def _load_full_torch_dist(directory: str, manifest: dict) -> FullCheckpoint:
+    from megatron_sr.checkpointing import torch_dist
+
+    common, tensors, _ = torch_dist.read_full(directory, manifest)
+    description = common["args"]
+    config = model_config_from_description(description)
+    names = global_parameter_names(config)
+    try:
+        model = {name: _from_logical(tensors[f"model/{name}"], name, config) for name in names}
+    except KeyError as exc:
+        raise CheckpointError(f"{directory}: no tensor {exc} for the model its args "
+                              "describe") from exc
+    kinds = sorted({key.split("/")[1] for key in tensors if key.startswith("optimizer/")})
+    optimizer = None
+    if kinds:
+        optimizer = dict(common["optimizer"])
+        optimizer["params"] = {kind: {name: _from_logical(tensors[f"optimizer/{kind}/{name}"],
+                                                          name, config) for name in names}
+                               for kind in kinds}
+    return FullCheckpoint(directory=directory, iteration=manifest["iteration"],
+                          description=description, config=config, model=model,
+                          optimizer=optimizer, lr_scheduler=common.get("lr_scheduler"),
+                          consumed_train_samples=int(common.get("consumed_train_samples", 0)))
 
 
 def write_reshaped(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,

@@ -154,13 +154,14 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
 
 
 def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], tp_size: int,
-             pp_size: int) -> str:
+             pp_size: int, checkpoint_format: str = "torch") -> str:
     """Completes a checkpoint whose files are written and fsynced in `tmp_dir`:
     writes the manifest, renames `tmp_dir` to `iter_XXXXXXX` (moving an older
     save of the same iteration aside first, and deleting it only afterwards),
     then replaces the tracker. Returns the final directory."""
     final_dir = os.path.join(save_dir, iteration_dir_name(iteration))
     manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
+                "format": checkpoint_format,
                 "tensor_model_parallel_size": tp_size, "pipeline_model_parallel_size": pp_size,
                 "files": {e["file"]: {"size": e["size"], "sha256": e["sha256"]} for e in entries}}
     _write_json(os.path.join(tmp_dir, MANIFEST_FILENAME), manifest)
@@ -320,6 +321,25 @@ def read_manifest(iteration_dir: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def verify_file(path: str, expected: dict) -> None:
+    """CheckpointError naming `path` unless its size and sha256 are the
+    manifest's `expected` {"size", "sha256"}."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+        raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
+                              "the file is truncated or was modified")
+    if _sha256_file(path) != expected["sha256"]:
+        raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
+
+
+def file_entry(directory: str, relpath: str) -> dict:
+    """The manifest entry of a written file: {"file", "size", "sha256"}."""
+    path = os.path.join(directory, relpath)
+    return {"file": relpath, "size": os.path.getsize(path), "sha256": _sha256_file(path)}
+
+
 def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int,
                     pp_size: int, verify: bool = True) -> dict:
     """Reads the state of (tp_rank, pp_rank) from a complete checkpoint directory,
@@ -337,12 +357,7 @@ def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int
     if expected is None or not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing from the checkpoint")
     if verify:
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
-                                  "the file is truncated or was modified")
-        if _sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
+        verify_file(path, expected)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -432,6 +447,8 @@ def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, 
     from megatron_sr import parallel_state
     from megatron_sr.model import named_parameters_global
 
+    if job.training.ckpt_format == "torch_dist":
+        return _save_torch_dist(job, iteration, consumed_samples, model, optimizer, scheduler)
     optimizer.buffer.wait_param_gather()
     optimizer_state = optimizer.state_dict()
     dp_group = parallel_state.get_data_parallel_group()
@@ -450,6 +467,44 @@ def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, 
                            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
                            pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def _save_torch_dist(job, iteration: int, consumed_samples: int, model, optimizer,
+                     scheduler) -> Optional[str]:
+    """The torch_dist save (see `checkpointing.torch_dist`): waits for an async
+    save in flight, prepares the temporary directory on rank 0, then writes."""
+    from megatron_sr.checkpointing import torch_dist
+
+    torch_dist.wait_for_pending_save()
+    save_dir = job.training.save
+    tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
+
+    def prepare() -> None:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _log_recovery(recover_interrupted_publish(save_dir))
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.makedirs(tmp_dir)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint save to {save_dir} failed: rank 0 could not "
+                                  f"create {tmp_dir}: {exc}") from exc
+
+    _collective_on_rank0(prepare)
+    optimizer.buffer.wait_param_gather()
+    common = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+              "consumed_train_samples": consumed_samples, "args": job_description(job),
+              "lr_scheduler": scheduler.state_dict(),
+              "optimizer": {"strategy": optimizer.strategy.name, "step": optimizer.step_count,
+                            "skipped_steps": optimizer.skipped_steps}}
+    return torch_dist.save(job, iteration, common, model, optimizer, tmp_dir, rng_state())
+
+
+def finish_pending_save() -> Optional[str]:
+    """Waits for an async save in flight and publishes it (returns its directory,
+    None when there was none). Every rank calls it before the job ends."""
+    from megatron_sr.checkpointing import torch_dist
+
+    return torch_dist.wait_for_pending_save()
 
 
 def load_model_state(model, saved: dict, source: str) -> None:
@@ -493,6 +548,8 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
                   flush=True)
         return 0, 0
     directory = os.path.join(training.load, iteration_dir_name(iteration))
+    if read_manifest(directory).get("format") == "torch_dist":
+        return _load_torch_dist(job, directory, iteration, model, optimizer, scheduler)
     state = load_state_file(directory, parallel_state.get_tensor_model_parallel_rank(),
                             parallel_state.get_pipeline_model_parallel_rank(),
                             parallel_state.get_tensor_model_parallel_world_size(),
@@ -522,6 +579,34 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     if rank0():
         print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
     return iteration, int(state["consumed_train_samples"])
+
+
+def _load_torch_dist(job, directory: str, iteration: int, model, optimizer,
+                     scheduler) -> tuple[int, int]:
+    from megatron_sr import parallel_state
+    from megatron_sr.checkpointing import torch_dist
+
+    training = job.training
+    load_optim = not (training.finetune or training.no_load_optim)
+    common = torch_dist.load(job, directory, read_manifest(directory), model, optimizer,
+                             load_optim=load_optim,
+                             load_rng=not (training.finetune or training.no_load_rng))
+    if training.finetune:
+        optimizer.reset_master_from_params()
+        if rank0():
+            print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
+                  f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
+        return 0, 0
+    if load_optim:
+        scheduler.load_state_dict(common["lr_scheduler"])
+    else:
+        optimizer.reset_master_from_params()
+    if not training.no_load_rng and not common["rng_loaded"]:
+        seed_new_data_parallel_rank(training.seed, parallel_state.get_data_parallel_rank(),
+                                    iteration)
+    if rank0():
+        print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
+    return iteration, int(common["consumed_train_samples"])
 
 
 def seed_new_data_parallel_rank(seed: int, dp_rank: int, iteration: int) -> None:
