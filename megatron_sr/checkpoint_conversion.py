@@ -233,6 +233,44 @@ def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
     return family
 
 
+def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
+                        params_dtype: torch.dtype = torch.bfloat16) -> FullCheckpoint:
+    """A transformers GPT-2 or Llama model directory as a FullCheckpoint of
+    iteration 0 without optimizer state (start from it with --finetune). The
+    vocabulary is padded to a multiple of `make_vocab_size_divisible_by`
+    (pass the run's --make-vocab-size-divisible-by x TP size). The tokenizer is
+    the directory's vocab.json + merges.txt (GPT2BPETokenizer) or
+    tokenizer.model (SentencePieceTokenizer), else a NullTokenizer."""
+    from megatron_sr.checkpointing import _plain
+    from megatron_sr.config import DataConfig, OptimizerConfig, ParallelConfig
+    from megatron_sr.model.hf_conversion import load_hf_model
+
+    family, config, model, hf_vocab = load_hf_model(
+        hf_dir, params_dtype=params_dtype,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    files = {name: os.path.realpath(os.path.join(hf_dir, name))
+             for name in ("vocab.json", "merges.txt", "tokenizer.model")
+             if os.path.isfile(os.path.join(hf_dir, name))}
+    if "vocab.json" in files and "merges.txt" in files:
+        data = DataConfig(tokenizer_type="GPT2BPETokenizer", vocab_file=files["vocab.json"],
+                          merge_file=files["merges.txt"], seq_length=config.seq_length)
+    elif "tokenizer.model" in files:
+        data = DataConfig(tokenizer_type="SentencePieceTokenizer",
+                          tokenizer_model=files["tokenizer.model"], seq_length=config.seq_length)
+    else:
+        data = DataConfig(tokenizer_type="NullTokenizer", vocab_size=hf_vocab - 1,
+                          seq_length=config.seq_length)
+    description = _plain({"model": dataclasses.asdict(config),
+                          "parallel": dataclasses.asdict(ParallelConfig()),
+                          "optimizer": dataclasses.asdict(OptimizerConfig()),
+                          "data": dataclasses.asdict(data), "unpadded_vocab_size": hf_vocab,
+                          "imported_from": {"hugging_face": os.path.realpath(hf_dir),
+                                            "family": family}})
+    return FullCheckpoint(directory=hf_dir, iteration=0, description=description, config=config,
+                          model=model, optimizer=None, lr_scheduler=None,
+                          consumed_train_samples=0)
+
+
 def describe(checkpoint: FullCheckpoint) -> str:
     """One line: iteration, shape and layout of a checkpoint."""
     config = dataclasses.asdict(checkpoint.config)

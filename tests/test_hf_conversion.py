@@ -194,3 +194,53 @@ def test_unsupported_architecture_names_the_flag(overrides, flag):
     with pytest.raises(UnsupportedArchitectureError, match=flag) as error:
         hf_family(config)
     assert "matches neither GPT-2" in str(error.value)
+
+
+# ----- import: Hugging Face -> ours ------------------------------------------------------------
+
+_ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                        "ffn_hidden_size", "max_position_embeddings", "position_embedding_type",
+                        "rotary_base", "normalization", "layernorm_epsilon", "activation",
+                        "add_bias_linear", "untie_embeddings_and_output_weights")
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+def test_hf_import_round_trips_bit_exactly(built, key, tmp_path):
+    """ours -> HF -> ours gives the same tensors, and HF -> ours -> HF the same
+    HF tensors as the model directory holds (fp32, vocabulary not padded)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from megatron_sr.model.hf_conversion import load_hf_model, to_hf_state_dict
+
+    config = CONFIGS[key]
+    full = _torch(built[0][key, "full"])
+    save_hf_model(full, config, tmp_path)
+    family, imported_config, imported, hf_vocab = load_hf_model(
+        tmp_path, params_dtype=torch.float32, make_vocab_size_divisible_by=1)
+    assert family == key.split("_")[0] and hf_vocab == config.vocab_size
+    for field in _ARCHITECTURE_FIELDS:
+        assert getattr(imported_config, field) == getattr(config, field), field
+    _assert_bit_equal(imported, full)
+    hf_files = safetensors.load_file(tmp_path / "model.safetensors")
+    _, again = to_hf_state_dict(imported, imported_config)
+    assert set(again) == set(hf_files)
+    for name, tensor in hf_files.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_hf_import_pads_the_vocabulary_and_refuses_what_it_cannot_express(built, tmp_path):
+    pytest.importorskip("transformers")
+    from megatron_sr.model.hf_conversion import load_hf_model
+
+    config = CONFIGS["llama"]
+    full = _torch(built[0]["llama", "full"])
+    save_hf_model(full, config, tmp_path)
+    _, padded_config, padded, _ = load_hf_model(tmp_path, make_vocab_size_divisible_by=48)
+    assert padded_config.vocab_size == 96 and padded_config.params_dtype == torch.bfloat16
+    embedding = padded["embedding.word_embeddings.weight"]
+    assert embedding.shape[0] == 96 and not embedding[64:].any()
+    assert torch.equal(embedding[:64], full["embedding.word_embeddings.weight"].bfloat16())
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    hf_config["num_key_value_heads"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(UnsupportedArchitectureError, match="num_key_value_heads 2"):
+        load_hf_model(tmp_path)

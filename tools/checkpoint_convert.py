@@ -3,6 +3,8 @@
     python tools/checkpoint_convert.py --load CKPT --save OUT \
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
+    python tools/checkpoint_convert.py --load HF_DIR --save OUT --from-hf \
+        [--target-tensor-parallel-size 2] [--make-vocab-size-divisible-by 128]
 
 --load is a --save directory (its latest iteration) or an iter_XXXXXXX
 directory. Reshaping keeps the iteration, weights, optimizer state and LR
@@ -28,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
-                                               load_full_checkpoint, write_reshaped)
+                                               import_hugging_face, load_full_checkpoint,
+                                               write_reshaped)
 from megatron_sr.checkpointing import CheckpointError  # noqa: E402
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
 
@@ -42,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int,
                         help="interleaved layout of the result (default: none)")
     parser.add_argument("--to-hf", action="store_true", help="export a Hugging Face model")
+    parser.add_argument("--from-hf", action="store_true",
+                        help="--load is a Hugging Face GPT-2 or Llama model directory: write it "
+                             "as a checkpoint of iteration 0 (start from it with --finetune)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="with --from-hf: pad the vocabulary to a multiple of this times "
+                             "the target TP size, as the training run will")
+    parser.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="with --from-hf: dtype of the imported weights")
     parser.add_argument("--hf-dtype", choices=("float32", "bfloat16"),
                         help="dtype of the exported weights (default: the checkpoint's)")
     return parser
@@ -81,13 +92,23 @@ def export_to_new_directory(write, save: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
-    if args.to_hf == any(v is not None for v in reshape):
+    if args.from_hf and args.to_hf:
+        print("checkpoint_convert.py: error: --from-hf and --to-hf exclude each other",
+              file=sys.stderr)
+        return 2
+    if not args.from_hf and args.to_hf == any(v is not None for v in reshape):
         print("checkpoint_convert.py: error: give either --to-hf or "
               "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
         return 2
     try:
         check_output_directory(args.load, args.save)
-        checkpoint = load_full_checkpoint(args.load)
+        if args.from_hf:
+            checkpoint = import_hugging_face(
+                args.load, params_dtype=getattr(torch, args.params_dtype),
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
+                * (args.target_tensor_parallel_size or 1))
+        else:
+            checkpoint = load_full_checkpoint(args.load)
         print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
         if args.to_hf:
             dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else None
@@ -110,7 +131,8 @@ def main(argv=None) -> int:
                 args.save)
             path = os.path.join(args.save, os.path.basename(paths[0]))
             print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
-    except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError) as exc:
+    except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError,
+            FileNotFoundError) as exc:
         print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)
         return 1
     return 0
