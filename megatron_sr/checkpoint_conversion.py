@@ -271,6 +271,30 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
                           consumed_train_samples=0)
 
 
+def import_megatron_lm(path: str) -> FullCheckpoint:
+    """A Megatron-LM legacy checkpoint (megatron-core local-spec names) as a
+    FullCheckpoint of its iteration, weights only (see
+    `checkpointing.megatron_lm`)."""
+    from megatron_sr.checkpointing import megatron_lm
+
+    args, config, iteration, model = megatron_lm.import_megatron_lm(path)
+    return FullCheckpoint(directory=path, iteration=iteration,
+                          description=megatron_lm.description_from_megatron_args(args, config),
+                          config=config, model=model, optimizer=None, lr_scheduler=None,
+                          consumed_train_samples=megatron_lm.consumed_samples(args))
+
+
+def export_megatron_lm(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
+                       pipeline_parallel_size: int) -> str:
+    """Writes `checkpoint`'s weights as a Megatron-LM legacy checkpoint."""
+    from megatron_sr.checkpointing import megatron_lm
+
+    return megatron_lm.export_megatron_lm(
+        checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
+        checkpoint.consumed_train_samples, save_dir, tensor_parallel_size,
+        pipeline_parallel_size)
+
+
 def describe(checkpoint: FullCheckpoint) -> str:
     """One line: iteration, shape and layout of a checkpoint."""
     config = dataclasses.asdict(checkpoint.config)

@@ -3,6 +3,8 @@
     python tools/checkpoint_convert.py --load CKPT --save OUT \
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
+    python tools/checkpoint_convert.py --load CKPT --save OUT --to-megatron [--target-...]
+    python tools/checkpoint_convert.py --load MEGATRON_CKPT --save OUT --from-megatron
     python tools/checkpoint_convert.py --load HF_DIR --save OUT --from-hf \
         [--target-tensor-parallel-size 2] [--make-vocab-size-divisible-by 128]
 
@@ -30,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
-                                               import_hugging_face, load_full_checkpoint,
+                                               export_megatron_lm, import_hugging_face,
+                                               import_megatron_lm, load_full_checkpoint,
                                                write_reshaped)
 from megatron_sr.checkpointing import CheckpointError  # noqa: E402
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-hf", action="store_true",
                         help="--load is a Hugging Face GPT-2 or Llama model directory: write it "
                              "as a checkpoint of iteration 0 (start from it with --finetune)")
+    parser.add_argument("--from-megatron", action="store_true",
+                        help="--load is a Megatron-LM legacy checkpoint (megatron-core, local "
+                             "spec): write its weights as ours (start from it with --finetune)")
+    parser.add_argument("--to-megatron", action="store_true",
+                        help="write the weights as a Megatron-LM legacy checkpoint "
+                             "(checkpoint version 3.0; load it there with --finetune)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="with --from-hf: pad the vocabulary to a multiple of this times "
                              "the target TP size, as the training run will")
@@ -92,11 +101,13 @@ def export_to_new_directory(write, save: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
-    if args.from_hf and args.to_hf:
-        print("checkpoint_convert.py: error: --from-hf and --to-hf exclude each other",
-              file=sys.stderr)
+    sources, targets = [args.from_hf, args.from_megatron], [args.to_hf, args.to_megatron]
+    if sum(sources) > 1 or sum(targets) > 1 or (any(sources) and any(targets)):
+        print("checkpoint_convert.py: error: give at most one of --from-hf, --from-megatron, "
+              "--to-hf, --to-megatron", file=sys.stderr)
         return 2
-    if not args.from_hf and args.to_hf == any(v is not None for v in reshape):
+    if not any(sources) and not args.to_megatron \
+            and args.to_hf == any(v is not None for v in reshape):
         print("checkpoint_convert.py: error: give either --to-hf or "
               "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
         return 2
@@ -107,6 +118,8 @@ def main(argv=None) -> int:
                 args.load, params_dtype=getattr(torch, args.params_dtype),
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
                 * (args.target_tensor_parallel_size or 1))
+        elif args.from_megatron:
+            checkpoint = import_megatron_lm(args.load)
         else:
             checkpoint = load_full_checkpoint(args.load)
         print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
@@ -117,6 +130,13 @@ def main(argv=None) -> int:
                 lambda staging: families.append(export_hugging_face(checkpoint, staging, dtype)),
                 args.save)
             print(f"exported a Hugging Face {families[0]} model to {args.save}")
+        elif args.to_megatron:
+            parallel = checkpoint.description["parallel"]
+            tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
+            pp = args.target_pipeline_parallel_size or parallel["pipeline_model_parallel_size"]
+            export_to_new_directory(
+                lambda staging: export_megatron_lm(checkpoint, staging, tp, pp), args.save)
+            print(f"wrote a Megatron-LM TP={tp} PP={pp} checkpoint to {args.save}")
         else:
             parallel = checkpoint.description["parallel"]
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]

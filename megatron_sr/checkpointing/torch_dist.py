@@ -223,7 +223,7 @@ def save(job, iteration: int, common: dict, model, optimizer, tmp_dir: str,
 
     training = job.training
     state = tensor_state(model, optimizer, writing=True)
-    if parallel_state.get_data_parallel_rank() == 0 and dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         state[COMMON_KEY] = common
     state[rng_key(parallel_state.get_pipeline_model_parallel_rank(),
                   parallel_state.get_tensor_model_parallel_rank(),

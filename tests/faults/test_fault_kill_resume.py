@@ -104,6 +104,7 @@ def test_sigkill_at_random_moments_of_torch_dist_saves_then_resume_is_bit_identi
 
     rng = random.Random(14 + async_save)
     save = str(tmp_path / "ckpt")
+    os.makedirs(save)
     argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=async_save)
     for moment in range(KILL_MOMENTS):
         job = Job(4, argv, str(tmp_path / f"log{moment}"))
@@ -126,6 +127,7 @@ def test_sigkill_at_random_moments_of_torch_dist_saves_then_resume_is_bit_identi
 def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(torch_dist_reference,
                                                                      tmp_path):
     save = str(tmp_path / "ckpt")
+    os.makedirs(save)
     argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=True)
     run = run_job(4, argv, str(tmp_path / "log1"),
                   fault_env("kill@checkpoint-write,iteration=4,rank=1"))
