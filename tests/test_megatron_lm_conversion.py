@@ -9,6 +9,8 @@ Spec:
   `output_layer.weight`; the tracker names the iteration.
 - tools/checkpoint_convert.py --to-megatron / --from-megatron do the same on
   disk.
+- megatron-core's own GPTModel (pip megatron-core, local spec, on the CPU)
+  loads an exported checkpoint strictly and computes our logits (1e-4).
 """
 from __future__ import annotations
 
@@ -128,3 +130,90 @@ def test_the_converter_round_trips_through_megatron_lm(tmp_path):
     assert again.iteration == 7 and again.consumed_train_samples == 56
     for name, tensor in checkpoint.model.items():
         assert torch.equal(again.model[name], tensor), name
+
+
+# ----- megatron-core's own GPTModel reads the exported checkpoint ------------------------------
+
+TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+
+
+def _logits_ours_and_megatron_core(rank, world_size, key, save_dir):
+    """Builds our model and megatron-core's GPTModel (local spec, CPU) from the
+    same exported checkpoint; returns both logits [b, s, v] on TOKENS."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as mcore_parallel_state
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_sr import parallel_state
+    from megatron_sr.checkpointing import load_model_state
+    from megatron_sr.config import ParallelConfig
+    from megatron_sr.model import build_model
+
+    config = CONFIGS[key].__class__(**{**CONFIGS[key].__dict__, "params_dtype": torch.float32,
+                                       "hidden_dropout": 0.0, "attention_dropout": 0.0})
+    _, _, _, full = megatron_lm.import_megatron_lm(save_dir)
+    parallel_state.initialize_model_parallel(1)
+    try:
+        (ours,) = build_model(config, ParallelConfig(), seed=1)
+        load_model_state([ours], {k: v.float() for k, v in full.items()}, save_dir)
+        ours.eval()
+        with torch.no_grad():
+            our_logits = ours(TOKENS).float()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+    torch.cuda.current_device = lambda: "cpu"  # megatron-core allocates on "the" device
+    mcore_parallel_state.initialize_model_parallel(1, 1)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+    swiglu = config.activation == "swiglu"
+    transformer_config = TransformerConfig(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads, ffn_hidden_size=config.ffn_hidden_size,
+        use_cpu_initialization=True, params_dtype=torch.float32,
+        add_bias_linear=config.add_bias_linear, gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu, normalization=config.normalization,
+        layernorm_epsilon=config.layernorm_epsilon, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    model = GPTModel(transformer_config, get_gpt_layer_local_spec(normalization=config.normalization),
+                     vocab_size=config.vocab_size, max_sequence_length=config.seq_length,
+                     position_embedding_type=config.position_embedding_type,
+                     share_embeddings_and_output_weights=not
+                     config.untie_embeddings_and_output_weights,
+                     rotary_base=int(config.rotary_base))
+    saved = torch.load(os.path.join(save_dir, "iter_0000007", "mp_rank_00",
+                                    "model_optim_rng.pt"), weights_only=False)
+    result = model.load_state_dict({k: v.float() for k, v in saved["model"].items()},
+                                   strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    model.eval()
+    causal = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        theirs = model(TOKENS, torch.arange(8).unsqueeze(0).expand(2, 8), causal)
+    mcore_parallel_state.destroy_model_parallel()
+    return our_logits.numpy(), theirs.float().numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", CONFIGS)
+def test_megatron_core_gpt_model_gives_our_logits(key, tmp_path):
+    pytest.importorskip("megatron.core")
+    import numpy as np
+
+    from multiprocess import run_ranks
+
+    config = CONFIGS[key]
+    save = str(tmp_path / "megatron")
+    os.makedirs(save)
+    full = {name: tensor * 0.5 for name, tensor in random_full_state(config).items()}
+    megatron_lm.export_megatron_lm(full, config, {}, 7, 0, save, tp=1, pp=1)
+    ours, theirs = run_ranks(_logits_ours_and_megatron_core, 1, key, save)[0]
+    assert ours.shape == theirs.shape == (2, 8, 64)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
