@@ -295,6 +295,28 @@ def export_megatron_lm(checkpoint: FullCheckpoint, save_dir: str, tensor_paralle
         pipeline_parallel_size)
 
 
+def model_flags(config: ModelConfig) -> str:
+    """The `pretrain_gpt.py` model flags that build `config`'s model (an
+    imported checkpoint loads only into that model)."""
+    flags = [f"--num-layers {config.num_layers}", f"--hidden-size {config.hidden_size}",
+             f"--ffn-hidden-size {config.ffn_hidden_size}",
+             f"--num-attention-heads {config.num_attention_heads}",
+             f"--seq-length {config.seq_length}",
+             f"--max-position-embeddings {config.max_position_embeddings}",
+             f"--position-embedding-type {config.position_embedding_type}",
+             f"--normalization {config.normalization}",
+             f"--norm-epsilon {config.layernorm_epsilon}"]
+    if config.position_embedding_type == "rope":
+        flags.append(f"--rotary-base {config.rotary_base:g}")
+    if config.activation == "swiglu":
+        flags.append("--swiglu")
+    if not config.add_bias_linear:
+        flags.append("--disable-bias-linear")
+    if config.untie_embeddings_and_output_weights:
+        flags.append("--untie-embeddings-and-output-weights")
+    return " ".join(flags)
+
+
 def describe(checkpoint: FullCheckpoint) -> str:
     """One line: iteration, shape and layout of a checkpoint."""
     config = dataclasses.asdict(checkpoint.config)

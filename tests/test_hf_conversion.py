@@ -253,7 +253,7 @@ def test_hf_import_pads_the_vocabulary_and_refuses_what_it_cannot_express(built,
 
 
 @pytest.mark.slow
-def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path):
+def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path, capsys):
     """tools/checkpoint_convert.py --from-hf writes a checkpoint the job loads
     with --finetune: the job's parameters are the HF model's."""
     import os
@@ -273,6 +273,8 @@ def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path):
     assert checkpoint_convert.main(["--load", str(tmp_path / "hf"), "--save", out, "--from-hf",
                                     "--make-vocab-size-divisible-by", "16",
                                     "--params-dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "--swiglu --disable-bias-linear --untie-embeddings-and-output-weights" in printed
     _assert_bit_equal(load_full_checkpoint(out).model, full)
     argv = tiny_gpt_argv(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=8,
                          vocab_size=63, position_embedding_type="rope", normalization="RMSNorm",

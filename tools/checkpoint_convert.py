@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
                                                export_megatron_lm, import_hugging_face,
                                                import_megatron_lm, load_full_checkpoint,
-                                               write_reshaped)
+                                               model_flags, write_reshaped)
 from megatron_sr.checkpointing import CheckpointError  # noqa: E402
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
 
@@ -151,6 +151,9 @@ def main(argv=None) -> int:
                 args.save)
             path = os.path.join(args.save, os.path.basename(paths[0]))
             print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
+            if args.from_hf or args.from_megatron:
+                print(f"start from it with: pretrain_gpt.py --load {args.save} --finetune "
+                      f"{model_flags(checkpoint.config)} ...")
     except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError,
             FileNotFoundError) as exc:
         print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)
