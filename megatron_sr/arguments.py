@@ -53,6 +53,8 @@ from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, 
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
 from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # --exit-signal
+
 @dataclass(frozen=True)
 class JobConfig:
     """One training job's configuration: what `parse_args` returns, already
@@ -156,6 +158,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Save (with --save) and exit when the iteration is a multiple of this.")
     group.add_argument("--exit-duration-in-mins", type=float,
                        help="Save (with --save) and exit after this many minutes.")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="Accepted for Megatron-LM scripts: here the handler is always on "
+                            "(SIGTERM and --exit-signal save with --save and exit after the "
+                            "current step).")
+    group.add_argument("--exit-signal", choices=EXIT_SIGNALS, default=TrainingConfig.exit_signal,
+                       help="A signal that, like SIGTERM, makes every rank save (with --save) "
+                            "and exit after the current step, e.g. SIGUSR1 sent by Slurm's "
+                            "`#SBATCH --signal=USR1@600` ahead of the time limit.")
     group.add_argument("--recompute-granularity", choices=("full", "selective"),
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
@@ -244,6 +254,8 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
     group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
                        help="Gradient buffer and reduction dtype (default: the strategy's).")
+    group.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                       help="Megatron's flag: same as --grad-reduce-dtype fp32.")
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -373,7 +385,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     train_iters = _train_iters(args, global_batch_size)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
-        grad_reduce_dtype=args.grad_reduce_dtype, lr=args.lr, min_lr=args.min_lr,
+        grad_reduce_dtype=_grad_reduce_dtype(args), lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
         lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size),
@@ -404,7 +416,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
         override_existing_checkpoints=args.override_existing_checkpoints,
         ckpt_format=args.ckpt_format, async_save=args.async_save,
-        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations)
+        tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
+        exit_signal=args.exit_signal)
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,
@@ -468,6 +481,16 @@ def _precision(args: argparse.Namespace) -> str:
                              f"--precision {args.precision}: give one")
         return "bf16-mixed"
     return DEFAULT_STRATEGY if args.precision is None else args.precision
+
+
+def _grad_reduce_dtype(args: argparse.Namespace) -> Optional[str]:
+    if args.accumulate_allreduce_grads_in_fp32:
+        if args.grad_reduce_dtype not in (None, "fp32"):
+            raise ValueError(f"--accumulate-allreduce-grads-in-fp32 means --grad-reduce-dtype "
+                             f"fp32, which conflicts with --grad-reduce-dtype "
+                             f"{args.grad_reduce_dtype}: give one")
+        return "fp32"
+    return args.grad_reduce_dtype
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:

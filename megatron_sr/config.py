@@ -135,6 +135,7 @@ class TrainingConfig:
     async_save: bool = False  # torch_dist only: write in the background
     tensorboard_dir: Optional[str] = None
     max_skipped_iterations: int = 10
+    exit_signal: str = "SIGTERM"  # also saves and exits, besides SIGTERM
 
 
 def validate_parallel_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int,

@@ -1,6 +1,10 @@
 """The training job: set-up, the train/eval loop, logging, exits.
 
-`pretrain(argv)` is what `pretrain_gpt.py` runs on every rank under torchrun:
+`pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func)`
+is what `pretrain_gpt.py` runs on every rank under torchrun, in Megatron-LM's
+shape: the three providers say what is trained (the model chunk, the loss, the
+data) and `pretrain` does the rest (see `pretrain` for their contracts; None
+takes the library's GPT default, which `pretrain_gpt.py` spells out):
 
     initialize_distributed   backend and device (CUDA+NCCL, else CPU+Gloo), process groups, seeds
     build_tokenizer          the vocabulary pads the model's embedding
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import signal
@@ -31,13 +36,14 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
@@ -130,16 +136,19 @@ def grad_dtype(job: JobConfig, strategy: PrecisionStrategy) -> torch.dtype:
     return _GRAD_DTYPES[job.optimizer.grad_reduce_dtype]
 
 
-def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None):
+def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
+                              model_provider: Optional[Callable] = None):
     """(model chunks, optimizer, LR scheduler), with the param/grad buffers built.
 
     Every rank calls it after `initialize_distributed`, with `job` carrying the
-    padded vocabulary size."""
+    padded vocabulary size. `model_provider`: see `pretrain` (None: GPTModel)."""
     strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
     # --grad-reduce-dtype overrides the strategy's gradient dtype for the grad
     # buffer, the DP reduction and the AdamW step alike.
     strategy = dataclasses.replace(strategy, grad_dtype=grad_dtype(job, strategy))
-    model = build_model(job.model, job.parallel, seed=job.training.seed)
+    model = build_model(job.model, job.parallel, seed=job.training.seed,
+                        model_provider=(None if model_provider is None
+                                        else functools.partial(model_provider, job=job)))
     params = [p for chunk in model for p in chunk.parameters()]
     extra = {} if bucket_size is None else {"bucket_size": bucket_size}
     buffer = ParamAndGradBuffer(
@@ -173,6 +182,13 @@ def _format_memory_report(job: JobConfig, reports: list[dict[str, int]]) -> str:
 
 # ----- data -------------------------------------------------------------------------------
 
+def gpt_datasets_provider(train_val_test_num_samples: Sequence[int], *, job: JobConfig,
+                          tokenizer) -> tuple:
+    """The default train_valid_test_datasets_provider: Megatron GPT datasets of
+    --data-path (or --mock-data), see `megatron_sr.data.gpt_dataset`."""
+    return build_gpt_datasets(job.data, tokenizer, train_val_test_num_samples, job.training.seed)
+
+
 def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
     """Samples the train and valid splits must provide for the whole run
     (Megatron's counts); the loop never reads the test split, so it asks none."""
@@ -202,13 +218,16 @@ class DataStreams:
     """Per-chunk micro-batch iterators for training and validation.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
-    own iterator over the same stream; other chunks get None."""
+    own iterator over the same stream; other chunks get None. The datasets come
+    from `datasets_provider` (see `pretrain`; None: `gpt_datasets_provider`)."""
 
-    def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module]):
+    def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module],
+                 datasets_provider: Optional[Callable] = None):
         self.job = job
         self.model = model
-        self.train, self.valid, _ = build_gpt_datasets(
-            job.data, tokenizer, train_valid_test_num_samples(job), job.training.seed)
+        datasets_provider = datasets_provider or gpt_datasets_provider
+        self.train, self.valid, _ = datasets_provider(train_valid_test_num_samples(job),
+                                                      job=job, tokenizer=tokenizer)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
@@ -241,27 +260,63 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
+def get_batch(data_iterator, model) -> tuple:
+    """(tokens, labels, loss_mask, position_ids) of the next micro-batch for the
+    chunk `model`, on this rank's device: tokens and labels int64 [b, s] (the
+    stream's rows [b, s + 1] shifted by one); loss_mask fp32 [b, s] of the
+    tokens that count, None when all do; position_ids [b, s], None for 0..s-1.
+    Chunks that neither embed tokens nor compute the loss draw nothing and get
+    four Nones."""
+    if not (model.pre_process or model.post_process):
+        return None, None, None, None
+    batch = next(data_iterator).to(parallel_state.get_default_device(), non_blocking=True)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), None, None
+
+
+def gpt_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's mean loss (fp32 scalar) over the tokens `loss_mask` keeps
+    (all of them when None), from the per-token losses [b, s] of the last stage."""
+    losses = output_tensor.float()
+    if loss_mask is None:
+        return losses.mean()
+    return torch.sum(losses * loss_mask) / loss_mask.sum()
+
+
+def gpt_forward_step(data_iterator, model):
+    """The default forward_step_func (see `pretrain`): next micro-batch ->
+    chunk forward -> (per-token losses on the last stage, else hidden states;
+    the loss function of this micro-batch)."""
+    tokens, labels, loss_mask, position_ids = get_batch(data_iterator, model)
+    output_tensor = model(tokens, position_ids, labels=labels if model.post_process else None)
+    return output_tensor, functools.partial(gpt_loss_func, loss_mask)
+
+
+def _scalar_loss(loss_func, nan_gradients: bool, output_tensor):
+    loss = loss_func(output_tensor)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+        raise TypeError(
+            f"the loss function returned by forward_step must return the micro-batch's loss "
+            f"as a scalar tensor, got a {type(loss).__name__}{shape}; a Megatron-style "
+            f"(loss, num_tokens, {{'lm loss': ...}}) tuple is not supported: return the mean "
+            f"loss, which is also what the log line reports")
+    return _NaNGradient.apply(loss) if nan_gradients else loss
+
+
 def make_forward_step(strategy: PrecisionStrategy, device: torch.device,
-                      nan_gradients: bool = False):
-    """The schedule's forward_step_func: next micro-batch -> chunk forward ->
-    (per-token losses, mean-loss function). amp runs the forward under autocast.
-    `nan_gradients` (fault injection): the loss keeps its value but its
-    backward yields NaN gradients for every parameter."""
+                      nan_gradients: bool = False, forward_step_func: Optional[Callable] = None):
+    """The schedule's forward_step_func: `forward_step_func` (see `pretrain`;
+    None: `gpt_forward_step`) under torch.autocast for amp, its loss function
+    checked to return a scalar. `nan_gradients` (fault injection): the loss keeps
+    its value but its backward yields NaN gradients for every parameter."""
+    forward_step_func = forward_step_func or gpt_forward_step
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if strategy.autocast else nullcontext())
 
-    def loss_func(losses):
-        loss = losses.float().mean()
-        return _NaNGradient.apply(loss) if nan_gradients else loss
-
     def forward_step(data_iterator, chunk):
-        tokens = labels = None
-        if chunk.pre_process or chunk.post_process:
-            batch = next(data_iterator).to(device, non_blocking=True)
-            tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         with autocast:
-            output = chunk(tokens, labels=labels if chunk.post_process else None)
-        return output, loss_func
+            output, loss_func = forward_step_func(data_iterator, chunk)
+        return output, functools.partial(_scalar_loss, loss_func, nan_gradients)
 
     return forward_step
 
@@ -393,17 +448,20 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 # ----- the loop ---------------------------------------------------------------------------
 
 class _SigtermFlag:
-    """Set by SIGTERM; the loop checks it (agreed over all ranks) after each step."""
+    """Set by SIGTERM or --exit-signal (`received` names it); the loop checks it
+    (agreed over all ranks) after each step."""
 
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, exit_signal: str = "SIGTERM"):
+        self.received: Optional[str] = None
+        self._previous = {number: signal.signal(number, self._handle) for number in
+                          {signal.SIGTERM, signal.Signals[exit_signal]}}
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.received = signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def _open_tensorboard(job: JobConfig):
@@ -433,7 +491,10 @@ def write_run_summary(writer, job: JobConfig, optimizer: DistributedOptimizer) -
     rows = {"precision": opt.precision, "lr": opt.lr, "min-lr": opt.min_lr,
             "lr-decay-style": opt.lr_decay_style, "lr-warmup-iters": opt.lr_warmup_iters,
             "weight-decay": opt.weight_decay, "train-iters": training.train_iters,
-            "global-batch-size": training.global_batch_size, "seq-length": model.seq_length,
+            "global-batch-size": training.global_batch_size,
+            "micro-batch-size": training.micro_batch_size, "seed": training.seed,
+            "grad-reduce-dtype": opt.grad_reduce_dtype or "strategy default",
+            "seq-length": model.seq_length,
             "num-layers": model.num_layers, "hidden-size": model.hidden_size,
             "world-size": job.world_size,
             "tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
@@ -472,20 +533,22 @@ def _agree(flags: Sequence[bool], device) -> list[bool]:
 
 
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
-          data: DataStreams, start_iteration: int, consumed_samples: int) -> tuple[int, bool]:
+          data: DataStreams, start_iteration: int, consumed_samples: int,
+          forward_step_func: Optional[Callable] = None) -> tuple[int, bool]:
     """Runs steps until --train-iters or an exit condition; returns (last
     iteration, whether an exit condition stopped it early). Saves with --save
-    at --save-interval and on every exit."""
+    at --save-interval and on every exit. `forward_step_func`: see `pretrain`."""
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
-    forward_step = make_forward_step(strategy, device)
+    forward_step = make_forward_step(strategy, device, forward_step_func=forward_step_func)
     nan_grad_iterations = fault_injection.nan_grad_iterations()
-    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True)
+    nan_grad_step = make_forward_step(strategy, device, nan_gradients=True,
+                                      forward_step_func=forward_step_func)
     writer = _open_tensorboard(job)
     if writer is not None:
         write_run_summary(writer, job, optimizer)
-    sigterm = _SigtermFlag()
+    sigterm = _SigtermFlag(training.exit_signal)
     tokens_per_step = training.global_batch_size * job.model.seq_length
     flops_per_step = flops_per_token(job.model) * tokens_per_step
     start_time = time.time()
@@ -554,13 +617,17 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
             elapsed_min = (time.time() - start_time) / 60
             with communication_phase(job, "exit-condition agreement", iteration):
-                stop_signal, out_of_time = _agree(
-                    [sigterm.received, bool(training.exit_duration_in_mins
-                                            and elapsed_min > training.exit_duration_in_mins)],
+                got_sigterm, got_exit_signal, out_of_time = _agree(
+                    [sigterm.received == "SIGTERM",
+                     sigterm.received not in (None, "SIGTERM"),
+                     bool(training.exit_duration_in_mins
+                          and elapsed_min > training.exit_duration_in_mins)],
                     device)
+            stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
-                reason = ("SIGTERM received" if stop_signal else
+                reason = ("SIGTERM received" if got_sigterm else
+                          f"{training.exit_signal} received" if got_exit_signal else
                           "--exit-duration-in-mins reached" if out_of_time else
                           "--exit-interval reached")
                 if training.save and not (training.save_interval
@@ -608,9 +675,38 @@ def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer
 
 # ----- entry point --------------------------------------------------------------------------
 
-def pretrain(argv: Optional[Sequence[str]] = None) -> int:
-    """Parses Megatron-style flags and trains; returns the last iteration.
-    Called on every rank (torchrun sets RANK/WORLD_SIZE; one rank without it)."""
+def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
+             model_provider: Optional[Callable] = None,
+             forward_step_func: Optional[Callable] = None, *,
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Parses Megatron-style flags (`argv`; None: sys.argv[1:]) and trains what
+    the providers describe; returns the last iteration. Called on every rank
+    (torchrun sets RANK/WORLD_SIZE; one rank without it). Megatron-LM's
+    providers, with the job's typed config passed as keyword arguments where
+    Megatron reads its global args (None: the library's GPT default):
+
+    - `train_valid_test_datasets_provider(train_val_test_num_samples, *, job,
+      tokenizer) -> (train, valid, test)`: map-style datasets whose item i is
+      {"tokens": int64 tensor [seq_length + 1]}; valid None skips evaluation,
+      test is not read. Called once on every rank; the counts are what the run
+      consumes (train: --train-iters x global batch). Default `gpt_datasets_provider`.
+    - `model_provider(pre_process, post_process, *, job, layers, device) ->
+      model chunk`: the global layers `layers` of the model, with the embedding
+      when `pre_process` and the output layer and loss when `post_process`,
+      built on `device`; called once per chunk on every rank. The chunk keeps
+      GPTModel's interface: `pre_process`/`post_process`, `set_input_tensor`,
+      [s, b, h] hidden states between stages, and parameters made by
+      megatron_sr's layers (`build_model` initializes them from `global_name`
+      and `init_method`). Default: `GPTModel(job.model, ...)`.
+    - `forward_step_func(data_iterator, model) -> (output_tensor, loss_func)`:
+      one micro-batch through the chunk `model`, drawn from `data_iterator`
+      (int64 CPU rows [micro_batch_size, seq_length + 1]; None on chunks that
+      neither embed nor compute the loss: `get_batch` handles both). On the
+      last stage `loss_func(output_tensor)` returns the micro-batch's loss, a
+      scalar tensor: the schedule backpropagates its mean over micro-batches
+      and the log line reports it averaged over data-parallel ranks. It runs
+      under torch.autocast for --precision amp. Default `gpt_forward_step`.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = parse_args(list(argv) if argv is not None else None, world_size)
     device = initialize_distributed(job)
@@ -626,15 +722,18 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
                      f"{job.data_parallel_size}; --precision {job.optimizer.precision}; device "
                      f"{device.type}; vocab {job.unpadded_vocab_size} padded to "
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
-        model, optimizer, scheduler = setup_model_and_optimizer(job)
+        if device.type == "cpu":
+            print_rank_0(f"[setup] {cpu_bf16_summary()}")
+        model, optimizer, scheduler = setup_model_and_optimizer(job,
+                                                                model_provider=model_provider)
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, memory_report(optimizer))
         print_rank_0(_format_memory_report(job, reports))
         iteration, consumed = checkpointing.load_training_checkpoint(job, model, optimizer,
                                                                      scheduler)
-        data_streams = DataStreams(job, tokenizer, model)
+        data_streams = DataStreams(job, tokenizer, model, train_valid_test_datasets_provider)
         last, stopped_early = train(job, model, optimizer, scheduler, data_streams, iteration,
-                                    consumed)
+                                    consumed, forward_step_func)
         checkpointing.finish_pending_save()
         evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
         if not (stopped_early or evaluated_last) and job.training.eval_iters \
@@ -642,7 +741,9 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
             writer = _open_tensorboard(job)
             try:
                 run_evaluation(job, model, data_streams,
-                               make_forward_step(optimizer.strategy, device), last, writer)
+                               make_forward_step(optimizer.strategy, device,
+                                                 forward_step_func=forward_step_func),
+                               last, writer)
             finally:
                 if writer is not None:
                     writer.close()
@@ -652,10 +753,20 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> int:
         dist.destroy_process_group()
 
 
-def main() -> None:
+@contextmanager
+def exit_on_job_error():
+    """Errors a user fixes (bad flags, an unusable checkpoint, a training that
+    cannot go on, a dead or stalled rank) end the process with one line
+    `error: <message>` on stderr and exit status 1 instead of a traceback."""
     try:
-        pretrain(sys.argv[1:])
+        yield
     except (ValueError, checkpointing.CheckpointError, TrainingStopped,
             CommunicationError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def main() -> None:
+    """`pretrain` of the default GPT on sys.argv's flags, errors as messages."""
+    with exit_on_job_error():
+        pretrain(argv=sys.argv[1:])

@@ -41,12 +41,16 @@ def tiny_gpt_argv(**flags) -> list[str]:
     return argv
 
 
-def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: bool = False):
-    """Runs `pretrain(argv)` on this rank. Returns {"last_iteration", "reports":
+def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: bool = False,
+                    providers: str | None = None):
+    """Runs `pretrain(argv=argv)` on this rank, with the providers of the script
+    at path `providers` (e.g. pretrain_gpt.py; None: the library's defaults). Returns {"last_iteration", "reports":
     [StepReport as dict per step], "stdout", "loaded_params": {name: fp32 array}
     and "loaded_optimizer": the optimizer's state_dict (`as_numpy`) right after
     --load (None without), "error": the exception's message when `expect_error`
     and the job raised}."""
+    import importlib.util
+
     from megatron_sr import training
     from megatron_sr.model import named_parameters_global
 
@@ -71,7 +75,14 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
     stdout, error, last = io.StringIO(), None, None
     try:
         with contextlib.redirect_stdout(stdout):
-            last = training.pretrain(argv)
+            if providers is None:
+                last = training.pretrain(argv=argv)
+            else:
+                spec = importlib.util.spec_from_file_location("providers", providers)
+                script = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(script)
+                last = training.pretrain(script.train_valid_test_datasets_provider,
+                                         script.model_provider, script.forward_step, argv=argv)
     except Exception as exc:  # noqa: BLE001 - handed to the test to check
         if not expect_error:
             raise
@@ -98,9 +109,10 @@ def as_numpy(tree):
 
 
 def run_pretrain(world_size: int, argv: list[str], expect_error: bool = False,
-                 env: dict[str, str] | None = None, timeout: float = 240) -> list[dict]:
+                 env: dict[str, str] | None = None, timeout: float = 240,
+                 providers: str | None = None) -> list[dict]:
     """`pretrain_worker` on `world_size` Gloo ranks; its results by rank."""
-    return run_ranks(pretrain_worker, world_size, argv, expect_error, timeout=timeout,
+    return run_ranks(pretrain_worker, world_size, argv, expect_error, providers, timeout=timeout,
                      env={"WORLD_SIZE": str(world_size), **(env or {})})
 
 

@@ -80,6 +80,13 @@ def test_optimizer_state_and_grad_reduce_dtypes_pass_through():
     assert (j.optimizer.optimizer_state_dtype, j.optimizer.grad_reduce_dtype) == ("fp32", "fp32")
 
 
+def test_megatron_fp32_grad_accumulation_flag_is_grad_reduce_dtype_fp32():
+    assert job("--accumulate-allreduce-grads-in-fp32").optimizer.grad_reduce_dtype == "fp32"
+    assert job().optimizer.grad_reduce_dtype is None
+    with pytest.raises(ValueError, match="--accumulate-allreduce-grads-in-fp32 .* conflicts"):
+        job("--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype", "bf16")
+
+
 def test_megatron_aliases():
     assert job("--recompute-activations").model.recompute_granularity == "selective"
     assert job("--recompute-granularity", "full").model.recompute_granularity == "full"

@@ -96,3 +96,68 @@ def test_reads_what_training_writes(tmp_path):
     run = compare_runs.load_run(str(tmp_path / "run"))
     assert (run.precision, run.lr, run.label) == ("bf16-kahan", 3e-4, "bf16-kahan lr=0.0003")
     assert run.last("memory/total-bytes") == 8 and run.last("memory/optimizer-bytes") == 4
+
+
+def _write_seeded(path, precision, lr, seed, final_loss, absorption, micro=8, grad="strategy default"):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(path))
+    writer.add_text("run/config", f"precision: {precision}\nlr: {lr}\nseed: {seed}\n"
+                    f"global-batch-size: 8\nmicro-batch-size: {micro}\nworld-size: 1\n"
+                    f"grad-reduce-dtype: {grad}", 0)
+    for step in (10, 20):
+        writer.add_scalar("lm loss validation", final_loss + (20 - step) * 0.1, step)
+        writer.add_scalar("update-absorption", absorption, step)
+    writer.close()
+
+
+def test_aggregate_over_seeds_and_the_papers_claims(tmp_path):
+    finals = {("bf16-mixed", 0.001): [5.00, 5.02, 5.04], ("bf16-mixed", 0.002): [5.10, 5.10, 5.10],
+              ("bf16-sr", 0.001): [5.005, 5.025, 5.045], ("bf16-sr", 0.002): [4.90, 4.92, 4.94],
+              ("bf16", 0.001): [5.40, 5.50, 5.60], ("bf16", 0.002): [5.30, 5.30, 5.30]}
+    paths = []
+    for (precision, lr), losses in finals.items():
+        for seed, loss in enumerate(losses, start=1):
+            paths.append(tmp_path / f"{precision}_{lr}_{seed}")
+            _write_seeded(paths[-1], precision, lr, seed, loss, 0.4 if precision == "bf16" else 0.1)
+    paths.append(tmp_path / "ablation")
+    _write_seeded(paths[-1], "bf16-sr", 0.001, 1, 4.0, 0.1, micro=1, grad="fp32")
+    runs = [compare_runs.load_run(str(p)) for p in paths]
+    groups = compare_runs.group_runs(runs)
+    assert len(groups) == 7
+    ablation = next(g for g in groups if g.variant)
+    assert ablation.variant == "8 micro-batches, grads fp32" and len(ablation.runs) == 1
+    table = compare_runs.aggregate_table(groups)
+    assert "| bf16-sr | 0.001 | - | 3 | 5.0250 | 5.0050 | 5.0450 |" in table
+    # best LR by mean loss; the ablation (4.0) is not a candidate
+    assert "| bf16-sr | 0.002 | 3 | 4.9200 |" in table and "| bf16-mixed | 0.001 | 3 | 5.0200 |" in table
+    gap_1x = 100 * (math.exp(5.025) / math.exp(5.02) - 1)
+    gap_2x = 100 * (math.exp(4.92) / math.exp(5.10) - 1)
+    assert f"(1) bf16-sr within 1% of bf16-mixed at equal LR: met (lr 0.001: {gap_1x:+.2f}%, " \
+           f"lr 0.002: {gap_2x:+.2f}%)" in table
+    best_gap = 100 * (math.exp(4.92) / math.exp(5.02) - 1)
+    assert f"(2) bf16-sr at its best LR (0.002) at least as good as bf16-mixed at its best " \
+           f"(0.001): met ({best_gap:+.2f}% perplexity)" in table
+    rtn_gap = 100 * (math.exp(5.5) / math.exp(5.025) - 1)
+    assert f"(3) RTN bf16 worse than bf16-sr: met (lr 0.001: {rtn_gap:+.2f}% vs bf16-sr, " \
+           f"absorption 0.400 vs 0.100" in table
+
+
+def test_claim_not_met_is_said(tmp_path):
+    for precision, loss in (("bf16-mixed", 5.0), ("bf16-sr", 5.2)):
+        _write_seeded(tmp_path / precision, precision, 0.001, 1, loss, 0.1)
+    runs = [compare_runs.load_run(str(tmp_path / p)) for p in ("bf16-mixed", "bf16-sr")]
+    table = compare_runs.aggregate_table(compare_runs.group_runs(runs))
+    assert "(1) bf16-sr within 1% of bf16-mixed at equal LR: not met" in table
+    assert "(2) bf16-sr at its best LR (0.001) at least as good as bf16-mixed at its best " \
+           "(0.001): not met" in table
+
+
+def test_cli_aggregate_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    for seed in (1, 2):
+        _write_seeded(tmp_path / f"r{seed}", "bf16-sr", 0.001, seed, 5.0 + seed / 10, 0.1)
+    png = tmp_path / "agg.png"
+    assert compare_runs.main([str(tmp_path / "r1"), str(tmp_path / "r2"), "--aggregate",
+                              "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,18 +2,23 @@
 
 A small parser reads the Dockerfile into instructions (comments dropped,
 backslash continuations joined, JSON or shell form) and the checks read
-them: the base is NVIDIA's PyTorch container, every file copied exists in the
-repository and survives .dockerignore, no `pip install` can replace the
-container's torch (no unpinned torch, local installs with --no-deps), every
-requirement of setup.py is in the container or installed here, and there is
-a working directory and an entrypoint. The checks are also run on broken
-Dockerfiles to show that they catch what they claim.
+them: the base is NVIDIA's PyTorch container, by default a release on CUDA 12
+(which the drivers most clusters have run; docs/docker.md names it), every
+file copied exists in the repository and survives .dockerignore, no `pip
+install` can replace the container's torch (no unpinned torch, local installs
+with --no-deps), every requirement of setup.py and of its test extras is in
+the container or installed here, `bash tests/run.sh` uses the image's python
+instead of building a virtualenv, and there is a working directory and an
+entrypoint. The checks are also run on broken Dockerfiles to show that they
+catch what they claim.
 """
 import ast
 import fnmatch
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +29,9 @@ BASE_IMAGE = re.compile(r"nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3")
 # Python packages NVIDIA's PyTorch container ships (its own builds for torch and triton).
 CONTAINER_PACKAGES = {"torch", "triton", "numpy", "tensorboard", "apex"}
 TORCH_PACKAGES = {"torch", "triton", "torchvision", "torchaudio"}
+# The last nvcr.io/nvidia/pytorch release built on CUDA 12 (12.9.1); later ones are on CUDA 13,
+# whose minimum driver (R580) many clusters do not have yet.
+LAST_CUDA12_RELEASE = (25, 6)
 
 
 class Instruction(NamedTuple):
@@ -142,12 +150,26 @@ def pip_problems(instructions: list[Instruction]) -> list[str]:
     return problems
 
 
-def setup_requirements() -> list[str]:
+def setup_requirements(extra: str | None = None) -> list[str]:
+    """The names in setup.py's install_requires, or in extras_require[extra]."""
     tree = ast.parse((REPO / "setup.py").read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
+        if isinstance(node, ast.keyword) and node.arg == "install_requires" and extra is None:
             return [requirement_name(ast.literal_eval(item)) for item in node.value.elts]
-    raise ValueError("setup.py has no install_requires")
+        if isinstance(node, ast.keyword) and node.arg == "extras_require" and extra is not None:
+            return [requirement_name(name) for name in ast.literal_eval(node.value)[extra]]
+    raise ValueError(f"setup.py has no {'install_requires' if extra is None else extra} extra")
+
+
+def environment(instructions: list[Instruction]) -> dict[str, str]:
+    """The ENV variables set (the `ENV a=1 b=2` form)."""
+    values = {}
+    for instruction in instructions:
+        if instruction.keyword == "ENV":
+            for word in shlex.split(instruction.arguments):
+                name, _, value = word.partition("=")
+                values[name] = value
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +179,14 @@ def dockerfile() -> list[Instruction]:
 
 def test_base_is_nvidia_pytorch_container(dockerfile):
     assert BASE_IMAGE.fullmatch(base_image(dockerfile)), base_image(dockerfile)
+
+
+def test_default_base_is_a_cuda12_release_and_the_docs_say_which(dockerfile):
+    tag = base_image(dockerfile).split(":")[1]
+    year, month = (int(part) for part in tag.split("-")[0].split("."))
+    assert (year, month) <= LAST_CUDA12_RELEASE, f"{tag}: built on CUDA 13, needs an R580 driver"
+    docs = (REPO / "docs" / "docker.md").read_text()
+    assert f"pytorch:{tag}" in docs and "R580" in docs and "R535" in docs
 
 
 def test_every_copied_file_exists_and_is_in_the_build_context(dockerfile):
@@ -180,11 +210,27 @@ def test_no_pip_install_replaces_torch(dockerfile):
     assert pip_problems(dockerfile) == []
 
 
-def test_setup_requirements_are_in_the_container_or_installed(dockerfile):
+@pytest.mark.parametrize("extra", [None, "test"])
+def test_setup_requirements_are_in_the_container_or_installed(dockerfile, extra):
     installed = {requirement_name(a) for _, arguments in pip_installs(dockerfile)
                  for a in arguments if not a.startswith(("-", ".", "/"))}
-    missing = set(setup_requirements()) - CONTAINER_PACKAGES - installed
-    assert missing == set(), f"setup.py requires {missing}, which the image lacks"
+    missing = set(setup_requirements(extra)) - CONTAINER_PACKAGES - installed
+    assert missing == set(), f"setup.py ({extra or 'install_requires'}) requires {missing}, " \
+                             f"which the image lacks"
+
+
+def test_the_test_runner_uses_the_images_python_without_installing(dockerfile, tmp_path):
+    python = environment(dockerfile).get("MEGATRON_SR_TEST_PYTHON")
+    assert python, "the image does not tell tests/run.sh which python to use"
+    # A stand-in python that prints its arguments: run.sh must call it, not build a venv.
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "MEGATRON_SR_TEST_PYTHON": str(fake), "VENV": str(tmp_path / "venv")}
+    out = subprocess.run(["bash", str(REPO / "tests" / "run.sh"), "-m", "not slow"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "-m pytest -m not slow"
+    assert not (tmp_path / "venv").exists()
 
 
 def test_working_directory_and_entrypoint(dockerfile):

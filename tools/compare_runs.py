@@ -20,6 +20,13 @@ Writes:
   peak RSS on the CPU, max allocated on CUDA; logging rank only) and the
   update absorption (mean of the last --tail points); then, per strategy, the
   learning rate with the best validation perplexity.
+- with --aggregate, runs that differ only in their seed are one row instead:
+  the mean, min and max over seeds of the final validation loss, the
+  perplexity of the mean loss, the mean absorption; the best LR of each
+  strategy by mean loss; and the paper's three claims checked on those means
+  (bf16-sr vs bf16-mixed at equal LR, each at its best LR, RTN bf16 against
+  both), with --plot drawing the mean validation loss and absorption of each
+  group against iteration.
 """
 from __future__ import annotations
 
@@ -75,6 +82,24 @@ class Run:
             return float(text) if text is not None else None
         except ValueError:
             return None
+
+    @property
+    def variant(self) -> str:
+        """What sets a run apart beyond strategy, LR and seed: gradient accumulation
+        over several micro-batches, a non-default gradient dtype ("" when neither)."""
+        parts = []
+        micro, batch = self.config.get("micro-batch-size"), self.config.get("global-batch-size")
+        world = self.config.get("world-size", "1")
+        if micro and batch and micro.isdigit() and batch.isdigit() and world.isdigit():
+            data_parallel = int(world) // (int(self.config.get("tensor-model-parallel-size", 1))
+                                           * int(self.config.get("pipeline-model-parallel-size", 1)))
+            steps = int(batch) // (int(micro) * max(1, data_parallel))
+            if steps > 1:
+                parts.append(f"{steps} micro-batches")
+        dtype = self.config.get("grad-reduce-dtype", "strategy default")
+        if dtype != "strategy default":
+            parts.append(f"grads {dtype}")
+        return ", ".join(parts)
 
     @property
     def label(self) -> str:
@@ -179,8 +204,172 @@ def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
-    """Training loss, validation loss and update absorption against iteration."""
+@dataclass
+class Group:
+    """Runs that differ only in their seed: one (strategy, LR, variant)."""
+
+    precision: str
+    lr: Optional[float]
+    variant: str
+    runs: list[Run]
+
+    @property
+    def label(self) -> str:
+        lr = f" lr={self.lr:g}" if self.lr is not None else ""
+        return self.precision + lr + (f" ({self.variant})" if self.variant else "")
+
+    def final_losses(self) -> list[float]:
+        return [run.last(VALID_LOSS) for run in self.runs if run.last(VALID_LOSS) is not None]
+
+    def mean_loss(self) -> Optional[float]:
+        losses = self.final_losses()
+        return statistics.fmean(losses) if losses else None
+
+    def mean_series(self, tag: str) -> list[tuple[int, float]]:
+        """The mean over runs at the steps every run logged."""
+        by_step: dict[int, list[float]] = {}
+        for run in self.runs:
+            for step, value in run.series(tag):
+                by_step.setdefault(step, []).append(value)
+        return [(step, statistics.fmean(values)) for step, values in sorted(by_step.items())
+                if len(values) == len(self.runs)]
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for run in sorted(runs, key=_sort_key):
+        key = (run.precision, run.lr, run.variant)
+        groups.setdefault(key, Group(run.precision, run.lr, run.variant, [])).runs.append(run)
+    return list(groups.values())
+
+
+def best_groups(groups: Sequence[Group]) -> dict[str, Group]:
+    """The LR with the lowest mean final validation loss of each strategy
+    (runs without a variant only)."""
+    best: dict[str, Group] = {}
+    for group in groups:
+        loss = group.mean_loss()
+        if group.variant or loss is None:
+            continue
+        if group.precision not in best or loss < best[group.precision].mean_loss():
+            best[group.precision] = group
+    return best
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(20.0, loss))
+
+
+def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
+    """Mean and spread over seeds of each group, the best LR of each strategy, and
+    the paper's claims on those numbers."""
+    lines = ["| precision | lr | variant | seeds | val loss mean | min | max | ppl of mean "
+             "| absorption |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for group in groups:
+        losses = group.final_losses()
+        absorption = [a for a in (run.tail_mean(ABSORPTION, tail) for run in group.runs)
+                      if a is not None]
+        mean = group.mean_loss()
+        lines.append(" | ".join([
+            f"| {group.precision}", _fmt(group.lr, "g"), group.variant or "-", str(len(losses)),
+            _fmt(mean, ".4f"), _fmt(min(losses) if losses else None, ".4f"),
+            _fmt(max(losses) if losses else None, ".4f"),
+            _fmt(_ppl(mean) if mean is not None else None, ".2f"),
+            _fmt(statistics.fmean(absorption) if absorption else None, ".3f")]) + " |")
+    best = best_groups(groups)
+    if best:
+        lines += ["", "| precision | best lr | seeds | val loss mean | ppl |", "|---|---|---:|---:|---:|"]
+        for precision, group in best.items():
+            lines.append(f"| {precision} | {_fmt(group.lr, 'g')} | {len(group.final_losses())} | "
+                         f"{group.mean_loss():.4f} | {_ppl(group.mean_loss()):.2f} |")
+    claims = paper_claims(groups)
+    if claims:
+        lines += ["", "Claims (on mean validation perplexity over seeds):", ""]
+        lines += [f"- {claim}" for claim in claims]
+    return "\n".join(lines) + "\n"
+
+
+def _relative_ppl(a: Group, b: Group) -> float:
+    """Perplexity of a relative to b, in percent (positive: a is worse)."""
+    return 100.0 * (_ppl(a.mean_loss()) / _ppl(b.mean_loss()) - 1.0)
+
+
+def paper_claims(groups: Sequence[Group]) -> list[str]:
+    """The paper's claims, each stated as met / not met with its numbers:
+    (1) bf16-sr within 1% of bf16-mixed in perplexity at every shared LR;
+    (2) bf16-sr at its best LR at least as good as bf16-mixed at its best;
+    (3) RTN bf16 worse than bf16-sr at every shared LR, by how much, with the
+        absorption of each (the mechanism: updates lost to rounding)."""
+    plain = {(g.precision, g.lr): g for g in groups if not g.variant and g.mean_loss() is not None}
+    claims = []
+    shared = sorted(lr for (p, lr) in plain if p == "bf16-sr" and ("bf16-mixed", lr) in plain)
+    if shared:
+        gaps = [(lr, _relative_ppl(plain["bf16-sr", lr], plain["bf16-mixed", lr])) for lr in shared]
+        met = all(abs(gap) <= 1.0 or gap < 0 for _, gap in gaps)
+        claims.append(f"(1) bf16-sr within 1% of bf16-mixed at equal LR: "
+                      f"{'met' if met else 'not met'} ("
+                      + ", ".join(f"lr {lr:g}: {gap:+.2f}%" for lr, gap in gaps) + ")")
+    best = best_groups(groups)
+    if "bf16-sr" in best and "bf16-mixed" in best:
+        gap = _relative_ppl(best["bf16-sr"], best["bf16-mixed"])
+        claims.append(f"(2) bf16-sr at its best LR ({best['bf16-sr'].lr:g}) at least as good as "
+                      f"bf16-mixed at its best ({best['bf16-mixed'].lr:g}): "
+                      f"{'met' if gap <= 0 else 'not met'} ({gap:+.2f}% perplexity)")
+    shared = sorted(lr for (p, lr) in plain if p == "bf16" and ("bf16-sr", lr) in plain)
+    if shared:
+        parts, worse = [], True
+        for lr in shared:
+            rtn, sr = plain["bf16", lr], plain["bf16-sr", lr]
+            gap = _relative_ppl(rtn, sr)
+            worse &= gap > 0
+            absorption = [statistics.fmean(a) if a else None for a in
+                          ([r.tail_mean(ABSORPTION, 5) for r in g.runs if r.tail_mean(ABSORPTION, 5)
+                            is not None] for g in (rtn, sr))]
+            parts.append(f"lr {lr:g}: {gap:+.2f}% vs bf16-sr, absorption "
+                         f"{_fmt(absorption[0], '.3f')} vs {_fmt(absorption[1], '.3f')}")
+        claims.append(f"(3) RTN bf16 worse than bf16-sr: {'met' if worse else 'not met'} ("
+                      + "; ".join(parts) + ")")
+    return claims
+
+
+def plot_groups(groups: Sequence[Group], path: str, title: Optional[str] = None) -> None:
+    """Mean validation loss and mean update absorption of each group against iteration."""
+    plt = _pyplot()
+    lrs = sorted({g.lr for g in groups if g.lr is not None})
+    panels = [(VALID_LOSS, "validation loss (mean over seeds)"),
+              (ABSORPTION, "update absorption (mean over seeds)")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5))
+    for group in groups:
+        color = STRATEGY_COLORS.get(group.precision, "gray")
+        style = LINE_STYLES[lrs.index(group.lr) % len(LINE_STYLES)] if group.lr in lrs else "-"
+        if group.variant:
+            style = "-."
+        for axis, (tag, _) in zip(axes, panels):
+            points = group.mean_series(tag)
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, style, color=color,
+                          label=f"{group.label} (n={len(group.runs)})",
+                          marker="o" if tag == VALID_LOSS else None, markersize=3, linewidth=1.2)
+    for axis, (_, name) in zip(axes, panels):
+        axis.set_xlabel("iteration")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    finals = [g.mean_series(VALID_LOSS)[-1][1] for g in groups if g.mean_series(VALID_LOSS)]
+    if finals:
+        low, high = min(finals), max(finals)
+        margin = 0.6 * (high - low or 0.1)
+        axes[0].set_ylim(low - 0.2 * margin, high + 2 * margin)
+    axes[0].legend(fontsize=7, ncol=2)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -188,6 +377,12 @@ def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
                          "(or pip install -e '.[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
+    """Training loss, validation loss and update absorption against iteration."""
+    plt = _pyplot()
 
     lrs = sorted({run.lr for run in runs if run.lr is not None})
     panels = [(TRAIN_LOSS, "training loss"), (VALID_LOSS, "validation loss"),
@@ -236,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--label", action="append", default=[],
                         help="label of the n-th run (repeat; default: strategy and LR)")
     parser.add_argument("--title", help="title of the plot")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="one row per (strategy, LR, variant): mean/min/max over seeds, "
+                             "and the paper's claims")
     parser.add_argument("--tail", type=int, default=5,
                         help="logged points averaged for the final train loss and absorption")
     args = parser.parse_args(argv)
@@ -251,14 +449,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not runs:
         parser.error("no run with event files")
     runs.sort(key=_sort_key)
-    table = markdown_table(runs, args.tail)
+    groups = group_runs(runs) if args.aggregate else None
+    table = aggregate_table(groups, args.tail) if groups else markdown_table(runs, args.tail)
     if args.table:
         os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
         with open(args.table, "w", encoding="utf-8") as handle:
             handle.write(table)
     print(table, end="")
     if args.plot:
-        plot(runs, args.plot, args.title)
+        if groups:
+            plot_groups(groups, args.plot, args.title)
+        else:
+            plot(runs, args.plot, args.title)
         print(f"[compare_runs] wrote {args.plot}")
     return 0
 

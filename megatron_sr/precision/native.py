@@ -11,7 +11,7 @@ as plain C that the compiler auto-vectorizes elsewhere (AVX2, NEON).
 Build. The system C compiler (``$CC``, else ``cc``) compiles the source with
 `FLAGS` into ``<cache>/kernels/native_kernel-<hash>.so``, where ``<cache>`` is
 ``$MEGATRON_SR_CACHE`` / ``<repo>/.cache`` / ``~/.cache/megatron_sr``
-(`megatron_sr.data.sample_files.cache_root`) and the hash covers the source,
+(`megatron_sr.cache.cache_root`) and the hash covers the source,
 the compiler command and its version, the flags and the CPU (``-march=native``
 code must not run on another machine's CPU). The library is written under a
 temporary name and renamed into place, so concurrent ranks are safe and a
@@ -82,7 +82,7 @@ def library_path(cache_dir: Optional[str] = None) -> str:
     for part in (shlex.join(compiler), version, " ".join(FLAGS), _cpu_fingerprint()):
         digest.update(b"\0" + part.encode())
     if cache_dir is None:
-        from megatron_sr.data.sample_files import cache_root
+        from megatron_sr.cache import cache_root
 
         cache_dir = cache_root()
     return os.path.join(cache_dir, "kernels", f"native_kernel-{digest.hexdigest()[:20]}.so")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_sr import parallel_state
+from megatron_sr.cpu_bf16 import linear
 from megatron_sr.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -152,7 +153,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, grad_is_partial=True)
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, weight, self.bias)
+        y = linear(x, weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
@@ -190,7 +191,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y)
         else:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The SR precision sweep of docs/RESULTS.md on the CPU (examples/sr_sweep.py says what runs):
+# a 6-layer x 256 GPT on the sample corpus with a 4096-piece BPE, 2.1M training tokens per run,
+# every strategy at 1x/2x/4x the best bf16-mixed LR, 3 seeds, and the bf16 vs fp32
+# gradient-accumulation ablation. Finished runs land in docs/results/sr_sweep/runs/ and are
+# skipped when the script starts again, so it resumes where it stopped, on any machine.
+#
+#   bash examples/reproduce_sr_sweep.sh                 # run (2 at a time, 1 thread each)
+#   bash examples/reproduce_sr_sweep.sh --commit        # and git-commit each finished run
+#   bash examples/reproduce_sr_sweep.sh --dry-run       # the plan and what is done
+# Then: bash examples/reproduce_sr_sweep_report.sh writes the table and the plot.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${VENV:-$root/.venv}/bin/python"
+[ -x "$py" ] || VENV="${VENV:-$root/.venv}" bash "$root/tools/install.sh"
+cd "$root"
+source "$root/examples/sample_data.sh"
+exec "$py" examples/sr_sweep.py --data-prefix "$sample_prefix" --tokenizer-model "$sample_tokenizer" "$@"

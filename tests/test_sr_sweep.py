@@ -1,0 +1,122 @@
+"""examples/sr_sweep.py: the run plan, its flags, the result store, resuming."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest_plugins = ["data_fixtures"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sr_sweep = _load("sr_sweep", "examples/sr_sweep.py")
+compare_runs = _load("compare_runs", "tools/compare_runs.py")
+
+
+def test_every_run_parses_to_the_intended_job():
+    from megatron_sr.arguments import parse_args
+
+    runs = sr_sweep.grid_runs(2e-3, [1, 2, 3]) + sr_sweep.scan_runs(1e-3)[:1]
+    assert len({spec.name for spec in runs}) == len(runs)
+    assert len(sr_sweep.grid_runs(2e-3, [1])) == 3 * 3 + 2 + 2
+    shape = sr_sweep.Shape()
+    for spec in runs:
+        job = parse_args(spec.flags(shape, "data/x", "tok.model", "tb", "cache"), 1)
+        assert job.optimizer.precision == spec.precision and job.optimizer.lr == spec.lr
+        assert job.optimizer.min_lr == pytest.approx(spec.lr / 10)
+        assert job.training.seed == spec.seed
+        tokens = job.training.train_iters * job.training.global_batch_size * job.model.seq_length
+        assert tokens >= 2_000_000
+        assert job.training.eval_iters * job.training.global_batch_size * job.model.seq_length \
+            >= 65_536
+        assert job.num_microbatches == (8 if spec.micro_batch_size == 1 else 1)
+        assert job.optimizer.grad_reduce_dtype == spec.grad_reduce_dtype
+
+
+@pytest.fixture(scope="module")
+def tiny_data(sample_slice, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep_data")
+    subprocess.run([PYTHON, "tools/train_tokenizer.py", "--input", sample_slice, "--output-prefix",
+                    str(folder / "tok"), "--vocab-size", "600"], cwd=ROOT, check=True,
+                   capture_output=True)
+    subprocess.run([PYTHON, "tools/preprocess_data.py", "--input", sample_slice, "--output-prefix",
+                    str(folder / "slice"), "--tokenizer-type", "SentencePieceTokenizer",
+                    "--tokenizer-model", str(folder / "tok.model"), "--append-eod"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return str(folder / "slice_text_document"), str(folder / "tok.model")
+
+
+def _sweep(tiny_data, out, *extra, env=None):
+    prefix, tokenizer = tiny_data
+    return subprocess.run([PYTHON, "examples/sr_sweep.py", "--quick", "--data-prefix", prefix,
+                           "--tokenizer-model", tokenizer, "--out", str(out), "--cache-dir",
+                           str(out / "cache"), "--staging-dir", str(out / "staging"),
+                           "--seeds", "1", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.slow
+def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    result = _sweep(tiny_data, out, "--max-runs", "4", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    store = sr_sweep.ResultStore(str(out), str(out / "staging"))
+    scan = sr_sweep.scan_runs(1e-3)
+    assert all(store.done(spec) for spec in scan)
+    record = json.loads((out / "runs" / scan[0].name / "run.json").read_text())
+    assert record["precision"] == "bf16-mixed" and record["final_valid_loss"] > 0
+    assert (out / "runs" / scan[0].name / "run.log").is_file()
+    assert not (out / "runs" / scan[0].name / "checkpoints").exists()
+    assert not os.listdir(out / "staging")  # every started run was published
+    best = sr_sweep.best_lr(store, 1e-3)
+    losses = {spec.lr: store.final_valid_loss(spec) for spec in scan}
+    assert best == min(losses, key=losses.get)
+
+    plan = _sweep(tiny_data, out, "--dry-run").stdout
+    assert f"best bf16-mixed LR: {best:g}" in plan
+    assert plan.count("done ") == 4  # the scan's runs, each listed once (the grid reuses them)
+    assert plan.count("to do") == len({s.name for s in sr_sweep.grid_runs(best, [1])}
+                                      - {s.name for s in scan})
+    assert f"to do  bf16-sr_lr{best:g}_seed1_mbs1_gradfp32" in plan
+
+    runs = [compare_runs.load_run(str(out / "runs" / spec.name / "tensorboard")) for spec in scan]
+    table = compare_runs.aggregate_table(compare_runs.group_runs(runs))
+    assert table.count("| bf16-mixed |") == 4 + 1  # a row per LR, and the best LR
+
+
+def test_failed_run_is_not_published(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    prefix, tokenizer = tiny_data
+    result = _sweep((prefix + "_missing", tokenizer), out, "--max-runs", "1", "--jobs", "1")
+    assert result.returncode == 1 and "FAILED" in result.stderr
+    assert not (out / "runs").exists()
+    name = sr_sweep.scan_runs(1e-3)[0].name
+    assert "error" in (out / "staging" / name / "run.log").read_text().lower()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_data, tmp_path):
+    first = sr_sweep.scan_runs(1e-3)[0]
+    killed = _sweep(tiny_data, tmp_path / "a", "--max-runs", "1", "--jobs", "1",
+                    env={"MEGATRON_SR_FAULT": "kill@train-step,iteration=6"})
+    assert killed.returncode == 1
+    assert (tmp_path / "a" / "staging" / first.name / "checkpoints" / sr_sweep.TRACKER).is_file()
+    resumed = _sweep(tiny_data, tmp_path / "a", "--max-runs", "1", "--jobs", "1")
+    assert resumed.returncode == 0 and f"resumed {first.name}" in resumed.stdout
+    clean = _sweep(tiny_data, tmp_path / "b", "--max-runs", "1", "--jobs", "1")
+    assert clean.returncode == 0
+    losses = [sr_sweep.ResultStore(str(tmp_path / x), str(tmp_path / x / "staging"))
+              .final_valid_loss(first) for x in ("a", "b")]
+    assert losses[0] == losses[1]
