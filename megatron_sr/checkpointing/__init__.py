@@ -1,6 +1,15 @@
 """Checkpoints in Megatron-LM's layout, written atomically and verified on load.
 
-Layout under `--save`:
+The package: this module holds the legacy format (`--ckpt-format torch`), the
+publish step both formats share (temporary directory, manifest, rename,
+tracker last, recovery of an interrupted replace), the checks that keep a run
+from writing over another's, and the training job's entry points
+(`save_training_checkpoint`, `load_training_checkpoint`, `finish_pending_save`)
+which dispatch on the format. `torch_dist` is the default sharded format on
+torch.distributed.checkpoint (`global_blocks` describes what a rank owns in
+global coordinates); `megatron_lm` reads and writes Megatron-LM's own files.
+
+Legacy layout under `--save`:
 
     latest_checkpointed_iteration.txt        the iteration number, written last
     iter_0000100/
@@ -121,7 +130,7 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
             recover_interrupted_publish(save_dir)
             shutil.rmtree(tmp_dir, ignore_errors=True)
             os.makedirs(tmp_dir)
-        except OSError as exc:
+        except (OSError, CheckpointError) as exc:
             error = f"rank 0 could not create {tmp_dir}: {exc}"
     errors = _all_gather_objects(error)
     if any(errors):
