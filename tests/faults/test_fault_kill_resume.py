@@ -1,7 +1,9 @@
 """A rank SIGKILLed mid-checkpoint-save, mid-commit and mid-iteration: the
 job stops (torchrun tears the other ranks down, no hang), the last complete
 checkpoint survives, and resuming with --load ends bit-identical to a run
-that never failed (weights, optimizer state, scheduler, RNG states)."""
+that never failed (weights, optimizer state, scheduler, RNG states). The
+same for --ckpt-format torch_dist, sync and async: SIGKILLs of the whole job
+at random moments, a rank killed in its background write, and SIGTERM."""
 import os
 import time
 
@@ -137,6 +139,24 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(torch_dist_
     run = run_job(4, argv, str(tmp_path / "log2"))
     assert run.returncode == 0, str(run)
     assert "[checkpoint] loaded iteration 2" in run.output, str(run)
+    from job_harness import assert_states_equal
+    assert_states_equal(_torch_dist_state(save, TRAIN_ITERS),
+                        _torch_dist_state(torch_dist_reference, TRAIN_ITERS))
+
+
+def test_sigterm_then_resume_of_torch_dist_is_bit_identical(torch_dist_reference, tmp_path):
+    """SIGTERM to one rank mid-run (a preemption): the ranks save the current
+    iteration and exit 0; the restart ends bit-identical to the uninterrupted run."""
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=True)
+    run = run_job(4, argv, str(tmp_path / "log1"),
+                  fault_env("sigterm@train-step,iteration=3,rank=1"))
+    assert run.returncode == 0, str(run)
+    assert "[exit] SIGTERM received at iteration 3" in run.output, str(run)
+    assert tracker(save) == 3 and _is_complete(save, 3)
+    run = run_job(4, argv, str(tmp_path / "log2"))
+    assert run.returncode == 0 and "[checkpoint] loaded iteration 3" in run.output, str(run)
     from job_harness import assert_states_equal
     assert_states_equal(_torch_dist_state(save, TRAIN_ITERS),
                         _torch_dist_state(torch_dist_reference, TRAIN_ITERS))
