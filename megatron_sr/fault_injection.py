@@ -22,7 +22,9 @@ Points (where the job calls `at`):
     train-step           training.train_step, after the forward-backward and
                          before the gradient syncs (mid-iteration)
     checkpoint-write     checkpointing.save_checkpoint, where a rank writes its
-                         state file (into the temporary directory)
+                         state file (into the temporary directory); with
+                         --ckpt-format torch_dist where a rank starts writing
+                         its shard (the background thread with --async-save)
     checkpoint-commit    checkpointing.save_checkpoint on rank 0, after the
                          checkpoint directory is in place and before the
                          tracker file names it
