@@ -15,7 +15,7 @@ setup(
         # CPU installs: `pip install torch==2.13.0` first (tools/install.sh does);
         # an unpinned torch pulls a multi-GB CUDA build.
         "torch>=2.3",
-        'triton>=3.0; platform_system == "Linux"',
+        'triton>=3.4,<3.10; platform_system == "Linux"',  # randint4x = 32-bit Philox from 3.4 (SR bits); 3.9 checked
         "numpy",
         "sentencepiece",
         "tensorboard",

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# One-GPU check of megatron_sr, in under 8 minutes on an H100/H200:
-#   1. the fused AdamW kernel of every strategy against copy bandwidth
-#      (bench/optimizer_step.py on CUDA, Triton backend);
-#   2. SR bit-identity on CUDA: the Triton kernel against the torch reference
-#      (on CUDA and on the CPU) for every strategy, 2^20+3 elements, odd offsets,
-#      three steps; then the repository's Triton/GPU tests (pytest -m gpu and
-#      the *triton* tests, which compare the CUDA kernel with the CPU torch path);
+# One-GPU check of megatron_sr, in under 8 minutes on an H100 80 GB or an H200:
+#   1. the fused AdamW step of every strategy against copy bandwidth
+#      (bench/optimizer_step.py on CUDA: one Triton launch over a 2^26-element
+#      bucket shard of GPT-layer segments, CUDA-event timing, kernels per step);
+#   2. SR bit identity on CUDA (pytest): tests/test_precision_gpu.py (Triton on
+#      CUDA == torch on CUDA == the CPU backend for every strategy, 2^20+3
+#      elements, offsets 0, 7, 2^32+3, three steps) and the Triton tests of the
+#      precision package, which then run the CUDA kernel instead of the interpreter;
 #   3. bench/train_step.py on a ~400M GPT (24 x 1024, seq 2048, RoPE, untied,
-#      GPT-2 vocabulary) for bf16-mixed, amp and bf16-sr: tokens/s, TFLOP/s,
-#      MFU against the dense BF16 peak, peak CUDA memory (max_memory_allocated).
+#      GPT-2 vocabulary) for each of bf16-mixed and bf16-sr, one process per
+#      strategy (its memory is freed before the next): tokens/s, TFLOP/s, MFU
+#      against the dense BF16 peak, peak CUDA memory (max_memory_allocated);
+#   4. a short convergence A/B: pretrain_gpt.py, GPT-2 small shape (12 x 768,
+#      12 heads, seq 1024), bf16-sr vs bf16-mixed, same seed and data, ~90 s
+#      each (--exit-duration-in-mins: start-up included), the losses side by side. Data: $DATA_PREFIX (a .bin/.idx prefix
+#      tokenized with GPT-2 BPE), else the quickstart's tokenized sample corpus
+#      under .cache/, else that corpus built now (needs pip access), else
+#      --mock-data (random tokens: the table then only shows both train alike).
 # Everything is written to $OUT (default gpu_check_<date>/): gpu_check.md (the
 # summary, markdown) and one log per part. Exit status: non-zero if a part failed.
 #
@@ -16,7 +24,8 @@
 #   CPU_SMOKE=1 bash bench/gpu_check.sh     # the same steps on the CPU with tiny sizes
 #                                           # (Triton in interpreter mode): checks the script
 # Environment: VENV (default .venv, else the python on PATH), OUT, MODEL_ARGS (train_step
-# model flags), STRATEGIES (default bf16-mixed,amp,bf16-sr), NUMEL (kernel benchmark).
+# model flags), STRATEGIES (train_step; default bf16-mixed,bf16-sr), NUMEL (kernel
+# benchmark), DATA_PREFIX, AB_SECONDS (default 90: length of each A/B run).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -24,22 +33,26 @@ if [ -x "${VENV:-$root/.venv}/bin/python" ]; then py="${VENV:-$root/.venv}/bin/p
 out="${OUT:-$root/gpu_check_$(date +%Y%m%d_%H%M%S)}"
 mkdir -p "$out"
 summary="$out/gpu_check.md"
-strategies="${STRATEGIES:-bf16-mixed,amp,bf16-sr}"
+strategies="${STRATEGIES:-bf16-mixed,bf16-sr}"
+ab_seconds="${AB_SECONDS:-90}"
 status=0
 
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
-  device=cpu; numel="${NUMEL:-65536}"; check_numel=4099; kernel_backend=compiled
+  device=cpu; numel="${NUMEL:-65536}"; kernel_backend=eager; hidden=64
   model_args="${MODEL_ARGS:---num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --vocab-size 1000 --position-embedding-type rope --untie-embeddings-and-output-weights}"
   bench_iters="--warmup 1 --iters 2 --block 1"
-  pytest_filter="triton and not slow"
-  pytest_files="tests/test_precision_rounding.py"
+  pytest_args=(tests/test_precision_gpu.py tests/test_precision_shard_step.py -k "gpu or triton")
+  ab_model="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2"
+  ab_iters=20; ab_log_interval=1; ab_seconds="${AB_SECONDS:-30}"; mock_vocab=1000; ab_shape="tiny (CPU smoke)"
 else
-  device=cuda; numel="${NUMEL:-67108864}"; check_numel=1048579; kernel_backend=triton
+  device=cuda; numel="${NUMEL:-67108864}"; kernel_backend=triton; hidden=1024
   model_args="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 8 --vocab-size 50257 --position-embedding-type rope --untie-embeddings-and-output-weights}"
-  bench_iters="--warmup 2 --iters 8 --block 2"
-  pytest_filter="triton or gpu"
-  pytest_files="tests/test_precision_rounding.py tests/test_precision_adamw.py"
+  bench_iters="--warmup 2 --iters 6 --block 2"
+  pytest_args=(tests/test_precision_gpu.py tests/test_precision_adamw.py tests/test_precision_rounding.py
+               tests/test_precision_shard_step.py -k "gpu or cuda or triton")
+  ab_model="--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024 --max-position-embeddings 1024 --micro-batch-size 8 --global-batch-size 32"
+  ab_iters=100000; ab_log_interval=25; mock_vocab=50257; ab_shape="GPT-2 small shape"
 fi
 
 run_part() {  # run_part NAME TIMEOUT_S COMMAND...: logs to $out/NAME.log, records failure
@@ -57,86 +70,119 @@ run_part() {  # run_part NAME TIMEOUT_S COMMAND...: logs to $out/NAME.log, recor
   echo
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   "$py" -c "import torch, platform; d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU (CPU smoke run)'
-print(f'- device: {d}; torch {torch.__version__}, CUDA {torch.version.cuda}; python {platform.python_version()}')"
+m = f', {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB' if torch.cuda.is_available() else ''
+print(f'- device: {d}{m}; torch {torch.__version__}, CUDA {torch.version.cuda}; python {platform.python_version()}')"
 } >"$summary"
 
-# 1. Kernel benchmark.
-run_part optimizer_step 120 "$py" bench/optimizer_step.py --device "$device" --numel "$numel" \
-  --backend "$kernel_backend" --repeats 10
+# The test run needs pytest and pytest-timeout (pyproject's addopts pass --timeout).
+if ! "$py" -c "import pytest, pytest_timeout" 2>/dev/null; then
+  echo "[gpu_check] installing pytest, pytest-timeout"
+  "$py" -m pip install -q "pytest>=7" pytest-timeout || status=1
+fi
 
-# 2. Bit identity: Triton kernel vs torch reference.
-run_part bit_identity 240 "$py" - "$device" "$check_numel" <<'EOF'
+# 1. Kernel benchmark (one process: its memory is freed when it exits).
+run_part optimizer_step 120 "$py" bench/optimizer_step.py --device "$device" --numel "$numel" \
+  --hidden "$hidden" --backend "$kernel_backend" --repeats 5
+
+# 2. Bit identity on CUDA and the Triton tests.
+run_part pytest_gpu 180 "$py" -m pytest -q -p no:cacheprovider "${pytest_args[@]}"
+
+# 3. Training step, one process per strategy.
+IFS=',' read -r -a strategy_list <<<"$strategies"
+for strategy in "${strategy_list[@]}"; do
+  # shellcheck disable=SC2086
+  run_part "train_step_$strategy" 150 "$py" bench/train_step.py --device "$device" --strategies "$strategy" \
+    $bench_iters --markdown "$out/train_step_$strategy.md" -- $model_args
+done
+
+# 4. Convergence A/B: the same seed and data, bf16-sr vs bf16-mixed.
+data_args=""
+data_note=""
+prefix="${DATA_PREFIX:-}"
+if [ -z "$prefix" ] && [ -f "$root/.cache/quickstart/sample_text_document.idx" ]; then
+  prefix="$root/.cache/quickstart/sample_text_document"
+fi
+if [ -z "$prefix" ] && [ "${CPU_SMOKE:-0}" != 1 ]; then
+  corpus_prefix="$out/ab_data/sample"
+  mkdir -p "$out/ab_data"
+  if timeout 150 bash -c '
+      read -r corpus vocab merges < <("$0" -c "from megatron_sr.data.sample_files import gpt2_bpe_files, sample_corpus
+print(sample_corpus(), *gpt2_bpe_files())") &&
+      "$0" tools/preprocess_data.py --input "$corpus" --output-prefix "$1" --tokenizer-type GPT2BPETokenizer \
+        --vocab-file "$vocab" --merge-file "$merges" --append-eod --workers 8 --log-interval 100000' \
+      "$py" "$corpus_prefix" >"$out/ab_data.log" 2>&1; then
+    prefix="${corpus_prefix}_text_document"
+  fi
+fi
+if [ -n "$prefix" ]; then
+  read -r vocab merges < <("$py" -c "from megatron_sr.data.sample_files import gpt2_bpe_files; print(*gpt2_bpe_files())")
+  data_args="--data-path $prefix --split 98,2,0 --tokenizer-type GPT2BPETokenizer --vocab-file $vocab --merge-file $merges --data-cache-path $out/ab_index"
+  data_note="data: $prefix (GPT-2 BPE)"
+else
+  data_args="--mock-data --tokenizer-type NullTokenizer --vocab-size $mock_vocab"
+  data_note="data: --mock-data (random tokens; no tokenized corpus was available)"
+fi
+for precision in bf16-mixed bf16-sr; do
+  # shellcheck disable=SC2086
+  run_part "ab_$precision" $((ab_seconds + 120)) "$py" pretrain_gpt.py $ab_model \
+    --attention-dropout 0 --hidden-dropout 0 --train-iters "$ab_iters" \
+    --exit-duration-in-mins "$("$py" -c "print($ab_seconds / 60)")" \
+    --lr 6e-4 --min-lr 6e-5 --lr-decay-style cosine --lr-decay-iters 5000 --lr-warmup-iters 100 \
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
+    --precision "$precision" $data_args --log-interval "$ab_log_interval" --eval-interval 1000000
+done
+"$py" - "$out/ab_bf16-mixed.log" "$out/ab_bf16-sr.log" >"$out/ab_table.md" 2>&1 <<'EOF'
+import re
 import sys
 
-import torch
-
-from megatron_sr.precision.adamw import adamw_step
-from megatron_sr.precision.strategies import STRATEGIES, get_strategy
-
-device, numel = sys.argv[1], int(sys.argv[2])
-hyper = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-
-
-def state(strategy, seed):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda scale: torch.randn(numel, generator=g) * scale
-    s = dict(param=rand(0.05).to(strategy.param_dtype), grad=rand(1e-3).to(strategy.grad_dtype),
-             exp_avg=rand(1e-4).to(strategy.exp_avg_dtype),
-             exp_avg_sq=rand(1e-4).square().to(strategy.exp_avg_sq_dtype))
-    if strategy.master_dtype is not None:
-        s["master"] = s["param"].to(strategy.master_dtype)
-    if strategy.kahan_dtype is not None:
-        s["kahan"] = torch.zeros(numel, dtype=strategy.kahan_dtype)
-    return s
-
-
-def bits(t):
-    t = t.cpu()
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-failures = 0
-variants = [(n, None) for n in STRATEGIES] + [("bf16-sr", "fp32")]
-for name, state_dtype in variants:
-    strategy = get_strategy(name, state_dtype)
-    for offset in (0, 7, (1 << 32) + 3):
-        runs = {}
-        for label, dev, backend in (("triton", device, "triton"), ("torch-" + device, device, "eager"),
-                                    ("torch-cpu", "cpu", "eager")):
-            s = {k: v.to(dev) for k, v in state(strategy, offset % 97).items()}
-            for step in (1, 2, 3):
-                adamw_step(strategy, **s, **hyper, step=step, sr_key=0x5EED + step, offset=offset,
-                           backend=backend)
-            runs[label] = s
-        for label in list(runs)[1:]:
-            bad = [k for k in runs["triton"] if not torch.equal(bits(runs["triton"][k]), bits(runs[label][k]))]
-            ok = not bad
-            failures += not ok
-            print(f"{name:<11} m,v={state_dtype or 'default':<7} offset={offset:<11} triton vs {label:<10}: "
-                  f"{'bit-identical' if ok else 'DIFFERENT in ' + ','.join(bad)}")
-print(f"{failures} mismatches over {numel} elements x 3 steps")
-sys.exit(1 if failures else 0)
+runs = []
+for path in sys.argv[1:]:
+    losses, times = {}, {}
+    try:
+        text = open(path).read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        iteration = re.search(r"iteration\s+(\d+)/", line)
+        loss = re.search(r"lm loss: ([0-9.E+-]+)", line)
+        elapsed = re.search(r"elapsed time per iteration \(ms\): ([0-9.]+)", line)
+        if iteration and loss:
+            losses[int(iteration.group(1))] = float(loss.group(1))
+            if elapsed:
+                times[int(iteration.group(1))] = float(elapsed.group(1))
+    runs.append((losses, times))
+(mixed, mixed_ms), (sr, sr_ms) = runs
+common = sorted(set(mixed) & set(sr))
+print("| iteration | bf16-mixed loss | bf16-sr loss | sr - mixed |")
+print("|---|---|---|---|")
+for iteration in common:
+    print(f"| {iteration} | {mixed[iteration]:.4f} | {sr[iteration]:.4f} | {sr[iteration] - mixed[iteration]:+.4f} |")
+for name, losses, ms in (("bf16-mixed", mixed, mixed_ms), ("bf16-sr", sr, sr_ms)):
+    last = max(losses) if losses else None
+    median = sorted(ms.values())[len(ms) // 2] if ms else float("nan")
+    print(f"\n{name}: {len(losses)} logged iterations, last {last}, median ms/iteration {median:.1f}", end="")
+print()
+sys.exit(0 if common else 1)
 EOF
-# shellcheck disable=SC2086
-run_part pytest_gpu 240 "$py" -m pytest -q -p no:cacheprovider $pytest_files -k "$pytest_filter"
-
-# 3. Training step per strategy.
-# shellcheck disable=SC2086
-run_part train_step 300 "$py" bench/train_step.py --device "$device" --strategies "$strategies" \
-  $bench_iters --markdown "$out/train_step.md" -- $model_args
+[ $? = 0 ] || status=1
 
 {
   echo
-  echo "## 1. Fused AdamW step vs copy bandwidth (bench/optimizer_step.py --numel $numel)"
+  echo "## 1. Fused AdamW step vs copy bandwidth (bench/optimizer_step.py --numel $numel --hidden $hidden)"
   echo; echo '```'; cat "$out/optimizer_step.log"; echo '```'
   echo
-  echo "## 2. SR bit identity, Triton vs torch (${check_numel} elements, 3 steps)"
-  echo; echo '```'; grep -E "mismatches|DIFFERENT" "$out/bit_identity.log" || tail -5 "$out/bit_identity.log"
-  tail -1 "$out/pytest_gpu.log"; echo '```'
+  echo "## 2. SR bit identity on the device, Triton tests (pytest)"
+  echo; echo '```'; grep -E "passed|failed|error" "$out/pytest_gpu.log" | tail -3; echo '```'
   echo
-  echo "## 3. Training step (bench/train_step.py)"
+  echo "## 3. Training step (bench/train_step.py), one process per strategy"
+  for strategy in "${strategy_list[@]}"; do
+    echo
+    if [ -f "$out/train_step_$strategy.md" ]; then cat "$out/train_step_$strategy.md"
+    else echo '```'; tail -20 "$out/train_step_$strategy.log"; echo '```'; fi
+  done
   echo
-  if [ -f "$out/train_step.md" ]; then cat "$out/train_step.md"; else echo '```'; tail -20 "$out/train_step.log"; echo '```'; fi
+  echo "## 4. Convergence A/B: $ab_shape, ${ab_seconds} s each, same seed and data ($data_note)"
+  echo; cat "$out/ab_table.md"
   echo
   echo "Status: $([ $status = 0 ] && echo 'all parts passed' || echo 'SOME PARTS FAILED (see the logs)')"
 } >>"$summary"

@@ -1,18 +1,24 @@
 """Benchmark: the fused AdamW step of every precision strategy against a
 plain memory copy of the same number of bytes, measured side by side.
 
-For each strategy, times `megatron_sr.precision.adamw.adamw_step` on
-`--numel` elements (default 2^24) and `torch.Tensor.copy_` between two
-uint8 buffers holding as many bytes as the step reads plus writes, then
-prints a table: bytes moved per element, effective GB/s of each and the
-step's fraction of copy bandwidth. On CUDA the step runs the Triton kernel,
-on the CPU the native C kernel (or, without a C compiler, the compiled torch
-path); the table names the backend that ran. `--backend` takes one backend
-or a comma-separated list (e.g. native,compiled): all of them and the copy
-are then timed in turns in the same run, and a last column gives each
-backend's speed relative to the last one of the list.
+For each strategy, times one `megatron_sr.precision.adamw.adamw_shard_step`
+over a bucket shard of `--numel` elements (default 2^24 on the CPU, 2^26 on
+CUDA) cut into the parameter segments of GPT layers of hidden size
+`--hidden` (12 per layer, from 1024 to 4*1024^2 elements at 1024: the
+distributed optimizer's realistic case), with a gradient scale on the
+device as the optimizer passes it, and `torch.Tensor.copy_` between two
+uint8 buffers holding as many bytes as the step reads plus writes. It prints
+a table: bytes moved per element, effective GB/s of each, the step's
+fraction of copy bandwidth and, on CUDA, the kernels one step launches
+(counted with the torch profiler). On CUDA the step runs the Triton kernel
+(one launch per shard) and is timed with CUDA events; on the CPU the native
+C kernel (or, without a C compiler, the compiled torch path), timed by the
+wall clock; the table names the backend that ran. `--backend` takes one
+backend or a comma-separated list (e.g. native,compiled): all of them and
+the copy are then timed in turns in the same run, and a last column gives
+each backend's speed relative to the last one of the list.
 
-    .venv/bin/python bench/optimizer_step.py [--numel N] [--device cpu|cuda]
+    .venv/bin/python bench/optimizer_step.py [--numel N] [--hidden H] [--device cpu|cuda]
         [--backend native|compiled|eager|triton[,...]] [--strategies bf16-sr,fp32]
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_sr.precision.adamw import adamw_step, resolve_backend  # noqa: E402
+from megatron_sr.precision.adamw import SegmentTable, adamw_shard_step, resolve_backend  # noqa: E402
 from megatron_sr.precision.strategies import STRATEGIES, get_strategy  # noqa: E402
 
 
@@ -53,17 +59,43 @@ def bytes_per_element(state: dict) -> int:
     return sum(t.element_size() * (1 if name == "grad" else 2) for name, t in state.items())
 
 
+def layer_segments(numel: int, hidden: int) -> SegmentTable:
+    """`numel` elements cut like the parameters of GPT layers of hidden size
+    `hidden` (layer norms, QKV, projection, MLP; weights decayed, biases and
+    norms not), each starting at a multiple of 64 elements as in the
+    distributed optimizer's buffer; the last segment is cut short."""
+    h = hidden
+    layer = [(h, False), (h, False), (3 * h * h, True), (3 * h, False), (h * h, True), (h, False),
+             (h, False), (h, False), (4 * h * h, True), (4 * h, False), (4 * h * h, True), (h, False)]
+    starts, lengths, offsets, decays = [], [], [], []
+    start = 0
+    while start < numel:
+        for size, decay in layer:
+            if start >= numel:
+                break
+            length = min(size, numel - start)
+            starts.append(start)
+            lengths.append(length)
+            offsets.append(0)
+            decays.append(decay)
+            start = -(-(start + length) // 64) * 64
+    return SegmentTable(starts, lengths, offsets, decays)
+
+
 def best_seconds(functions, device: str, repeats: int) -> list[float]:
-    """Best-of-`repeats` wall time of each function, after one warm-up call
-    each; the functions take turns, so that a machine shared with other jobs
-    slows them alike."""
+    """Best-of-`repeats` time of each function, after one warm-up call each
+    (CUDA events on CUDA, the wall clock on the CPU); the functions take
+    turns, so that a machine shared with other jobs slows them alike."""
     def timed(fn):
         if device == "cuda":
-            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
         start = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     best = [float("inf")] * len(functions)
@@ -75,9 +107,23 @@ def best_seconds(functions, device: str, repeats: int) -> list[float]:
     return best
 
 
+def cuda_kernels_per_call(fn) -> int:
+    """Kernels one call of `fn` launches on CUDA (torch profiler; copies and memsets not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events()
+               if event.device_type == torch.autograd.DeviceType.CUDA
+               and not event.name.lower().startswith(("memcpy", "memset")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--numel", type=int, default=1 << 24)
+    parser.add_argument("--numel", type=int, default=None, help="default: 2^26 on CUDA, 2^24 on the CPU")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the layers the shard is cut like")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None,
                         help="native, compiled, eager or triton, or a comma-separated list to compare "
@@ -86,16 +132,20 @@ def main() -> None:
                         help="comma-separated; NAME+fp32-state applies --optimizer-state-dtype fp32")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    if args.numel is None:
+        args.numel = 1 << (26 if args.device == "cuda" else 24)
+    segments = layer_segments(args.numel, args.hidden)
 
     requested = args.backend.split(",") if args.backend else [None]
     # The backend each request runs on (a "native" without a compiler falls back, with a warning).
     backends = [resolve_backend(b, torch.device(args.device), args.numel) for b in requested]
-    print(f"device={args.device} numel={args.numel} backend={','.join(backends)}"
+    print(f"device={args.device} numel={args.numel} segments={len(segments)} (hidden {args.hidden}) "
+          f"backend={','.join(backends)}"
           f"{'' if args.backend else ' (default)'} threads={torch.get_num_threads()} "
           f"load average={'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
     compare = len(backends) > 1
     print(f"{'strategy':<22}{'backend':>10}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}"
-          f"{'ratio':>8}" + (f"{'vs ' + backends[-1]:>14}" if compare else ""))
+          f"{'ratio':>8}{'launches':>10}" + (f"{'vs ' + backends[-1]:>14}" if compare else ""))
     for label in args.strategies.split(","):
         name, _, state_flag = label.partition("+")
         if name not in STRATEGIES:
@@ -106,19 +156,24 @@ def main() -> None:
         source = torch.empty(moved // 2, dtype=torch.uint8, device=args.device)
         target = torch.empty_like(source)
 
+        keys = [12345 + k for k in range(len(segments))]
+        grad_scale = torch.ones((), dtype=torch.float32, device=args.device)
+
         def step_function(state, backend):
             def step():
-                adamw_step(strategy, **state, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                           step=10, sr_key=12345, backend=backend)
+                adamw_shard_step(strategy, **state, segments=segments, sr_keys=keys, lr=1e-4, beta1=0.9,
+                                 beta2=0.999, eps=1e-8, weight_decay=0.1, step=10, grad_scale=grad_scale,
+                                 backend=backend)
             return step
 
         steps = [step_function(state, backend) for state, backend in zip(states, backends)]
         *step_seconds, copy_s = best_seconds(steps + [lambda: target.copy_(source)], args.device, args.repeats)
         copy_gbs = moved / copy_s / 1e9
-        for backend, step_s in zip(backends, step_seconds):
+        for backend, step_s, step in zip(backends, step_seconds, steps):
             step_gbs = moved / step_s / 1e9
+            launches = str(cuda_kernels_per_call(step)) if args.device == "cuda" else "-"
             print(f"{label:<22}{backend:>10}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}"
-                  f"{copy_gbs:>11.1f}{step_gbs / copy_gbs:>8.2f}"
+                  f"{copy_gbs:>11.1f}{step_gbs / copy_gbs:>8.2f}{launches:>10}"
                   + (f"{step_seconds[-1] / step_s:>13.2f}x" if compare else ""))
 
 

@@ -6,14 +6,20 @@ dtypes of the precision strategy. One `step`:
 
 1. finishes the gradient reduction (reduce-scatter over DP with the
    distributed optimizer, all-reduce without it);
-2. computes the global grad norm from the shards with one all-reduce over
-   the world, counting every model element once, and skips the step on every
-   rank when it is NaN/Inf;
-3. clips, then runs the fused `adamw_step` on each parameter segment of the
-   shard, with the SR key of (seed, step, parameter name, TP rank if sharded)
-   and the segment's offset inside its parameter, so the random bits do not
-   depend on the data-parallel size or on the buffer layout;
-4. all-gathers the updated parameters (distributed optimizer only).
+2. computes the global grad norm from the shards, on the device in fp32,
+   with one all-reduce over the world, counting every model element once;
+   from it, still on the device, the gradients' factor: the clip coefficient,
+   or NaN when the norm is NaN/Inf;
+3. runs the fused `adamw_shard_step` once per bucket shard (one kernel launch
+   on a GPU) over the shard's table of parameter segments, with each
+   segment's SR key of (seed, step, parameter name, TP rank if sharded) and
+   its offset inside its parameter, so the random bits do not depend on the
+   data-parallel size or on the buffer layout; the kernels scale the
+   gradients by the factor, and write nothing when it is NaN: a step with a
+   NaN/Inf grad norm is skipped on every rank, bit-exactly;
+4. all-gathers the updated parameters (distributed optimizer only), then
+   reads the grad norm on the host: the step's only host sync, after every
+   launch is queued (without update-absorption measurement).
 
 All ranks of the world call `step`, `state_dict` and `load_state_dict`
 together (they communicate).
@@ -29,7 +35,7 @@ import torch.distributed as dist
 
 from megatron_sr.config import OptimizerConfig
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ShardSegment, all_gather_into
-from megatron_sr.precision.adamw import adamw_step
+from megatron_sr.precision.adamw import SegmentTable, adamw_shard_step, sr_key_tensor
 from megatron_sr.precision.strategies import PrecisionStrategy
 from megatron_sr.random import sr_key
 
@@ -76,6 +82,18 @@ class DistributedOptimizer:
         self._counted = [buffer.infos[segment.param_index].count_in_grad_norm
                          and (buffer.distributed or buffer.dp_rank == 0)
                          for segment in buffer.segments]
+        self._counted_grads: list[torch.Tensor] = []
+        self._counted_grads_of: Optional[torch.Tensor] = None
+        # Per bucket, its segments in shard order and their table (built once: the layout is fixed).
+        self._bucket_segments: list[list[ShardSegment]] = [[] for _ in buffer.layout.bucket_ranges]
+        for segment in buffer.segments:
+            self._bucket_segments[segment.bucket_index].append(segment)
+        self._tables = []
+        for members in self._bucket_segments:
+            members.sort(key=lambda segment: segment.shard_start)
+            self._tables.append(SegmentTable(
+                [m.shard_start for m in members], [m.numel for m in members], [m.param_offset for m in members],
+                [buffer.infos[m.param_index].weight_decay for m in members]))
 
     # ----- state helpers -------------------------------------------------------------
     def reset_master_from_params(self) -> None:
@@ -104,71 +122,111 @@ class DistributedOptimizer:
         return sizes
 
     # ----- the step --------------------------------------------------------------------
-    def _grad_norm(self) -> float:
-        """Global L2 norm of the reduced grads; NaN/Inf propagate."""
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced grads: a 0-d fp32 tensor on the grads'
+        device (NaN/Inf propagate; a norm beyond ~1.8e19 overflows to Inf).
+        fp32 norms of the counted segments (`torch._foreach_norm`: a few
+        multi-tensor kernels on CUDA, no fp64 copies), their squares summed,
+        one all-reduce over the world. No host sync."""
         grads = self.buffer.grad_buffer
-        # Accumulated on the grads' device: no host sync per segment.
-        squares = torch.zeros((), dtype=torch.float64, device=grads.device)
-        for segment, counted in zip(self.buffer.segments, self._counted):
-            if counted:
-                squares += grads[segment.buffer_start:segment.buffer_end].double().square().sum()
+        if self._counted_grads_of is not grads:
+            self._counted_grads = [grads[segment.buffer_start:segment.buffer_end]
+                                   for segment, counted in zip(self.buffer.segments, self._counted) if counted]
+            self._counted_grads_of = grads
+        if self._counted_grads:
+            norms = torch._foreach_norm(self._counted_grads, 2, dtype=torch.float32)
+            squares = torch.stack(norms).square().sum()
+        else:
+            squares = torch.zeros((), dtype=torch.float32, device=grads.device)
         if dist.is_initialized():
             dist.all_reduce(squares, group=self._norm_group)
-        return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")
+        return squares.sqrt()
+
+    def _grad_scale(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """The gradients' factor, on the device: clip_grad / (norm + 1e-6) when
+        clipping is on and the norm exceeds clip_grad, else 1; NaN when the
+        norm is NaN/Inf (the kernels then write nothing)."""
+        clip = self.config.clip_grad
+        scale = torch.ones_like(grad_norm)
+        if clip > 0:
+            scale = torch.where(grad_norm > clip, clip / (grad_norm + 1e-6), scale)
+        return torch.where(torch.isfinite(grad_norm), scale, torch.full_like(grad_norm, math.nan))
+
+    def _sr_keys(self, step: int) -> torch.Tensor:
+        """The SR keys of every bucket's segments at `step`, in table order,
+        as one int64 tensor on the buffers' device (one asynchronous copy)."""
+        keys = {}
+        ordered = []
+        for members in self._bucket_segments:
+            for segment in members:
+                if segment.param_index not in keys:
+                    info = self.buffer.infos[segment.param_index]
+                    keys[segment.param_index] = sr_key(self.seed, step, info.name, info.sr_tp_rank)
+                ordered.append(keys[segment.param_index])
+        return sr_key_tensor(ordered, self.buffer.param_buffer.device)
 
     def step(self, lr: float, measure_update_absorption: bool = False) -> StepResult:
         """One AdamW step at learning rate `lr` on the reduced grads.
 
         With `measure_update_absorption`, also returns the fraction of stored
         elements (the master copy where there is one) whose update was
-        non-zero but whose stored value did not change: RTN stagnation.
+        non-zero but whose stored value did not change: RTN stagnation
+        (this measurement syncs with the host once more).
         """
         self.buffer.finish_grad_sync()
         grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm):
-            self.skipped_steps += 1
-            return StepResult(grad_norm=grad_norm, skipped=True)
+        grad_scale = self._grad_scale(grad_norm)
         cfg = self.config
         grads = self.buffer.grad_buffer
-        if cfg.clip_grad > 0 and grad_norm > cfg.clip_grad:
-            coef = cfg.clip_grad / (grad_norm + 1e-6)
-            for bucket in range(len(self.buffer.layout.bucket_ranges)):
-                start, end = self.buffer.shard_range(bucket)
-                grads[start:end].mul_(coef)
-        self.step_count += 1
         params = self.buffer.param_buffer
-        absorbed = torch.zeros((), dtype=torch.float64, device=params.device)
-        updated = torch.zeros((), dtype=torch.float64, device=params.device)
-        for segment, counted in zip(self.buffer.segments, self._counted):
-            info = self.buffer.infos[segment.param_index]
-            param = params[segment.buffer_start:segment.buffer_end]
-            master = self._segment_state(segment, "master")
-            stored = master if master is not None else param
+        # Adam's t and the SR stream of this step; taken back below if the step is skipped.
+        self.step_count += 1
+        keys = self._sr_keys(self.step_count)
+        first_key = 0
+        counts = torch.zeros(2, dtype=torch.float64, device=params.device)  # absorbed, updated
+        for bucket, table in enumerate(self._tables):
+            start, end = self.buffer.shard_range(bucket)
+            master = self.state["master"][bucket] if "master" in self.state else None
+            stored = master if master is not None else params[start:end]
             before = stored.clone() if measure_update_absorption else None
-            weight_decay = cfg.weight_decay if info.weight_decay else 0.0
-            adamw_step(
-                self.strategy, param, grads[segment.buffer_start:segment.buffer_end],
-                self._segment_state(segment, "exp_avg"), self._segment_state(segment, "exp_avg_sq"),
-                master=master, kahan=self._segment_state(segment, "kahan"),
+            adamw_shard_step(
+                self.strategy, params[start:end], grads[start:end], self.state["exp_avg"][bucket],
+                self.state["exp_avg_sq"][bucket], master=master,
+                kahan=self.state["kahan"][bucket] if "kahan" in self.state else None,
+                segments=table, sr_keys=keys[first_key:first_key + len(table)],
                 lr=lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
-                weight_decay=weight_decay, step=self.step_count,
-                sr_key=sr_key(self.seed, self.step_count, info.name, info.sr_tp_rank),
-                offset=segment.param_offset)
+                weight_decay=cfg.weight_decay, step=self.step_count, grad_scale=grad_scale)
+            first_key += len(table)
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
-            if before is not None and lr > 0 and counted:
-                moved = self._segment_state(segment, "exp_avg") != 0
-                if weight_decay:
-                    moved |= before != 0
-                updated += moved.sum()
-                absorbed += (moved & (stored == before)).sum()
+            if before is not None and lr > 0:
+                counts += self._absorption_counts(bucket, before, stored)
         self.buffer.gather_params()
+        norm = grad_norm.item()
+        if not math.isfinite(norm):
+            self.step_count -= 1
+            self.skipped_steps += 1
+            return StepResult(grad_norm=float("nan"), skipped=True)
         absorption = None
         if measure_update_absorption:
-            counts = torch.stack([absorbed, updated])
             if dist.is_initialized():
                 dist.all_reduce(counts, group=self._norm_group)
             absorption = (counts[0] / counts[1]).item() if counts[1] > 0 else 0.0
-        return StepResult(grad_norm=grad_norm, skipped=False, update_absorption=absorption)
+        return StepResult(grad_norm=norm, skipped=False, update_absorption=absorption)
+
+    def _absorption_counts(self, bucket: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """(absorbed, updated) element counts of one bucket shard's counted
+        segments, from the stored values before and after the step."""
+        counts = torch.zeros(2, dtype=torch.float64, device=after.device)
+        for segment, counted in zip(self.buffer.segments, self._counted):
+            if not counted or segment.bucket_index != bucket:
+                continue
+            shard = slice(segment.shard_start, segment.shard_start + segment.numel)
+            moved = self._segment_state(segment, "exp_avg") != 0
+            if self.config.weight_decay and self.buffer.infos[segment.param_index].weight_decay:
+                moved |= before[shard] != 0
+            counts[0] += (moved & (after[shard] == before[shard])).sum()
+            counts[1] += moved.sum()
+        return counts
 
     # ----- checkpoints ---------------------------------------------------------------------
     def _full_bucket(self, kind: str, bucket: int) -> torch.Tensor:

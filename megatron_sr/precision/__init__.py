@@ -3,7 +3,9 @@
 - `strategies`: the table of storage dtypes and rounding per `--precision`.
 - `rounding`: Philox4x32-10 bits and the stochastic / nearest fp32 -> bf16 casts (torch).
 - `kernels`: the Triton SR cast and fused AdamW step (imported lazily: needs triton).
-- `adamw`: `adamw_step`, the one entry point of the fused update, on every backend.
+- `adamw`: `adamw_shard_step` and `adamw_step`, the entry points of the fused update;
+  `backend` picks the backend, `adamw_torch` is the reference arithmetic,
+  `adamw_compiled` its torch.compile form, `native` the C kernel.
 """
 from megatron_sr.precision.adamw import adamw_step
 from megatron_sr.precision.rounding import round_nearest, stochastic_round

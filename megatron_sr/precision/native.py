@@ -42,7 +42,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared",
          "-pthread")
 CC_ENV = "CC"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -165,7 +165,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients: to
                offset: int, *, param_write: int, exp_avg_write: int, exp_avg_sq_write: int,
                threads: Optional[int] = None) -> None:
     """The fused step on contiguous 1-D CPU tensors already validated by
-    `adamw.adamw_step` (`coefficients`: its nine fp32 scalars). Runs on
+    `adamw.adamw_shard_step` (`coefficients`: the ten fp32 scalars of
+    `adamw_torch.adamw_coefficients`, the last the gradient's factor). Runs on
     `threads` threads (default torch.get_num_threads()) for large segments."""
     library = load()
     if library is None:
@@ -174,6 +175,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients: to
         raise ValueError(f"native adamw_step: exp_avg and exp_avg_sq must share a write mode, got "
                          f"{exp_avg_write} and {exp_avg_sq_write}")
     coefficients = coefficients.to(torch.float32).contiguous()
+    if coefficients.numel() != 10:
+        raise ValueError(f"native adamw_step: 10 coefficients expected, got {coefficients.numel()}")
     status = library.megatron_sr_adamw_step(
         _pointer(param), _pointer(grad), _pointer(exp_avg), _pointer(exp_avg_sq), _pointer(master),
         _pointer(kahan), coefficients.data_ptr(), sr_key, offset, param.numel(), param_write, exp_avg_write,

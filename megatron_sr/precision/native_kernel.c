@@ -1,6 +1,6 @@
 /* Native CPU kernels of megatron_sr.precision: the fused AdamW step of every
  * strategy and the SR cast, bit-identical to the torch reference
- * (rounding.py, adamw.py) and the Triton kernels (kernels.py).
+ * (rounding.py, adamw_torch.py) and the Triton kernels (kernels.py).
  *
  * Built and loaded by megatron_sr/precision/native.py with the system C
  * compiler: -O3 -march=native -ffp-contract=off -fno-math-errno, never
@@ -40,11 +40,11 @@
 #define PHILOX_ROUND_A 0xD2511F53u
 #define PHILOX_ROUND_B 0xCD9E8D57u
 
-/* Write modes: the codes of adamw.py (WRITE_EXACT, WRITE_NEAREST,
+/* Write modes: the codes of adamw_torch.py (WRITE_EXACT, WRITE_NEAREST,
  * WRITE_STOCHASTIC, WRITE_KAHAN). */
 enum { EXACT = 0, NEAREST = 1, STOCHASTIC = 2, KAHAN = 3 };
 
-int megatron_sr_native_abi_version(void) { return 1; }
+int megatron_sr_native_abi_version(void) { return 2; }
 
 static inline float as_float(uint32_t u) {
     float f;
@@ -192,7 +192,7 @@ typedef struct {
     void *exp_avg_sq;
     float *master;
     uint16_t *kahan;
-    float coef[9];
+    float coef[10];
     uint64_t key;
     uint64_t offset;
     int64_t begin, end; /* positions in the segment */
@@ -209,6 +209,7 @@ static inline __attribute__((always_inline)) void adamw_block(const adamw_args *
     const float lr = a->coef[0], beta1 = a->coef[1], one_minus_beta1 = a->coef[2];
     const float beta2 = a->coef[3], one_minus_beta2 = a->coef[4];
     const float inv_bc1 = a->coef[5], inv_bc2 = a->coef[6], eps = a->coef[7], decay = a->coef[8];
+    const float grad_scale = a->coef[9];
     const int64_t n = end - begin;
 
     uint16_t draws[3][BLOCK + 2];
@@ -246,12 +247,12 @@ static inline __attribute__((always_inline)) void adamw_block(const adamw_args *
     uint16_t *restrict kahan = P == KAHAN ? a->kahan + begin : NULL;
 
     for (int64_t i = 0; i < n; i++) {
-        float g = grad_bf16 ? bf16_value(grad16[i]) : grad32[i];
+        float g = (grad_bf16 ? bf16_value(grad16[i]) : grad32[i]) * grad_scale;
         float m = S == EXACT ? m32[i] : bf16_value(m16[i]);
         float v = S == EXACT ? v32[i] : bf16_value(v16[i]);
         float w = HM ? master[i] : (P == EXACT ? param32[i] : bf16_value(param16[i]));
 
-        /* adamw._adamw_values, op for op */
+        /* adamw_torch.adamw_values, op for op */
         m = m * beta1 + g * one_minus_beta1;
         v = v * beta2 + (g * g) * one_minus_beta2;
         float denom = sqrtf(v * inv_bc2) + eps;
@@ -292,7 +293,7 @@ static inline __attribute__((always_inline)) void adamw_block(const adamw_args *
             adamw_block(a, b, b + BLOCK < a->end ? b + BLOCK : a->end, P, S, HM);     \
     }
 
-/* The combinations the strategy table produces (adamw.write_modes):
+/* The combinations the strategy table produces (adamw_torch.write_modes):
  * fp32/amp; bf16-mixed; bf16, bf16-sr, bf16-kahan with bf16 or fp32 m, v. */
 ADAMW_RANGE(range_fp32, EXACT, EXACT, 0)
 ADAMW_RANGE(range_mixed, NEAREST, EXACT, 1)
@@ -353,7 +354,7 @@ static void split(int64_t n, int count, int64_t *bounds) {
 }
 
 /* The fused AdamW step on `n` elements (see adamw.adamw_step); `coef` are the
- * nine fp32 scalars of adamw.adamw_coefficients. Returns 0, or -1 for an
+ * ten fp32 scalars of adamw_torch.adamw_coefficients. Returns 0, or -1 for an
  * unsupported combination of write modes (nothing written). */
 int megatron_sr_adamw_step(void *param, const void *grad, void *exp_avg, void *exp_avg_sq, float *master,
                            uint16_t *kahan, const float *coef, uint64_t key, uint64_t offset, int64_t n,
