@@ -16,10 +16,16 @@ C kernel (or, without a C compiler, the compiled torch path), timed by the
 wall clock; the table names the backend that ran. `--backend` takes one
 backend or a comma-separated list (e.g. native,compiled): all of them and
 the copy are then timed in turns in the same run, and a last column gives
-each backend's speed relative to the last one of the list.
+each backend's speed relative to the last one of the list. `--native-variants`
+replaces the native backend by variants of it, timed the same way: a Philox
+code path of `megatron_sr.precision.native.PHILOX_PATHS` (forced for that
+variant's calls), with "/segments" one native call per segment (how the
+step ran before the native backend took a whole shard per call), e.g.
+`--native-variants avx2,portable/segments` for the new path against the old.
 
     .venv/bin/python bench/optimizer_step.py [--numel N] [--hidden H] [--device cpu|cuda]
         [--backend native|compiled|eager|triton[,...]] [--strategies bf16-sr,fp32]
+        [--native-variants PATH[/segments][,...]]
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_sr.precision.adamw import SegmentTable, adamw_shard_step, resolve_backend  # noqa: E402
+from megatron_sr.precision import native  # noqa: E402
+from megatron_sr.precision.adamw import (SegmentTable, adamw_coefficients, adamw_shard_step,  # noqa: E402
+                                         resolve_backend, write_modes)
 from megatron_sr.precision.strategies import STRATEGIES, get_strategy  # noqa: E402
 
 
@@ -85,7 +93,8 @@ def layer_segments(numel: int, hidden: int) -> SegmentTable:
 def best_seconds(functions, device: str, repeats: int) -> list[float]:
     """Best-of-`repeats` time of each function, after one warm-up call each
     (CUDA events on CUDA, the wall clock on the CPU); the functions take
-    turns, so that a machine shared with other jobs slows them alike."""
+    turns, each repeat starting one further along, so that a machine shared
+    with other jobs slows them alike."""
     def timed(fn):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -101,10 +110,38 @@ def best_seconds(functions, device: str, repeats: int) -> list[float]:
     best = [float("inf")] * len(functions)
     for fn in functions:
         fn()
-    for _ in range(repeats):
-        for i, fn in enumerate(functions):
-            best[i] = min(best[i], timed(fn))
+    for repeat in range(repeats):
+        for turn in range(len(functions)):
+            i = (turn + repeat) % len(functions)  # each repeat starts with the next one: no favoured position
+            best[i] = min(best[i], timed(functions[i]))
     return best
+
+
+def native_variant_step(variant: str, strategy, state: dict, segments: SegmentTable, keys, grad_scale, hyper):
+    """A step function for `--native-variants` entry `variant` ("PATH" or
+    "PATH/segments"): forces Philox path PATH, then runs the shard step in
+    one native call, or (with "/segments") in one native call per segment as
+    `adamw_shard_step` did before its one-call-per-shard entry point."""
+    path, _, per_segment = variant.partition("/")
+    if per_segment not in ("", "segments"):
+        raise SystemExit(f"--native-variants: {variant!r}: expected PATH or PATH/segments")
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "master", "kahan")
+    modes = dict(zip(("param_write", "exp_avg_write", "exp_avg_sq_write"), write_modes(strategy)))
+
+    def step():
+        native.use_philox(path)
+        if not per_segment:
+            adamw_shard_step(strategy, **state, segments=segments, sr_keys=keys, **hyper, grad_scale=grad_scale,
+                             backend="native")
+            return
+        scale = float(grad_scale)
+        coefficients = {decays: adamw_coefficients(**{**hyper, "weight_decay": hyper["weight_decay"] * decays},
+                                                   grad_scale=scale) for decays in (True, False)}
+        for start, length, offset, decays, key in zip(segments.starts, segments.lengths, segments.offsets,
+                                                      segments.weight_decay, keys):
+            native.adamw_step(*(state[n][start:start + length] if n in state else None for n in names),
+                              coefficients[decays], key, offset, **modes)
+    return step
 
 
 def cuda_kernels_per_call(fn) -> int:
@@ -130,6 +167,9 @@ def main() -> None:
                              "(default: per device)")
     parser.add_argument("--strategies", default="fp32,bf16-mixed,bf16,bf16-sr,bf16-sr+fp32-state,bf16-kahan",
                         help="comma-separated; NAME+fp32-state applies --optimizer-state-dtype fp32")
+    parser.add_argument("--native-variants", default=None,
+                        help="comma-separated PATH or PATH/segments (PATH: a Philox path of native.PHILOX_PATHS; "
+                             "/segments: one native call per segment): time these in place of the native backend")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     if args.numel is None:
@@ -139,13 +179,25 @@ def main() -> None:
     requested = args.backend.split(",") if args.backend else [None]
     # The backend each request runs on (a "native" without a compiler falls back, with a warning).
     backends = [resolve_backend(b, torch.device(args.device), args.numel) for b in requested]
+    if args.native_variants:
+        if "native" not in backends:
+            parser.error("--native-variants: the native backend is not among the backends of this run")
+        variants = [f"native[{v}]" for v in args.native_variants.split(",")]
+        for variant in args.native_variants.split(","):
+            if variant.partition("/")[0] not in native.philox_paths():
+                parser.error(f"--native-variants: {variant!r}: this CPU runs the Philox paths "
+                             f"{native.philox_paths()}")
+        at = backends.index("native")
+        backends[at:at + 1] = variants
     print(f"device={args.device} numel={args.numel} segments={len(segments)} (hidden {args.hidden}) "
           f"backend={','.join(backends)}"
           f"{'' if args.backend else ' (default)'} threads={torch.get_num_threads()} "
+          f"{'philox=' + ','.join(native.philox_paths()) + ' ' if native.available() else ''}"
           f"load average={'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
     compare = len(backends) > 1
-    print(f"{'strategy':<22}{'backend':>10}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}"
-          f"{'ratio':>8}{'launches':>10}" + (f"{'vs ' + backends[-1]:>14}" if compare else ""))
+    width = max(10, *(len(b) + 1 for b in backends))
+    print(f"{'strategy':<22}{'backend':>{width}}{'bytes/elem':>11}{'step ms':>10}{'step GB/s':>11}{'copy GB/s':>11}"
+          f"{'ratio':>8}{'launches':>10}" + (f"{'vs ' + backends[-1]:>{width + 4}}" if compare else ""))
     for label in args.strategies.split(","):
         name, _, state_flag = label.partition("+")
         if name not in STRATEGIES:
@@ -160,6 +212,11 @@ def main() -> None:
         grad_scale = torch.ones((), dtype=torch.float32, device=args.device)
 
         def step_function(state, backend):
+            if backend.startswith("native["):
+                return native_variant_step(backend[len("native["):-1], strategy, state, segments, keys,
+                                           grad_scale, dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                            weight_decay=0.1, step=10))
+
             def step():
                 adamw_shard_step(strategy, **state, segments=segments, sr_keys=keys, lr=1e-4, beta1=0.9,
                                  beta2=0.999, eps=1e-8, weight_decay=0.1, step=10, grad_scale=grad_scale,
@@ -172,9 +229,9 @@ def main() -> None:
         for backend, step_s, step in zip(backends, step_seconds, steps):
             step_gbs = moved / step_s / 1e9
             launches = str(cuda_kernels_per_call(step)) if args.device == "cuda" else "-"
-            print(f"{label:<22}{backend:>10}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}"
+            print(f"{label:<22}{backend:>{width}}{moved // args.numel:>11}{step_s * 1e3:>10.2f}{step_gbs:>11.1f}"
                   f"{copy_gbs:>11.1f}{step_gbs / copy_gbs:>8.2f}{launches:>10}"
-                  + (f"{step_seconds[-1] / step_s:>13.2f}x" if compare else ""))
+                  + (f"{step_seconds[-1] / step_s:>{width + 3}.2f}x" if compare else ""))
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-model", help="SentencePiece model file.")
     group.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids.")
     group.add_argument("--num-workers", type=int, default=DataConfig.num_workers,
-                       help="Data loader worker processes.")
+                       help="Data loader worker processes per rank (0: read on the training "
+                       "thread); the samples and their order do not depend on it.")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,9 @@ f ffn, V padded vocabulary, P max positions):
               single stage with tied embeddings).
 The buffers are `ParamAndGradBuffer`'s: one per rank over the parameters of
 all its model chunks (chunk order, then registration order), stored in
-reverse, cut into buckets of `bucket_size` elements and padded by the shared
-`compute_buffer_layout`. params = buffer elements x param bytes, grads =
+reverse, cut into buckets of `bucket_size` elements (the tied word embedding
+alone in its own) and padded by the shared `compute_buffer_layout`. The
+DP collectives work in place on them: no bucket is ever copied. params = buffer elements x param bytes, grads =
 buffer elements x grad bytes (--grad-reduce-dtype or the strategy's); master
 and optimizer (m, v, Kahan) = the rank's shard elements x their bytes, where
 the shard is each bucket / DP with --use-distributed-optimizer and the whole
@@ -64,6 +65,25 @@ backward did not, simulated per stage: 1 without pipelining, PP - p on stage
 p under 1F1B, and under interleaving the (chunk, micro-batch) pairs of the
 warm-up plus one (`megatron_sr.pipeline_parallel.schedules`).
 
+Start-up (`setup_peak`): `build_model` allocates the rank's parameters and
+draws them chunk by chunk on the device (`initialize_parameters`:
+INIT_CHUNK_ELEMENTS elements at a time, INIT_BYTES_PER_ELEMENT of
+temporaries each; no full weight), then `ParamAndGradBuffer` allocates the
+param and grad buffers before moving the parameters in: peak = max(params +
+init temporaries, 2 x params + grads), before any optimizer state or
+activation exists.
+
+Overlap (`grad_reduce_overlap`, `param_gather_overlap`: fractions of the DP
+bytes). With --overlap-grad-reduce each bucket's reduce-scatter starts from
+the backward hook that completes it, during the step's last micro-batch's
+backward; only the bucket completed last (the last bucket: the first layers,
+or the embedding's own bucket on the first stage) starts when backward ends.
+With --overlap-param-gather the all-gathers are issued after the step, first
+layers first, and each bucket is waited for by the forward that needs it;
+only the last bucket (needed by the first forward module) is waited for at
+once. Whether the overlappable bytes hide entirely depends on link and
+compute speed (docs/SCALING.md works an example).
+
 Communication: bytes each rank sends per step, ring algorithms (all-reduce
 of N bytes over g ranks sends 2(g-1)/g N; reduce-scatter and all-gather
 (g-1)/g N). Data parallel: reduce-scatter of the grad buffer and all-gather
@@ -92,7 +112,8 @@ from megatron_sr.arguments import JobConfig, build_parser, job_config_from_args
 from megatron_sr.config import ModelConfig, ParallelConfig
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model.gpt_model import WORD_EMBEDDING_NAME, flops_per_token
-from megatron_sr.model.parallel_layout import chunk_layers
+from megatron_sr.model.parallel_layout import (INIT_BYTES_PER_ELEMENT, INIT_CHUNK_ELEMENTS,
+                                               chunk_layers)
 from megatron_sr.optimizer.param_buffer import DEFAULT_BUCKET_SIZE, compute_buffer_layout
 from megatron_sr.precision.strategies import STRATEGIES, PrecisionStrategy, get_strategy
 from megatron_sr.training import grad_dtype
@@ -186,6 +207,19 @@ def chunk_parameters(model: ModelConfig, parallel: ParallelConfig, chunk: ChunkP
     return entries
 
 
+def own_buckets(model: ModelConfig, entries: list[ParameterEntry]) -> list[bool]:
+    """Which entries get a bucket of their own: the tied word embedding's copies."""
+    tied = not model.untie_embeddings_and_output_weights
+    return [tied and entry.name == WORD_EMBEDDING_NAME for entry in entries]
+
+
+def buffer_layout(model: ModelConfig, entries: list[ParameterEntry], data_parallel_size: int,
+                  bucket_size: int = DEFAULT_BUCKET_SIZE):
+    """The `BufferLayout` `ParamAndGradBuffer` builds for a rank's parameters (model order)."""
+    return compute_buffer_layout([e.numel for e in reversed(entries)], data_parallel_size,
+                                 bucket_size, list(reversed(own_buckets(model, entries))))
+
+
 def rank_parameters(model: ModelConfig, parallel: ParallelConfig, pipeline_rank: int
                     ) -> list[ParameterEntry]:
     """Every parameter a rank of `pipeline_rank` holds, all its chunks in order: the
@@ -196,10 +230,13 @@ def rank_parameters(model: ModelConfig, parallel: ParallelConfig, pipeline_rank:
 
 def state_bytes(numels: list[int], strategy: PrecisionStrategy, grad_buffer_dtype: torch.dtype,
                 data_parallel_size: int, distributed: bool,
-                bucket_size: int = DEFAULT_BUCKET_SIZE) -> dict[str, int]:
+                bucket_size: int = DEFAULT_BUCKET_SIZE,
+                own_bucket: Optional[list[bool]] = None) -> dict[str, int]:
     """{"params", "grads", "master", "optimizer"} bytes a rank allocates for parameters of
-    `numels` (model order): what `DistributedOptimizer.memory_bytes()` reports."""
-    layout = compute_buffer_layout(list(reversed(numels)), data_parallel_size, bucket_size)
+    `numels` (model order; `own_bucket` as `own_buckets`): what
+    `DistributedOptimizer.memory_bytes()` reports."""
+    layout = compute_buffer_layout(list(reversed(numels)), data_parallel_size, bucket_size,
+                                   None if own_bucket is None else list(reversed(own_bucket)))
     shard = sum((end - start) // (data_parallel_size if distributed else 1)
                 for start, end in layout.bucket_ranges)
     optimizer_dtypes = [strategy.exp_avg_dtype, strategy.exp_avg_sq_dtype, strategy.kahan_dtype]
@@ -353,6 +390,10 @@ class StageEstimate:
     sent_grad_all_reduce: float
     sent_tensor_parallel: float
     sent_pipeline: float
+    init_temporary: int  # peak temporaries of drawing the initial weights
+    setup_peak: int  # start-up: max(params + init temporaries, 2 x params + grads)
+    grad_reduce_overlap: float  # fraction of DP grad bytes launched before backward ends
+    param_gather_overlap: float  # fraction of DP param bytes not waited for at once
 
     @property
     def state(self) -> int:
@@ -460,17 +501,25 @@ def estimate_job(job: JobConfig, bucket_size: int = DEFAULT_BUCKET_SIZE,
     stages = []
     for pipeline_rank in range(parallel.pipeline_model_parallel_size):
         chunks = chunk_placements(model, parallel, pipeline_rank)
-        numels = [entry.numel for entry in rank_parameters(model, parallel, pipeline_rank)]
-        held = state_bytes(numels, strategy, grads, dp, distributed, bucket_size)
+        entries = rank_parameters(model, parallel, pipeline_rank)
+        numels = [entry.numel for entry in entries]
+        held = state_bytes(numels, strategy, grads, dp, distributed, bucket_size,
+                           own_buckets(model, entries))
         per_chunk = [chunk_activation_bytes(model, parallel, strategy, b, chunk, device)
                      for chunk in chunks]
         in_flight = in_flight_chunk_counts(parallel.pipeline_model_parallel_size,
                                            parallel.virtual_pipeline_model_parallel_size,
                                            pipeline_rank, job.num_microbatches,
                                            [a.total for a in per_chunk])
-        buffer_numel = compute_buffer_layout(list(reversed(numels)), dp, bucket_size).numel
+        layout = buffer_layout(model, entries, dp, bucket_size)
+        buffer_numel = layout.numel
         grad_bytes, param_bytes = buffer_numel * grads.itemsize, \
             buffer_numel * strategy.param_dtype.itemsize
+        last_start, last_end = layout.bucket_ranges[-1]
+        overlappable = 1 - (last_end - last_start) / buffer_numel if dp > 1 else 0.0
+        init_temporary = INIT_BYTES_PER_ELEMENT * min(max(numels),
+                                                      INIT_CHUNK_ELEMENTS.get(device, 1 << 20))
+        model_params = sum(numels) * strategy.param_dtype.itemsize
         stages.append(StageEstimate(
             pipeline_rank=pipeline_rank, num_parameters=sum(numels), **held,
             activations_per_microbatch=sum(a.total for a in per_chunk),
@@ -482,7 +531,13 @@ def estimate_job(job: JobConfig, bucket_size: int = DEFAULT_BUCKET_SIZE,
             sent_param_all_gather=_ring_gather_or_scatter(param_bytes, dp) if distributed else 0.0,
             sent_grad_all_reduce=0.0 if distributed else _ring_all_reduce(grad_bytes, dp),
             sent_tensor_parallel=_tensor_parallel_sent(job, strategy, chunks),
-            sent_pipeline=_pipeline_sent(job, strategy, chunks)))
+            sent_pipeline=_pipeline_sent(job, strategy, chunks),
+            init_temporary=init_temporary,
+            setup_peak=max(model_params + init_temporary,
+                           model_params + held["params"] + held["grads"]),
+            grad_reduce_overlap=overlappable if parallel.overlap_grad_reduce else 0.0,
+            param_gather_overlap=(overlappable if parallel.overlap_param_gather and distributed
+                                  else 0.0)))
     tokens_per_step = job.training.global_batch_size * model.seq_length
     return JobEstimate(job=job, strategy=strategy, stages=stages,
                        model_flops_per_step=flops_per_token(model) * tokens_per_step)
@@ -541,6 +596,14 @@ def format_estimate(estimate: JobEstimate) -> str:
             f"{_gib(stage.sent_param_all_gather):>10} {_gib(stage.sent_grad_all_reduce):>9} "
             f"{_gib(stage.sent_tensor_parallel):>8} {_gib(stage.sent_pipeline):>8} "
             f"{_gib(stage.sent_total):>8}")
+    lines += ["", "start-up and overlap per rank",
+              f"{'stage':>5} {'init tmp':>9} {'setup peak':>11} {'grad-reduce overlap':>20} "
+              f"{'param-gather overlap':>21}"]
+    for stage in estimate.stages:
+        lines.append(
+            f"{stage.pipeline_rank:>5} {_gib(stage.init_temporary):>9} "
+            f"{_gib(stage.setup_peak):>11} {stage.grad_reduce_overlap:>20.3f} "
+            f"{stage.param_gather_overlap:>21.3f}")
     flops = estimate.model_flops_per_step
     lines += ["", f"model FLOPs per step: {flops:.4g} ({flops / job.world_size:.4g} per rank)"]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ Contract:
   rank) unless called with `ignore_virtual=True`.
 - The embedding group holds the first and last rank of each PP group (one
   rank when PP=1); the tied word-embedding / output weight's gradient is
-  all-reduced over it (`megatron_sr.model.finalize_model_grads`).
+  all-reduced over it (`ParamAndGradBuffer.finish_grad_sync`).
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ the same bits. Parameters replicated across tensor-parallel ranks (norms,
 row-parallel biases) pass `tp_rank=None` and draw the same bits on every TP
 rank; TP-sharded ones pass their TP rank.
 
-Also here: the per-parameter generator that draws initial weights
-(`init_generator`), per-rank seeding (`model_parallel_seed`) and the RNG
+Also here: the initial-weight draws (`init_key`, `philox_normal`: the same
+Philox, keyed by parameter name, counter = element index), per-rank seeding (`model_parallel_seed`) and the RNG
 stream tracker that gives dropout inside tensor-parallel regions a different
 mask on each TP rank (`get_rng_tracker`).
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_sr import parallel_state
+from megatron_sr.precision.rounding import philox4x32, philox_round_keys
 
 _KEY_MASK = (1 << 63) - 1
 
@@ -44,16 +45,68 @@ def sr_key(seed: int, iteration: int, param_name: str, tp_rank: int | None = Non
 
 # --- parameter initialization ----------------------------------------------------
 
-def init_generator(seed: int, param_name: str) -> torch.Generator:
-    """A CPU generator for drawing one parameter's FULL (unsharded) initial value.
+def init_key(seed: int, param_name: str) -> int:
+    """Philox key (below 2**63) of one parameter's initial values.
 
     Keyed by the global parameter name, so every TP/PP layout (and the tied
     copy of the word embedding on the last pipeline stage) draws the same
-    tensor; each rank then keeps its slice.
+    values; the counter is the element's index in the unsharded tensor (see
+    `philox_normal`), so each rank draws only its own shard.
     """
+    if seed < 0:
+        raise ValueError(f"--seed ({seed}) must be >= 0")
     text = f"init|{seed}|{param_name}"
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & _KEY_MASK)
+    return int.from_bytes(digest, "little") & _KEY_MASK
+
+
+_TWO_PI = 6.283185307179586
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+_LOG_TERMS = 13  # |s| < 0.172: the atanh series' remainder is below 1e-19
+_COS_TERMS = 15  # |x| <= pi: the Taylor remainder is below 1e-15
+
+
+def _log_unit(u: torch.Tensor) -> torch.Tensor:
+    """ln(u) for float64 u in (0, 1], from exact bit operations and the
+    correctly rounded +, -, *, / only (so every device and every vector or
+    scalar code path gives the same bits): u = m * 2^e with m in
+    [sqrt(1/2), sqrt(2)), ln(m) = 2 atanh(s), s = (m - 1) / (m + 1)."""
+    mantissa, exponent = torch.frexp(u)  # mantissa in [0.5, 1)
+    low = mantissa < _SQRT_HALF
+    mantissa = torch.where(low, mantissa * 2.0, mantissa)
+    exponent = exponent.to(torch.float64) - low.to(torch.float64)
+    s = (mantissa - 1.0) / (mantissa + 1.0)
+    s2 = s * s
+    series = torch.full_like(s, 1.0 / (2 * _LOG_TERMS - 1))
+    for k in range(_LOG_TERMS - 2, -1, -1):
+        series = series * s2 + 1.0 / (2 * k + 1)
+    return exponent * _LN2 + 2.0 * s * series
+
+
+def _cos_turns(t: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi t) for float64 t in [0, 1), by a Taylor polynomial in
+    x = 2 pi (t - 1/2), |x| <= pi (cos(2 pi t) = -cos(x)); +, -, * only."""
+    x = (t - 0.5) * _TWO_PI
+    x2 = x * x
+    series = torch.ones_like(x)
+    for k in range(_COS_TERMS - 1, 0, -1):
+        series = 1.0 - series * x2 / float((2 * k - 1) * (2 * k))
+    return -series
+
+
+def philox_normal(element_index: torch.Tensor, key: int) -> torch.Tensor:
+    """Standard normal variates (float64, the shape of `element_index`) of the
+    elements at the given logical positions (int64) of one tensor, by
+    Box-Muller on the first two words of Philox4x32-10 call `element_index`
+    under `key` (`init_key`): z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1],
+    u2 in [0, 1). Element i's value depends only on (key, i): any shard of the
+    tensor computes its own elements, on any device, to the same bits (no
+    transcendental library function is called; sqrt is correctly rounded)."""
+    words = philox4x32(element_index, philox_round_keys(key))
+    u1 = (words[0].to(torch.float64) + 1.0) * 2.0 ** -32
+    u2 = words[1].to(torch.float64) * 2.0 ** -32
+    return torch.sqrt(-2.0 * _log_unit(u1)) * _cos_turns(u2)
 
 
 # --- seeds and the tensor-parallel RNG tracker -------------------------------------
@@ -131,7 +184,7 @@ def model_parallel_seed(seed: int) -> None:
     Default stream (python, numpy, torch CPU and device): seed + 100 * pp_rank,
     the same on every TP and DP rank of a stage. TP stream (tracker, `fork()`):
     seed + 2718 + 100 * pp_rank + tp_rank, different on every TP rank.
-    Parameter initialization does not use these streams (see `init_generator`).
+    Parameter initialization does not use these streams (see `init_key`).
     """
     if seed < 0:
         raise ValueError(f"--seed ({seed}) must be >= 0")

@@ -12,7 +12,7 @@ takes the library's GPT default, which `pretrain_gpt.py` spells out):
                              then --load
     build_data_iterators     train/valid samples for this data-parallel rank, from consumed samples
     train                    the loop: forward-backward over micro-batches (the pipeline schedule),
-                             model-parallel grad syncs, the optimizer step; logging, evaluation,
+                             DP and model-parallel grad syncs, the optimizer step; logging, evaluation,
                              checkpoints, exits (--exit-interval, --exit-duration-in-mins, SIGTERM)
 
 Batches: global batch = micro-batch x data-parallel size x micro-batches per
@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,9 +45,9 @@ from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
+from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.data.tokenizers import build_tokenizer
-from megatron_sr.model import (build_model, finalize_model_grads, flops_per_token,
-                               param_is_unique_in_model)
+from megatron_sr.model import build_model, flops_per_token, param_is_unique_in_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
@@ -117,15 +117,14 @@ def _free_port() -> int:
 def param_infos(params: Sequence[torch.nn.Parameter]) -> list[ParamInfo]:
     """What the optimizer needs of each parameter, read off the model's attributes:
     global name, TP sharding, weight decay (not for biases and norms, i.e.
-    1-D tensors), counting in the grad norm, model-parallel grad syncs."""
+    1-D tensors), counting in the grad norm, model-parallel grad sums."""
     return [ParamInfo(name=p.global_name,
                       sr_tp_rank=(parallel_state.get_tensor_model_parallel_rank()
                                   if p.tensor_model_parallel else None),
                       weight_decay=p.dim() > 1,
                       count_in_grad_norm=param_is_unique_in_model(p),
-                      needs_model_parallel_grad_sync=bool(
-                          getattr(p, "sequence_parallel", False)
-                          or getattr(p, "shared_embedding", False)))
+                      sequence_parallel_grad=bool(getattr(p, "sequence_parallel", False)),
+                      tied_embedding=bool(getattr(p, "shared_embedding", False)))
             for p in params]
 
 
@@ -156,7 +155,10 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
         parallel_state.get_data_parallel_group(),
         distributed=job.parallel.use_distributed_optimizer,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
-        overlap_param_gather=job.parallel.overlap_param_gather, **extra)
+        overlap_param_gather=job.parallel.overlap_param_gather,
+        tensor_parallel_group=parallel_state.get_tensor_model_parallel_group(),
+        embedding_group=(parallel_state.get_embedding_group()
+                         if parallel_state.is_rank_in_embedding_group() else None), **extra)
     buffer.wait_before_forward(model)
     optimizer = DistributedOptimizer(buffer, strategy, job.optimizer, seed=job.training.seed)
     scheduler = LRScheduler(job.optimizer, job.training.train_iters)
@@ -200,26 +202,14 @@ def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
     return train, valid, 0
 
 
-def micro_batches(dataset, consumed_samples: int, micro_batch_size: int,
-                  data_parallel_rank: int, data_parallel_size: int) -> Iterator[torch.Tensor]:
-    """This DP rank's micro-batches of `dataset` from `consumed_samples` on:
-    int64 tensors [micro_batch_size, seq_length + 1]. The stream wraps around
-    the dataset (validation reuses its samples when it runs past them)."""
-    stride = micro_batch_size * data_parallel_size
-    start = consumed_samples
-    while True:
-        first = start + data_parallel_rank * micro_batch_size
-        rows = [dataset[(first + i) % len(dataset)]["tokens"] for i in range(micro_batch_size)]
-        yield torch.stack(rows)
-        start += stride
-
-
 class DataStreams:
     """Per-chunk micro-batch iterators for training and validation.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
-    own iterator over the same stream; other chunks get None. The datasets come
-    from `datasets_provider` (see `pretrain`; None: `gpt_datasets_provider`)."""
+    own iterator over the same stream (`micro_batch_loader`: --num-workers
+    reader processes, pinned memory on CUDA); other chunks get None. The
+    datasets come from `datasets_provider` (see `pretrain`; None:
+    `gpt_datasets_provider`)."""
 
     def __init__(self, job: JobConfig, tokenizer, model: Sequence[torch.nn.Module],
                  datasets_provider: Optional[Callable] = None):
@@ -234,8 +224,10 @@ class DataStreams:
     def _iterators(self, dataset, consumed: int):
         if dataset is None:
             return [None] * len(self.model)
-        return [micro_batches(dataset, consumed, self.job.training.micro_batch_size,
-                              self.dp_rank, self.dp_size)
+        return [micro_batch_loader(dataset, consumed, self.job.training.micro_batch_size,
+                                   self.dp_rank, self.dp_size,
+                                   num_workers=self.job.data.num_workers,
+                                   pin_memory=parallel_state.get_default_device().type == "cuda")
                 if chunk.pre_process or chunk.post_process else None
                 for chunk in self.model]
 
@@ -329,6 +321,32 @@ class StepReport:
     update_absorption: Optional[float]
 
 
+class LossAccumulator:
+    """The training losses of the steps since the last log line, kept on the
+    device so that no step waits for a loss: `add` takes this rank's mean
+    over a step's micro-batches (a device scalar; last stage only), and
+    `mean_over_data_parallel` (at log steps: one all-reduce over the DP group
+    and one host sync) returns the mean over those steps and DP ranks, or None
+    on ranks without the last stage or when no step was added."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+
+    def add(self, local_mean: torch.Tensor) -> None:
+        self.values.append(local_mean)
+
+    def mean_over_data_parallel(self) -> Optional[float]:
+        values, self.values = self.values, []
+        if not values:
+            return None
+        return _average_over_dp(values, values[0].device)
+
+
+def _local_mean(values: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """This rank's mean micro-batch loss, an fp32 device scalar (None without losses)."""
+    return torch.stack([v.float() for v in values]).mean() if values else None
+
+
 def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
     """Mean of this rank's micro-batch losses, averaged over the DP group;
     None on ranks without the last stage (which pass an empty list)."""
@@ -343,7 +361,7 @@ def _average_over_dp(values: list[torch.Tensor], device) -> Optional[float]:
 # a phase that spans several collectives (the optimizer step, a checkpoint save).
 _COLLECTIVE_OF_FUNCTION = {
     "communicate": "pipeline p2p send/recv",
-    "finalize_model_grads": "model-parallel grad all-reduce",
+    "_sum_model_parallel_grads": "model-parallel grad all-reduce",
     "_launch_grad_reduce": "data-parallel grad reduce-scatter",
     "finish_grad_sync": "data-parallel grad reduce-scatter",
     "_grad_norm": "grad-norm all-reduce",
@@ -399,10 +417,19 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
 
 def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators, lr: float,
                forward_step, measure_update_absorption: bool = False,
-               iteration: Optional[int] = None) -> StepReport:
+               iteration: Optional[int] = None,
+               loss_accumulator: Optional[LossAccumulator] = None,
+               reduce_loss: Optional[bool] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
-    micro-batches, model-parallel then data-parallel grad syncs, AdamW.
-    `iteration` (1-based, as logged) names the step in errors."""
+    micro-batches (each bucket's DP reduction starts from the backward hooks
+    with --overlap-grad-reduce), then the optimizer: the DP reduction's end,
+    the model-parallel grad sums on the shard, AdamW.
+    `iteration` (1-based, as logged) names the step in errors.
+    Loss: an applied step adds this rank's micro-batch mean to
+    `loss_accumulator` (on the device) when one is given. `reduce_loss`
+    (default: when no accumulator is given) also averages it over DP into
+    `StepReport.loss` (an all-reduce and a host sync); a skipped step always
+    does, so that a NaN loss is seen (all DP ranks skip together)."""
     device = optimizer.buffer.param_buffer.device
     optimizer.buffer.zero_grad()
     optimizer.buffer.prepare_grad_sync(job.num_microbatches)
@@ -416,12 +443,15 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
-    with communication_phase(job, "model-parallel grad sync", iteration):
-        finalize_model_grads(model)
     with communication_phase(job, "optimizer step", iteration):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption)
-    with communication_phase(job, "loss averaging", iteration):
-        loss = _average_over_dp(losses, device)
+    local_loss = _local_mean(losses)
+    if loss_accumulator is not None and local_loss is not None and not result.skipped:
+        loss_accumulator.add(local_loss)
+    loss = None
+    if result.skipped or (loss_accumulator is None if reduce_loss is None else reduce_loss):
+        with communication_phase(job, "loss averaging", iteration):
+            loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption)
 
@@ -525,10 +555,21 @@ def log_line(iteration: int, job: JobConfig, elapsed_ms: float, lr: float, loss:
     return " | ".join(parts) + " |"
 
 
-def _agree(flags: Sequence[bool], device) -> list[bool]:
-    """Each flag OR-ed over all ranks (one all-reduce)."""
-    tensor = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def host_group(timeout: datetime.timedelta) -> Optional[dist.ProcessGroup]:
+    """A Gloo group over the whole world for host-side decisions (None: the
+    world group, already Gloo). Its all-reduce runs on CPU tensors, so it
+    never waits for the device's queue (the step's last all-gathers).
+    Collective: every rank calls it, once per job."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bool]:
+    """Each flag OR-ed over all ranks: one all-reduce of a CPU tensor over
+    `group` (`host_group`), no device synchronization."""
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in tensor.tolist()]
 
 
@@ -557,7 +598,9 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     consecutive_skips = 0
     nan_iterations = 0
     interval_time, interval_steps = 0.0, 0
-    losses: list[float] = []
+    losses = LossAccumulator()
+    agreement_group = host_group(
+        datetime.timedelta(minutes=job.parallel.distributed_timeout_minutes))
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
@@ -566,7 +609,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             report = train_step(job, model, optimizer, iterators, lr,
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
-                                iteration=iteration + 1)
+                                iteration=iteration + 1, loss_accumulator=losses)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
             iteration += 1
@@ -585,11 +628,10 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                         f"lower --lr or a smaller --clip-grad.")
             else:
                 consecutive_skips = 0
-                if report.loss is not None:
-                    losses.append(report.loss)
             if log_now:
                 elapsed = interval_time / interval_steps
-                loss = sum(losses) / len(losses) if losses else None
+                with communication_phase(job, "loss averaging", iteration):
+                    loss = losses.mean_over_data_parallel()
                 tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
                 print_rank_last(log_line(
                     iteration, job, elapsed * 1000, lr, loss, report.grad_norm,
@@ -609,7 +651,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                         scalars["update-absorption"] = report.update_absorption
                     for name, value in scalars.items():
                         writer.add_scalar(name, value, iteration)
-                interval_time, interval_steps, losses = 0.0, 0, []
+                interval_time, interval_steps = 0.0, 0
             if training.eval_interval and iteration % training.eval_interval == 0 \
                     and data.valid is not None:
                 run_evaluation(job, model, data, forward_step, iteration, writer)
@@ -622,7 +664,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                      sigterm.received not in (None, "SIGTERM"),
                      bool(training.exit_duration_in_mins
                           and elapsed_min > training.exit_duration_in_mins)],
-                    device)
+                    agreement_group)
             stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:

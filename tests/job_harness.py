@@ -58,7 +58,8 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
     train_step, load = training.train_step, checkpointing.load_training_checkpoint
 
     def recording_train_step(*args, **kwargs):
-        report = train_step(*args, **kwargs)
+        # Every step's DP-mean loss (the loop itself reduces losses only at log steps).
+        report = train_step(*args, **kwargs, reduce_loss=True)
         reports.append(dataclasses.asdict(report))
         return report
 
@@ -136,6 +137,8 @@ def assert_states_equal(a, b, path: str = "") -> None:
     """Bit-for-bit equality of two checkpoint state trees (tensors, numbers, bytes)."""
     import torch
 
+    from bitwise import as_bits, assert_same_bits
+
     if isinstance(a, dict):
         assert a.keys() == b.keys(), f"{path}: keys differ: {sorted(set(a) ^ set(b))}"
         for key in a:
@@ -147,11 +150,10 @@ def assert_states_equal(a, b, path: str = "") -> None:
     elif isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} " \
                                                           f"!= {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bfloat16 else a,
-                           b.view(torch.uint8) if b.dtype == torch.bfloat16 else b), \
+        assert torch.equal(as_bits(a), as_bits(b)), \
             f"{path}: tensors differ (max abs diff " \
             f"{(a.double() - b.double()).abs().max().item():.3g})"
     elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b, err_msg=path)
+        assert_same_bits(a, b, path)
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"

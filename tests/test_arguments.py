@@ -1,11 +1,15 @@
 """Megatron-style flags -> validated typed configs: defaults, aliases, the
 mapping to each config, derived sizes, and one clear message per invalid
 combination (each naming the flags at fault)."""
+import ast
+import inspect
+import traceback
 import warnings
 
 import pytest
 import torch
 
+from megatron_sr import arguments
 from megatron_sr.arguments import build_parser, job_config_from_args, parse_args
 
 # A minimal valid command line, as (flag, value) pairs so cases can drop flags.
@@ -233,6 +237,8 @@ INVALID = [
     (("--min-lr", "0.01"), (), 1, ["--min-lr", "--lr"]),
     (("--lr-decay-style", "WSD"), (), 1, ["--lr-wsd-decay-iters"]),
     (("--lr-decay-samples", "50"), (), 1, ["--lr-decay-samples", "--train-samples"]),
+    (("--train-samples", "1600", "--global-batch-size", "16", "--lr-decay-iters", "80",
+      "--lr-decay-samples", "1280"), ("--train-iters",), 1, ["--lr-decay-iters", "--lr-decay-samples"]),
     (("--train-samples", "100", "--lr-warmup-samples", "10", "--global-batch-size", "4"),
      ("--train-iters",), 1, ["--lr-warmup-samples", "--global-batch-size"]),
     (("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"), (), 1,
@@ -241,12 +247,16 @@ INVALID = [
     (("--finetune",), (), 1, ["--finetune", "--load"]),
     (("--fp16",), (), 1, ["--fp16", "--precision"]),
     (("--bf16", "--precision", "bf16-sr"), (), 1, ["--bf16", "--precision"]),
+    (("--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype", "bf16"), (), 1,
+     ["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype"]),
     (("--precision", "bf16-mixed", "--optimizer-state-dtype", "fp32"), (), 1,
      ["--optimizer-state-dtype", "--precision"]),
     (("--recompute-activations", "--recompute-granularity", "full"), (), 1,
      ["--recompute-activations", "--recompute-granularity"]),
     (("--hidden-dropout", "1.0"), (), 1, ["--hidden-dropout"]),
     (("--adam-beta2", "1.5"), (), 1, ["--adam-beta2"]),
+    (("--adam-eps", "0"), (), 1, ["--adam-eps"]),
+    (("--weight-decay", "-0.1"), (), 1, ["--weight-decay"]),
     (("--max-position-embeddings", "16"), (), 1, ["--max-position-embeddings", "--seq-length"]),
     (("--swiglu", "--hidden-size", "16"), (), 1, ["--swiglu", "--ffn-hidden-size"]),
     (("--overlap-param-gather",), (), 1, ["--overlap-param-gather", "--use-distributed-optimizer"]),
@@ -278,5 +288,46 @@ def test_invalid_combination_names_the_flags(extra, drop, world_size, flags):
         assert flag in str(err.value), f"{flag} not named in: {err.value}"
 
 
-def test_invalid_table_is_large_enough():
-    assert len(INVALID) >= 15
+def _raising_line(error: BaseException) -> tuple[str, int]:
+    """(file, line) of the `raise` that raised `error`."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return frame.filename, frame.lineno
+
+
+def test_every_check_of_arguments_py_has_an_invalid_case():
+    """Each `raise ValueError` of megatron_sr/arguments.py is what fails some
+    command line of INVALID (or `with_vocab_size(0)`), so a check without a
+    case, or a case that fails for another reason, is noticed."""
+    source = inspect.getsource(arguments)
+    raises = {node.lineno for node in ast.walk(ast.parse(source))
+              if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+              and getattr(node.exc.func, "id", None) == "ValueError"}
+    assert raises
+    reached = set()
+    for extra, drop, world_size, _ in INVALID:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError) as err:
+                job(*extra, drop=drop, world_size=world_size)
+        reached.add(_raising_line(err.value))
+    with pytest.raises(ValueError) as err:
+        job().with_vocab_size(0)
+    reached.add(_raising_line(err.value))
+    in_arguments = {line for path, line in reached if path == arguments.__file__}
+    assert sorted(raises - in_arguments) == [], "checks of arguments.py without an INVALID case"
+
+
+@pytest.mark.parametrize("dest, low", arguments._INT_MINIMUMS)
+def test_every_integer_flag_below_its_minimum_is_named(dest, low):
+    flag = "--" + dest.replace("_", "-")
+    drop = ("--train-iters",) if dest == "train_samples" else ()  # one of the two, not both
+    with pytest.raises(ValueError, match=f"{flag} must be >= {low}, got {low - 1}"):
+        job(flag, str(low - 1), drop=drop)
+
+
+@pytest.mark.parametrize("dest", arguments._UNIT_INTERVAL_FLOATS + arguments._POSITIVE_FLOATS
+                         + arguments._NON_NEGATIVE_FLOATS)
+def test_every_float_flag_out_of_range_is_named(dest):
+    flag = "--" + dest.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} must be"):
+        job(flag, "-1")

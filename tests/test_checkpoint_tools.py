@@ -2,17 +2,28 @@
 
 One tiny GPT is trained with TP=2 x PP=2 under torchrun (bf16-sr); the tests
 reshape it, sample from it at several layouts, export it, and feed the tools
-bad input.
+bad input. Each tool runs once as a command line; the other calls run its
+`main(argv)` in this process (checkpoint_convert.py) or in `run_ranks`
+workers (text_generation.py, which joins their process group): a new Python
+process spends seconds importing torch.
 """
+import contextlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bitwise import assert_same_bits
+from multiprocess import run_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a 4-rank torchrun job, then the tools on it: ~60 CPU-s together
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 GPT = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -29,6 +40,25 @@ def tool(name, *args):
     return run([sys.executable, f"tools/{name}", *args])
 
 
+def tool_module(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool_main(name, *args):
+    """`tool(name, *args)` as a call of the tool's `main` in this process."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returncode = tool_module(name).main([str(a) for a in args])
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def convert(*args):
+    return tool_main("checkpoint_convert.py", *args)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A TP=2 x PP=2 checkpoint of 3 bf16-sr steps (--ckpt-format torch_dist, the default)."""
@@ -40,51 +70,70 @@ def trained(tmp_path_factory):
     return save
 
 
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory):
+    """`trained` reshaped to TP=1 x PP=1."""
+    out = tmp_path_factory.mktemp("merged") / "tp1"
+    result = convert("--load", trained, "--save", out, "--target-tensor-parallel-size", "1",
+                     "--target-pipeline-parallel-size", "1")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def rank_files(save):
     return sorted(p.relative_to(save) for p in Path(save).glob("iter_*/mp_rank_*/*.pt"))
 
 
-def test_reshape_round_trip_is_bit_exact(trained, tmp_path):
+def test_reshape_round_trip_is_bit_exact(trained, merged, tmp_path):
     from megatron_sr.checkpoint_conversion import load_full_checkpoint
 
-    merged, back = tmp_path / "tp1", tmp_path / "tp2pp2"
-    result = tool("checkpoint_convert.py", "--load", str(trained), "--save", str(merged),
-                  "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1")
-    assert result.returncode == 0, result.stderr
+    back = tmp_path / "tp2pp2"
     assert rank_files(merged) == [Path("iter_0000003/mp_rank_00/model_optim_rng.pt")]
-    result = tool("checkpoint_convert.py", "--load", str(merged), "--save", str(back),
-                  "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    result = convert("--load", merged, "--save", back, "--target-tensor-parallel-size", "2",
+                     "--target-pipeline-parallel-size", "2")
     assert result.returncode == 0, result.stderr
     assert len(rank_files(back)) == 4
     # The job wrote --ckpt-format torch_dist; the converter writes the legacy layout.
     original, reshaped = load_full_checkpoint(str(trained)), load_full_checkpoint(str(back))
     assert original.model.keys() == reshaped.model.keys()
     for name, tensor in original.model.items():
-        assert torch.equal(tensor, reshaped.model[name]), name
+        assert_same_bits(tensor, reshaped.model[name], name)
     assert original.optimizer["params"].keys() == reshaped.optimizer["params"].keys()
     for kind, tensors in original.optimizer["params"].items():
         for name, tensor in tensors.items():
-            assert torch.equal(tensor, reshaped.optimizer["params"][kind][name]), (name, kind)
+            assert_same_bits(tensor, reshaped.optimizer["params"][kind][name], f"{name} {kind}")
     assert original.lr_scheduler == reshaped.lr_scheduler
     assert original.optimizer["step"] == reshaped.optimizer["step"] == 3
 
 
+def _generation_args(load, *extra):
+    return ["--load", str(load), "--prompt", "5 6 7 8", "--prompt", "9", "--max-new-tokens", "12",
+            *extra]
+
+
+def _texts(stdout):
+    return [line for line in stdout.splitlines() if line and not line.startswith("-")]
+
+
+def _generate_on_rank(rank, world_size, args):
+    """text_generation.py's main on this rank, with TP = the world size; (exit code, stdout)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        returncode = tool_module("text_generation.py").main(args)
+    return returncode, stdout.getvalue()
+
+
 def generated_text(load, *extra, nproc=1):
-    args = ["tools/text_generation.py", "--load", str(load), "--prompt", "5 6 7 8",
-            "--prompt", "9", "--max-new-tokens", "12", *extra]
-    launcher = ([sys.executable] if nproc == 1
-                else [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)])
-    result = run(launcher + args)
+    """The texts text_generation.py prints, run on `nproc` ranks (TP = nproc)."""
+    ranks = run_ranks(_generate_on_rank, nproc, _generation_args(load, *extra), timeout=240)
+    assert [code for code, _ in ranks] == [0] * nproc
+    return _texts(ranks[0][1])
+
+
+def test_generation_is_the_same_for_every_layout(trained, merged):
+    result = tool("text_generation.py", *_generation_args(trained, "--greedy"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return [line for line in result.stdout.splitlines() if line and not line.startswith("-")]
-
-
-def test_generation_is_the_same_for_every_layout(trained, tmp_path):
-    merged = tmp_path / "tp1"
-    assert tool("checkpoint_convert.py", "--load", str(trained), "--save", str(merged),
-                "--target-tensor-parallel-size", "1",
-                "--target-pipeline-parallel-size", "1").returncode == 0
-    greedy = generated_text(trained, "--greedy")
+    greedy = _texts(result.stdout)
     assert len(greedy) == 2 and greedy[0].startswith("5 6 7 8 ") and greedy[1].startswith("9 ")
     assert len(greedy[0].split()) == 4 + 12
     assert generated_text(merged, "--greedy") == greedy
@@ -109,13 +158,12 @@ def test_hugging_face_export_loads_in_transformers(trained, tmp_path):
 
 
 def test_missing_partial_and_unsupported_checkpoints_are_clear_errors(trained, tmp_path):
-    result = tool("checkpoint_convert.py", "--load", str(tmp_path / "nowhere"), "--save",
-                  str(tmp_path / "out"), "--to-hf")
+    result = convert("--load", tmp_path / "nowhere", "--save", tmp_path / "out", "--to-hf")
     assert result.returncode == 1 and "holds no checkpoint" in result.stderr
     partial = tmp_path / "partial"
     subprocess.run(["cp", "-r", str(trained), str(partial)], check=True)
     (partial / "iter_0000003" / "checksums.json").unlink()
-    result = tool("text_generation.py", "--load", str(partial), "--prompt", "1 2")
+    result = tool_main("text_generation.py", "--load", partial, "--prompt", "1 2")
     assert result.returncode == 1 and "not a complete checkpoint" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -123,7 +171,6 @@ def test_missing_partial_and_unsupported_checkpoints_are_clear_errors(trained, t
     result = run([sys.executable, "pretrain_gpt.py", *GPT, "--train-iters", "1",
                   "--position-embedding-type", "rope", "--save", str(rope_layernorm)])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = tool("checkpoint_convert.py", "--load", str(rope_layernorm), "--save",
-                  str(tmp_path / "hf"), "--to-hf")
+    result = convert("--load", rope_layernorm, "--save", tmp_path / "hf", "--to-hf")
     assert result.returncode == 1 and "rope" in result.stderr.lower(), result.stderr
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitwise import assert_same_bits
 from job_harness import VOCAB, tiny_gpt_argv
 from multiprocess import run_ranks
 
@@ -158,7 +159,7 @@ def world4():
 def _assert_params_bit_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert_same_bits(a[name], b[name], name)
 
 
 def _norm_of_difference(a: dict, b: dict) -> float:
@@ -263,5 +264,5 @@ def test_tp_replicated_params_stay_bit_identical_across_tp_ranks(world4, config)
         assert any("norm" in n for n in names) and any(n.endswith("linear_fc2.bias")
                                                         for n in names), names
         for name in names:
-            np.testing.assert_array_equal(a["params"][name], b["params"][name], err_msg=name)
+            assert_same_bits(a["params"][name], b["params"][name], name)
     assert world4[0][config]["changed_fraction"] > 0.8

@@ -32,6 +32,7 @@ by address (q, k and v are views of one qkv output) and the parameters'
 storage is excluded; the sum of their sizes is what the forward leaves alive
 for backward. The tensors stay referenced until counted, so no address is reused.
 """
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -43,7 +44,7 @@ import torch
 
 from megatron_sr import parallel_state
 from megatron_sr.arguments import build_parser, parse_args
-from megatron_sr.estimate import (add_estimate_args, chunk_placements, estimate_job,
+from megatron_sr.estimate import (add_estimate_args, buffer_layout, chunk_placements, estimate_job,
                                   in_flight_chunk_counts, jobs_from_args, rank_parameters,
                                   report_from_argv)
 from megatron_sr.config import ParallelConfig
@@ -197,6 +198,7 @@ def _real_ranks(rank, world_size, state_jobs, activation_jobs):
                 if kind == "state":
                     chunks, optimizer, _ = setup_model_and_optimizer(job, bucket_size=BUCKET_SIZE)
                     result["memory_report"] = memory_report(optimizer)
+                    result["bucket_ranges"] = optimizer.buffer.layout.bucket_ranges
                     result["params"] = [(p.global_name, p.numel(), p.tensor_model_parallel)
                                         for chunk in chunks for p in chunk.parameters()]
                 else:
@@ -238,6 +240,30 @@ def test_state_bytes_equal_the_optimizers_memory_report(real, name):
         assert measured["memory_report"] == {"params": stage.params, "grads": stage.grads,
                                              "master": stage.master,
                                              "optimizer": stage.optimizer, "total": stage.state}
+
+
+@pytest.mark.parametrize("name", STATE_CASES)
+def test_bucket_layout_and_overlap_fractions_follow_the_real_buffer(real, name):
+    state_jobs, _, ranks = real
+    job = state_jobs[name]
+    overlapped = dataclasses.replace(job, parallel=dataclasses.replace(
+        job.parallel, overlap_grad_reduce=True,
+        overlap_param_gather=job.parallel.use_distributed_optimizer))
+    estimate = estimate_job(overlapped, bucket_size=BUCKET_SIZE)
+    for rank in ranks:
+        measured = rank[("state", name)]
+        entries = rank_parameters(job.model, job.parallel, measured["pp_rank"])
+        layout = buffer_layout(job.model, entries, job.data_parallel_size, BUCKET_SIZE)
+        assert layout.bucket_ranges == measured["bucket_ranges"]
+        last_start, last_end = measured["bucket_ranges"][-1]
+        fraction = 1 - (last_end - last_start) / measured["bucket_ranges"][-1][1]
+        stage = estimate.stages[measured["pp_rank"]]
+        assert stage.grad_reduce_overlap == pytest.approx(
+            fraction if job.data_parallel_size > 1 else 0.0)
+        assert stage.param_gather_overlap == pytest.approx(
+            fraction if job.data_parallel_size > 1 and job.parallel.use_distributed_optimizer
+            else 0.0)
+        assert stage.setup_peak >= 2 * stage.params  # model params + the buffer, before the move
 
 
 @pytest.mark.parametrize("name", ACTIVATION_CASES)

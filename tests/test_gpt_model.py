@@ -14,11 +14,14 @@ partial products, TP all-reduces of bf16 activations, gradient sums), i.e.
 different roundings of size 2^-8 relative compounded through 4 layers and
 backward; losses agree within 1% and gradients within 5% relative norm.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from gpt_harness import merge_ranks, relative_error, run_layout, tiny_config, with_dtype
+from bitwise import assert_same_bits
+from gpt_harness import make_batches, merge_ranks, relative_error, run_layout, tiny_config, with_dtype
 from multiprocess import run_ranks
 
 from megatron_sr.model import flops_per_token
@@ -105,8 +108,8 @@ def test_tied_embedding_copies_stay_identical(layouts, layout):
         last = first + 2
         assert (per_rank[first]["pp_rank"], per_rank[last]["pp_rank"]) == (0, 1)
         name = "embedding.word_embeddings.weight"
-        assert np.array_equal(per_rank[first]["tied_copies"][name],
-                              per_rank[last]["tied_copies"][name])
+        assert_same_bits(per_rank[first]["tied_copies"][name], per_rank[last]["tied_copies"][name],
+                         name)
 
 
 @pytest.mark.parametrize("family, layout", list(FP32_CASES))
@@ -116,11 +119,50 @@ def test_unique_parameters_add_up_to_the_model(layouts, family, layout):
     assert sum(r["unique_numel"] for r in one_replica) == total
 
 
-def test_flops_per_token_counts_the_matmuls():
-    c = tiny_config(recompute_granularity=None)
-    h, f, s, v, layers = 32, 128, 8, 64, 4
-    forward = 2 * (layers * (4 * h * h + 2 * h * f + 2 * s * h) + h * v)
-    assert flops_per_token(c, training=False) == forward
-    assert flops_per_token(c) == 3 * forward
-    full = tiny_config(recompute_granularity="full")
-    assert flops_per_token(full) == 3 * forward + forward - 2 * h * v
+def _counted_flops_per_token(rank, world_size, configs):
+    """For each config, PyTorch's FLOP counter over the real single-rank model:
+    (forward, forward + backward) FLOPs per token of one micro-batch. Attention
+    runs on the math backend, as plain matmuls that the counter sees (a fused
+    kernel's backward also recomputes q k^T, which the convention leaves out).
+    Full recomputation reruns the whole layer, as the convention counts it: by
+    default torch's checkpoint stops early and skips the layer's last matmul
+    (linear_fc2), whose output the backward does not need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_sr import parallel_state
+    from megatron_sr.config import ParallelConfig
+    from megatron_sr.model import build_model
+
+    parallel_state.initialize_model_parallel(1, 1, None)
+    try:
+        out = []
+        for config in configs:
+            (model,) = build_model(config, ParallelConfig(), seed=1234)
+            tokens, labels = make_batches(config, 1, 2)[0]
+            counts = []
+            for training in (False, True):
+                with sdpa_kernel(SDPBackend.MATH), set_checkpoint_early_stop(False), \
+                        FlopCounterMode(display=False) as counter:
+                    loss = model(tokens, labels=labels).mean()
+                    if training:
+                        loss.backward()
+                counts.append(counter.get_total_flops() / tokens.numel())
+            out.append(tuple(counts))
+        return out
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_flops_per_token_is_what_a_flop_counter_counts():
+    """`flops_per_token` against torch.utils.flop_counter over the model's own
+    forward and backward: GeLU and SwiGLU MLPs, tied and untied output layer,
+    full recomputation (one more forward of the layers in the backward)."""
+    configs = [tiny_config(recompute_granularity=None), LLAMA_STYLE,
+               tiny_config(recompute_granularity="full"),
+               replace(LLAMA_STYLE, recompute_granularity="full")]
+    counted = run_ranks(_counted_flops_per_token, 1, configs)[0]
+    for config, (forward, training) in zip(configs, counted):
+        assert flops_per_token(config, training=False) == forward, config
+        assert flops_per_token(config) == training, config

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitwise import assert_same_bits
 from gpt_harness import SEED, tiny_config
 from multiprocess import run_ranks
 
@@ -91,7 +92,7 @@ def _torch(state):
 def _assert_bit_equal(a, b):
     assert list(a) == list(b)
     for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+        assert_same_bits(a[name], b[name], name)
 
 
 @pytest.mark.parametrize("key", CONFIGS)
@@ -180,8 +181,8 @@ def test_hf_export_in_bf16_with_tokenizer_ids(built, tmp_path):
     assert (hf_config["dtype"], hf_config["eos_token_id"], hf_config["bos_token_id"]) == (
         "bfloat16", 3, None)
     weights = safetensors.load_file(tmp_path / "model.safetensors")
-    assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"],
-                       full["decoder.layers.0.mlp.linear_fc2.weight"].to(torch.bfloat16))
+    assert_same_bits(weights["model.layers.0.mlp.down_proj.weight"],
+                     full["decoder.layers.0.mlp.linear_fc2.weight"].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("overrides, flag", [

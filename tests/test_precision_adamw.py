@@ -166,6 +166,7 @@ def compiled_matches_eager(strategy, numel, offset, buffer_start, seed):
         assert same_bits(compiled[key], eager[key]), key
 
 
+@pytest.mark.slow  # the first torch.compile of a process costs ~20 CPU-s (inductor, a C++ build)
 @pytest.mark.parametrize("offset, buffer_start", [
     (0, 0),  # all pairs
     ((1 << 32) + 1, 1),  # a lone first element, then aligned pairs

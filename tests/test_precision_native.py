@@ -1,6 +1,8 @@
 """The native CPU backend (`megatron_sr.precision.native`, `native_kernel.c`):
-bit-identical to the eager torch path for every strategy, shard invariant,
-and replaced by the torch backends, with one warning, without a C compiler."""
+bit-identical to the eager torch path for every strategy and on every Philox
+code path the CPU has, shard invariant, one call per shard split over
+threads like one call per segment, and replaced by the torch backends, with
+one warning, without a C compiler."""
 import dataclasses
 import math
 import platform
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from megatron_sr.precision import adamw, native
-from megatron_sr.precision.adamw import adamw_step, resolve_backend
+from megatron_sr.precision.adamw import SegmentTable, adamw_step, resolve_backend
 from megatron_sr.precision.rounding import stochastic_round
 from megatron_sr.precision.strategies import get_strategy
 from megatron_sr.random import sr_key
@@ -20,7 +22,19 @@ from test_precision_adamw import HYPER, STRATEGY_VARIANTS, clone, in_buffer_at, 
 
 HAS_COMPILER = shutil.which("cc") is not None
 
-needs_native = pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler (cc)")
+
+
+@pytest.fixture
+def native_kernel():
+    """Skips without a C compiler; fails where one exists but the kernel is not
+    built, since `backend="native"` would then run the torch path and a
+    native-vs-torch comparison would compare torch with itself."""
+    if not HAS_COMPILER:
+        pytest.skip("needs a C compiler (cc): without one the native backend is the torch path")
+    assert native.available(), "a C compiler exists but the native kernel did not build or load"
+
+
+needs_native = pytest.mark.usefixtures("native_kernel")
 
 SPECIALS = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1.5e-45, 3.3e38, -3.4e38]
 
@@ -47,7 +61,7 @@ def test_native_library_builds_where_a_compiler_exists():
     (2051, 0, 0),
     (1029, 7, 1),  # odd offset, odd start in storage
     (517, (1 << 32) + 3, 3),  # offset >= 2^32
-    (3001, (1 << 33) - 255, 0),  # pair counters crossing 2^32 inside a vector of Philox lanes
+    (3001, (1 << 33) - 3 * 256 - 20, 0),  # pair counters crossing 2^32 inside a vector of Philox lanes
 ])
 def test_native_is_bit_identical_to_eager(name, state_dtype, numel, offset, buffer_start):
     strategy = get_strategy(name, state_dtype)
@@ -77,10 +91,92 @@ def test_native_multithreaded_call_equals_single_threaded(name, state_dtype):
         assert same_bits(threaded[key], single[key]), key
 
 
+@pytest.fixture
+def force_philox():
+    """Yields `native.use_philox`; the fastest path is restored afterwards."""
+    yield native.use_philox
+    native.use_philox(None)
+
+
+@needs_native
+@pytest.mark.parametrize("path", native.PHILOX_PATHS)
+def test_every_philox_path_of_this_cpu_is_bit_identical(force_philox, path):
+    """Each Philox code path (AVX-512, AVX2 intrinsics, portable C), forced,
+    writes the eager bits: pair counters crossing 2^32 inside a vector of
+    lanes (pair 10 of the first or the fourth block of 256 elements), odd
+    offsets, blocks ending inside a vector group (the portable tail)."""
+    if path not in native.philox_paths():
+        pytest.skip(f"this CPU cannot run the {path} path (it has {native.philox_paths()})")
+    assert force_philox(path) == path == native.philox_path()
+    for name, state_dtype in (("bf16-sr", None), ("bf16-sr", "fp32"), ("bf16-kahan", None)):
+        strategy = get_strategy(name, state_dtype)
+        for numel, offset in ((3001, (1 << 33) - 3 * 256 - 20), (45, (1 << 33) - 21), (1029, 7), (45, 1)):
+            eager = with_special_values(make_state(strategy, numel, seed=2))
+            placed = in_buffer_at(eager, 1)
+            run_steps(strategy, eager, 2, offset=offset, backend="eager")
+            run_steps(strategy, placed, 2, offset=offset, backend="native")
+            for key in eager:
+                assert same_bits(placed[key], eager[key]), (path, name, state_dtype, numel, key)
+    x = torch.randn(4099, generator=torch.Generator().manual_seed(1)) * 1e3
+    for offset in (0, 5, (1 << 33) - 255):
+        assert same_bits(native.stochastic_round(x, 3, offset), stochastic_round(x, 3, offset)), (path, offset)
+
+
+@needs_native
+def test_unknown_or_unavailable_philox_path_is_refused(force_philox):
+    with pytest.raises(ValueError, match="not one of"):
+        force_philox("sse9")
+    missing = [path for path in native.PHILOX_PATHS if path not in native.philox_paths()]
+    if missing:
+        with pytest.raises(ValueError, match="cannot run"):
+            force_philox(missing[0])
+    assert "portable" in native.philox_paths()
+
+
+@needs_native
+@pytest.mark.parametrize("name, state_dtype", [("bf16-sr", None), ("bf16-kahan", "fp32"), ("bf16-mixed", None)])
+def test_one_native_call_per_shard_equals_one_call_per_segment(name, state_dtype):
+    """One C call over a shard's segment table, its elements split over 3
+    threads (boundaries inside segments), writes the bits of one
+    single-threaded call per segment (each bit-identical to eager above);
+    gaps between the segments are not touched."""
+    strategy, step = get_strategy(name, state_dtype), 3
+    lengths = [5, 70001, 0, 1, 130003, 64, 60000]
+    starts, start = [], 0
+    for length in lengths:
+        starts.append(start)
+        start += length + 3  # a gap of 3 untouched elements after each segment
+    offsets = [3, 0, 10, (1 << 32) + 1, (1 << 32) - 7, 64, 7]
+    decays = [True, False, True, False, True, True, False]
+    table = SegmentTable(starts, lengths, offsets, decays)
+    keys = [sr_key(42, step, f"p{k}") for k in range(len(lengths))]
+    per_segment = make_state(strategy, start, seed=6)
+    shard = clone(per_segment)
+    modes = adamw.write_modes(strategy)
+    mode_args = dict(zip(("param_write", "exp_avg_write", "exp_avg_sq_write"), modes))
+    coefficients = {decays: adamw.adamw_coefficients(**{**HYPER, "weight_decay": HYPER["weight_decay"] * decays},
+                                                     step=step) for decays in (True, False)}
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "master", "kahan")
+    for k in range(len(lengths)):
+        piece = [per_segment[n][starts[k]:starts[k] + lengths[k]] if n in per_segment else None for n in names]
+        native.adamw_step(*piece, coefficients[decays[k]], keys[k], offsets[k], **mode_args, threads=1)
+    untouched = clone(shard)
+    native.adamw_shard_step(*(shard.get(n) for n in names), table, keys, coefficients[True], coefficients[False],
+                            **mode_args, threads=3)
+    for key in shard:
+        assert same_bits(shard[key], per_segment[key]), key
+    gaps = torch.ones(start, dtype=torch.bool)
+    for segment_start, length in zip(starts, lengths):
+        gaps[segment_start:segment_start + length] = False
+    for key in shard:
+        assert same_bits(shard[key][gaps], untouched[key][gaps]), key
+
+
 @needs_native
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flag")
-def test_portable_c_path_without_avx512_is_bit_identical(monkeypatch, tmp_path):
-    """The plain C Philox loop (what non-AVX-512 machines run) draws the same bits."""
+def test_build_without_avx512_code_generation_is_bit_identical(monkeypatch, tmp_path):
+    """A build with `-mno-avx512f` (the element loop as AVX2-only machines
+    compile it; Philox on the fastest path the CPU has) draws the same bits."""
     monkeypatch.setattr(native, "FLAGS", native.FLAGS + ("-mno-avx512f",))
     monkeypatch.setattr(native, "_library", native._UNLOADED)
     monkeypatch.setenv("MEGATRON_SR_CACHE", str(tmp_path))
@@ -165,6 +261,7 @@ def test_native_rejects_non_cpu_tensors():
         resolve_backend("native", torch.device("meta"), 10)
 
 
+@needs_native
 def test_fp32_gradients_of_a_bf16_strategy_match_eager():
     """--grad-reduce-dtype fp32 with bf16-sr: the kernel reads bf16 gradients
     for that row, so the dispatch must not hand it fp32 ones."""
@@ -180,4 +277,4 @@ def test_fp32_gradients_of_a_bf16_strategy_match_eager():
                    weight_decay=0.1, step=1, sr_key=99, offset=5, backend=backend)
         results[backend] = tensors
     for native_tensor, eager_tensor in zip(results["native"], results["eager"]):
-        assert torch.equal(native_tensor, eager_tensor)
+        assert same_bits(native_tensor, eager_tensor)

@@ -167,6 +167,43 @@ def test_any_shape_and_bad_inputs():
         stochastic_round(x, 1 << 63)
 
 
-def test_round_nearest_is_torch_cast():
-    x = torch.randn(10_000, generator=torch.Generator().manual_seed(8))
-    assert same_bits(round_nearest(x), x.to(torch.bfloat16))
+def _round_nearest_even_by_bits(x):
+    """fp32 -> bf16 bits by integer arithmetic on the fp32 bits, independent of
+    any float cast: keep the top 16 bits of the magnitude, add one when the
+    dropped 16 bits exceed half, or equal half and the kept bits are odd (ties
+    to even); a carry out of the mantissa bumps the exponent, up to Inf."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign, magnitude = bits & 0x80000000, bits & 0x7FFFFFFF
+    kept, dropped = magnitude >> 16, magnitude & 0xFFFF
+    round_up = (dropped > 0x8000) | ((dropped == 0x8000) & (kept & 1 == 1))
+    rounded = ((sign >> 16) | (kept + round_up.to(torch.int64))).to(torch.int32)
+    return rounded.to(torch.int16).view(torch.bfloat16)  # int32 -> int16 keeps the low 16 bits
+
+
+def test_round_nearest_is_round_half_to_even_on_the_bits():
+    generator = torch.Generator().manual_seed(8)
+    bf16_patterns = torch.arange(0, 1 << 16, 97, dtype=torch.int64)  # upper halves, odd and even
+    every_low16 = torch.cat([torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF]),
+                             torch.randint(0, 1 << 16, (8,), generator=generator)])
+    upper_lower = (bf16_patterns[:, None] << 16) | every_low16[None, :]
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x00008000, 0x00018000, 0x7F7F8000,
+                         0x7F7E8000, 0x80008000, 0xBF818000])  # even and odd kept bits, +/-
+    boundaries = torch.tensor([0x7F7FFFFF, 0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x7FC00000,
+                               0x7F800001, 0xFFFFFFFF, 0x007FFFFF, 0x00000001, 0x80000001,
+                               0x0000FFFF, 0x00017FFF, 0x00000000, 0x80000000])
+    random_bits = torch.randint(0, 1 << 32, (20_000,), generator=generator)
+    bits = torch.cat([upper_lower.reshape(-1), ties, boundaries, random_bits])
+    x = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, torch.randn(10_000, generator=generator),
+                   torch.randn(1000, generator=generator) * 1e-39])  # fp32 subnormals
+    expected = _round_nearest_even_by_bits(x)
+    is_nan = torch.isnan(x)
+    out = round_nearest(x)
+    assert same_bits(out[~is_nan], expected[~is_nan])
+    assert torch.isnan(out[is_nan]).all() and is_nan.sum() > 0
+    # The cases that tell round-half-to-even from other roundings, spelled out:
+    # ties go to the even neighbour, just above a tie goes up, overflow gives Inf.
+    spelled = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF, 0x00008000],
+                           dtype=torch.int64)
+    spelled_x = spelled.to(torch.int32).view(torch.float32)
+    assert round_nearest(spelled_x).view(torch.int16).tolist() == [0x3F80, 0x3F82, 0x3F81, 0x7F80, 0x0000]

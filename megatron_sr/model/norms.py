@@ -4,7 +4,7 @@ Both compute in fp32 whatever the activation dtype and return the input's
 dtype. On CUDA tensors apex's fused kernels are used when apex is importable;
 torch otherwise (same math). Under --sequence-parallel each rank normalizes
 its own sequence shard, so the parameters carry `sequence_parallel=True` and
-`finalize_model_grads` sums their gradients over TP.
+the optimizer's buffer (or `finalize_model_grads`) sums their gradients over TP.
 """
 from __future__ import annotations
 

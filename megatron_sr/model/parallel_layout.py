@@ -24,8 +24,8 @@ from torch import nn
 from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig, ParallelConfig, validate_parallel_layout
 from megatron_sr.model.gpt_model import GPTModel
-from megatron_sr.random import init_generator
-from megatron_sr.tensor_parallel import full_shape, shard_full_tensor
+from megatron_sr.random import init_key
+from megatron_sr.tensor_parallel import shard_element_index
 
 
 def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, seed: int = 1234,
@@ -35,10 +35,10 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
 
     Every rank calls it after `parallel_state.initialize_model_parallel` with
     sizes matching `parallel_config`. Raises ValueError naming the flags when
-    the model does not split over the layout. Weights: each parameter's full
-    tensor is drawn from `init_generator(seed, global_name)` and this rank
-    keeps its TP slice, so every layout holds the same model. `device`:
-    default `parallel_state.get_default_device()` (CUDA under NCCL, else CPU).
+    the model does not split over the layout. Weights: this rank draws only
+    its own slice of each parameter, on `device` (`initialize_parameters`), and
+    every layout holds the same model. `device`: default
+    `parallel_state.get_default_device()` (CUDA under NCCL, else CPU).
     `model_provider(pre_process, post_process, layers=range, device=...)`
     builds each chunk instead of `GPTModel(model_config, ...)` (see
     `training.pretrain` for what the chunk must provide).
@@ -92,16 +92,42 @@ def named_parameters_global(model_chunks: Iterable[nn.Module]) -> Iterator[tuple
             yield param.global_name, param
 
 
+INIT_CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 20}
+"""Elements drawn at a time, per device type. Initialization's temporaries
+(an int64 index, int64 Philox words, float64 Box-Muller terms) peak at about
+INIT_BYTES_PER_ELEMENT per element of a chunk: ~8 MB on the CPU (a
+cache-sized chunk) and ~130 MB on a GPU (few kernel launches: ~300 per chunk)."""
+
+INIT_BYTES_PER_ELEMENT = 125
+"""Peak temporary bytes per drawn element (measured on the CPU: the index and
+fp32 output, 12, plus 113 of Philox and Box-Muller temporaries)."""
+
+
 @torch.no_grad()
 def initialize_parameters(model_chunk: nn.Module, seed: int) -> None:
-    """Fills every parameter with its TP slice of the full tensor its
-    `init_method` draws from `init_generator(seed, global_name)` (fp32, on the CPU)."""
+    """Fills every parameter of `model_chunk` in place, on its own device, with
+    its TP slice of the logical tensor: each element is drawn by its
+    `init_method` from Philox key `init_key(seed, global_name)` and counter =
+    its index in the unsharded tensor. So the values do not depend on the
+    TP/PP layout, no rank materializes a full weight, and the temporaries
+    are bounded by INIT_CHUNK_ELEMENTS (drawn in fp32/fp64, stored in the
+    parameter's dtype). Parameters on the meta device are left as they are.
+    No communication."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in named_parameters_global([model_chunk]):
-        full = torch.empty(full_shape(param, tp), dtype=torch.float32)
-        param.init_method(full, init_generator(seed, name))
-        param.copy_(shard_full_tensor(full, param, tp_rank, tp))
+        if param.is_meta:  # shapes only (planning, `estimate`): nothing to draw
+            continue
+        key = init_key(seed, name)
+        row_numel = max(1, param[0].numel()) if param.shape[0] else 1
+        chunk = INIT_CHUNK_ELEMENTS.get(param.device.type, INIT_CHUNK_ELEMENTS["cuda"])
+        rows_per_chunk = max(1, chunk // row_numel)
+        for start in range(0, param.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            index = shard_element_index(param, tp_rank, tp, rows)
+            values = torch.empty(index.shape, dtype=torch.float32, device=param.device)
+            param.init_method(values, index, key)
+            param[rows].copy_(values)
 
 
 def param_is_unique_in_model(param: nn.Parameter) -> bool:
@@ -125,7 +151,10 @@ def _grad_of(param: nn.Parameter) -> torch.Tensor:
 
 
 def finalize_model_grads(model_chunks: list[nn.Module]) -> None:
-    """The gradient syncs other than data parallelism, after the last backward of a step.
+    """The gradient syncs other than data parallelism, after the last backward
+    of a step, for gradients outside the optimizer's buffer (the buffer does
+    the same sums itself, after the DP reduction and on its shard only:
+    `ParamAndGradBuffer.finish_grad_sync`).
 
     Every rank calls it. In place on `main_grad` (if the attribute exists) or `.grad`:
     - TP > 1: gradients of `sequence_parallel` parameters (norms, row-parallel

@@ -8,13 +8,29 @@ with a post-accumulate hook and frees `param.grad`, so gradients of all
 micro-batches of a step sum in the grad buffer.
 
 The buffer is cut into buckets (consecutive parameters, in the reverse of
-the model's order, so that backward fills the first bucket first), each
-padded to a multiple of `data_parallel_size * SHARD_ALIGN` elements. With the
-distributed optimizer, data-parallel rank r owns the r-th of the
-`data_parallel_size` equal slices of every bucket: after backward the grads
-are reduce-scattered (mean over DP) into that slice, the optimizer updates it,
-and the parameters are all-gathered back. Without the distributed optimizer
-every rank owns the whole bucket and grads are all-reduced (mean).
+the model's order, so that backward fills bucket 0 first and the forward
+needs the last bucket first), each padded to a multiple of
+`data_parallel_size * SHARD_ALIGN` elements; the tied word embedding has a
+bucket of its own, so that its DP shards cover the same elements on the first
+and the last pipeline stage. With the distributed optimizer, data-parallel
+rank r owns the r-th of the `data_parallel_size` equal slices of every
+bucket: after backward the grads are reduce-scattered (mean over DP) into that
+slice, in place, the optimizer updates it, and the parameters are
+all-gathered back, in place, last bucket (the first layers) first. Without
+the distributed optimizer every rank owns the whole bucket and grads are
+all-reduced (mean).
+
+Model-parallel gradient sums, after the DP reduction and on the shard only
+(they commute with the DP mean): the grads of sequence-parallel parameters
+(norms, row-parallel biases under --sequence-parallel) are summed over the
+TP group, the tied word embedding's over the embedding group (first and last
+pipeline stage). So no bucket waits for them: with overlap_grad_reduce every
+bucket's reduce-scatter starts from the backward hooks.
+
+In-place collectives: the reduce-scatter's output is this rank's slice of its
+input and the all-gather's input is this rank's slice of its output (NCCL's
+in-place convention; Gloo on the CPU gives the same results, which
+tests/test_distributed_optimizer.py checks bit for bit), so no bucket is copied.
 
 `compute_buffer_layout` is a pure function of the parameter sizes, so
 `tools/estimate.py` predicts the same padded sizes that training allocates.
@@ -43,6 +59,10 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _size(group: Optional[dist.ProcessGroup]) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """What the buffers and the optimizer need to know about one parameter.
@@ -54,15 +74,19 @@ class ParamInfo:
     count_in_grad_norm: False for copies whose elements another rank already
         counts (TP-replicated parameters on TP rank > 0, the tied output copy
         of the word embedding on the last pipeline stage).
-    needs_model_parallel_grad_sync: its grad is all-reduced over a model-parallel
-        group (tied embeddings, sequence-parallel norms) before the DP reduction.
+    sequence_parallel_grad: its grad is partial over the TP group (a
+        sequence-parallel norm or bias): summed over TP after the DP reduction.
+    tied_embedding: a copy of the tied word embedding (first or last pipeline
+        stage): its own bucket; its grad is summed over the embedding group
+        after the DP reduction.
     """
 
     name: str
     sr_tp_rank: Optional[int]
     weight_decay: bool
     count_in_grad_norm: bool
-    needs_model_parallel_grad_sync: bool = False
+    sequence_parallel_grad: bool = False
+    tied_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,12 +103,14 @@ class BufferLayout:
 
 
 def compute_buffer_layout(numels: Sequence[int], data_parallel_size: int,
-                          bucket_size: int = DEFAULT_BUCKET_SIZE) -> BufferLayout:
+                          bucket_size: int = DEFAULT_BUCKET_SIZE,
+                          own_bucket: Optional[Sequence[bool]] = None) -> BufferLayout:
     """Lays parameters of the given sizes (already in buffer order) out in buckets.
 
     Each parameter starts at a multiple of PARAM_ALIGN elements; a bucket
     closes once it holds at least `bucket_size` elements and is padded to a
-    multiple of `data_parallel_size * SHARD_ALIGN`.
+    multiple of `data_parallel_size * SHARD_ALIGN`. A parameter with
+    `own_bucket[i]` (the tied word embedding) is alone in its bucket.
     """
     if data_parallel_size < 1 or bucket_size < 1:
         raise ValueError(f"data_parallel_size ({data_parallel_size}) and bucket_size "
@@ -93,17 +119,24 @@ def compute_buffer_layout(numels: Sequence[int], data_parallel_size: int,
     param_ranges, bucket_ranges, bucket_params = [], [], []
     start = bucket_start = 0
     members: list[int] = []
+    alone = list(own_bucket) if own_bucket is not None else [False] * len(numels)
+
+    def close_bucket():
+        nonlocal start, bucket_start, members
+        end = bucket_start + -(-(start - bucket_start) // quantum) * quantum
+        bucket_ranges.append((bucket_start, end))
+        bucket_params.append(tuple(members))
+        start = bucket_start = end
+        members = []
+
     for index, numel in enumerate(numels):
         start = -(-start // PARAM_ALIGN) * PARAM_ALIGN
         param_ranges.append((start, start + numel))
         members.append(index)
         start += numel
-        if start - bucket_start >= bucket_size or index == len(numels) - 1:
-            end = bucket_start + -(-(start - bucket_start) // quantum) * quantum
-            bucket_ranges.append((bucket_start, end))
-            bucket_params.append(tuple(members))
-            start = bucket_start = end
-            members = []
+        if (start - bucket_start >= bucket_size or index == len(numels) - 1 or alone[index]
+                or alone[index + 1]):
+            close_bucket()
     return BufferLayout(tuple(param_ranges), tuple(bucket_ranges), tuple(bucket_params))
 
 
@@ -136,14 +169,21 @@ class ParamAndGradBuffer:
     overlap_grad_reduce: launch each bucket's reduction asynchronously as soon
         as the last micro-batch's backward has produced all its grads.
     overlap_param_gather: launch the all-gathers asynchronously after the step
-        and wait for each bucket right before the forward that reads it.
+        (first-needed bucket first) and wait for each bucket right before the
+        forward that reads it.
+    tensor_parallel_group: sums the grads of `sequence_parallel_grad` params
+        (None: TP = 1, nothing to sum).
+    embedding_group: sums the grads of the `tied_embedding` param (None on
+        ranks outside it, or when it is one rank: PP = 1).
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], infos: Sequence[ParamInfo],
                  param_dtype: torch.dtype, grad_dtype: torch.dtype,
                  data_parallel_group: Optional[dist.ProcessGroup], distributed: bool,
                  bucket_size: int = DEFAULT_BUCKET_SIZE, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False):
+                 overlap_param_gather: bool = False,
+                 tensor_parallel_group: Optional[dist.ProcessGroup] = None,
+                 embedding_group: Optional[dist.ProcessGroup] = None):
         if len(params) != len(infos):
             raise ValueError(f"{len(params)} params but {len(infos)} ParamInfo entries")
         for param in params:
@@ -158,7 +198,7 @@ class ParamAndGradBuffer:
         self.dp_rank = dist.get_rank(data_parallel_group) if dist.is_initialized() else 0
         self.distributed = distributed
         self.layout = compute_buffer_layout([p.numel() for p in self.params], self.dp_size,
-                                            bucket_size)
+                                            bucket_size, [i.tied_embedding for i in self.infos])
         device = self.params[0].device if self.params else torch.device("cpu")
         self.param_buffer = torch.zeros(self.layout.numel, dtype=param_dtype, device=device)
         self.grad_buffer = torch.zeros(self.layout.numel, dtype=grad_dtype, device=device)
@@ -168,6 +208,12 @@ class ParamAndGradBuffer:
             param.data = view
             param.main_grad = self.grad_buffer[start:end].view_as(param)
         self.segments = self._shard_segments()
+        self._tp_group = tensor_parallel_group if _size(tensor_parallel_group) > 1 else None
+        self._embedding_group = embedding_group if _size(embedding_group) > 1 else None
+        self._sequence_parallel_segments = [
+            s for s in self.segments if self.infos[s.param_index].sequence_parallel_grad]
+        self._tied_segments = [s for s in self.segments
+                               if self.infos[s.param_index].tied_embedding]
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather and distributed
         self._bucket_of_param = {}
@@ -215,8 +261,7 @@ class ParamAndGradBuffer:
         params has accumulated `num_microbatches` grads. Call before the
         step's forward-backward; a no-op without overlap."""
         for bucket, members in enumerate(self.layout.bucket_params):
-            deferred = any(self.infos[i].needs_model_parallel_grad_sync for i in members)
-            self._pending_grads[bucket] = -1 if deferred else len(members) * num_microbatches
+            self._pending_grads[bucket] = len(members) * num_microbatches
 
     def _accumulate_grad(self, param: torch.nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
@@ -237,17 +282,19 @@ class ParamAndGradBuffer:
             grads.mul_(1.0 / self.dp_size)
             if self.distributed:
                 shard_start, shard_end = self.shard_range(bucket)
-                # Gloo may not allow the output to alias the input; reduce from a copy.
-                handle = _reduce_scatter(self.grad_buffer[shard_start:shard_end], grads.clone(),
+                handle = _reduce_scatter(self.grad_buffer[shard_start:shard_end], grads,
                                          group=self.group, async_op=async_op)
             else:
                 handle = dist.all_reduce(grads, group=self.group, async_op=async_op)
             self._grad_handles[bucket] = handle if async_op else None
 
     def finish_grad_sync(self) -> None:
-        """Reduces (mean over DP) every bucket not already launched and waits
-        for all. After it, this rank's shard of the grad buffer holds the DP
-        mean. Call after `finalize_model_grads` (the model-parallel syncs)."""
+        """Reduces (mean over DP) every bucket not already launched, waits for
+        all, then sums the model-parallel partial grads on this rank's shard:
+        sequence-parallel ones over TP (one coalesced all-reduce), the tied
+        embedding's over the embedding group. After it, this rank's shard of
+        the grad buffer holds the full gradient (DP mean). Every rank calls it
+        after the step's last backward."""
         for bucket, launched in enumerate(self._grad_launched):
             if not launched:
                 self._launch_grad_reduce(bucket, async_op=False)
@@ -257,19 +304,40 @@ class ParamAndGradBuffer:
             self._grad_handles[bucket] = None
             self._grad_launched[bucket] = False
             self._pending_grads[bucket] = -1
+        self._sum_model_parallel_grads()
+
+    def _segment_grads(self, segments: list[ShardSegment]) -> list[torch.Tensor]:
+        return [self.grad_buffer[s.buffer_start:s.buffer_end] for s in segments]
+
+    def _sum_model_parallel_grads(self) -> None:
+        """TP sum of the sequence-parallel segments, embedding-group sum of the
+        tied embedding's segment, on this rank's shard. The TP ranks of a group
+        (and the two stages of an embedding group, whose tied bucket has the
+        same size) hold the same segments, so the collectives match."""
+        if self._tp_group is not None and self._sequence_parallel_segments:
+            grads = self._segment_grads(self._sequence_parallel_segments)
+            flat = torch.cat(grads)
+            dist.all_reduce(flat, group=self._tp_group)
+            for grad, summed in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+                grad.copy_(summed)
+        if self._embedding_group is not None:
+            for grad in self._segment_grads(self._tied_segments):
+                dist.all_reduce(grad, group=self._embedding_group)
 
     # ----- parameters ----------------------------------------------------------------
     def gather_params(self) -> None:
         """All-gathers every bucket's shards into the full parameter buffer
-        (distributed optimizer only); asynchronous with overlap_param_gather."""
+        (distributed optimizer only), in the order the forward needs them (the
+        last bucket, holding the first layers, first); asynchronous with
+        overlap_param_gather."""
         if not self.distributed or self.dp_size == 1:
             return
-        for bucket in range(len(self.layout.bucket_ranges)):
+        for bucket in reversed(range(len(self.layout.bucket_ranges))):  # forward order
             start, end = self.layout.bucket_ranges[bucket]
             shard_start, shard_end = self.shard_range(bucket)
             handle = all_gather_into(self.param_buffer[start:end],
-                                 self.param_buffer[shard_start:shard_end].clone(),
-                                 group=self.group, async_op=self.overlap_param_gather)
+                                     self.param_buffer[shard_start:shard_end],
+                                     group=self.group, async_op=self.overlap_param_gather)
             self._gather_handles[bucket] = handle if self.overlap_param_gather else None
 
     def wait_param_gather(self, param: Optional[torch.nn.Parameter] = None) -> None:

@@ -18,9 +18,9 @@ All three share one signature (`get_forward_backward_func` picks one):
 - Returns, on ranks holding the last stage, the M unscaled micro-batch losses
   (detached scalars, in micro-batch order); an empty list elsewhere.
 - Gradients accumulate into `.grad` (or wherever the parameters' hooks put
-  them); no gradient is synchronized here: call
-  `megatron_sr.model.finalize_model_grads` and the optimizer's data-parallel
-  reduction afterwards. `forward_only` runs the forwards under no_grad.
+  them); no gradient is synchronized here: the optimizer's buffer
+  (`ParamAndGradBuffer.finish_grad_sync`), or `megatron_sr.model.finalize_model_grads`
+  for plain `.grad`, does it afterwards. `forward_only` runs the forwards under no_grad.
 
 Between stages travel [s (/ tp with sequence parallelism), b, h] tensors in
 the params dtype (`p2p_communication`). Every rank of the PP group runs the

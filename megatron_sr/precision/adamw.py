@@ -153,8 +153,9 @@ def adamw_shard_step(strategy: Union[str, PrecisionStrategy], param: torch.Tenso
     gradient (the clip coefficient); when it is NaN or +-Inf nothing is
     written, so a step with a non-finite grad norm is skipped bit-exactly.
     With the Triton backend this is one kernel launch and reads nothing on
-    the host (no sync); the other backends run segment by segment and read
-    `grad_scale` and the keys on the host (free for CPU tensors).
+    the host (no sync); the native backend is one C call; the torch backends
+    run segment by segment. All but Triton read `grad_scale` and the keys on
+    the host (free for CPU tensors).
     """
     if isinstance(strategy, str):
         strategy = get_strategy(strategy)
@@ -192,6 +193,11 @@ def adamw_shard_step(strategy: Union[str, PrecisionStrategy], param: torch.Tenso
     _check_keys(keys)
     with_decay = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step, scale)
     without_decay = adamw_coefficients(lr, beta1, beta2, eps, 0.0, step, scale)
+    if (resolve_backend(backend, param.device, segments.extent) == "native"
+            and native.supports(*modes, has_master=master is not None, grad_dtype=grad.dtype)):
+        native.adamw_shard_step(*tensors, segments, keys, with_decay, without_decay, param_write=modes[0],
+                                exp_avg_write=modes[1], exp_avg_sq_write=modes[2])
+        return
     for start, length, offset, decays, key in zip(segments.starts, segments.lengths, segments.offsets,
                                                   segments.weight_decay, keys):
         if length:

@@ -4,9 +4,15 @@
 and `stochastic_round` the native twin of `rounding.stochastic_round` (for
 callers that want it; `rounding` itself stays pure torch): the same
 Philox4x32-10 words, the same fp32 arithmetic in the same order, the same
-bits (NaN payloads aside) as the torch and Triton paths. Philox runs in
-uint32 lanes, with AVX-512 intrinsics where the compiler targets AVX-512 and
-as plain C that the compiler auto-vectorizes elsewhere (AVX2, NEON).
+bits (NaN payloads aside) as the torch and Triton paths. `adamw_shard_step`
+updates a whole bucket shard (its `SegmentTable`) in one C call, its
+elements split over the threads.
+
+Philox runs in uint32 lanes on one of three code paths (`PHILOX_PATHS`),
+the fastest the CPU has, chosen at the first call: "avx512" and "avx2"
+intrinsics (x86), or the "portable" C loop that the compiler auto-vectorizes
+as it can (every CPU). All write the same bits; `use_philox` forces one
+(process-wide, for tests and benchmarks).
 
 Build. The system C compiler (``$CC``, else ``cc``) compiles the source with
 `FLAGS` into ``<cache>/kernels/native_kernel-<hash>.so``, where ``<cache>`` is
@@ -42,7 +48,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared",
          "-pthread")
 CC_ENV = "CC"
-ABI_VERSION = 2
+ABI_VERSION = 3
+PHILOX_PATHS = ("portable", "avx2", "avx512")  # the C enum PHILOX_*, in order
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -111,6 +118,12 @@ def _open(path: str) -> ctypes.CDLL:
     c_void_p, c_int, c_int64, c_uint64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64
     library.megatron_sr_adamw_step.argtypes = [c_void_p] * 7 + [c_uint64, c_uint64, c_int64] + [c_int] * 4
     library.megatron_sr_adamw_step.restype = c_int
+    library.megatron_sr_adamw_shard_step.argtypes = [c_void_p] * 10 + [ctypes.c_int64] + [c_int] * 4
+    library.megatron_sr_adamw_shard_step.restype = c_int
+    library.megatron_sr_philox_paths.restype = c_int
+    library.megatron_sr_philox_path.restype = c_int
+    library.megatron_sr_set_philox_path.argtypes = [c_int]
+    library.megatron_sr_set_philox_path.restype = c_int
     library.megatron_sr_adamw_supported.argtypes = [c_int] * 3
     library.megatron_sr_adamw_supported.restype = c_int
     library.megatron_sr_sr_cast.argtypes = [c_void_p, c_void_p, c_uint64, c_uint64, c_int64, c_int]
@@ -157,6 +170,38 @@ def supports(param_write: int, exp_avg_write: int, exp_avg_sq_write: int, has_ma
             and bool(library.megatron_sr_adamw_supported(param_write, exp_avg_write, int(has_master))))
 
 
+def _loaded() -> ctypes.CDLL:
+    library = load()
+    if library is None:
+        raise RuntimeError("native kernels unavailable")
+    return library
+
+
+def philox_paths() -> list[str]:
+    """The Philox code paths this CPU can run (names of `PHILOX_PATHS`)."""
+    mask = _loaded().megatron_sr_philox_paths()
+    return [name for bit, name in enumerate(PHILOX_PATHS) if mask >> bit & 1]
+
+
+def philox_path() -> str:
+    """The Philox code path the kernels use now."""
+    return PHILOX_PATHS[_loaded().megatron_sr_philox_path()]
+
+
+def use_philox(path: Optional[str]) -> str:
+    """Run Philox on `path` (a name of `PHILOX_PATHS`; None: the fastest
+    this CPU has) from the next call on, for the whole process; not while
+    another thread is in a native call. Returns the path now used; raises
+    ValueError for a path this CPU cannot run."""
+    library = _loaded()
+    if path is not None and path not in PHILOX_PATHS:
+        raise ValueError(f"native.use_philox: {path!r} is not one of {PHILOX_PATHS}")
+    chosen = library.megatron_sr_set_philox_path(-1 if path is None else PHILOX_PATHS.index(path))
+    if chosen < 0:
+        raise ValueError(f"native.use_philox: this CPU cannot run the {path!r} path (it has {philox_paths()})")
+    return PHILOX_PATHS[chosen]
+
+
 def _pointer(tensor: Optional[torch.Tensor]) -> Optional[int]:
     return None if tensor is None else tensor.data_ptr()
 
@@ -183,6 +228,37 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients: to
         int(master is not None), threads or torch.get_num_threads())
     if status != 0:
         raise ValueError(f"native adamw_step: unsupported write modes "
+                         f"({param_write}, {exp_avg_write}, {exp_avg_sq_write})")
+
+
+def adamw_shard_step(param, grad, exp_avg, exp_avg_sq, master, kahan, segments, sr_keys,
+                     coefficients_decay: torch.Tensor, coefficients_no_decay: torch.Tensor, *, param_write: int,
+                     exp_avg_write: int, exp_avg_sq_write: int, threads: Optional[int] = None) -> None:
+    """The fused step on every segment of `segments` (an
+    `adamw.SegmentTable`) of the 1-D CPU shard tensors, in one C call, as
+    validated by `adamw.adamw_shard_step`; `sr_keys` one host int per
+    segment; `coefficients_decay` / `_no_decay`: the ten fp32 scalars of
+    `adamw_torch.adamw_coefficients` for the segments with and without weight
+    decay. The segments' elements are split evenly over `threads` threads
+    (default torch.get_num_threads())."""
+    library = _loaded()
+    if exp_avg_write != exp_avg_sq_write:
+        raise ValueError(f"native adamw_shard_step: exp_avg and exp_avg_sq must share a write mode, got "
+                         f"{exp_avg_write} and {exp_avg_sq_write}")
+    coefficients = [c.to(torch.float32).contiguous() for c in (coefficients_decay, coefficients_no_decay)]
+    if any(c.numel() != 10 for c in coefficients):
+        raise ValueError("native adamw_shard_step: 10 coefficients expected")
+    table = torch.tensor([[start, length, offset, int(decays)] for start, length, offset, decays in
+                          zip(segments.starts, segments.lengths, segments.offsets, segments.weight_decay)],
+                         dtype=torch.int64).reshape(-1, 4)
+    keys = torch.tensor(list(sr_keys), dtype=torch.int64)  # validated: [0, 2^63)
+    status = library.megatron_sr_adamw_shard_step(
+        _pointer(param), _pointer(grad), _pointer(exp_avg), _pointer(exp_avg_sq), _pointer(master),
+        _pointer(kahan), coefficients[0].data_ptr(), coefficients[1].data_ptr(), table.data_ptr(),
+        keys.data_ptr(), len(segments), param_write, exp_avg_write, int(master is not None),
+        threads or torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"native adamw_shard_step: unsupported write modes "
                          f"({param_write}, {exp_avg_write}, {exp_avg_sq_write})")
 
 

@@ -11,6 +11,7 @@ from megatron_sr.tensor_parallel.layers import (
     full_tensor_from_shards,
     normal_init,
     set_parallel_attributes,
+    shard_element_index,
     shard_full_tensor,
 )
 from megatron_sr.tensor_parallel.mappings import (

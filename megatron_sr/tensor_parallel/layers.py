@@ -16,8 +16,11 @@ the optimizer and checkpointing):
   must be summed over TP (row-parallel bias; norms set it too).
 - `shared_embedding` (bool): the tied word-embedding weight, held by the
   first stage and (as the output layer's copy) by the last; set by GPTModel.
-- `init_method`: fills the logical (full) fp32 tensor in place from a
-  generator; the model draws the full tensor and keeps this rank's slice.
+- `init_method`: `init_method(out, element_index, key)` fills fp32 `out` with the
+  initial values of the elements at `element_index` (int64, out's shape: their
+  indices in the logical, unsharded tensor), drawn from Philox key `key`
+  (`megatron_sr.random.init_key`); so each rank draws only its own slice and
+  every TP layout gets the same values (`megatron_sr.model.initialize_parameters`).
 
 Layers never initialize their own values: a freshly built layer holds
 uninitialized memory until `initialize_parameters` (megatron_sr.model) or a
@@ -34,6 +37,7 @@ from torch import nn
 
 from megatron_sr import parallel_state
 from megatron_sr.cpu_bf16 import linear
+from megatron_sr.random import philox_normal
 from megatron_sr.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -43,23 +47,24 @@ from megatron_sr.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 
-InitMethod = Callable[[torch.Tensor, torch.Generator], None]
+InitMethod = Callable[[torch.Tensor, torch.Tensor, int], None]
 
 
 def normal_init(std: float) -> InitMethod:
+    """N(0, std^2) by counter-based Philox (`megatron_sr.random.philox_normal`)."""
     return partial(_fill_normal, std=std)
 
 
-def _fill_normal(tensor, generator, std):
-    tensor.normal_(0.0, std, generator=generator)
+def _fill_normal(out: torch.Tensor, element_index: torch.Tensor, key: int, std: float) -> None:
+    out.copy_(philox_normal(element_index, key) * std)
 
 
 def constant_init(value: float) -> InitMethod:
     return partial(_fill_constant, value=value)
 
 
-def _fill_constant(tensor, generator, value):
-    tensor.fill_(value)
+def _fill_constant(out: torch.Tensor, element_index: torch.Tensor, key: int, value: float) -> None:
+    out.fill_(value)
 
 
 def set_parallel_attributes(param: nn.Parameter, *, tensor_model_parallel: bool,
@@ -89,6 +94,30 @@ def shard_full_tensor(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_
     dim, stride = param.partition_dim, param.partition_stride
     blocks = full.chunk(stride, dim=dim)
     return torch.cat([block.chunk(tp_size, dim=dim)[tp_rank] for block in blocks], dim=dim)
+
+
+def shard_element_index(param: torch.Tensor, tp_rank: int, tp_size: int,
+                        rows: Optional[slice] = None) -> torch.Tensor:
+    """int64 tensor of `param`'s shape (or of `param[rows]`): the index of each of
+    this TP rank's elements in the row-major logical tensor (`full_shape`),
+    the same slicing rule as `shard_full_tensor`. Never builds the full tensor."""
+    full = full_shape(param, tp_size)
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    index = torch.zeros((), dtype=torch.int64, device=param.device)
+    full_stride = 1
+    for d in range(len(full) - 1, -1, -1):
+        local = torch.arange(param.shape[d], dtype=torch.int64, device=param.device)
+        if d == 0 and rows is not None:
+            local = local[rows]
+        if d == dim:
+            per_block = param.shape[d] // param.partition_stride  # this rank's part of a block
+            block, within = local // per_block, local % per_block
+            local = block * (full[d] // param.partition_stride) + tp_rank * per_block + within
+        shape = [1] * len(full)
+        shape[d] = -1
+        index = index + (local * full_stride).view(shape)
+        full_stride *= full[d]
+    return index
 
 
 def full_tensor_from_shards(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
