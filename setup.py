@@ -22,7 +22,8 @@ setup(
         "regex",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib",
+                 "megatron-core>=0.16"],  # its GPTModel reads our Megatron-LM exports
         "plot": ["matplotlib"],  # tools/compare_runs.py --plot
     },
 )

@@ -229,6 +229,18 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune", action="store_true",
                        help="Load only the model from --load and start at iteration 0 "
                             "(implies --no-load-optim --no-load-rng).")
+    group.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
+                       help="torch_dist: torch.distributed.checkpoint, every rank writes what it "
+                            "owns, loads at any TP/PP/DP layout; torch: one file per TP/PP "
+                            "rank (Megatron's legacy layout), loads at the same TP/PP. --load "
+                            "reads either.")
+    group.add_argument("--async-save", action="store_true",
+                       help="With --ckpt-format torch_dist: write checkpoints in the "
+                            "background; the next save and the end of training wait for it.")
+    group.add_argument("--override-existing-checkpoints", action="store_true",
+                       help="Allow --save to name a directory holding checkpoints of another "
+                            "run (one that is not also --load): its tracker and its iterations "
+                            "of the same numbers get replaced.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -403,6 +415,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         load=args.load, save_interval=args.save_interval,
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
+        override_existing_checkpoints=args.override_existing_checkpoints,
+        ckpt_format=args.ckpt_format, async_save=args.async_save,
         tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
         exit_signal=args.exit_signal)
 
@@ -602,3 +616,5 @@ def _check_checkpointing(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save (the directory to save to)")
     if args.finetune and args.load is None:
         raise ValueError("--finetune needs --load (the checkpoint to finetune from)")
+    if args.async_save and args.ckpt_format != "torch_dist":
+        raise ValueError("--async-save needs --ckpt-format torch_dist")

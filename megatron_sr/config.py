@@ -130,6 +130,9 @@ class TrainingConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
+    override_existing_checkpoints: bool = False  # --save may hold another run's checkpoints
+    ckpt_format: str = "torch_dist"  # or "torch" (legacy per-rank files)
+    async_save: bool = False  # torch_dist only: write in the background
     tensorboard_dir: Optional[str] = None
     max_skipped_iterations: int = 10
     exit_signal: str = "SIGTERM"  # also saves and exits, besides SIGTERM
