@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib",
+                 "megatron-core>=0.16",  # its GPTModel reads our Megatron-LM exports
                  "tiktoken", "wandb"],
         "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         "wandb": ["wandb"],  # --wandb-project

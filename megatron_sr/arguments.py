@@ -272,6 +272,18 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune", action="store_true",
                        help="Load only the model from --load and start at iteration 0 "
                             "(implies --no-load-optim --no-load-rng).")
+    group.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
+                       help="torch_dist: torch.distributed.checkpoint, every rank writes what it "
+                            "owns, loads at any TP/PP/DP layout; torch: one file per TP/PP "
+                            "rank (Megatron's legacy layout), loads at the same TP/PP. --load "
+                            "reads either.")
+    group.add_argument("--async-save", action="store_true",
+                       help="With --ckpt-format torch_dist: write checkpoints in the "
+                            "background; the next save and the end of training wait for it.")
+    group.add_argument("--override-existing-checkpoints", action="store_true",
+                       help="Allow --save to name a directory holding checkpoints of another "
+                            "run (one that is not also --load): its tracker and its iterations "
+                            "of the same numbers get replaced.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -403,19 +415,6 @@ _FP8_FLAGS = ("fp8_format", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp
               "fp8_recipe", "fp8_margin")
 
 
-class _RejectValue(argparse.Action):
-    """A flag whose listed values give a clear error (and the others are stored)."""
-
-    def __init__(self, option_strings, dest, rejected: dict[str, str], **kwargs):
-        self.rejected = rejected
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if values in self.rejected:
-            parser.error(f"{option_string} {values}: {self.rejected[values]}")
-        setattr(namespace, self.dest, values)
-
-
 def _add_megatron_compat_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accepted for Megatron-LM launch scripts")
     group.add_argument("--attention-backend",
@@ -433,13 +432,6 @@ def _add_megatron_compat_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8-param-gather", action="store_true", help=fp8)
     group.add_argument("--fp8-recipe", help=fp8)
     group.add_argument("--fp8-margin", type=int, help=fp8)
-    if "--ckpt-format" not in parser._option_string_actions:
-        group.add_argument("--ckpt-format", default="torch", action=_RejectValue,
-                           choices=("torch", "torch_dist"),
-                           rejected={"torch_dist": "not available in this build: checkpoints "
-                                                   "are Megatron's legacy per-rank files; use "
-                                                   "--ckpt-format torch"},
-                           help="Checkpoint format: torch (Megatron's legacy per-rank files).")
 
 
 def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None
@@ -552,6 +544,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         load=args.load, save_interval=args.save_interval,
         no_load_optim=args.no_load_optim or args.finetune,
         no_load_rng=args.no_load_rng or args.finetune, finetune=args.finetune,
+        override_existing_checkpoints=args.override_existing_checkpoints,
+        ckpt_format=args.ckpt_format, async_save=args.async_save,
         tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
         rampup_batch_size=rampup,
         calculate_per_token_loss=args.calculate_per_token_loss,
@@ -851,3 +845,5 @@ def _check_checkpointing(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save (the directory to save to)")
     if args.finetune and args.load is None:
         raise ValueError("--finetune needs --load (the checkpoint to finetune from)")
+    if args.async_save and args.ckpt_format != "torch_dist":
+        raise ValueError("--async-save needs --ckpt-format torch_dist")

@@ -19,9 +19,11 @@ from typing import Optional
 
 import torch
 
-from megatron_sr.checkpointing import CheckpointError, read_all_rank_states, write_checkpoint
+from megatron_sr.checkpointing import (CheckpointError, read_all_rank_states, read_manifest,
+                                      resolve_checkpoint_dir, write_checkpoint)
 from megatron_sr.config import ModelConfig
-from megatron_sr.model.state_dict_layout import merge_state_dicts, split_state_dict
+from megatron_sr.model.state_dict_layout import (global_parameter_names, merge_state_dicts,
+                                                split_state_dict, tensor_parallel_split)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,6 +61,10 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
     """Reads and merges every rank file of the checkpoint at `path` (a --save
     directory or an iter_XXXXXXX directory). CheckpointError on a missing,
     partial or corrupted checkpoint, naming the file."""
+    directory = resolve_checkpoint_dir(path)
+    manifest = read_manifest(directory)
+    if manifest.get("format") == "torch_dist":
+        return _load_full_torch_dist(directory, manifest)
     directory, manifest, states = read_all_rank_states(path)
     first = states[(0, 0)]
     description = first["args"]
@@ -83,6 +89,41 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
                           description=description, config=config, model=model,
                           optimizer=optimizer, lr_scheduler=first.get("lr_scheduler"),
                           consumed_train_samples=int(first.get("consumed_train_samples", 0)))
+
+
+def _from_logical(tensor: torch.Tensor, name: str, config: ModelConfig) -> torch.Tensor:
+    """A torch_dist tensor (stored as [stride, n / stride, ...] along a strided
+    partition dim, see `checkpointing.global_blocks`) in its parameter's shape."""
+    split = tensor_parallel_split(name, config)
+    if split is None or split.partition_stride == 1:
+        return tensor
+    dim = split.partition_dim
+    return tensor.reshape(*tensor.shape[:dim], -1, *tensor.shape[dim + 2:])
+
+
+def _load_full_torch_dist(directory: str, manifest: dict) -> FullCheckpoint:
+    from megatron_sr.checkpointing import torch_dist
+
+    common, tensors, _ = torch_dist.read_full(directory, manifest)
+    description = common["args"]
+    config = model_config_from_description(description)
+    names = global_parameter_names(config)
+    try:
+        model = {name: _from_logical(tensors[f"model/{name}"], name, config) for name in names}
+    except KeyError as exc:
+        raise CheckpointError(f"{directory}: no tensor {exc} for the model its args "
+                              "describe") from exc
+    kinds = sorted({key.split("/")[1] for key in tensors if key.startswith("optimizer/")})
+    optimizer = None
+    if kinds:
+        optimizer = dict(common["optimizer"])
+        optimizer["params"] = {kind: {name: _from_logical(tensors[f"optimizer/{kind}/{name}"],
+                                                          name, config) for name in names}
+                               for kind in kinds}
+    return FullCheckpoint(directory=directory, iteration=manifest["iteration"],
+                          description=description, config=config, model=model,
+                          optimizer=optimizer, lr_scheduler=common.get("lr_scheduler"),
+                          consumed_train_samples=int(common.get("consumed_train_samples", 0)))
 
 
 def write_reshaped(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
@@ -120,43 +161,168 @@ def write_reshaped(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_si
                             pipeline_parallel_size)
 
 
+_EXPORT_NAMES = {"vocab_file": "vocab.json", "merge_file": "merges.txt",
+                 "tokenizer_model": "tokenizer.model"}
+
+
+def tokenizer_export_files(description: dict) -> list[tuple[str, str]]:
+    """(resolved source path, file name in the export) of the files the
+    checkpoint's --tokenizer-type reads, and only those: GPT2BPETokenizer its
+    --vocab-file and --merge-file, the SentencePiece types their
+    --tokenizer-model, HuggingFaceTokenizer its tokenizer.json (--tokenizer-model
+    or the tokenizer.json in that folder), NullTokenizer and TikTokenizer none. Empty when a file the type needs is
+    not named or does not exist (the export then carries no tokenizer).
+
+    The checkpoint's metadata is not trusted: each path is resolved (symlinks
+    followed), must be a regular file, and must build the tokenizer with the
+    checkpoint's vocabulary size; otherwise ValueError naming the file. So a
+    crafted checkpoint cannot make the export copy an arbitrary file.
+    """
+    from megatron_sr.data.tokenizers import TOKENIZER_FLAGS, build_tokenizer
+
+    data = description["data"]
+    kind = data["tokenizer_type"]
+    if kind not in TOKENIZER_FLAGS:
+        raise ValueError(f"checkpoint names an unknown --tokenizer-type {kind!r}")
+    if kind == "TikTokenizer":  # tiktoken ranks have no transformers tokenizer file
+        return []
+    export_names = (dict(_EXPORT_NAMES, tokenizer_model="tokenizer.json")
+                    if kind == "HuggingFaceTokenizer" else _EXPORT_NAMES)
+    sources = {}
+    for flag in TOKENIZER_FLAGS[kind]:
+        if flag not in export_names:
+            continue
+        path = data.get(flag)
+        if kind == "HuggingFaceTokenizer" and path and os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")  # --tokenizer-model may name the folder
+        if not path or not os.path.exists(path):
+            return []
+        resolved = os.path.realpath(path)
+        if not os.path.isfile(resolved):
+            raise ValueError(f"the checkpoint's --{flag.replace('_', '-')} {data[flag]} is not "
+                             f"a regular file ({resolved})")
+        sources[flag] = resolved
+    if not sources:
+        return []
+    try:
+        tokenizer = build_tokenizer(kind, **sources)
+    except Exception as exc:  # any parse failure of a file that is not this tokenizer's
+        raise ValueError(f"the checkpoint's tokenizer files {sorted(sources.values())} do not "
+                         f"build its --tokenizer-type {kind}: {exc}") from exc
+    expected = description.get("unpadded_vocab_size")
+    if expected is not None and tokenizer.vocab_size != expected:
+        raise ValueError(f"the checkpoint's tokenizer files {sorted(sources.values())} give a "
+                         f"vocabulary of {tokenizer.vocab_size}, the checkpoint was trained with "
+                         f"{expected}")
+    return [(path, export_names[flag]) for flag, path in sources.items()]
+
+
 def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
                         dtype: Optional[torch.dtype] = None) -> str:
     """Writes a transformers model directory (config.json, model.safetensors)
-    and, when the checkpoint's tokenizer files are known and exist, the
-    tokenizer files. Returns the architecture family ("gpt2" or "llama")."""
+    and the tokenizer files `tokenizer_export_files` accepts. Returns the
+    architecture family ("gpt2" or "llama")."""
     from megatron_sr.data.tokenizers import build_tokenizer
     from megatron_sr.model.hf_conversion import save_hf_model
 
     data = checkpoint.description["data"]
     extra = {}
-    tokenizer_files = []
-    if data["tokenizer_type"] == "GPT2BPETokenizer" and data.get("vocab_file") \
-            and data.get("merge_file") and os.path.isfile(data["vocab_file"]) \
-            and os.path.isfile(data["merge_file"]):
-        tokenizer_files = [(data["vocab_file"], "vocab.json"), (data["merge_file"], "merges.txt")]
-    elif data["tokenizer_type"] == "HuggingFaceTokenizer" and data.get("tokenizer_model"):
-        source = data["tokenizer_model"]
-        folder = source if os.path.isdir(source) else os.path.dirname(source)
-        json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
-        tokenizer_files = [(json_file, "tokenizer.json")] if os.path.isfile(json_file) else []
-        if tokenizer_files and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            tokenizer_files.append((os.path.join(folder, "tokenizer_config.json"),
-                                    "tokenizer_config.json"))
-    elif data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]) \
-            and data["tokenizer_type"] != "TikTokenizer":
-        tokenizer_files = [(data["tokenizer_model"], "tokenizer.model")]
+    tokenizer_files = tokenizer_export_files(checkpoint.description)
     if tokenizer_files or data["tokenizer_type"] == "NullTokenizer":
-        tokenizer = build_tokenizer(data["tokenizer_type"], vocab_file=data.get("vocab_file"),
-                                    merge_file=data.get("merge_file"),
-                                    tokenizer_model=data.get("tokenizer_model"),
-                                    vocab_size=data.get("vocab_size"))
+        tokenizer = build_tokenizer(
+            data["tokenizer_type"], vocab_size=data.get("vocab_size"),
+            **{flag: source for flag, name in _EXPORT_NAMES.items()
+               for source, exported in tokenizer_files if exported == name})
         extra = {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod}
     family = save_hf_model(checkpoint.model, checkpoint.config, output_dir, dtype=dtype,
                            extra_config=extra)
     for source, name in tokenizer_files:
         shutil.copyfile(source, os.path.join(output_dir, name))
     return family
+
+
+def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
+                        params_dtype: torch.dtype = torch.bfloat16) -> FullCheckpoint:
+    """A transformers GPT-2 or Llama model directory as a FullCheckpoint of
+    iteration 0 without optimizer state (start from it with --finetune). The
+    vocabulary is padded to a multiple of `make_vocab_size_divisible_by`
+    (pass the run's --make-vocab-size-divisible-by x TP size). The tokenizer is
+    the directory's vocab.json + merges.txt (GPT2BPETokenizer) or
+    tokenizer.model (SentencePieceTokenizer), else a NullTokenizer."""
+    from megatron_sr.checkpointing import _plain
+    from megatron_sr.config import DataConfig, OptimizerConfig, ParallelConfig
+    from megatron_sr.model.hf_conversion import load_hf_model
+
+    family, config, model, hf_vocab = load_hf_model(
+        hf_dir, params_dtype=params_dtype,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    files = {name: os.path.realpath(os.path.join(hf_dir, name))
+             for name in ("vocab.json", "merges.txt", "tokenizer.model")
+             if os.path.isfile(os.path.join(hf_dir, name))}
+    if "vocab.json" in files and "merges.txt" in files:
+        data = DataConfig(tokenizer_type="GPT2BPETokenizer", vocab_file=files["vocab.json"],
+                          merge_file=files["merges.txt"], seq_length=config.seq_length)
+    elif "tokenizer.model" in files:
+        data = DataConfig(tokenizer_type="SentencePieceTokenizer",
+                          tokenizer_model=files["tokenizer.model"], seq_length=config.seq_length)
+    else:
+        data = DataConfig(tokenizer_type="NullTokenizer", vocab_size=hf_vocab - 1,
+                          seq_length=config.seq_length)
+    description = _plain({"model": dataclasses.asdict(config),
+                          "parallel": dataclasses.asdict(ParallelConfig()),
+                          "optimizer": dataclasses.asdict(OptimizerConfig()),
+                          "data": dataclasses.asdict(data), "unpadded_vocab_size": hf_vocab,
+                          "imported_from": {"hugging_face": os.path.realpath(hf_dir),
+                                            "family": family}})
+    return FullCheckpoint(directory=hf_dir, iteration=0, description=description, config=config,
+                          model=model, optimizer=None, lr_scheduler=None,
+                          consumed_train_samples=0)
+
+
+def import_megatron_lm(path: str) -> FullCheckpoint:
+    """A Megatron-LM legacy checkpoint (megatron-core local-spec names) as a
+    FullCheckpoint of its iteration, weights only (see
+    `checkpointing.megatron_lm`)."""
+    from megatron_sr.checkpointing import megatron_lm
+
+    args, config, iteration, model = megatron_lm.import_megatron_lm(path)
+    return FullCheckpoint(directory=path, iteration=iteration,
+                          description=megatron_lm.description_from_megatron_args(args, config),
+                          config=config, model=model, optimizer=None, lr_scheduler=None,
+                          consumed_train_samples=megatron_lm.consumed_samples(args))
+
+
+def export_megatron_lm(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
+                       pipeline_parallel_size: int) -> str:
+    """Writes `checkpoint`'s weights as a Megatron-LM legacy checkpoint."""
+    from megatron_sr.checkpointing import megatron_lm
+
+    return megatron_lm.export_megatron_lm(
+        checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
+        checkpoint.consumed_train_samples, save_dir, tensor_parallel_size,
+        pipeline_parallel_size)
+
+
+def model_flags(config: ModelConfig) -> str:
+    """The `pretrain_gpt.py` model flags that build `config`'s model (an
+    imported checkpoint loads only into that model)."""
+    flags = [f"--num-layers {config.num_layers}", f"--hidden-size {config.hidden_size}",
+             f"--ffn-hidden-size {config.ffn_hidden_size}",
+             f"--num-attention-heads {config.num_attention_heads}",
+             f"--seq-length {config.seq_length}",
+             f"--max-position-embeddings {config.max_position_embeddings}",
+             f"--position-embedding-type {config.position_embedding_type}",
+             f"--normalization {config.normalization}",
+             f"--norm-epsilon {config.layernorm_epsilon}"]
+    if config.position_embedding_type == "rope":
+        flags.append(f"--rotary-base {config.rotary_base:g}")
+    if config.activation == "swiglu":
+        flags.append("--swiglu")
+    if not config.add_bias_linear:
+        flags.append("--disable-bias-linear")
+    if config.untie_embeddings_and_output_weights:
+        flags.append("--untie-embeddings-and-output-weights")
+    return " ".join(flags)
 
 
 def describe(checkpoint: FullCheckpoint) -> str:

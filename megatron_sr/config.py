@@ -173,6 +173,9 @@ class TrainingConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
+    override_existing_checkpoints: bool = False  # --save may hold another run's checkpoints
+    ckpt_format: str = "torch_dist"  # or "torch" (legacy per-rank files)
+    async_save: bool = False  # torch_dist only: write in the background
     tensorboard_dir: Optional[str] = None
     max_skipped_iterations: int = 10
     # (start, increment, samples): the global batch grows from start by increment

@@ -22,10 +22,15 @@ Points (where the job calls `at`):
     train-step           training.train_step, after the forward-backward and
                          before the gradient syncs (mid-iteration)
     checkpoint-write     checkpointing.save_checkpoint, where a rank writes its
-                         state file (into the temporary directory)
+                         state file (into the temporary directory); with
+                         --ckpt-format torch_dist where a rank starts writing
+                         its shard (the background thread with --async-save)
     checkpoint-commit    checkpointing.save_checkpoint on rank 0, after the
                          checkpoint directory is in place and before the
                          tracker file names it
+    checkpoint-replace   checkpointing's publish step on rank 0, re-saving an
+                         iteration that exists: after the old directory is
+                         moved aside, before the new one is renamed in
 
 NaN gradients: MEGATRON_SR_INJECT_NAN_GRAD_AT="3,4" (1-based iterations, as
 logged) makes the backward of those iterations produce NaN gradients on every
@@ -46,7 +51,7 @@ from typing import Optional
 
 FAULT_ENV = "MEGATRON_SR_FAULT"
 ACTIONS = ("kill", "sigterm", "stall", "enospc", "eio")
-POINTS = ("train-step", "checkpoint-write", "checkpoint-commit")
+POINTS = ("train-step", "checkpoint-write", "checkpoint-commit", "checkpoint-replace")
 STALL_SECONDS = 3600
 
 

@@ -852,8 +852,9 @@ def save(job: JobConfig, iteration: int, consumed_samples: int, model, optimizer
     with communication_phase(job, "checkpoint save", iteration):
         path = checkpointing.save_training_checkpoint(job, iteration, consumed_samples, model,
                                                       optimizer, scheduler)
-    print_rank_0(f"[checkpoint] saved iteration {iteration} to {path} "
-                 f"({time.perf_counter() - start:.2f} s)")
+    done = f"saved iteration {iteration} to {path}" if path else \
+        f"writing iteration {iteration} in the background (--async-save)"
+    print_rank_0(f"[checkpoint] {done} ({time.perf_counter() - start:.2f} s)")
 
 
 # ----- entry point --------------------------------------------------------------------------
@@ -923,6 +924,7 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
         try:
             last, stopped_early = train(job, model, optimizer, scheduler, data_streams,
                                         iteration, consumed, forward_step_func, metrics)
+            checkpointing.finish_pending_save()
             evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
             if not (stopped_early or evaluated_last) and job.training.eval_iters \
                     and data_streams.valid is not None:

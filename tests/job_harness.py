@@ -23,8 +23,10 @@ VOCAB = 60  # NullTokenizer ids; +1 EOD, padded to 64 by --make-vocab-size-divis
 
 def tiny_gpt_argv(**flags) -> list[str]:
     """Megatron-style flags of a tiny GPT job on mock data; keyword flags use
-    underscores (`train_iters=4`), True adds a bare flag, None/False drops one."""
-    values = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+    underscores (`train_iters=4`), True adds a bare flag, None/False drops one.
+    Checkpoints default to the legacy per-rank files (`ckpt_format="torch"`),
+    which `checkpoint_files` reads; pass ckpt_format="torch_dist" for DCP."""
+    values = dict(ckpt_format="torch", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                   micro_batch_size=2, lr=1e-3, mock_data=True, tokenizer_type="NullTokenizer",
                   vocab_size=VOCAB, make_vocab_size_divisible_by=16, log_interval=1,
                   eval_interval=1000, eval_iters=0, seed=SEED, lr_decay_style="constant")

@@ -271,6 +271,7 @@ INVALID = [
      ["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"]),
     (("--save-interval", "10"), (), 1, ["--save-interval", "--save"]),
     (("--finetune",), (), 1, ["--finetune", "--load"]),
+    (("--async-save", "--ckpt-format", "torch"), (), 1, ["--async-save", "--ckpt-format"]),
     (("--fp16",), (), 1, ["--fp16", "--precision"]),
     (("--bf16", "--precision", "bf16-sr"), (), 1, ["--bf16", "--precision"]),
     (("--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype", "bf16"), (), 1,

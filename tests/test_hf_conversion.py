@@ -43,10 +43,9 @@ CONFIGS = {
                                    **(LLAMA | dict(add_bias_linear=True,
                                                    untie_embeddings_and_output_weights=False))),
     # Llama-3 style: grouped-query attention (4 heads, 2 key/value groups), head dim 16 != h / heads,
-    # interleaved RoPE with Llama-3 frequency scaling, zero-centered norm weights.
+    # RoPE with Llama-3 frequency scaling.
     "llama_gqa": tiny_config(init_method_std=0.2, num_query_groups=2, kv_channels=16,
-                             rotary_base=500000.0, rotary_interleaved=True, use_rope_scaling=True,
-                             apply_layernorm_1p=True, **LLAMA),
+                             rotary_base=500000.0, use_rope_scaling=True, **LLAMA),
 }
 LAYOUTS = {"tp2_pp2": (2, 2, None), "tp2_pp2_vp2": (2, 2, 2)}
 TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(11))
@@ -204,3 +203,95 @@ def test_unsupported_architecture_names_the_flag(overrides, flag):
     config = dataclasses.replace(CONFIGS["gpt2"], **overrides)
     with pytest.raises(UnsupportedArchitectureError, match=flag):
         hf_config_kwargs(config)
+
+
+# ----- import: Hugging Face -> ours ------------------------------------------------------------
+
+_ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                        "ffn_hidden_size", "max_position_embeddings", "position_embedding_type",
+                        "rotary_base", "normalization", "layernorm_epsilon", "activation",
+                        "add_bias_linear", "untie_embeddings_and_output_weights")
+
+
+@pytest.mark.parametrize("key", CONFIGS)
+def test_hf_import_round_trips_bit_exactly(built, key, tmp_path):
+    """ours -> HF -> ours gives the same tensors, and HF -> ours -> HF the same
+    HF tensors as the model directory holds (fp32, vocabulary not padded)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from megatron_sr.model.hf_conversion import load_hf_model, to_hf_state_dict
+
+    config = CONFIGS[key]
+    full = _torch(built[0][key, "full"])
+    save_hf_model(full, config, tmp_path)
+    family, imported_config, imported, hf_vocab = load_hf_model(
+        tmp_path, params_dtype=torch.float32, make_vocab_size_divisible_by=1)
+    assert family == key.split("_")[0] and hf_vocab == config.vocab_size
+    # GPT-2 always has linear biases: a model without them exports (and imports) zeros.
+    gains_biases = family == "gpt2" and not config.add_bias_linear
+    for field in _ARCHITECTURE_FIELDS:
+        expected = True if field == "add_bias_linear" and gains_biases else getattr(config, field)
+        assert getattr(imported_config, field) == expected, field
+    zero_biases = {name for name in imported if name not in full}
+    assert all(name.endswith(".bias") and not imported[name].any() for name in zero_biases)
+    assert bool(zero_biases) == gains_biases
+    _assert_bit_equal({name: t for name, t in imported.items() if name in full}, full)
+    hf_files = safetensors.load_file(tmp_path / "model.safetensors")
+    _, again = to_hf_state_dict(imported, imported_config)
+    assert set(again) == set(hf_files)
+    for name, tensor in hf_files.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_hf_import_pads_the_vocabulary_and_refuses_what_it_cannot_express(built, tmp_path):
+    pytest.importorskip("transformers")
+    from megatron_sr.model.hf_conversion import load_hf_model
+
+    config = CONFIGS["llama"]
+    full = _torch(built[0]["llama", "full"])
+    save_hf_model(full, config, tmp_path)
+    _, padded_config, padded, _ = load_hf_model(tmp_path, make_vocab_size_divisible_by=48)
+    assert padded_config.vocab_size == 96 and padded_config.params_dtype == torch.bfloat16
+    embedding = padded["embedding.word_embeddings.weight"]
+    assert embedding.shape[0] == 96 and not embedding[64:].any()
+    assert torch.equal(embedding[:64], full["embedding.word_embeddings.weight"].bfloat16())
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    hf_config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'yarn'"):
+        load_hf_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path, capsys):
+    """tools/checkpoint_convert.py --from-hf writes a checkpoint the job loads
+    with --finetune: the job's parameters are the HF model's."""
+    import os
+    import sys
+
+    from job_harness import run_pretrain, tiny_gpt_argv
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import checkpoint_convert
+
+    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+
+    full = _torch(built[0]["llama", "full"])
+    save_hf_model(full, CONFIGS["llama"], tmp_path / "hf")
+    out = str(tmp_path / "imported")
+    assert checkpoint_convert.main(["--load", str(tmp_path / "hf"), "--save", out, "--from-hf",
+                                    "--make-vocab-size-divisible-by", "16",
+                                    "--params-dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "--swiglu --disable-bias-linear --untie-embeddings-and-output-weights" in printed
+    _assert_bit_equal(load_full_checkpoint(out).model, full)
+    argv = tiny_gpt_argv(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=8,
+                         vocab_size=63, position_embedding_type="rope", normalization="RMSNorm",
+                         swiglu=True, ffn_hidden_size=48, disable_bias_linear=True,
+                         untie_embeddings_and_output_weights=True, precision="fp32",
+                         hidden_dropout=0.0, attention_dropout=0.0, train_iters=1,
+                         global_batch_size=2, load=out, finetune=True)
+    result = run_pretrain(1, argv)[0]
+    for name, value in result["loaded_params"].items():
+        np.testing.assert_array_equal(value, full[name].numpy(), name)
+    assert np.isfinite(result["reports"][0]["loss"])

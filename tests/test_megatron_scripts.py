@@ -173,7 +173,7 @@ def test_gpt3_175b_fp16_gives_the_reason():
 
 
 def test_llama3_8b_runs_without_fp8():
-    argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--ckpt-format"))
+    argv = _without(_argv(LLAMA3_8B), ("--fp8-",))
     with pytest.warns(UserWarning, match="--sequence-parallel has no effect"):
         job = job_config_from_args(build_parser().parse_args(argv), world_size=8)
     model = job.model
@@ -191,13 +191,13 @@ def test_llama3_8b_runs_without_fp8():
 
 
 def test_llama3_8b_fp8_gives_the_reason():
-    argv = _without(_argv(LLAMA3_8B), ("--ckpt-format",))
+    argv = _argv(LLAMA3_8B)
     with pytest.raises(ValueError, match="--fp8-format.*FP8 training is not supported"):
         job_config_from_args(build_parser().parse_args(argv), world_size=8)
 
 
 def test_context_parallelism_gives_a_clear_error():
-    argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--ckpt-format", "--context-parallel-size"))
+    argv = _without(_argv(LLAMA3_8B), ("--fp8-", "--context-parallel-size"))
     with pytest.raises(ValueError, match="--context-parallel-size 2: context parallelism is not"):
         job_config_from_args(build_parser().parse_args(argv + ["--context-parallel-size", "2"]),
                              world_size=8)

@@ -3,6 +3,10 @@
     python tools/checkpoint_convert.py --load CKPT --save OUT \
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
+    python tools/checkpoint_convert.py --load CKPT --save OUT --to-megatron [--target-...]
+    python tools/checkpoint_convert.py --load MEGATRON_CKPT --save OUT --from-megatron
+    python tools/checkpoint_convert.py --load HF_DIR --save OUT --from-hf \
+        [--target-tensor-parallel-size 2] [--make-vocab-size-divisible-by 128]
 
 --load is a --save directory (its latest iteration) or an iter_XXXXXXX
 directory. Reshaping keeps the iteration, weights, optimizer state and LR
@@ -11,7 +15,9 @@ states belong to the old layout's ranks and are not carried over. The export
 writes a `transformers` model directory (GPT-2 style: learned positions,
 LayerNorm, GeLU; Llama style: RoPE, RMSNorm, SwiGLU) with config.json,
 model.safetensors and the tokenizer files when the checkpoint names them.
-Nothing is left at --save when a conversion fails.
+Nothing is left at --save when a conversion fails. --save must not exist or
+be an empty directory, and must not be --load or lie inside it (or contain
+it): a conversion never writes over a checkpoint.
 """
 from __future__ import annotations
 
@@ -19,13 +25,16 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
-                                               load_full_checkpoint, write_reshaped)
+                                               export_megatron_lm, import_hugging_face,
+                                               import_megatron_lm, load_full_checkpoint,
+                                               model_flags, write_reshaped)
 from megatron_sr.checkpointing import CheckpointError  # noqa: E402
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
 
@@ -39,34 +48,95 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int,
                         help="interleaved layout of the result (default: none)")
     parser.add_argument("--to-hf", action="store_true", help="export a Hugging Face model")
+    parser.add_argument("--from-hf", action="store_true",
+                        help="--load is a Hugging Face GPT-2 or Llama model directory: write it "
+                             "as a checkpoint of iteration 0 (start from it with --finetune)")
+    parser.add_argument("--from-megatron", action="store_true",
+                        help="--load is a Megatron-LM legacy checkpoint (megatron-core, local "
+                             "spec): write its weights as ours (start from it with --finetune)")
+    parser.add_argument("--to-megatron", action="store_true",
+                        help="write the weights as a Megatron-LM legacy checkpoint "
+                             "(checkpoint version 3.0; load it there with --finetune)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="with --from-hf: pad the vocabulary to a multiple of this times "
+                             "the target TP size, as the training run will")
+    parser.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="with --from-hf: dtype of the imported weights")
     parser.add_argument("--hf-dtype", choices=("float32", "bfloat16"),
                         help="dtype of the exported weights (default: the checkpoint's)")
     return parser
 
 
+def check_output_directory(load: str, save: str) -> None:
+    """ValueError unless `save` is new or an empty directory, distinct from
+    `load` and neither inside the other."""
+    source, target = os.path.realpath(load), os.path.realpath(save)
+    if source == target or target.startswith(source + os.sep) \
+            or source.startswith(target + os.sep):
+        raise ValueError(f"--save {save} is --load {load} or overlaps it; write the conversion "
+                         "to a new directory")
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise ValueError(f"--save {save} already exists and is not an empty directory; choose "
+                         "a new directory")
+
+
+def export_to_new_directory(write, save: str) -> None:
+    """Calls `write(staging)` on a staging directory this process creates next
+    to `save` (a unique name: nothing that exists is ever removed), then
+    renames it to `save`; on any failure only the staging directory goes."""
+    parent = os.path.dirname(os.path.abspath(save)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(save)) + ".partial-",
+                               dir=parent)
+    try:
+        write(staging)
+        if os.path.isdir(save):
+            os.rmdir(save)  # empty, checked by check_output_directory
+        os.replace(staging, save)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
-    if args.to_hf == any(v is not None for v in reshape):
+    sources, targets = [args.from_hf, args.from_megatron], [args.to_hf, args.to_megatron]
+    if sum(sources) > 1 or sum(targets) > 1 or (any(sources) and any(targets)):
+        print("checkpoint_convert.py: error: give at most one of --from-hf, --from-megatron, "
+              "--to-hf, --to-megatron", file=sys.stderr)
+        return 2
+    if not any(sources) and not args.to_megatron \
+            and args.to_hf == any(v is not None for v in reshape):
         print("checkpoint_convert.py: error: give either --to-hf or "
               "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
         return 2
     try:
-        checkpoint = load_full_checkpoint(args.load)
+        check_output_directory(args.load, args.save)
+        if args.from_hf:
+            checkpoint = import_hugging_face(
+                args.load, params_dtype=getattr(torch, args.params_dtype),
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
+                * (args.target_tensor_parallel_size or 1))
+        elif args.from_megatron:
+            checkpoint = import_megatron_lm(args.load)
+        else:
+            checkpoint = load_full_checkpoint(args.load)
         print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
         if args.to_hf:
-            if os.path.exists(args.save):
-                raise ValueError(f"--save {args.save} already exists; choose a new directory")
-            staging = args.save.rstrip("/") + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
             dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else None
-            try:
-                family = export_hugging_face(checkpoint, staging, dtype)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            os.replace(staging, args.save)
-            print(f"exported a Hugging Face {family} model to {args.save}")
+            families = []
+            export_to_new_directory(
+                lambda staging: families.append(export_hugging_face(checkpoint, staging, dtype)),
+                args.save)
+            print(f"exported a Hugging Face {families[0]} model to {args.save}")
+        elif args.to_megatron:
+            parallel = checkpoint.description["parallel"]
+            tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
+            pp = args.target_pipeline_parallel_size or parallel["pipeline_model_parallel_size"]
+            export_to_new_directory(
+                lambda staging: export_megatron_lm(checkpoint, staging, tp, pp), args.save)
+            print(f"wrote a Megatron-LM TP={tp} PP={pp} checkpoint to {args.save}")
         else:
             parallel = checkpoint.description["parallel"]
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
@@ -75,9 +145,17 @@ def main(argv=None) -> int:
             if args.target_num_layers_per_virtual_pipeline_stage:
                 vp = checkpoint.config.num_layers // (
                     pp * args.target_num_layers_per_virtual_pipeline_stage)
-            path = write_reshaped(checkpoint, args.save, tp, pp, vp)
+            paths = []
+            export_to_new_directory(
+                lambda staging: paths.append(write_reshaped(checkpoint, staging, tp, pp, vp)),
+                args.save)
+            path = os.path.join(args.save, os.path.basename(paths[0]))
             print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
-    except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError) as exc:
+            if args.from_hf or args.from_megatron:
+                print(f"start from it with: pretrain_gpt.py --load {args.save} --finetune "
+                      f"{model_flags(checkpoint.config)} ...")
+    except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError,
+            FileNotFoundError) as exc:
         print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)
         return 1
     return 0

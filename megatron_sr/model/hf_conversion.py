@@ -254,3 +254,187 @@ def save_hf_model(full_state: Mapping[str, torch.Tensor], config: ModelConfig,
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     return family
+
+
+# ----- import: a Hugging Face model directory -> our full state dict -------------------------
+
+def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               config: ModelConfig) -> torch.Tensor:
+    """q [heads x d, ...], k, v [groups x d, ...] (head-major) -> our fused rows
+    per query group (its q heads, k, v); inverse of `_split_qkv` (without
+    --rotary-interleaved, which Hugging Face models do not use)."""
+    heads, groups, d = config.num_attention_heads, config.num_query_groups, config.head_dim
+    rest = q.shape[1:]
+    per_group = q.reshape(groups, heads // groups, d, *rest)
+    return torch.cat([per_group, k.reshape(groups, 1, d, *rest), v.reshape(groups, 1, d, *rest)],
+                     dim=1).reshape(config.qkv_size, *rest)
+
+
+def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat16
+                         ) -> tuple[str, ModelConfig]:
+    """(family, ModelConfig) of a transformers GPT-2 or Llama config, with
+    `vocab_size` the HF one (the caller pads it); num_key_value_heads becomes
+    --num-query-groups, a head_dim other than hidden / heads --kv-channels, the
+    llama3 rope type --use-rope-scaling. UnsupportedArchitectureError naming
+    the field for what our model cannot express (other rope scalings,
+    another activation)."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "gpt2":
+        if hf_config.activation_function not in ("gelu", "gelu_new"):
+            raise UnsupportedArchitectureError(
+                f"GPT-2 activation_function {hf_config.activation_function!r}: only gelu "
+                f"(and gelu_new, its tanh approximation) map to our gelu")
+        return "gpt2", ModelConfig(
+            num_layers=hf_config.n_layer, hidden_size=hf_config.n_embd,
+            num_attention_heads=hf_config.n_head, vocab_size=hf_config.vocab_size,
+            seq_length=hf_config.n_positions,
+            ffn_hidden_size=hf_config.n_inner or 4 * hf_config.n_embd,
+            max_position_embeddings=hf_config.n_positions,
+            layernorm_epsilon=hf_config.layer_norm_epsilon,
+            untie_embeddings_and_output_weights=not hf_config.tie_word_embeddings,
+            hidden_dropout=hf_config.resid_pdrop, attention_dropout=hf_config.attn_pdrop,
+            init_method_std=hf_config.initializer_range, params_dtype=params_dtype)
+    if model_type == "llama":
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
+            hf_config.num_attention_heads
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+        if rope_type == "llama3" and any(float(rope.get(key, -1)) != value
+                                         for key, value in llama3.items()):
+            raise UnsupportedArchitectureError(
+                f"Llama rope_parameters {rope}: --use-rope-scaling is Llama 3's scaling with "
+                f"{llama3}")
+        if rope_type not in ("default", "llama3"):
+            raise UnsupportedArchitectureError(f"Llama rope_type {rope_type!r}: only the "
+                                               f"default and llama3 RoPE are supported")
+        head_dim = getattr(hf_config, "head_dim", None)
+        kv_channels = (head_dim if head_dim and head_dim * hf_config.num_attention_heads
+                       != hf_config.hidden_size else None)
+        if hf_config.hidden_act != "silu":
+            raise UnsupportedArchitectureError(f"Llama hidden_act {hf_config.hidden_act!r}: "
+                                               f"only silu (SwiGLU) is supported")
+        if bool(hf_config.attention_bias) != bool(getattr(hf_config, "mlp_bias", False)):
+            raise UnsupportedArchitectureError("Llama attention_bias != mlp_bias: our "
+                                               "--disable-bias-linear covers both")
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        return "llama", ModelConfig(
+            num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+            num_attention_heads=hf_config.num_attention_heads,
+            vocab_size=hf_config.vocab_size, seq_length=hf_config.max_position_embeddings,
+            ffn_hidden_size=hf_config.intermediate_size,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            position_embedding_type="rope", rotary_base=float(theta), normalization="RMSNorm",
+            layernorm_epsilon=hf_config.rms_norm_eps, activation="swiglu",
+            add_bias_linear=bool(hf_config.attention_bias),
+            untie_embeddings_and_output_weights=not hf_config.tie_word_embeddings,
+            hidden_dropout=0.0, attention_dropout=hf_config.attention_dropout,
+            init_method_std=hf_config.initializer_range, params_dtype=params_dtype,
+            num_query_groups=kv_heads, kv_channels=kv_channels,
+            use_rope_scaling=rope_type == "llama3",
+            rope_scaling_factor=float(rope.get("factor", ModelConfig.rope_scaling_factor)))
+    raise UnsupportedArchitectureError(f"cannot import Hugging Face model_type {model_type!r}: "
+                                       f"only gpt2 and llama are supported")
+
+
+def _from_gpt2(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": hf["transformer.wte.weight"],
+           "embedding.position_embeddings.weight": hf["transformer.wpe.weight"],
+           "decoder.final_layernorm.weight": hf["transformer.ln_f.weight"],
+           "decoder.final_layernorm.bias": hf["transformer.ln_f.bias"]}
+    for i in range(config.num_layers):
+        theirs, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        out.update({
+            ours + "input_layernorm.weight": hf[theirs + "ln_1.weight"],
+            ours + "input_layernorm.bias": hf[theirs + "ln_1.bias"],
+            ours + "self_attention.linear_qkv.weight": _merge_qkv(
+                *hf[theirs + "attn.c_attn.weight"].t().chunk(3, dim=0), config),
+            ours + "self_attention.linear_qkv.bias": _merge_qkv(
+                *hf[theirs + "attn.c_attn.bias"].chunk(3, dim=0), config),
+            ours + "self_attention.linear_proj.weight": hf[theirs + "attn.c_proj.weight"].t(),
+            ours + "self_attention.linear_proj.bias": hf[theirs + "attn.c_proj.bias"],
+            ours + "pre_mlp_layernorm.weight": hf[theirs + "ln_2.weight"],
+            ours + "pre_mlp_layernorm.bias": hf[theirs + "ln_2.bias"],
+            ours + "mlp.linear_fc1.weight": hf[theirs + "mlp.c_fc.weight"].t(),
+            ours + "mlp.linear_fc1.bias": hf[theirs + "mlp.c_fc.bias"],
+            ours + "mlp.linear_fc2.weight": hf[theirs + "mlp.c_proj.weight"].t(),
+            ours + "mlp.linear_fc2.bias": hf[theirs + "mlp.c_proj.bias"],
+        })
+    if config.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def _from_llama(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    suffixes = ["weight", "bias"] if config.add_bias_linear else ["weight"]
+    for i in range(config.num_layers):
+        theirs, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[ours + "input_layernorm.weight"] = hf[theirs + "input_layernorm.weight"]
+        out[ours + "pre_mlp_layernorm.weight"] = hf[theirs + "post_attention_layernorm.weight"]
+        for suffix in suffixes:
+            attention, mlp = theirs + "self_attn.", theirs + "mlp."
+            out.update({
+                ours + "self_attention.linear_qkv." + suffix: _merge_qkv(
+                    hf[attention + "q_proj." + suffix], hf[attention + "k_proj." + suffix],
+                    hf[attention + "v_proj." + suffix], config),
+                ours + "self_attention.linear_proj." + suffix: hf[attention + "o_proj." + suffix],
+                ours + "mlp.linear_fc1." + suffix: torch.cat(
+                    [hf[mlp + "gate_proj." + suffix], hf[mlp + "up_proj." + suffix]]),
+                ours + "mlp.linear_fc2." + suffix: hf[mlp + "down_proj." + suffix],
+            })
+    if config.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], family: str, config: ModelConfig,
+                       padded_vocab_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Our full state dict (global names, `config.params_dtype`, contiguous)
+    from a GPT-2 or Llama HF state dict; inverse of `to_hf_state_dict`. The
+    vocabulary rows are padded with zeros to `padded_vocab_size` when given.
+    KeyError names the HF tensor that is missing."""
+    state = (_from_gpt2 if family == "gpt2" else _from_llama)(hf_state, config)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state and padded_vocab_size and padded_vocab_size > state[name].shape[0]:
+            pad = state[name].new_zeros(padded_vocab_size - state[name].shape[0],
+                                        state[name].shape[1])
+            state[name] = torch.cat([state[name], pad])
+    return {name: state[name].to(dtype=config.params_dtype, copy=True,
+                                 memory_format=torch.contiguous_format)
+            for name in global_parameter_names(config)}
+
+
+def load_hf_model(directory: str | os.PathLike, *, params_dtype: torch.dtype = torch.bfloat16,
+                  make_vocab_size_divisible_by: int = 128
+                  ) -> tuple[str, ModelConfig, dict[str, torch.Tensor], int]:
+    """Reads a transformers model directory (config.json and model.safetensors,
+    or its sharded index): (family, ModelConfig with the padded vocabulary,
+    our full state dict, the HF vocabulary size)."""
+    try:
+        import transformers
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise ImportError("load_hf_model needs `transformers` and `safetensors`") from error
+    import json
+
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    family, config = model_config_from_hf(hf_config, params_dtype=params_dtype)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = (sorted(set(json.load(open(index, encoding="utf-8"))["weight_map"].values()))
+             if os.path.isfile(index) else ["model.safetensors"])
+    hf_state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (only safetensors weights are read)")
+        hf_state.update(load_file(path))
+    if family == "gpt2" and "wte.weight" in hf_state:  # saved from GPT2Model (the hub's gpt2)
+        hf_state = {"transformer." + name: tensor for name, tensor in hf_state.items()}
+    hf_vocab = config.vocab_size
+    multiple = make_vocab_size_divisible_by
+    config.vocab_size = -(-hf_vocab // multiple) * multiple
+    return family, config, from_hf_state_dict(hf_state, family, config, config.vocab_size), \
+        hf_vocab

@@ -290,6 +290,19 @@ class DistributedOptimizer:
         return {"strategy": self.strategy.name, "step": self.step_count,
                 "skipped_steps": self.skipped_steps, "params": per_param}
 
+    def state_segments(self):
+        """Yields (parameter, kind, param_offset, state) for every segment of this
+        rank's shard and every state kind: `state` is the 1-D view of this rank's
+        optimizer state holding elements [param_offset, param_offset + numel) of
+        the flattened TP-local parameter. No communication, no copy: a sharded
+        checkpoint (`checkpointing.torch_dist`) saves into and loads from these
+        views. Without the distributed optimizer every DP rank yields the whole
+        parameters (replicated state)."""
+        for segment in self.buffer.segments:
+            param = self.buffer.params[segment.param_index]
+            for kind in self.state:
+                yield param, kind, segment.param_offset, self._segment_state(segment, kind)
+
     def load_state_dict(self, state: dict) -> None:
         """Restores what `state_dict` returned, at any data-parallel size.
         Raises ValueError naming the parameter and the mismatch."""

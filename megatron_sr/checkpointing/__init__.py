@@ -1,6 +1,15 @@
 """Checkpoints in Megatron-LM's layout, written atomically and verified on load.
 
-Layout under `--save`:
+The package: this module holds the legacy format (`--ckpt-format torch`), the
+publish step both formats share (temporary directory, manifest, rename,
+tracker last, recovery of an interrupted replace), the checks that keep a run
+from writing over another's, and the training job's entry points
+(`save_training_checkpoint`, `load_training_checkpoint`, `finish_pending_save`)
+which dispatch on the format. `torch_dist` is the default sharded format on
+torch.distributed.checkpoint (`global_blocks` describes what a rank owns in
+global coordinates); `megatron_lm` reads and writes Megatron-LM's own files.
+
+Legacy layout under `--save`:
 
     latest_checkpointed_iteration.txt        the iteration number, written last
     iter_0000100/
@@ -118,9 +127,10 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
     if rank == 0:
         try:
             os.makedirs(save_dir, exist_ok=True)
+            recover_interrupted_publish(save_dir)
             shutil.rmtree(tmp_dir, ignore_errors=True)
             os.makedirs(tmp_dir)
-        except OSError as exc:
+        except (OSError, CheckpointError) as exc:
             error = f"rank 0 could not create {tmp_dir}: {exc}"
     errors = _all_gather_objects(error)
     if any(errors):
@@ -153,13 +163,14 @@ def save_checkpoint(save_dir: str, iteration: int, state: Optional[dict], *, tp_
 
 
 def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], tp_size: int,
-             pp_size: int) -> str:
+             pp_size: int, checkpoint_format: str = "torch") -> str:
     """Completes a checkpoint whose files are written and fsynced in `tmp_dir`:
     writes the manifest, renames `tmp_dir` to `iter_XXXXXXX` (moving an older
     save of the same iteration aside first, and deleting it only afterwards),
     then replaces the tracker. Returns the final directory."""
     final_dir = os.path.join(save_dir, iteration_dir_name(iteration))
     manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
+                "format": checkpoint_format,
                 "tensor_model_parallel_size": tp_size, "pipeline_model_parallel_size": pp_size,
                 "files": {e["file"]: {"size": e["size"], "sha256": e["sha256"]} for e in entries}}
     _write_json(os.path.join(tmp_dir, MANIFEST_FILENAME), manifest)
@@ -168,6 +179,7 @@ def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], t
         replaced = final_dir + ".replaced"
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final_dir, replaced)
+        fault_injection.at("checkpoint-replace", iteration)
     os.replace(tmp_dir, final_dir)
     _fsync_dir(save_dir)
     fault_injection.at("checkpoint-commit", iteration)
@@ -177,6 +189,54 @@ def _publish(save_dir: str, tmp_dir: str, iteration: int, entries: list[dict], t
     return final_dir
 
 
+REPLACED_SUFFIX = ".replaced"
+
+
+def recover_interrupted_publish(save_dir: str) -> list[str]:
+    """Finishes or rolls back a `_publish` that died while replacing an
+    iteration directory (the old one moved to `iter_XXXXXXX.replaced`).
+
+    For every `iter_XXXXXXX.replaced` in `save_dir`: if `iter_XXXXXXX` is a
+    complete checkpoint (the new one was published), the old copy is deleted;
+    otherwise the old copy is moved back (roll back), so the iteration the
+    tracker names exists again. Called by the one process that writes
+    `save_dir` (rank 0) before it writes anything there. Returns what it did,
+    one line per directory; raises CheckpointError naming the directory when
+    a rename fails.
+    """
+    if not os.path.isdir(save_dir):
+        return []
+    actions = []
+    for entry in sorted(os.listdir(save_dir)):
+        if not (entry.startswith("iter_") and entry.endswith(REPLACED_SUFFIX)):
+            continue
+        replaced = os.path.join(save_dir, entry)
+        final = replaced[:-len(REPLACED_SUFFIX)]
+        try:
+            if os.path.isfile(os.path.join(final, MANIFEST_FILENAME)):
+                shutil.rmtree(replaced)
+                actions.append(f"removed {replaced}: {final} was published")
+            else:
+                if os.path.exists(final):  # an incomplete directory under the final name
+                    shutil.rmtree(final)
+                os.replace(replaced, final)
+                _fsync_dir(save_dir)
+                actions.append(f"restored {final} from {replaced}: its replacement was "
+                               "interrupted")
+        except OSError as exc:
+            raise CheckpointError(f"could not recover the interrupted replacement of {final} "
+                                  f"(from {replaced}): {exc}") from exc
+    return actions
+
+
+def holds_checkpoints(directory: str) -> bool:
+    """Whether `directory` holds a tracker or any iteration directory."""
+    if not os.path.isdir(directory):
+        return False
+    return any(entry == TRACKER_FILENAME or entry.startswith("iter_")
+               for entry in os.listdir(directory))
+
+
 def write_checkpoint(save_dir: str, iteration: int, rank_states: dict, tp_size: int,
                      pp_size: int) -> str:
     """Writes a whole checkpoint from one process (offline tools: conversion):
@@ -184,6 +244,7 @@ def write_checkpoint(save_dir: str, iteration: int, rank_states: dict, tp_size: 
     Atomic like `save_checkpoint`; on failure nothing of it remains."""
     tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
     os.makedirs(save_dir, exist_ok=True)
+    recover_interrupted_publish(save_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         entries = []
@@ -204,6 +265,14 @@ def resolve_checkpoint_dir(path: str) -> str:
     if os.path.isfile(os.path.join(path, MANIFEST_FILENAME)):
         return path
     iteration = read_tracker(path)
+    if iteration is not None:
+        directory = os.path.join(path, iteration_dir_name(iteration))
+        replaced = directory + REPLACED_SUFFIX
+        # A replacement interrupted before the new copy was renamed in: read the old
+        # copy where it lies (offline readers do not repair; the next save does).
+        if not os.path.exists(directory) and os.path.isfile(
+                os.path.join(replaced, MANIFEST_FILENAME)):
+            return replaced
     if iteration is None:
         if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).startswith("iter_"):
             read_manifest(path)  # raises: incomplete checkpoint
@@ -261,6 +330,25 @@ def read_manifest(iteration_dir: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def verify_file(path: str, expected: dict) -> None:
+    """CheckpointError naming `path` unless its size and sha256 are the
+    manifest's `expected` {"size", "sha256"}."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+        raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
+                              "the file is truncated or was modified")
+    if _sha256_file(path) != expected["sha256"]:
+        raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
+
+
+def file_entry(directory: str, relpath: str) -> dict:
+    """The manifest entry of a written file: {"file", "size", "sha256"}."""
+    path = os.path.join(directory, relpath)
+    return {"file": relpath, "size": os.path.getsize(path), "sha256": _sha256_file(path)}
+
+
 def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int,
                     pp_size: int, verify: bool = True) -> dict:
     """Reads the state of (tp_rank, pp_rank) from a complete checkpoint directory,
@@ -278,12 +366,7 @@ def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int
     if expected is None or not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing from the checkpoint")
     if verify:
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
-                                  "the file is truncated or was modified")
-        if _sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
+        verify_file(path, expected)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -373,6 +456,8 @@ def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, 
     from megatron_sr import parallel_state
     from megatron_sr.model import named_parameters_global
 
+    if job.training.ckpt_format == "torch_dist":
+        return _save_torch_dist(job, iteration, consumed_samples, model, optimizer, scheduler)
     optimizer.buffer.wait_param_gather()
     optimizer_state = optimizer.state_dict()
     dp_group = parallel_state.get_data_parallel_group()
@@ -391,6 +476,44 @@ def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, 
                            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
                            pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def _save_torch_dist(job, iteration: int, consumed_samples: int, model, optimizer,
+                     scheduler) -> Optional[str]:
+    """The torch_dist save (see `checkpointing.torch_dist`): waits for an async
+    save in flight, prepares the temporary directory on rank 0, then writes."""
+    from megatron_sr.checkpointing import torch_dist
+
+    torch_dist.wait_for_pending_save()
+    save_dir = job.training.save
+    tmp_dir = os.path.join(save_dir, "." + iteration_dir_name(iteration) + ".tmp")
+
+    def prepare() -> None:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _log_recovery(recover_interrupted_publish(save_dir))
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.makedirs(tmp_dir)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint save to {save_dir} failed: rank 0 could not "
+                                  f"create {tmp_dir}: {exc}") from exc
+
+    _collective_on_rank0(prepare)
+    optimizer.buffer.wait_param_gather()
+    common = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+              "consumed_train_samples": consumed_samples, "args": job_description(job),
+              "lr_scheduler": scheduler.state_dict(),
+              "optimizer": {"strategy": optimizer.strategy.name, "step": optimizer.step_count,
+                            "skipped_steps": optimizer.skipped_steps}}
+    return torch_dist.save(job, iteration, common, model, optimizer, tmp_dir, rng_state())
+
+
+def finish_pending_save() -> Optional[str]:
+    """Waits for an async save in flight and publishes it (returns its directory,
+    None when there was none). Every rank calls it before the job ends."""
+    from megatron_sr.checkpointing import torch_dist
+
+    return torch_dist.wait_for_pending_save()
 
 
 def load_model_state(model, saved: dict, source: str) -> None:
@@ -421,8 +544,10 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     from megatron_sr import parallel_state
 
     training = job.training
+    check_save_directory(training)
     if not training.load:
         return 0, 0
+    _collective_on_rank0(lambda: _log_recovery(recover_interrupted_publish(training.load)))
     iteration = read_tracker(training.load)
     if iteration is None:
         if not os.path.isdir(training.load):
@@ -432,6 +557,8 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
                   flush=True)
         return 0, 0
     directory = os.path.join(training.load, iteration_dir_name(iteration))
+    if read_manifest(directory).get("format") == "torch_dist":
+        return _load_torch_dist(job, directory, iteration, model, optimizer, scheduler)
     state = load_state_file(directory, parallel_state.get_tensor_model_parallel_rank(),
                             parallel_state.get_pipeline_model_parallel_rank(),
                             parallel_state.get_tensor_model_parallel_world_size(),
@@ -454,10 +581,103 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
               f"tools/checkpoint_convert.py): dropout continues from --seed", flush=True)
     if not training.no_load_rng and states is not None:
         dp_rank = parallel_state.get_data_parallel_rank()
-        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+        if dp_rank < len(states):
+            set_rng_state(states[dp_rank])
+        else:
+            seed_new_data_parallel_rank(training.seed, dp_rank, iteration)
     if rank0():
         print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
     return iteration, int(state["consumed_train_samples"])
+
+
+def _load_torch_dist(job, directory: str, iteration: int, model, optimizer,
+                     scheduler) -> tuple[int, int]:
+    from megatron_sr import parallel_state
+    from megatron_sr.checkpointing import torch_dist
+
+    training = job.training
+    load_optim = not (training.finetune or training.no_load_optim)
+    common = torch_dist.load(job, directory, read_manifest(directory), model, optimizer,
+                             load_optim=load_optim,
+                             load_rng=not (training.finetune or training.no_load_rng))
+    if training.finetune:
+        optimizer.reset_master_from_params()
+        if rank0():
+            print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
+                  f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
+        return 0, 0
+    if load_optim:
+        scheduler.load_state_dict(common["lr_scheduler"])
+    else:
+        optimizer.reset_master_from_params()
+    if not training.no_load_rng and not common["rng_loaded"]:
+        seed_new_data_parallel_rank(training.seed, parallel_state.get_data_parallel_rank(),
+                                    iteration)
+    if rank0():
+        print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
+    return iteration, int(common["consumed_train_samples"])
+
+
+def seed_new_data_parallel_rank(seed: int, dp_rank: int, iteration: int) -> None:
+    """Seeds the RNG streams of a data-parallel rank the checkpoint has no state
+    for (resuming at a larger DP size) from (seed, DP rank, iteration): its
+    dropout masks are its own, not a copy of DP rank 0's stream. The TP and PP
+    offsets of `model_parallel_seed` still apply, so the streams shared by the
+    TP ranks of one position stay shared."""
+    from megatron_sr.random import model_parallel_seed
+
+    digest = hashlib.sha256(f"resume|{seed}|{dp_rank}|{iteration}".encode()).digest()
+    model_parallel_seed(int.from_bytes(digest[:4], "little") % (2 ** 31 - 10 ** 6))
+
+
+def check_save_directory(training) -> None:
+    """Refuses (CheckpointError on every rank) a --save directory that holds
+    checkpoints of another run: one that is not also --load, unless
+    --override-existing-checkpoints is given. Rank 0 looks; every rank calls it."""
+    save, load = training.save, training.load
+    if not save or getattr(training, "override_existing_checkpoints", False):
+        return
+    if load and os.path.realpath(save) == os.path.realpath(load):
+        return
+
+    def look() -> Optional[str]:
+        if not holds_checkpoints(save):
+            return None
+        iteration = read_tracker(save) if os.path.isfile(os.path.join(save, TRACKER_FILENAME)) \
+            else None
+        what = f"a tracker naming iteration {iteration}" if iteration is not None \
+            else "iteration directories"
+        return (f"--save {save} holds checkpoints of another run ({what}); saving there would "
+                f"replace its tracker and its iterations of the same numbers. Resume that run "
+                f"with --load {save}, choose an empty directory, or pass "
+                f"--override-existing-checkpoints")
+
+    error = _collective_on_rank0(look)
+    if error:
+        raise CheckpointError(error)
+
+
+def _collective_on_rank0(function):
+    """Runs `function` on rank 0 and hands its result (or its CheckpointError)
+    to every rank: one broadcast over the world."""
+    result, error = None, None
+    if rank0():
+        try:
+            result = function()
+        except CheckpointError as exc:
+            error = str(exc)
+    if dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error:
+        raise CheckpointError(error)
+    return result
+
+
+def _log_recovery(actions: list[str]) -> None:
+    for action in actions:
+        print(f"[checkpoint] {action}", flush=True)
 
 
 def rank0() -> bool:
