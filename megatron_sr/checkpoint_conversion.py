@@ -229,10 +229,11 @@ def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
     extra = {}
     tokenizer_files = tokenizer_export_files(checkpoint.description)
     if tokenizer_files or data["tokenizer_type"] == "NullTokenizer":
+        flag_of = {name: flag for flag, name in _EXPORT_NAMES.items()}
+        flag_of["tokenizer.json"] = "tokenizer_model"  # HuggingFaceTokenizer
         tokenizer = build_tokenizer(
             data["tokenizer_type"], vocab_size=data.get("vocab_size"),
-            **{flag: source for flag, name in _EXPORT_NAMES.items()
-               for source, exported in tokenizer_files if exported == name})
+            **{flag_of[name]: source for source, name in tokenizer_files})
         extra = {"bos_token_id": tokenizer.eod, "eos_token_id": tokenizer.eod}
     family = save_hf_model(checkpoint.model, checkpoint.config, output_dir, dtype=dtype,
                            extra_config=extra)
