@@ -180,17 +180,24 @@ def test_padded_vocab_size():
     assert padded_vocab_size(1024, 128, 2) == 1024
 
 
-# ----- GPT2BPETokenizer on the `tokenizers` library ------------------------------------------
+# ----- GPT2BPETokenizer on the tiktoken and `tokenizers` libraries --------------------------
 
-def test_gpt2_runs_on_the_tokenizers_library_with_identical_ids(gpt2_files, sample_slice):
-    fast = GPT2BPETokenizer(*gpt2_files, backend="tokenizers")
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizers"])
+def test_gpt2_runs_on_a_rust_library_with_identical_ids(gpt2_files, sample_slice, backend):
+    fast = GPT2BPETokenizer(*gpt2_files, backend=backend)
     regex = GPT2BPETokenizer(*gpt2_files, backend="regex")
-    assert (fast.backend, regex.backend) == ("tokenizers", "regex")
-    assert GPT2BPETokenizer(*gpt2_files).backend == "regex"  # auto: measured faster
+    assert (fast.backend, regex.backend) == (backend, "regex")
+    assert GPT2BPETokenizer(*gpt2_files).backend == "tiktoken"  # auto: measured fastest
     with open(sample_slice, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     for text in texts + ROUND_TRIP_TEXTS + [text for text, _ in GPT2_KNOWN]:
         assert fast.tokenize(text) == regex.tokenize(text)
+    assert fast.tokenize("a<|endoftext|>b") == regex.tokenize("a<|endoftext|>b")  # plain text
+
+
+def test_gpt2_unknown_backend_is_named(gpt2_files):
+    with pytest.raises(ValueError, match="backend must be one of auto, tiktoken"):
+        GPT2BPETokenizer(*gpt2_files, backend="fast")
 
 
 # ----- HuggingFaceTokenizer ----------------------------------------------------------------

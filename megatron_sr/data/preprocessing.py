@@ -53,7 +53,7 @@ class TokenizerSpec:
     vocab_size: Optional[int] = None
     tiktoken_pattern: str = "v2"
     tiktoken_num_special_tokens: int = 1000
-    gpt2_backend: str = "auto"  # GPT2BPETokenizer: auto, tokenizers or regex
+    gpt2_backend: str = "auto"  # GPT2BPETokenizer: auto, tiktoken, tokenizers or regex
 
     def build(self) -> Tokenizer:
         return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file,

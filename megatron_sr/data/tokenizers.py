@@ -41,6 +41,7 @@ Nothing here imports torch: the preprocessing workers load this module alone.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
@@ -93,6 +94,7 @@ def _byte_to_printable() -> dict[int, str]:
 # GPT-2's pre-tokenization: English contractions, runs of letters, of digits,
 # of other symbols (each optionally led by one space), and whitespace runs,
 # where a run followed by a non-space leaves its last space to the next word.
+GPT2_BACKENDS = ("auto", "tiktoken", "tokenizers", "regex")
 _GPT2_PRETOKENIZE_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
                              r"""|\s+(?!\S)|\s+""")
 
@@ -100,14 +102,15 @@ _GPT2_PRETOKENIZE_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\
 class GPT2BPETokenizer(Tokenizer):
     """Byte-level BPE with GPT-2's files.
 
-    `backend`: "tokenizers" (the Rust library: a BPE model with GPT-2's
-    byte-level pre-tokenizer, no special tokens, so "<|endoftext|>" in a text
-    is plain text exactly as in GPT-2's own encoder), "regex" (the pure-Python
-    BPE below, merges of each pre-token cached), or "auto", which is "regex":
-    on natural text nearly every word hits the merge cache, and
-    bench/preprocess.py measures the regex backend faster per worker than
-    the library's (docs/DATA.md). Both give identical ids (a test checks on
-    the sample corpus).
+    `backend`: "tiktoken" (OpenAI's Rust BPE, built from GPT-2's vocabulary
+    with GPT-2's pre-tokenization pattern and no special tokens),
+    "tokenizers" (the Hugging Face library: a BPE model with GPT-2's
+    byte-level pre-tokenizer), "regex" (the pure-Python BPE below, merges of
+    each pre-token cached), or "auto": tiktoken when it is installed, else
+    regex. In every backend "<|endoftext|>" inside a text is plain text,
+    exactly as in GPT-2's own encoder. bench/preprocess.py measures them per
+    worker (docs/DATA.md): tiktoken fastest, then the cached regex, then
+    tokenizers. All give identical ids (a test checks on the sample corpus).
     """
 
     END_OF_TEXT = "<|endoftext|>"
@@ -115,8 +118,8 @@ class GPT2BPETokenizer(Tokenizer):
     def __init__(self, vocab_file: str, merge_file: str, backend: str = "auto"):
         import regex
 
-        if backend not in ("auto", "tokenizers", "regex"):
-            raise ValueError(f"GPT2BPETokenizer backend must be auto, tokenizers or regex, "
+        if backend not in GPT2_BACKENDS:
+            raise ValueError(f"GPT2BPETokenizer backend must be one of {', '.join(GPT2_BACKENDS)}, "
                              f"got {backend!r}")
         self._encoder = _read_json_vocab(vocab_file)
         self._decoder = {i: piece for piece, i in self._encoder.items()}
@@ -129,8 +132,19 @@ class GPT2BPETokenizer(Tokenizer):
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._pretokenizer = regex.compile(_GPT2_PRETOKENIZE_PATTERN)
         self._merge_cache: dict[str, list[int]] = {}
+        if backend == "auto":
+            backend = "tiktoken" if importlib.util.find_spec("tiktoken") else "regex"
         self._fast = self._build_fast(vocab_file) if backend == "tokenizers" else None
-        self.backend = "regex" if self._fast is None else "tokenizers"
+        self._tiktoken = self._build_tiktoken() if backend == "tiktoken" else None
+        self.backend = backend
+
+    def _build_tiktoken(self):
+        import tiktoken
+
+        ranks = {bytes(self._byte_decoder[c] for c in piece): i
+                 for piece, i in self._encoder.items() if piece != self.END_OF_TEXT}
+        return tiktoken.Encoding("megatron_sr_gpt2", pat_str=_GPT2_PRETOKENIZE_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens={})
 
     def _build_fast(self, vocab_file: str):
         from tokenizers import Tokenizer as FastTokenizer
@@ -156,6 +170,8 @@ class GPT2BPETokenizer(Tokenizer):
         return self._eod
 
     def tokenize(self, text: str) -> list[int]:
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_ordinary(text)
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -448,7 +464,7 @@ def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
                     tiktoken_num_special_tokens: int = 1000,
                     gpt2_backend: str = "auto") -> Tokenizer:
     """The tokenizer named by ``--tokenizer-type``, checking the flags it needs.
-    `gpt2_backend`: GPT2BPETokenizer's backend (auto, tokenizers, regex)."""
+    `gpt2_backend`: GPT2BPETokenizer's backend (auto, tiktoken, tokenizers, regex)."""
     check_tokenizer_flags(tokenizer_type, {"vocab_file": vocab_file, "merge_file": merge_file,
                                            "tokenizer_model": tokenizer_model,
                                            "vocab_size": vocab_size})
