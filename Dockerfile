@@ -25,8 +25,9 @@ WORKDIR /workspace/megatron_sr
 # stay the container's own CUDA builds: nothing here installs them, megatron_sr
 # is installed with --no-deps, and the container's pip constraints file
 # (/etc/pip/constraint.txt) pins them besides.
-RUN pip install sentencepiece regex \
-        "pytest>=7" pytest-timeout "transformers>=5" safetensors matplotlib
+RUN pip install sentencepiece regex tokenizers tiktoken \
+        "pytest>=7" pytest-timeout "transformers>=5" safetensors matplotlib \
+        "megatron-core>=0.16" wandb
 
 COPY . /workspace/megatron_sr
 RUN pip install --no-deps --no-build-isolation -e . \
