@@ -1,4 +1,5 @@
-# Shared launcher of examples/gpt_{350m,1.3b,2.7b,6.7b}.sh (sourced, not run).
+# Shared launcher of examples/gpt_{350m,1.3b,2.7b,6.7b}.sh (sourced, not run); the part shared
+# with the Llama scripts is examples/launch_common.sh.
 #
 # The sourcing script sets the model size and its mixed-precision recipe:
 #   NUM_LAYERS HIDDEN NUM_HEADS   model shape
@@ -23,71 +24,20 @@
 #   EXTRA_ARGS    appended to the pretrain_gpt.py flags (word-split)
 #   DRY_RUN=1     print WORLD_SIZE=<n> and the pretrain_gpt.py flags, one per line, and exit
 #                 (tests/test_examples.py validates them this way)
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-precision="${PRECISION:-bf16-sr}"
-if [ -z "${LR_MULT:-}" ]; then
-  if [ "$precision" = bf16-sr ]; then LR_MULT=2; else LR_MULT=1; fi
-fi
-lr="${LR:-$(awk -v a="$MIXED_LR" -v m="$LR_MULT" 'BEGIN { printf "%.3g", a * m }')}"
-min_lr="${MIN_LR:-$(awk -v a="$lr" 'BEGIN { printf "%.3g", a / 10 }')}"
-seq_length="${SEQ_LENGTH:-2048}"
-tp="${TP:-$DEFAULT_TP}"
-pp="${PP:-$DEFAULT_PP}"
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  [ "${GPUS_PER_NODE:-0}" -gt 0 ] || GPUS_PER_NODE=8
-fi
-nnodes="${NNODES:-1}"
-world_size=$(( GPUS_PER_NODE * nnodes ))
-checkpoint="${CHECKPOINT:-$root/checkpoints/${MODEL_NAME}-${precision}}"
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 
 if [ "${DRY_RUN:-0}" != 1 ]; then
-  : "${DATA_PATH:?set DATA_PATH to the Megatron .bin/.idx prefix(es) of the training data}"
   : "${VOCAB:?set VOCAB to the GPT-2 BPE vocabulary (vocab.json / encoder.json)}"
   : "${MERGES:?set MERGES to the GPT-2 BPE merges (merges.txt / vocab.bpe)}"
 fi
-# shellcheck disable=SC2206  # DATA_PATH may hold weight-prefix pairs
-data_path=(${DATA_PATH:-/path/to/data_text_document})
-
-args=(
-  --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$NUM_HEADS"
-  --seq-length "$seq_length" --max-position-embeddings "$seq_length"
-  --position-embedding-type rope --untie-embeddings-and-output-weights
-  --normalization LayerNorm --init-method-std 0.02
-  --attention-dropout 0 --hidden-dropout 0
-  --micro-batch-size "${MBS:-$DEFAULT_MBS}" --global-batch-size "${GBS:-$DEFAULT_GBS}"
-  --train-iters "${TRAIN_ITERS:-$DEFAULT_TRAIN_ITERS}"
-  --lr "$lr" --min-lr "$min_lr" --lr-decay-style cosine
-  --lr-warmup-iters "${WARMUP_ITERS:-$DEFAULT_WARMUP_ITERS}"
-  --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
-  --precision "$precision"
-  --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp"
-  --use-distributed-optimizer --overlap-grad-reduce
-  --data-path "${data_path[@]}" --split 969,30,1
-  --tokenizer-type GPT2BPETokenizer
+seq_length="${SEQ_LENGTH:-2048}"
+launch_pretrain_gpt \
+  --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$NUM_HEADS" \
+  --seq-length "$seq_length" --max-position-embeddings "$seq_length" \
+  --position-embedding-type rope --untie-embeddings-and-output-weights \
+  --normalization LayerNorm --init-method-std 0.02 \
+  --attention-dropout 0 --hidden-dropout 0 \
+  "${common_args[@]}" \
+  --data-path "${data_path[@]}" --split 969,30,1 \
+  --tokenizer-type GPT2BPETokenizer \
   --vocab-file "${VOCAB:-/path/to/gpt2-vocab.json}" --merge-file "${MERGES:-/path/to/gpt2-merges.txt}"
-  --save "$checkpoint" --load "$checkpoint" --save-interval 1000
-  --log-interval 10 --eval-interval 1000 --eval-iters 10
-  --tensorboard-dir "${TENSORBOARD:-$checkpoint/tensorboard}"
-)
-if [ "$tp" -gt 1 ]; then
-  args+=(--sequence-parallel)
-fi
-# shellcheck disable=SC2206
-args+=(${EXTRA_ARGS:-})
-
-if [ "${DRY_RUN:-0}" = 1 ]; then
-  echo "WORLD_SIZE=$world_size"
-  printf '%s\n' "${args[@]}"
-  exit 0
-fi
-
-cd "$root"
-mkdir -p "$checkpoint"  # --load of a missing folder is an error; an empty one starts fresh
-echo "[$MODEL_NAME] --precision $precision --lr $lr on $world_size GPUs (TP $tp x PP $pp x" \
-     "DP $(( world_size / (tp * pp) ))); checkpoints in $checkpoint"
-exec "${TORCHRUN:-torchrun}" --nproc_per_node "$GPUS_PER_NODE" --nnodes "$nnodes" \
-  --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-localhost}" \
-  --master_port "${MASTER_PORT:-6000}" pretrain_gpt.py "${args[@]}"
