@@ -17,6 +17,8 @@ Spec (issue 14):
 - Precision conversion: a bf16-mixed checkpoint loads into bf16-sr (the
   weights; the master copy is dropped) and a bf16-sr one into bf16-mixed (the
   master copy derived from the weights).
+- --finetune loads the weights only: the master copy restarts from them and
+  training counts from iteration 1 again.
 """
 from __future__ import annotations
 
@@ -183,6 +185,24 @@ def test_precision_conversion_on_load(tmp_path):
     for name, kinds in result["loaded_optimizer"]["params"].items():
         np.testing.assert_array_equal(kinds["master"], result["loaded_params"][name], name)
     assert len(result["reports"]) == 1 and np.isfinite(result["reports"][0]["loss"])
+
+
+def test_finetune_loads_the_weights_and_starts_at_iteration_one(tmp_path):
+    def job(save, **flags):
+        return tiny_gpt_argv(ckpt_format="torch_dist", precision="bf16-mixed", train_iters=3,
+                             lr=1e-2, global_batch_size=4, save=save, **flags)
+
+    save = str(tmp_path / "pretrained")
+    run_pretrain(1, job(save, exit_interval=2))
+    saved = full_state(save, 2)["tensors"]
+    result = run_pretrain(1, job(None, load=save, finetune=True))[0]
+    assert "--finetune: loaded weights of iteration 2" in result["stdout"]
+    assert result["last_iteration"] == 3 and len(result["reports"]) == 3
+    for name, kinds in result["loaded_optimizer"]["params"].items():
+        weights = saved[f"model/{name}"].float().reshape(kinds["master"].shape).numpy()
+        np.testing.assert_array_equal(result["loaded_params"][name], weights, name)
+        np.testing.assert_array_equal(kinds["master"], weights, name)
+        assert not kinds["exp_avg"].any(), name
 
 
 @pytest.mark.slow

@@ -565,11 +565,7 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
                             parallel_state.get_pipeline_model_parallel_world_size())
     load_model_state(model, state["model"], directory)
     if training.finetune:
-        optimizer.reset_master_from_params()
-        if rank0():
-            print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
-                  f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
-        return 0, 0
+        return _start_fine_tuning(optimizer, iteration, directory)
     if training.no_load_optim:
         optimizer.reset_master_from_params()
     else:
@@ -601,11 +597,7 @@ def _load_torch_dist(job, directory: str, iteration: int, model, optimizer,
                              load_optim=load_optim,
                              load_rng=not (training.finetune or training.no_load_rng))
     if training.finetune:
-        optimizer.reset_master_from_params()
-        if rank0():
-            print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
-                  f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
-        return 0, 0
+        return _start_fine_tuning(optimizer, iteration, directory)
     if load_optim:
         scheduler.load_state_dict(common["lr_scheduler"])
     else:
@@ -616,6 +608,16 @@ def _load_torch_dist(job, directory: str, iteration: int, model, optimizer,
     if rank0():
         print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
     return iteration, int(common["consumed_train_samples"])
+
+
+def _start_fine_tuning(optimizer, iteration: int, directory: str) -> tuple[int, int]:
+    """--finetune after the weights are loaded: the optimizer's master state restarts
+    from them and training counts from iteration 0 (the caller skips the rest)."""
+    optimizer.reset_master_from_params()
+    if rank0():
+        print(f"[checkpoint] --finetune: loaded weights of iteration {iteration} from "
+              f"{directory}; optimizer, scheduler and iteration start fresh", flush=True)
+    return 0, 0
 
 
 def seed_new_data_parallel_rank(seed: int, dp_rank: int, iteration: int) -> None:
