@@ -639,34 +639,32 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise ValueError(f"{_flag(dest)} must be >= 0, got {value}")
 
 
+def _aliased(args: argparse.Namespace, option: str, aliases: dict[str, str]) -> Optional[str]:
+    """The value of --OPTION, given directly or through Megatron's boolean flags that
+    stand for one of its values (`aliases`: flag -> the value it means); None when
+    none is given. Two that disagree are a ValueError naming both."""
+    direct = getattr(args, option.replace("-", "_"))
+    given = [] if direct is None else [(f"--{option} {direct}", direct)]
+    given += [(f"--{flag}", value) for flag, value in aliases.items()
+              if getattr(args, flag.replace("-", "_"))]
+    for flag, value in given[1:]:
+        if value != given[0][1]:
+            raise ValueError(f"{flag} means --{option} {value}, which conflicts with "
+                             f"{given[0][0]}: give one")
+    return given[0][1] if given else None
+
+
 def _precision(args: argparse.Namespace) -> str:
     if args.fp16:
         raise ValueError("--fp16 is not supported: megatron_sr trains in bf16; use --precision "
                          "bf16-mixed (what Megatron's --bf16 does) or a pure one: bf16-sr, bf16, "
                          "bf16-kahan")
-    if args.bf16:
-        if args.precision not in (None, "bf16-mixed"):
-            raise ValueError(f"--bf16 means --precision bf16-mixed, which conflicts with "
-                             f"--precision {args.precision}: give one")
-        return "bf16-mixed"
-    return DEFAULT_STRATEGY if args.precision is None else args.precision
+    return _aliased(args, "precision", {"bf16": "bf16-mixed"}) or DEFAULT_STRATEGY
 
 
 def _grad_reduce_dtype(args: argparse.Namespace) -> Optional[str]:
-    if args.grad_reduce_in_bf16:
-        if args.accumulate_allreduce_grads_in_fp32 or args.grad_reduce_dtype not in (None, "bf16"):
-            other = ("--accumulate-allreduce-grads-in-fp32" if args.accumulate_allreduce_grads_in_fp32
-                     else f"--grad-reduce-dtype {args.grad_reduce_dtype}")
-            raise ValueError(f"--grad-reduce-in-bf16 means --grad-reduce-dtype bf16, which "
-                             f"conflicts with {other}: give one")
-        return "bf16"
-    if args.accumulate_allreduce_grads_in_fp32:
-        if args.grad_reduce_dtype not in (None, "fp32"):
-            raise ValueError(f"--accumulate-allreduce-grads-in-fp32 means --grad-reduce-dtype "
-                             f"fp32, which conflicts with --grad-reduce-dtype "
-                             f"{args.grad_reduce_dtype}: give one")
-        return "fp32"
-    return args.grad_reduce_dtype
+    return _aliased(args, "grad-reduce-dtype", {"grad-reduce-in-bf16": "bf16",
+                                                "accumulate-allreduce-grads-in-fp32": "fp32"})
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
@@ -674,13 +672,7 @@ def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:
             args.recompute_granularity != "full":
         raise ValueError("--recompute-method and --recompute-num-layers apply to "
                          "--recompute-granularity full only")
-    if args.recompute_activations:
-        if args.recompute_granularity not in (None, "selective"):
-            raise ValueError(f"--recompute-activations means --recompute-granularity selective, "
-                             f"which conflicts with --recompute-granularity "
-                             f"{args.recompute_granularity}")
-        return "selective"
-    return args.recompute_granularity
+    return _aliased(args, "recompute-granularity", {"recompute-activations": "selective"})
 
 
 def _num_query_groups(args: argparse.Namespace) -> Optional[int]:
