@@ -2,6 +2,7 @@
 "run/config" text summary (or the folder name), the final-value table, the
 best LR per strategy, and the PNG."""
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -151,6 +152,23 @@ def test_claim_not_met_is_said(tmp_path):
     assert "(1) bf16-sr within 1% of bf16-mixed at equal LR: not met" in table
     assert "(2) bf16-sr at its best LR (0.001) at least as good as bf16-mixed at its best " \
            "(0.001): not met" in table
+
+
+def test_tables_name_the_code_commits_of_the_runs(tmp_path):
+    commits = {"a": "1" * 40, "b": "1" * 40, "c": "2" * 40}
+    for name, commit in commits.items():
+        _write_seeded(tmp_path / name / "tensorboard", "bf16-sr", 0.001, ord(name), 5.0, 0.1)
+        (tmp_path / name / "run.json").write_text(json.dumps({"code_commit": commit}))
+    runs = [compare_runs.load_run(str(tmp_path / name / "tensorboard")) for name in commits]
+    assert compare_runs.aggregate_table(compare_runs.group_runs(runs[:2])).endswith(
+        f"All 2 runs ran code commit {'1' * 12}.\n")
+    note = f"The runs ran 2 code commits (their bits differ where the code changed in between): " \
+           f"{'1' * 12} (2 runs), {'2' * 12} (1 run)."
+    assert compare_runs.aggregate_table(compare_runs.group_runs(runs)).endswith(note + "\n")
+    assert compare_runs.markdown_table(runs).endswith(note + "\n")
+    _write_seeded(tmp_path / "plain", "bf16-sr", 0.001, 1, 5.0, 0.1)  # no run.json beside it
+    assert "code commit" not in compare_runs.markdown_table(
+        [compare_runs.load_run(str(tmp_path / "plain"))])
 
 
 def test_cli_aggregate_plot(tmp_path):

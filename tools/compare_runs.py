@@ -27,10 +27,15 @@ Writes:
   (bf16-sr vs bf16-mixed at equal LR, each at its best LR, RTN bf16 against
   both), with --plot drawing the mean validation loss and absorption of each
   group against iteration.
+Both tables end with the code commits the runs ran (from the run.json that
+examples/sr_sweep.py writes beside a run's tensorboard folder), so a table
+mixing code versions says so.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import math
 import os
 import re
@@ -63,6 +68,7 @@ class Run:
     scalars: dict[str, list[tuple[int, float]]]
     config: dict[str, str] = field(default_factory=dict)
     label_override: Optional[str] = None
+    code_commit: Optional[str] = None  # from ../run.json, where the sweep wrote one
 
     @property
     def precision(self) -> str:
@@ -157,7 +163,28 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
     if text_tag in tags.get(ea.TENSORS, []):
         tensor = accumulator.Tensors(text_tag)[-1].tensor_proto
         config = _parse_config(b"".join(tensor.string_val).decode("utf-8", "replace"))
-    return Run(path=path, scalars=scalars, config=config, label_override=label)
+    return Run(path=path, scalars=scalars, config=config, label_override=label,
+               code_commit=_code_commit(path))
+
+
+def _code_commit(tensorboard_dir: str) -> Optional[str]:
+    record = os.path.join(os.path.dirname(os.path.abspath(tensorboard_dir)), "run.json")
+    if not os.path.isfile(record):
+        return None
+    with open(record, encoding="utf-8") as handle:
+        return json.load(handle).get("code_commit")
+
+
+def code_commits_note(runs: Sequence[Run]) -> Optional[str]:
+    """One line naming the code commit(s) the runs ran; None when no run records one."""
+    counts = collections.Counter(run.code_commit or "unknown" for run in runs)
+    if set(counts) == {"unknown"}:
+        return None
+    if len(counts) == 1:
+        return f"All {len(runs)} runs ran code commit {next(iter(counts))[:12]}."
+    return (f"The runs ran {len(counts)} code commits (their bits differ where the code "
+            f"changed in between): " + ", ".join(f"{commit[:12]} ({count} run{'s' * (count > 1)})"
+                                                 for commit, count in counts.most_common()) + ".")
 
 
 def _sort_key(run: Run):
@@ -201,7 +228,8 @@ def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
             loss = run.last(VALID_LOSS)
             lines.append(f"| {precision} | {_fmt(run.lr, 'g')} | {loss:.4f} | "
                          f"{math.exp(min(20.0, loss)):.1f} |")
-    return "\n".join(lines) + "\n"
+    note = code_commits_note(runs)
+    return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
 @dataclass
@@ -286,7 +314,8 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
     if claims:
         lines += ["", "Claims (on mean validation perplexity over seeds):", ""]
         lines += [f"- {claim}" for claim in claims]
-    return "\n".join(lines) + "\n"
+    note = code_commits_note([run for group in groups for run in group.runs])
+    return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
 def _relative_ppl(a: Group, b: Group) -> float:
