@@ -1,7 +1,7 @@
 """Invalid flag combinations end the job with exit code 1 and one line,
 `error: ...`, naming the flags at fault, before any process group forms.
 
-The table is tests/test_arguments.py's INVALID (43 combinations, checked
+The table is tests/test_arguments.py's INVALID (every combination checked
 there against `parse_args`); here every row goes through the entry point
 `pretrain_gpt.py` uses (`training.main`), plus the reliability flags' own
 rows, and two rows run under a real torchrun."""
