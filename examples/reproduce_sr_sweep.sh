@@ -8,7 +8,8 @@
 #   bash examples/reproduce_sr_sweep.sh                 # run (2 at a time, 1 thread each)
 #   bash examples/reproduce_sr_sweep.sh --commit        # and git-commit each finished run
 #   bash examples/reproduce_sr_sweep.sh --dry-run       # the plan and what is done
-# Then: bash examples/reproduce_sr_sweep_report.sh writes the table and the plot.
+#   bash examples/reproduce_sr_sweep.sh --report        # docs/results/sr_sweep.{md,png} from
+#                                                       # the finished runs
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${VENV:-$root/.venv}/bin/python"

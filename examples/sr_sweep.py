@@ -4,6 +4,7 @@ Run through examples/reproduce_sr_sweep.sh (which builds the data first):
 
     bash examples/reproduce_sr_sweep.sh                  # the whole sweep, 2 runs at a time
     bash examples/reproduce_sr_sweep.sh --dry-run        # the plan: every run and its state
+    bash examples/reproduce_sr_sweep.sh --report         # table, claims and plot of the done runs
 
 The model is mostly transformer: 6 layers x 256 hidden (4 heads), sequence 256, a
 4096-piece BPE trained on the sample corpus (1.0M of its 5.8M parameters are the
@@ -29,12 +30,15 @@ code commit, wall time, final validation loss; not the checkpoint), renamed into
 place in one step when the run ends well, so a folder there always holds a whole
 run; runs whose folder exists are skipped, which is how an interrupted sweep
 resumes on any machine from the committed results. With --commit each finished
-run is committed to git at once (only its folder). tools/compare_runs.py
-aggregates OUT/runs/*/tensorboard.
+run is committed to git at once (only its folder). --report runs
+tools/compare_runs.py --aggregate on OUT/runs/*/tensorboard, writing OUT.md (the
+table, the paper's claims, the code commits, and how far the sweep got and how
+long its runs took) and OUT.png (the mean curves).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -275,6 +279,41 @@ def plan(store: ResultStore, args) -> list[RunSpec]:
     return runs
 
 
+def progress_line(store: ResultStore, args) -> str:
+    """How many planned runs are done and how long they took (from their run.json)."""
+    planned = plan(store, args)
+    records = []
+    for spec in planned:
+        if store.done(spec):
+            with open(os.path.join(store.path(spec), "run.json"), encoding="utf-8") as handle:
+                records.append(json.load(handle))
+    hours = sum(record["wall_minutes"] for record in records) / 60
+    scope = ("" if best_lr(store, args.base_lr) is not None
+             else " (the scan is unfinished, so the grid is not counted yet)")
+    return (f"Sweep progress: {len(records)} of {len(planned)} planned runs done{scope}; "
+            f"their wall times add up to {hours:.1f} h (each run on 1 thread, "
+            f"{args.jobs} at a time).")
+
+
+def report(store: ResultStore, args) -> int:
+    """compare_runs --aggregate over the finished runs, into OUT.md and OUT.png."""
+    import compare_runs
+
+    runs = sorted(glob.glob(os.path.join(store.runs_dir, "*", "tensorboard")))
+    if not runs:
+        print(f"[sweep] no finished run in {store.runs_dir}", file=sys.stderr)
+        return 1
+    out = os.path.normpath(args.out)
+    table = out + ".md"
+    status = compare_runs.main([*runs, "--aggregate", "--table", table, "--plot", out + ".png",
+                                "--title", "SR sweep: mean over seeds"])
+    line = progress_line(store, args)
+    with open(table, "a", encoding="utf-8") as handle:
+        handle.write(f"\n{line}\n")
+    print(line)
+    return status
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-prefix", required=True, help="the tokenized corpus (.bin/.idx)")
@@ -294,10 +333,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny shape, for tests")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="write OUT.md and OUT.png from the finished runs and exit")
     args = parser.parse_args(argv)
     shape = QUICK_SHAPE if args.quick else Shape()
     store = ResultStore(args.out, args.staging_dir)
 
+    if args.report:
+        return report(store, args)
     if args.dry_run:
         lr = best_lr(store, args.base_lr)
         print(f"best bf16-mixed LR: {'not known yet (scan unfinished)' if lr is None else f'{lr:g}'}")

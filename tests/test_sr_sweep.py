@@ -21,7 +21,6 @@ def _load(name, path):
 
 
 sr_sweep = _load("sr_sweep", "examples/sr_sweep.py")
-compare_runs = _load("compare_runs", "tools/compare_runs.py")
 
 
 def test_every_run_parses_to_the_intended_job():
@@ -91,9 +90,14 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
                                       - {s.name for s in scan})
     assert f"to do  bf16-sr_lr{best:g}_seed1_mbs1_gradfp32" in plan
 
-    runs = [compare_runs.load_run(str(out / "runs" / spec.name / "tensorboard")) for spec in scan]
-    table = compare_runs.aggregate_table(compare_runs.group_runs(runs))
+    report = _sweep(tiny_data, out, "--report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    table = (tmp_path / "sweep.md").read_text()
     assert table.count("| bf16-mixed |") == 4 + 1  # a row per LR, and the best LR
+    planned = 4 + len({s.name for s in sr_sweep.grid_runs(best, [1])} - {s.name for s in scan})
+    assert f"Sweep progress: 4 of {planned} planned runs done;" in table
+    assert "All 4 runs ran code commit " in table
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_run_is_not_published(tiny_data, tmp_path):
