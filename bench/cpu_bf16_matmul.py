@@ -5,9 +5,10 @@
 Times, side by side in one run, the forward + backward of one linear layer
 (x [tokens, hidden] @ W^T [hidden, out]) three ways: FP32, torch's BF16 GEMM
 (`F.linear` on BF16 tensors: native on CPUs with AVX512-BF16/AMX, emulated
-elsewhere) and `megatron_sr.cpu_bf16.linear` forced to its FP32-GEMM path; and
-the same for causal attention. Prints each as a ratio to FP32 and the line the
-training job's [setup] prints for this CPU.
+elsewhere) and `megatron_sr.cpu_bf16.linear` forced to its FP32-GEMM path; then
+FP32 inputs under `torch.autocast(bfloat16)` (the amp strategy) through torch's
+op and through megatron_sr's; and the same for causal attention. Prints each as
+a ratio to FP32 and the line the training job's [setup] prints for this CPU.
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def _attention_case(attention, dtype, tokens, hidden):
     return step
 
 
+def _under_autocast(op):
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return op(*args, **kwargs)
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -73,12 +81,15 @@ def main(argv=None) -> int:
     }
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s); "
           f"forward + backward, best of {args.repeats}; ratio = time / FP32 time")
-    print(f"{'op':<10} {'fp32':>8} {'torch bf16':>11} {'megatron_sr bf16':>17}")
+    print(f"{'op':<10} {'fp32':>8} {'torch bf16':>11} {'megatron_sr bf16':>17} "
+          f"{'torch amp':>10} {'megatron_sr amp':>16}")
     for name, (make, torch_op, our_op) in cases.items():
         fp32 = _time(make(torch.float32, torch_op), args.repeats)
-        torch_bf16 = _time(make(torch.bfloat16, torch_op), args.repeats)
-        ours = _time(make(torch.bfloat16, our_op), args.repeats)
-        print(f"{name:<10} {1.0:>8.2f} {torch_bf16 / fp32:>11.2f} {ours / fp32:>17.2f}")
+        ratios = [_time(make(dtype, op), args.repeats) / fp32 for dtype, op in (
+            (torch.bfloat16, torch_op), (torch.bfloat16, our_op),
+            (torch.float32, _under_autocast(torch_op)), (torch.float32, _under_autocast(our_op)))]
+        print(f"{name:<10} {1.0:>8.2f} {ratios[0]:>11.2f} {ratios[1]:>17.2f} {ratios[2]:>10.2f} "
+              f"{ratios[3]:>16.2f}")
     del os.environ["MEGATRON_SR_CPU_BF16_GEMM"]
     cpu_bf16.cpu_has_native_bf16.cache_clear()
     print(f"[setup] on this CPU: {cpu_bf16.cpu_bf16_summary()}")

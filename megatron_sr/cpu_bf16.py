@@ -20,6 +20,10 @@ q k^T and the softmax in FP32 but rounds the probabilities to BF16 before
 multiplying by v; here they stay FP32, so the result is slightly more precise
 than a GPU's, never less. With dropout, an explicit mask or grouped heads it
 falls back to autograd through the casts (FP32 copies saved).
+
+Under `torch.autocast("cpu", dtype=torch.bfloat16)` (the `amp` strategy) both
+take the same path for FP32 or BF16 inputs: they cast them to BF16 as autocast
+would and compute as above, so amp is not left on torch's emulated BF16 GEMM.
 """
 from __future__ import annotations
 
@@ -74,11 +78,25 @@ def _emulated_bf16(*tensors: torch.Tensor) -> bool:
         and not cpu_has_native_bf16()
 
 
+def _emulated_autocast(*tensors: torch.Tensor) -> bool:
+    """CPU tensors that torch.autocast(bfloat16) would cast to BF16 for a product
+    that torch would then emulate on this CPU."""
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+                    for t in tensors)
+            and not cpu_has_native_bf16())
+
+
+def _bf16(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    return [None if t is None else t.to(torch.bfloat16) for t in tensors]
+
+
 class _LinearInFp32(torch.autograd.Function):
     """y = x W^T + b for BF16 x [..., in], W [out, in], b [out]: FP32 products of
     the exact upcasts, each result rounded to BF16 once. Saves x and W (BF16)."""
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
@@ -86,6 +104,7 @@ class _LinearInFp32(torch.autograd.Function):
                         None if bias is None else bias.float()).to(torch.bfloat16)
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad = grad_y.float()
@@ -107,6 +126,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     module docstring). Output dtype and shape are those of `F.linear`."""
     if _emulated_bf16(x, weight):
         return _LinearInFp32.apply(x, weight, bias)
+    if _emulated_autocast(x, weight):
+        return _LinearInFp32.apply(*_bf16(x, weight, bias))
     return F.linear(x, weight, bias)
 
 
@@ -119,6 +140,7 @@ class _FlashAttentionInFp32(torch.autograd.Function):
     flash kernel in FP32; saves q, k, v, the BF16 output and the FP32 log-sum-exp."""
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, q, k, v, is_causal, scale):
         out, logsumexp = _cpu_flash(q.float(), k.float(), v.float(), 0.0, is_causal, scale=scale)
         out = out.to(torch.bfloat16)
@@ -127,6 +149,7 @@ class _FlashAttentionInFp32(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
         q, k, v, out, logsumexp = ctx.saved_tensors
         grads = _cpu_flash_backward(grad_out.float(), q.float(), k.float(), v.float(), out.float(),
@@ -140,6 +163,11 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  **kwargs) -> torch.Tensor:
     """`F.scaled_dot_product_attention`; for BF16 inputs on a CPU without native
     BF16, computed in FP32 and rounded to BF16 once (see the module docstring)."""
+    if _emulated_autocast(q, k, v):
+        q, k, v = _bf16(q, k, v)
+        with torch.autocast("cpu", enabled=False):
+            return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                is_causal=is_causal, scale=scale, **kwargs)
     if not _emulated_bf16(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **kwargs)

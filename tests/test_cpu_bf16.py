@@ -120,3 +120,37 @@ def test_fp32_path_gradients_are_those_of_fp32_autograd_rounded_once(gemm_mode):
     for got, want in zip((q, k, v), reference[3:]):  # the rounded output enters the backward
         error = (got.grad.float() - want.grad).norm() / want.grad.norm()
         assert error < 2 ** -8
+
+
+def test_autocast_takes_the_fp32_path_with_autocasts_casts(gemm_mode):
+    """amp: fp32 inputs under torch.autocast(bfloat16) are cast to BF16 as autocast
+    would, then computed as the BF16 inputs are (not on torch's emulated GEMM)."""
+    gemm_mode("fp32")
+    g = torch.Generator().manual_seed(9)
+    x, w, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((4, 8, 32), (24, 32), (24,)))
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g).requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_bf16.linear(x, w, b)
+        o = cpu_bf16.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert type(y.grad_fn).__name__ == "_LinearInFp32Backward"
+    assert type(o.grad_fn).__name__ == "_FlashAttentionInFp32Backward"
+    assert y.dtype is torch.bfloat16 and o.dtype is torch.bfloat16
+    (y.float().sum() + o.float().sum()).backward()
+
+    reference = [t.detach().to(torch.bfloat16).requires_grad_() for t in (x, w, b, q, k, v)]
+    y_ref = cpu_bf16.linear(*reference[:3])
+    o_ref = cpu_bf16.scaled_dot_product_attention(*reference[3:], is_causal=True)
+    (y_ref.float().sum() + o_ref.float().sum()).backward()
+    assert torch.equal(y.view(torch.int16), y_ref.view(torch.int16))
+    assert torch.equal(o.view(torch.int16), o_ref.view(torch.int16))
+    for got, want in zip((x, w, b, q, k, v), reference):
+        assert got.grad.dtype is torch.float32  # autocast's casts carry the gradient to fp32
+        assert torch.equal(got.grad, want.grad.float())
+
+
+def test_autocast_on_a_native_bf16_cpu_is_torchs(gemm_mode):
+    gemm_mode("native")
+    x, w = torch.randn(8, 32), torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_bf16.linear(x, w)
+        assert torch.equal(y.view(torch.int16), F.linear(x, w).view(torch.int16))
