@@ -55,7 +55,7 @@ class SegmentTable:
     whether weight decay applies to it. Segments do not overlap and are
     given in increasing order of start. Built once per bucket shard (the
     layout is fixed); `device_table` uploads the Triton kernel's form once
-    per device.
+    per device, `native_table` builds the C kernel's once.
     """
 
     def __init__(self, starts: Sequence[int], lengths: Sequence[int], offsets: Sequence[int],
@@ -72,9 +72,19 @@ class SegmentTable:
         self.weight_decay = [bool(flag) for flag in weight_decay]
         self.extent = end
         self._device_tables: dict[torch.device, tuple[torch.Tensor, int]] = {}
+        self._native_table: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def native_table(self) -> torch.Tensor:
+        """The C kernel's table (`native.adamw_shard_step`): int64 [len(self), 4] on
+        the CPU, rows (start, length, offset, weight decay 0/1)."""
+        if self._native_table is None:
+            rows = [[start, length, offset, int(decays)] for start, length, offset, decays in
+                    zip(self.starts, self.lengths, self.offsets, self.weight_decay)]
+            self._native_table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        return self._native_table
 
     def device_table(self, device: torch.device) -> tuple[torch.Tensor, int]:
         """(int64 table of `kernels._adamw_kernel`, [len(self) + 1, 5], on

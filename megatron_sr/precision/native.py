@@ -248,9 +248,7 @@ def adamw_shard_step(param, grad, exp_avg, exp_avg_sq, master, kahan, segments, 
     coefficients = [c.to(torch.float32).contiguous() for c in (coefficients_decay, coefficients_no_decay)]
     if any(c.numel() != 10 for c in coefficients):
         raise ValueError("native adamw_shard_step: 10 coefficients expected")
-    table = torch.tensor([[start, length, offset, int(decays)] for start, length, offset, decays in
-                          zip(segments.starts, segments.lengths, segments.offsets, segments.weight_decay)],
-                         dtype=torch.int64).reshape(-1, 4)
+    table = segments.native_table()
     keys = torch.tensor(list(sr_keys), dtype=torch.int64)  # validated: [0, 2^63)
     status = library.megatron_sr_adamw_shard_step(
         _pointer(param), _pointer(grad), _pointer(exp_avg), _pointer(exp_avg_sq), _pointer(master),
