@@ -87,6 +87,11 @@ def _emulated_autocast(*tensors: torch.Tensor) -> bool:
             and not cpu_has_native_bf16())
 
 
+def _no_autocast() -> torch.autocast:
+    """Autocast off on the CPU, for the FP32 products of this module's paths."""
+    return torch.autocast("cpu", enabled=False)
+
+
 def _bf16(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     return [None if t is None else t.to(torch.bfloat16) for t in tensors]
 
@@ -96,26 +101,26 @@ class _LinearInFp32(torch.autograd.Function):
     the exact upcasts, each result rounded to BF16 once. Saves x and W (BF16)."""
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x.float(), weight.float(),
-                        None if bias is None else bias.float()).to(torch.bfloat16)
+        with _no_autocast():
+            return F.linear(x.float(), weight.float(),
+                            None if bias is None else bias.float()).to(torch.bfloat16)
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad = grad_y.float()
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.float()).to(torch.bfloat16)
-        rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0).to(torch.bfloat16)
+        with _no_autocast():
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight.float()).to(torch.bfloat16)
+            rows = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_weight = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = rows.sum(0).to(torch.bfloat16)
         return grad_x, grad_weight, grad_bias
 
 
@@ -140,20 +145,22 @@ class _FlashAttentionInFp32(torch.autograd.Function):
     flash kernel in FP32; saves q, k, v, the BF16 output and the FP32 log-sum-exp."""
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def forward(ctx, q, k, v, is_causal, scale):
-        out, logsumexp = _cpu_flash(q.float(), k.float(), v.float(), 0.0, is_causal, scale=scale)
+        with _no_autocast():
+            out, logsumexp = _cpu_flash(q.float(), k.float(), v.float(), 0.0, is_causal,
+                                        scale=scale)
         out = out.to(torch.bfloat16)
         ctx.save_for_backward(q, k, v, out, logsumexp)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
         q, k, v, out, logsumexp = ctx.saved_tensors
-        grads = _cpu_flash_backward(grad_out.float(), q.float(), k.float(), v.float(), out.float(),
-                                    logsumexp, 0.0, ctx.is_causal, scale=ctx.scale)
+        with _no_autocast():
+            grads = _cpu_flash_backward(grad_out.float(), q.float(), k.float(), v.float(),
+                                        out.float(), logsumexp, 0.0, ctx.is_causal,
+                                        scale=ctx.scale)
         return (*(grad.to(torch.bfloat16) for grad in grads), None, None)
 
 
@@ -165,7 +172,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     BF16, computed in FP32 and rounded to BF16 once (see the module docstring)."""
     if _emulated_autocast(q, k, v):
         q, k, v = _bf16(q, k, v)
-        with torch.autocast("cpu", enabled=False):
+        with _no_autocast():
             return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                 is_causal=is_causal, scale=scale, **kwargs)
     if not _emulated_bf16(q, k, v):
