@@ -292,7 +292,7 @@ def progress_line(store: ResultStore, args) -> str:
              else " (the scan is unfinished, so the grid is not counted yet)")
     return (f"Sweep progress: {len(records)} of {len(planned)} planned runs done{scope}; "
             f"their wall times add up to {hours:.1f} h (each run on 1 thread, "
-            f"{args.jobs} at a time).")
+            f"{args.jobs} at a time; a resumed run counts from its last start).")
 
 
 def report(store: ResultStore, args) -> int:
