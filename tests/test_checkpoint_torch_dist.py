@@ -17,6 +17,9 @@ Spec (issue 14):
 - Precision conversion: a bf16-mixed checkpoint loads into bf16-sr (the
   weights; the master copy is dropped) and a bf16-sr one into bf16-mixed (the
   master copy derived from the weights).
+- Two jobs in one process (pretrain() called twice, as a notebook or a user
+  script may) both save asynchronously: the second does not reuse the first
+  one's process group.
 - --finetune loads the weights only: the master copy restarts from them and
   training counts from iteration 1 again.
 """
@@ -185,6 +188,27 @@ def test_precision_conversion_on_load(tmp_path):
     for name, kinds in result["loaded_optimizer"]["params"].items():
         np.testing.assert_array_equal(kinds["master"], result["loaded_params"][name], name)
     assert len(result["reports"]) == 1 and np.isfinite(result["reports"][0]["loss"])
+
+
+def _two_jobs_in_one_process(rank, world_size, first_argv, second_argv):
+    from job_harness import pretrain_worker
+
+    return [pretrain_worker(rank, world_size, argv) for argv in (first_argv, second_argv)]
+
+
+def test_second_job_in_a_process_saves_asynchronously(tmp_path):
+    from multiprocess import run_ranks
+
+    def job(save):
+        return tiny_gpt_argv(ckpt_format="torch_dist", async_save=True, train_iters=2,
+                             global_batch_size=4, save=save, save_interval=1)
+
+    saves = [str(tmp_path / name) for name in ("first", "second")]
+    (results,) = run_ranks(_two_jobs_in_one_process, 1, job(saves[0]), job(saves[1]))
+    for save, result in zip(saves, results):
+        assert result["last_iteration"] == 2
+        assert checkpointing.read_tracker(save) == 2
+        assert full_state(save, 2)["tensors"]
 
 
 def test_finetune_loads_the_weights_and_starts_at_iteration_one(tmp_path):

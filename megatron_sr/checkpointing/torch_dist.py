@@ -161,17 +161,21 @@ class _PendingSave:
 
 _PENDING: Optional[_PendingSave] = None
 _EXECUTOR: Optional[concurrent.futures.ThreadPoolExecutor] = None
-_ASYNC_GROUP = None
+_ASYNC_GROUP: Optional[tuple] = None  # (the world it was made in, the group)
 
 
 def _async_group():
     """A Gloo group of the whole world for the background writes, so they never
     interleave with the training's collectives. Created on the first async
-    save (every rank calls it there)."""
+    save of each world (every rank calls it there): a process that runs a
+    second job after the first destroyed its process groups gets a new one."""
     global _ASYNC_GROUP
-    if _ASYNC_GROUP is None and dist.is_initialized():
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    if _ASYNC_GROUP is None or _ASYNC_GROUP[0] is not world:
+        _ASYNC_GROUP = (world, dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[1]
 
 
 def _finish(save_dir: str, tmp_dir: str, iteration: int, layout: tuple,
