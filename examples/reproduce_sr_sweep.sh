@@ -15,5 +15,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${VENV:-$root/.venv}/bin/python"
 [ -x "$py" ] || VENV="${VENV:-$root/.venv}" bash "$root/tools/install.sh"
 cd "$root"
+# The sweep's own data folder, tokenized with the tokenizer its committed runs used (once the
+# first run of the sweep has committed it): every run, on any machine, sees the same tokens.
+SAMPLE_DIR="$root/.cache/sr_sweep_data"
+committed_tokenizer="$root/docs/results/sr_sweep/tokenizer.model"
+[ -f "$committed_tokenizer" ] && SAMPLE_TOKENIZER_SOURCE="$committed_tokenizer"
 source "$root/examples/sample_data.sh"
 exec "$py" examples/sr_sweep.py --data-prefix "$sample_prefix" --tokenizer-model "$sample_tokenizer" "$@"

@@ -30,7 +30,14 @@ code commit, wall time, final validation loss; not the checkpoint), renamed into
 place in one step when the run ends well, so a folder there always holds a whole
 run; runs whose folder exists are skipped, which is how an interrupted sweep
 resumes on any machine from the committed results. With --commit each finished
-run is committed to git at once (only its folder). --report runs
+run is committed to git at once (only its folder).
+
+Every run must see the same tokens. The first start of a sweep records the data
+in OUT/data.json (sha256 of the tokenizer model and of the .bin/.idx files) and
+copies the tokenizer to OUT/tokenizer.model (reproduce_sr_sweep.sh tokenizes
+with that copy from then on, rather than training a new one with whatever
+sentencepiece another machine has); a later start on data that differs stops
+with an error naming the files. --report runs
 tools/compare_runs.py --aggregate on OUT/runs/*/tensorboard, writing OUT.md (the
 table, the paper's claims, the code commits, and how far the sweep got and how
 long its runs took) and OUT.png (the mean curves).
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -253,21 +261,22 @@ def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) 
     print(f"[sweep] {time.strftime('%H:%M:%S')} finished {job.spec.name}: validation loss "
           f"{loss:.4f} ({math.exp(loss):.1f} ppl) in {minutes:.1f} min", flush=True)
     if commit:
-        _commit(final, f"SR sweep: {job.spec.name} (validation loss {loss:.4f})")
+        _commit(f"SR sweep: {job.spec.name} (validation loss {loss:.4f})", final)
     return True
 
 
-def _commit(path: str, message: str, attempts: int = 30) -> None:
-    """Commits only `path` (other staged work is left alone); retries while git is busy."""
+def _commit(message: str, *paths: str, attempts: int = 30) -> None:
+    """Commits only `paths` (other staged work is left alone); retries while git is busy."""
     for _ in range(attempts):
-        add = subprocess.run(["git", "-C", ROOT, "add", "--", path], capture_output=True)
+        add = subprocess.run(["git", "-C", ROOT, "add", "--", *paths], capture_output=True)
         done = add.returncode == 0 and subprocess.run(
-            ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", path],
+            ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", *paths],
             capture_output=True).returncode == 0
         if done:
             return
         time.sleep(20)
-    print(f"[sweep] could not commit {path}; commit it by hand", file=sys.stderr, flush=True)
+    print(f"[sweep] could not commit {', '.join(paths)}; commit by hand", file=sys.stderr,
+          flush=True)
 
 
 def plan(store: ResultStore, args) -> list[RunSpec]:
@@ -277,6 +286,61 @@ def plan(store: ResultStore, args) -> list[RunSpec]:
     if lr is not None:
         runs += [spec for spec in grid_runs(lr, args.seeds) if spec not in runs]
     return runs
+
+
+DATA_RECORD = "data.json"
+TOKENIZER_COPY = "tokenizer.model"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(data_prefix: str, tokenizer_model: str) -> dict[str, str]:
+    """sha256 of the tokenizer model and of the tokenized corpus's two files."""
+    return {"tokenizer_model": _sha256(tokenizer_model), "bin": _sha256(data_prefix + ".bin"),
+            "idx": _sha256(data_prefix + ".idx")}
+
+
+def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool) -> None:
+    """Records the sweep's data on its first start (OUT/data.json and a copy of the
+    tokenizer, committed with --commit); afterwards exits with an error when the
+    given data differs from the record, since its runs would not be comparable."""
+    record_path = os.path.join(out, DATA_RECORD)
+    missing = [path for path in (tokenizer_model, data_prefix + ".bin", data_prefix + ".idx")
+               if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"[sweep] no such file: {', '.join(missing)} (--data-prefix "
+                         f"{data_prefix}, --tokenizer-model {tokenizer_model})")
+    fingerprint = data_fingerprint(data_prefix, tokenizer_model)
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        differing = [name for name in fingerprint if recorded.get(name) != fingerprint[name]]
+        if differing:
+            files = {"tokenizer_model": tokenizer_model, "bin": data_prefix + ".bin",
+                     "idx": data_prefix + ".idx"}
+            raise SystemExit(
+                f"[sweep] the data differs from the one the sweep's runs trained on "
+                f"({record_path}): {', '.join(files[name] for name in differing)} "
+                f"(sha256 {', '.join(fingerprint[name][:12] for name in differing)}; recorded "
+                f"{', '.join(str(recorded.get(name))[:12] for name in differing)}). Tokenize the "
+                f"sample corpus with {os.path.join(out, TOKENIZER_COPY)} (reproduce_sr_sweep.sh "
+                f"does) and check that the corpus packages are the pinned ones.")
+        return
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(tokenizer_model, os.path.join(out, TOKENIZER_COPY + ".partial"))
+    os.replace(os.path.join(out, TOKENIZER_COPY + ".partial"), os.path.join(out, TOKENIZER_COPY))
+    with open(record_path + ".partial", "w", encoding="utf-8") as handle:
+        json.dump(fingerprint, handle, indent=1, sort_keys=True)
+    os.replace(record_path + ".partial", record_path)
+    if commit:
+        _commit("SR sweep: the data every run trains on (its tokenizer, sha256 of the files)",
+                os.path.join(out, TOKENIZER_COPY), record_path)
 
 
 def progress_line(store: ResultStore, args) -> str:
@@ -348,6 +412,7 @@ def main(argv=None) -> int:
             print(f"{'done ' if store.done(spec) else 'to do'}  {spec.name}")
         return 0
 
+    check_data(args.out, args.data_prefix, args.tokenizer_model, args.commit)
     running: list[RunningJob] = []
     started = failed = 0
     while True:

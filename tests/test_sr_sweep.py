@@ -102,8 +102,8 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
 
 def test_failed_run_is_not_published(tiny_data, tmp_path):
     out = tmp_path / "sweep"
-    prefix, tokenizer = tiny_data
-    result = _sweep((prefix + "_missing", tokenizer), out, "--max-runs", "1", "--jobs", "1")
+    result = _sweep(tiny_data, out, "--max-runs", "1", "--jobs", "1",
+                    env={"MEGATRON_SR_FAULT": "eio@checkpoint-write"})
     assert result.returncode == 1 and "FAILED" in result.stderr
     assert not (out / "runs").exists()
     name = sr_sweep.scan_runs(1e-3)[0].name
@@ -124,3 +124,42 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_data, tm
     losses = [sr_sweep.ResultStore(str(tmp_path / x), str(tmp_path / x / "staging"))
               .final_valid_loss(first) for x in ("a", "b")]
     assert losses[0] == losses[1]
+
+
+def test_the_first_start_records_the_data_and_a_later_start_on_other_data_stops(tiny_data,
+                                                                                tmp_path):
+    prefix, tokenizer = tiny_data
+    out = tmp_path / "sweep"
+    assert _sweep(tiny_data, out, "--max-runs", "0").returncode == 0
+    record = json.loads((out / sr_sweep.DATA_RECORD).read_text())
+    assert record == sr_sweep.data_fingerprint(prefix, tokenizer)
+    assert (out / sr_sweep.TOKENIZER_COPY).read_bytes() == open(tokenizer, "rb").read()
+    assert _sweep(tiny_data, out, "--max-runs", "0").returncode == 0  # same data: runs on
+
+    other = tmp_path / "other.model"
+    other.write_bytes(open(tokenizer, "rb").read() + b"\0")
+    stopped = _sweep((prefix, str(other)), out, "--max-runs", "0")
+    assert stopped.returncode != 0
+    assert "the data differs from the one the sweep's runs trained on" in stopped.stderr
+    assert str(other) in stopped.stderr and prefix not in stopped.stderr
+    assert json.loads((out / sr_sweep.DATA_RECORD).read_text()) == record  # record unchanged
+
+    missing = _sweep((prefix + "_missing", tokenizer), out, "--max-runs", "0")
+    assert missing.returncode != 0 and f"no such file: {prefix}_missing.bin" in missing.stderr
+
+
+def test_sample_data_tokenizes_with_a_given_tokenizer_instead_of_training_one(tiny_data, tmp_path):
+    """What reproduce_sr_sweep.sh does once the sweep's tokenizer is committed."""
+    _, tokenizer = tiny_data
+    script = ('set -euo pipefail; source examples/sample_data.sh; '
+              'echo "$sample_tokenizer"; echo "$sample_prefix"')
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, root=ROOT, py=PYTHON,
+                                                  SAMPLE_DIR=str(tmp_path / "data"),
+                                                  SAMPLE_TOKENIZER_SOURCE=tokenizer))
+    assert result.returncode == 0, result.stderr[-2000:]
+    used, prefix = result.stdout.split()[-2:]
+    assert used == str(tmp_path / "data" / "tokenizer.model")
+    assert open(used, "rb").read() == open(tokenizer, "rb").read()
+    assert not (tmp_path / "data" / "tokenizer.vocab").exists()  # nothing was trained
+    assert os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
