@@ -72,6 +72,17 @@ class CommunicationError(RuntimeError):
     the phase and the collective."""
 
 
+def write_whole_lines() -> None:
+    """Makes this process's stdout and stderr write each line in one write call,
+    newline included. Ranks share their launcher's stdout; unbuffered (as
+    PYTHONUNBUFFERED=1 makes it, common under Slurm and in containers) `print`
+    writes a line and its newline separately, and another rank's line can land
+    in between, mangling both. Streams without `reconfigure` are left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def print_rank_0(message: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
@@ -891,6 +902,7 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
       and the log line reports it averaged over data-parallel ranks. It runs
       under torch.autocast for --precision amp. Default `gpt_forward_step`.
     """
+    write_whole_lines()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = parse_args(list(argv) if argv is not None else None, world_size)
     device = initialize_distributed(job)

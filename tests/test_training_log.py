@@ -3,8 +3,10 @@ samples"), Weights & Biases in offline mode, per-phase timers, and the
 profiler's trace; end to end through pretrain() on one rank."""
 import datetime
 import glob
+import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -90,3 +92,34 @@ def test_pretrain_writes_megatrons_tags_timers_and_a_profile(tmp_path):
     with open(traces[0], encoding="utf-8") as f:
         names = {event.get("name") for event in json.load(f)["traceEvents"]}
     assert {"aten::scaled_dot_product_attention", "c10d::allreduce_"} <= names
+
+
+class _RecordingStream(io.RawIOBase):
+    """A file descriptor's stand-in: records every write call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.calls.append(bytes(data))
+        return len(data)
+
+
+def test_ranks_write_each_line_whole_even_when_unbuffered(monkeypatch):
+    """PYTHONUNBUFFERED=1 gives stdout an unbuffered binary layer with write-through
+    text: `print` then writes a line and its newline in two calls, and another rank
+    sharing the stdout can write in between. The job makes each line one call."""
+    from megatron_sr.training import write_whole_lines
+
+    raw = _RecordingStream()
+    unbuffered = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    monkeypatch.setattr(sys, "stdout", unbuffered)
+    print("before", flush=True)
+    write_whole_lines()
+    print("[checkpoint] saved iteration 2", flush=True)
+    print(" iteration        2/       8 | lm loss: 7.0")
+    assert raw.calls == [b"before", b"\n", b"[checkpoint] saved iteration 2\n",
+                         b" iteration        2/       8 | lm loss: 7.0\n"]
