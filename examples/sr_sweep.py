@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
@@ -60,6 +59,8 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megatron_sr.files import sha256_file  # noqa: E402
 
 SCAN_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
 GRID_MULTIPLIERS = (1.0, 2.0, 4.0)
@@ -292,18 +293,10 @@ DATA_RECORD = "data.json"
 TOKENIZER_COPY = "tokenizer.model"
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_fingerprint(data_prefix: str, tokenizer_model: str) -> dict[str, str]:
     """sha256 of the tokenizer model and of the tokenized corpus's two files."""
-    return {"tokenizer_model": _sha256(tokenizer_model), "bin": _sha256(data_prefix + ".bin"),
-            "idx": _sha256(data_prefix + ".idx")}
+    return {"tokenizer_model": sha256_file(tokenizer_model), "bin": sha256_file(data_prefix + ".bin"),
+            "idx": sha256_file(data_prefix + ".idx")}
 
 
 def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 
 import numpy as np
 
@@ -120,6 +121,16 @@ def run_pretrain(world_size: int, argv: list[str], expect_error: bool = False,
 def losses(results: list[dict]) -> list[float]:
     """The per-step training losses (from the rank that holds them, the last)."""
     return [r["loss"] for r in results[-1]["reports"]]
+
+
+def copy_checkpoint(save_dir: str, iteration: int, to: str) -> str:
+    """A --load directory `to` holding only `iteration` of `save_dir`, with a
+    tracker naming it; returns `to`."""
+    name = checkpointing.iteration_dir_name(iteration)
+    shutil.copytree(os.path.join(save_dir, name), os.path.join(to, name))
+    with open(os.path.join(to, checkpointing.TRACKER_FILENAME), "w") as f:
+        f.write(f"{iteration}\n")
+    return to
 
 
 def checkpoint_files(save_dir: str, iteration: int) -> dict[str, dict]:

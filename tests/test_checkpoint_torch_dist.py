@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 import torch
 
-from job_harness import assert_states_equal, losses, run_pretrain, tiny_gpt_argv
+from job_harness import (assert_states_equal, copy_checkpoint, losses, run_pretrain,
+                         tiny_gpt_argv)
 from megatron_sr import checkpointing
 from megatron_sr.checkpointing import torch_dist
 from megatron_sr.checkpointing.global_blocks import (GlobalBlocks, LoadPlanner, SavePlanner,
@@ -103,12 +104,7 @@ def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("torch_dist")
     continuous_dir = str(root / "continuous")
     continuous = run_pretrain(4, _tp2_dp2(continuous_dir, save_interval=N, async_save=True))
-    resumed_dir = str(root / "resumed")
-    os.makedirs(resumed_dir)
-    name = checkpointing.iteration_dir_name(N)
-    shutil.copytree(os.path.join(continuous_dir, name), os.path.join(resumed_dir, name))
-    with open(os.path.join(resumed_dir, checkpointing.TRACKER_FILENAME), "w") as f:
-        f.write(f"{N}\n")
+    resumed_dir = copy_checkpoint(continuous_dir, N, str(root / "resumed"))
     resumed = run_pretrain(4, _tp2_dp2(resumed_dir, load=resumed_dir))
     return {"continuous": continuous, "continuous_dir": continuous_dir, "resumed": resumed,
             "resumed_dir": resumed_dir}
@@ -240,11 +236,7 @@ def test_tp2_pp2_resume_is_bit_exact(tmp_path):
 
     continuous_dir, resumed_dir = str(tmp_path / "continuous"), str(tmp_path / "resumed")
     continuous = run_pretrain(4, job(continuous_dir, save_interval=N))
-    os.makedirs(resumed_dir)
-    name = checkpointing.iteration_dir_name(N)
-    shutil.copytree(os.path.join(continuous_dir, name), os.path.join(resumed_dir, name))
-    with open(os.path.join(resumed_dir, checkpointing.TRACKER_FILENAME), "w") as f:
-        f.write(f"{N}\n")
+    copy_checkpoint(continuous_dir, N, resumed_dir)
     resumed = run_pretrain(4, job(resumed_dir, load=resumed_dir))
     assert losses(resumed) == losses(continuous)[N:]
     assert_states_equal(full_state(resumed_dir, 2 * N), full_state(continuous_dir, 2 * N))

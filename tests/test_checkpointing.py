@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from bitwise import assert_same_bits
-from job_harness import (as_numpy, assert_states_equal, checkpoint_files, losses, run_pretrain,
-                         tiny_gpt_argv)
+from job_harness import (as_numpy, assert_states_equal, checkpoint_files, copy_checkpoint, losses,
+                         run_pretrain, tiny_gpt_argv)
 from megatron_sr import checkpointing
 
 N = 3  # iterations before the save; the runs train 2N
@@ -54,15 +54,6 @@ def _job(layout: str, save: str, **flags) -> list[str]:
                          **LAYOUTS[layout], **flags)
 
 
-def _copy_checkpoint(save_dir: str, iteration: int, to: str) -> str:
-    """A --load directory holding only `iteration` of `save_dir`."""
-    name = checkpointing.iteration_dir_name(iteration)
-    shutil.copytree(os.path.join(save_dir, name), os.path.join(to, name))
-    with open(os.path.join(to, checkpointing.TRACKER_FILENAME), "w") as f:
-        f.write(f"{iteration}\n")
-    return to
-
-
 _RESUME_RUNS: dict = {}
 
 
@@ -73,7 +64,7 @@ def _resume_runs(layout: str, tmp_path_factory) -> dict:
         root = tmp_path_factory.mktemp(layout.replace(" ", "_"))
         continuous_dir = str(root / "continuous")
         continuous = run_pretrain(4, _job(layout, continuous_dir, save_interval=N))
-        resumed_dir = _copy_checkpoint(continuous_dir, N, str(root / "resumed"))
+        resumed_dir = copy_checkpoint(continuous_dir, N, str(root / "resumed"))
         resumed = run_pretrain(4, _job(layout, resumed_dir, load=resumed_dir))
         _RESUME_RUNS[layout] = {"continuous": continuous, "continuous_dir": continuous_dir,
                                 "resumed": resumed, "resumed_dir": resumed_dir, "root": root}
@@ -115,7 +106,7 @@ def test_resume_gives_the_same_final_state_bit_for_bit(resumed):
 @pytest.mark.slow
 def test_checkpoint_saved_at_dp2_resumes_at_dp1(resumed_dp2):
     resumed = resumed_dp2
-    load_dir = _copy_checkpoint(resumed["continuous_dir"], N,
+    load_dir = copy_checkpoint(resumed["continuous_dir"], N,
                                 str(resumed["root"] / "dp1"))
     # 2 ranks = TP2 x DP1, the same global batch in 4 micro-batches per rank.
     dp1 = run_pretrain(2, _job("tp2 dp2 dist-opt", None, load=load_dir))
@@ -142,7 +133,7 @@ def test_resume_is_exact_with_master_and_kahan_state(precision, tmp_path):
                              use_distributed_optimizer=True, save=save, **flags)
 
     continuous = run_pretrain(2, job(str(tmp_path / "continuous"), save_interval=2))
-    load = _copy_checkpoint(str(tmp_path / "continuous"), 2, str(tmp_path / "resumed"))
+    load = copy_checkpoint(str(tmp_path / "continuous"), 2, str(tmp_path / "resumed"))
     resumed = run_pretrain(2, job(load, load=load))
     assert losses(resumed) == losses(continuous)[2:]
     final = checkpoint_files(str(tmp_path / "continuous"), 4)
@@ -260,7 +251,7 @@ def test_a_bit_flip_in_a_checkpoint_file_fails_the_load_clearly(small_checkpoint
 @pytest.fixture
 def intact_checkpoint(crashed_save, tmp_path):
     """A copy of the crashed job's intact iteration-2 checkpoint and its rank file's path."""
-    load = _copy_checkpoint(crashed_save["save"], 2, str(tmp_path / "load"))
+    load = copy_checkpoint(crashed_save["save"], 2, str(tmp_path / "load"))
     return load, os.path.join(load, "iter_0000002", "mp_rank_00", "model_optim_rng.pt")
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sr import fault_injection
+from megatron_sr.files import sha256_file
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "checksums.json"
@@ -73,14 +74,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_state_file(path: str, state: dict) -> dict:
@@ -339,14 +332,14 @@ def verify_file(path: str, expected: dict) -> None:
     if size != expected["size"]:
         raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
                               "the file is truncated or was modified")
-    if _sha256_file(path) != expected["sha256"]:
+    if sha256_file(path) != expected["sha256"]:
         raise CheckpointError(f"{path} fails its sha256 checksum: the file is corrupted")
 
 
 def file_entry(directory: str, relpath: str) -> dict:
     """The manifest entry of a written file: {"file", "size", "sha256"}."""
     path = os.path.join(directory, relpath)
-    return {"file": relpath, "size": os.path.getsize(path), "sha256": _sha256_file(path)}
+    return {"file": relpath, "size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def load_state_file(iteration_dir: str, tp_rank: int, pp_rank: int, tp_size: int,

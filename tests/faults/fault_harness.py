@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from typing import Callable, Optional
 
-from job_harness import assert_states_equal, checkpoint_files, tiny_gpt_argv  # noqa: F401
+from job_harness import (assert_states_equal, checkpoint_files, copy_checkpoint,  # noqa: F401
+                         tiny_gpt_argv)
 
 from megatron_sr import checkpointing
 
@@ -139,14 +139,6 @@ def iteration_dir(save_dir: str, iteration: int) -> str:
 
 def temporary_dir(save_dir: str, iteration: int) -> str:
     return os.path.join(save_dir, "." + checkpointing.iteration_dir_name(iteration) + ".tmp")
-
-
-def copy_checkpoint(source: str, destination: str, iteration: int) -> None:
-    """Copies one iteration of `source` with a tracker naming it."""
-    os.makedirs(destination, exist_ok=True)
-    shutil.copytree(iteration_dir(source, iteration), iteration_dir(destination, iteration))
-    with open(os.path.join(destination, checkpointing.TRACKER_FILENAME), "w") as f:
-        f.write(f"{iteration}\n")
 
 
 def assert_error_line(run: JobRun, *needles: str) -> str:

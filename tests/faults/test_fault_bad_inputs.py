@@ -44,7 +44,7 @@ def _flip_a_bit(path: str) -> None:
                          ids=["truncated", "bit-flip"])
 def test_corrupted_checkpoint_is_refused_at_load(reference, tmp_path, corrupt, message):
     load = str(tmp_path / "ckpt")
-    copy_checkpoint(reference, load, TRAIN_ITERS)
+    copy_checkpoint(reference, TRAIN_ITERS, load)
     corrupt(os.path.join(load, STATE_FILE))
     # TP=2 on 2 ranks (DP=1) loads the TP=2 x DP=2 checkpoint; nothing to train after it.
     run = run_job(2, job_argv(load=load), str(tmp_path / "log"), timeout=120)
