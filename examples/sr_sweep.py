@@ -24,9 +24,12 @@ The plan, in the order runs start (a partial sweep is useful early):
 A run trains in its staging folder (--staging-dir, outside the repository by
 default so that it outlives a fresh checkout on the same machine) and saves a
 checkpoint at every evaluation; a run started again resumes from it, bit-exact,
-so a sweep stopped mid-run loses at most one evaluation interval. A finished run
-is stored in OUT/runs/NAME/ (its log, its TensorBoard events and run.json: flags,
-code commit, wall time, final validation loss; not the checkpoint), renamed into
+so a sweep stopped mid-run loses at most one evaluation interval. The staging
+folder's attempts.json keeps the run's wall time over all its attempts (updated
+every poll of the driver, so a killed sweep loses at most one poll interval of
+it). A finished run is stored in OUT/runs/NAME/ (its log, its TensorBoard events
+and run.json: flags, code commit, wall time of all attempts and their number,
+final validation loss; not the checkpoint), renamed into
 place in one step when the run ends well, so a folder there always holds a whole
 run; runs whose folder exists are skipped, which is how an interrupted sweep
 resumes on any machine from the committed results. With --commit each finished
@@ -68,6 +71,7 @@ GRID_STRATEGIES = ("bf16-sr", "bf16-mixed", "bf16")
 BEST_LR_STRATEGIES = ("fp32", "bf16-kahan")
 CHECKPOINTS = "checkpoints"
 TRACKER = "latest_checkpointed_iteration.txt"  # written last by a save: a checkpoint exists
+ATTEMPTS = "attempts.json"  # in a run's staging folder: {"seconds": wall time so far, "attempts": n}
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,29 @@ class RunningJob:
     started: float
     commit: str
     flags: list[str] = field(default_factory=list)
+    earlier_seconds: float = 0.0  # wall time of the run's earlier attempts
+    attempt: int = 1
+
+    def wall_seconds(self) -> float:
+        """Wall time of all the run's attempts, this one until now."""
+        return self.earlier_seconds + time.time() - self.started
+
+    def record_wall_time(self, staging: str) -> None:
+        """Writes attempts.json (via a temporary name: a kill leaves the old or the new)."""
+        path = os.path.join(staging, ATTEMPTS)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump({"seconds": round(self.wall_seconds(), 1), "attempts": self.attempt}, handle)
+        os.replace(path + ".tmp", path)
+
+
+def _earlier_attempts(staging: str) -> tuple[float, int]:
+    """(wall seconds, number) of a staged run's earlier attempts; (0, 0) if none recorded."""
+    try:
+        with open(os.path.join(staging, ATTEMPTS), encoding="utf-8") as handle:
+            record = json.load(handle)
+        return float(record["seconds"]), int(record["attempts"])
+    except (OSError, ValueError, KeyError):
+        return 0.0, 0
 
 
 def start_run(spec: RunSpec, store: ResultStore, shape: Shape, args) -> RunningJob:
@@ -241,14 +268,18 @@ def start_run(spec: RunSpec, store: ResultStore, shape: Shape, args) -> RunningJ
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"[sweep] {time.strftime('%H:%M:%S')} {'resumed' if resuming else 'started'} "
           f"{spec.name}", flush=True)
-    return RunningJob(spec, process, log, time.time(), _git_commit_of_code(), flags)
+    earlier_seconds, earlier_attempts = _earlier_attempts(staging) if resuming else (0.0, 0)
+    job = RunningJob(spec, process, log, time.time(), _git_commit_of_code(), flags,
+                     earlier_seconds, earlier_attempts + 1)
+    job.record_wall_time(staging)
+    return job
 
 
 def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) -> bool:
     job.log.close()
     staging = store.staging(job.spec)
     loss = _final_valid_loss(os.path.join(staging, "run.log"), shape.train_iters)
-    minutes = (time.time() - job.started) / 60
+    minutes = job.wall_seconds() / 60
     if job.process.returncode != 0 or loss is None:
         print(f"[sweep] {job.spec.name} FAILED (exit {job.process.returncode}); its log: "
               f"{os.path.join(staging, 'run.log')}", file=sys.stderr, flush=True)
@@ -256,7 +287,8 @@ def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) 
     record = {"name": job.spec.name, "precision": job.spec.precision, "lr": job.spec.lr,
               "seed": job.spec.seed, "micro_batch_size": job.spec.micro_batch_size,
               "grad_reduce_dtype": job.spec.grad_reduce_dtype, "final_valid_loss": loss,
-              "wall_minutes": round(minutes, 1), "code_commit": job.commit,
+              "wall_minutes": round(minutes, 2), "attempts": job.attempt,
+              "code_commit": job.commit,
               "flags": job.flags, "host_cpu_threads": os.cpu_count()}
     final = store.publish(job.spec, record)
     print(f"[sweep] {time.strftime('%H:%M:%S')} finished {job.spec.name}: validation loss "
@@ -349,7 +381,7 @@ def progress_line(store: ResultStore, args) -> str:
              else " (the scan is unfinished, so the grid is not counted yet)")
     return (f"Sweep progress: {len(records)} of {len(planned)} planned runs done{scope}; "
             f"their wall times add up to {hours:.1f} h (each run on 1 thread, "
-            f"{args.jobs} at a time; a resumed run counts from its last start).")
+            f"{args.jobs} at a time; a resumed run counts all its attempts).")
 
 
 def report(store: ResultStore, args) -> int:
@@ -419,6 +451,8 @@ def main(argv=None) -> int:
         if not running:
             break
         time.sleep(0.5 if args.quick else 10)
+        for job in running:
+            job.record_wall_time(store.staging(job.spec))
         for job in [job for job in running if job.process.poll() is not None]:
             running.remove(job)
             failed += not finish_run(job, store, shape, args.commit)

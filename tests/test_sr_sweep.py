@@ -117,8 +117,14 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_data, tm
                     env={"MEGATRON_SR_FAULT": "kill@train-step,iteration=6"})
     assert killed.returncode == 1
     assert (tmp_path / "a" / "staging" / first.name / "checkpoints" / sr_sweep.TRACKER).is_file()
+    killed_attempt = json.loads(
+        (tmp_path / "a" / "staging" / first.name / sr_sweep.ATTEMPTS).read_text())
+    assert killed_attempt["attempts"] == 1 and killed_attempt["seconds"] > 0
     resumed = _sweep(tiny_data, tmp_path / "a", "--max-runs", "1", "--jobs", "1")
     assert resumed.returncode == 0 and f"resumed {first.name}" in resumed.stdout
+    record = json.loads((tmp_path / "a" / "runs" / first.name / "run.json").read_text())
+    # The wall time counts both attempts: the killed one's and the resumed one's (seconds).
+    assert record["attempts"] == 2 and record["wall_minutes"] * 60 > killed_attempt["seconds"] + 1
     clean = _sweep(tiny_data, tmp_path / "b", "--max-runs", "1", "--jobs", "1")
     assert clean.returncode == 0
     losses = [sr_sweep.ResultStore(str(tmp_path / x), str(tmp_path / x / "staging"))
