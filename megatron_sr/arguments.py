@@ -268,7 +268,9 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-load-optim", action="store_true",
                        help="Do not load the optimizer state from --load.")
     group.add_argument("--no-load-rng", action="store_true",
-                       help="Do not load the RNG states (SR stream included) from --load.")
+                       help="Do not load the RNG states (python, numpy, torch, dropout) from "
+                            "--load; the SR bits follow the optimizer step, restored with the "
+                            "optimizer state.")
     group.add_argument("--finetune", action="store_true",
                        help="Load only the model from --load and start at iteration 0 "
                             "(implies --no-load-optim --no-load-rng).")
@@ -289,10 +291,12 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mixed precision")
     group.add_argument("--precision", choices=tuple(STRATEGIES),
-                       help=f"Precision strategy (default {DEFAULT_STRATEGY}); see DESIGN.md.")
+                       help=f"Precision strategy (default {DEFAULT_STRATEGY}); see docs/DESIGN.md.")
     group.add_argument("--bf16", action="store_true",
                        help="Megatron's flag: same as --precision bf16-mixed.")
-    group.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--fp16", action="store_true",
+                       help="Refused with the reason: megatron_sr trains in bf16 "
+                            "(--bf16, --precision).")
     group.add_argument("--optimizer-state-dtype", choices=("bf16", "fp32"),
                        help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
     group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
@@ -379,8 +383,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
                        help="Print the log line every this many iterations.")
     group.add_argument("--tensorboard-dir", help="Write TensorBoard scalars here.")
     group.add_argument("--log-timers-to-tensorboard", action="store_true",
-                       help="Also write the per-phase step times (forward-backward, grad syncs, "
-                            "optimizer) as TensorBoard scalars.")
+                       help="Also write the per-phase step times (forward-backward; optimizer, "
+                            "which includes the gradient syncs) as TensorBoard scalars.")
     group.add_argument("--wandb-project", help="Log the TensorBoard scalars to this Weights & "
                                                "Biases project too (needs `wandb`).")
     group.add_argument("--wandb-exp-name", help="Weights & Biases run name.")

@@ -1,6 +1,6 @@
 """Checkpoints of the real job: exact resume, DP resharding, crash safety, corruption.
 
-Spec (issue 5, DESIGN.md "Stochastic rounding: the contract", point 3):
+Spec (issue 5, docs/DESIGN.md "Stochastic rounding: the contract", point 3):
 - Resume is exact: loading the iteration-N checkpoint of a 2N-iteration run
   and training N more iterations gives that run's last N losses and its final
   state (parameters, optimizer state, RNG states, scheduler, consumed

@@ -1,7 +1,7 @@
 """Communication overlap, recorded on Gloo: the order of the data-parallel
 collectives against the backward hooks and the forward.
 
-Spec (DESIGN.md "Distributed optimizer", overlap):
+Spec (docs/DESIGN.md "Distributed optimizer", overlap):
 - with --overlap-grad-reduce every bucket's reduce-scatter is launched from a
   backward hook, before the step's backward ends, including the buckets that
   hold sequence-parallel norms (TP 2 + --sequence-parallel) and the tied word

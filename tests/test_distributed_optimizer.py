@@ -1,6 +1,6 @@
 """The distributed optimizer is the single-rank optimizer, sharded.
 
-Spec (issue 5, DESIGN.md "Stochastic rounding: the contract", point 2):
+Spec (issue 5, docs/DESIGN.md "Stochastic rounding: the contract", point 2):
 - bf16-sr at DP = 1, 2 and 4, every DP rank fed the same micro-batches, so
   the reduced gradients are identical: the parameters after several steps are
   bit-identical, with the distributed optimizer (small buckets, so parameters

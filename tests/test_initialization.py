@@ -1,5 +1,5 @@
 """Sharded initialization: every rank draws only its own slice, and the model
-is the same whatever the layout (DESIGN.md "Initialization").
+is the same whatever the layout (docs/DESIGN.md "Initialization").
 
 Spec:
 - an element's initial value depends only on (seed, parameter name, its index

@@ -1,6 +1,6 @@
 """SR bit identity on a GPU: the compiled Triton kernel against the torch reference.
 
-Spec (DESIGN.md "Stochastic rounding: the contract", point 1; issue 12): for
+Spec (docs/DESIGN.md "Stochastic rounding: the contract", point 1; issue 12): for
 every strategy row, 2^20 + 3 elements at logical offsets 0, 7 and 2^32 + 3,
 three steps: the Triton kernel on CUDA, the torch reference on CUDA and the
 CPU backend write the same bits (NaN payloads aside); so does the one-launch

@@ -1,6 +1,6 @@
 """The Triton kernels as the CUDA compiler builds them: IEEE fp32, no GPU needed.
 
-Spec (DESIGN.md "Stochastic rounding: the contract", point 1): torch, C and
+Spec (docs/DESIGN.md "Stochastic rounding: the contract", point 1): torch, C and
 Triton write the same bits on a GPU too, so no kernel of
 `megatron_sr.precision.kernels` may contract a multiply-add into an FMA
 (which rounds once where the torch reference rounds twice) or flush

@@ -1,4 +1,4 @@
-"""The stochastic-rounding contract of DESIGN.md: Philox bits, SR and RTN casts."""
+"""The stochastic-rounding contract of docs/DESIGN.md: Philox bits, SR and RTN casts."""
 import math
 
 import pytest

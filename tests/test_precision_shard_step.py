@@ -1,6 +1,6 @@
 """The AdamW step as the distributed optimizer runs it: one call per bucket shard.
 
-Spec (DESIGN.md "Distributed optimizer", issue 12):
+Spec (docs/DESIGN.md "Distributed optimizer", issue 12):
 - `adamw_shard_step` over a table of segments writes, on every backend, the
   bits of one `adamw_step` per segment (no gradient scale), and a gradient
   scale of 1 changes nothing; the backends agree with a scale too.

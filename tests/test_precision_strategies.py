@@ -1,4 +1,4 @@
-"""The strategy table of DESIGN.md, as `megatron_sr.precision.strategies` holds it."""
+"""The strategy table of docs/DESIGN.md, as `megatron_sr.precision.strategies` holds it."""
 import pytest
 import torch
 

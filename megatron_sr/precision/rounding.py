@@ -1,7 +1,7 @@
 """Philox4x32-10 counter-based random bits and fp32 -> bf16 rounding, in torch.
 
 This is the torch reference of the stochastic-rounding (SR) contract of
-DESIGN.md; `megatron_sr.precision.kernels` is its Triton twin and the two
+docs/DESIGN.md; `megatron_sr.precision.kernels` is its Triton twin and the two
 agree to the bit (NaN payloads aside). Everything here runs on any device and traces under
 `torch.compile`.
 
