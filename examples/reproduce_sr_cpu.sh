@@ -49,19 +49,15 @@ adamw_backend="${ADAMW_BACKEND:-compiled}"
 [ "$adamw_backend" = default ] && adamw_backend=""
 mkdir -p "$out/logs" "$out/tensorboard"
 
-# The tokenized sample corpus: reuse the quickstart's, else build it the same way.
+# The sample corpus, tokenized with GPT-2's BPE into $OUT (once).
 read -r corpus vocab merges < <("$py" -c "
 from megatron_sr.data.sample_files import gpt2_bpe_files, sample_corpus
 print(sample_corpus(), *gpt2_bpe_files())")
 prefix="$out/sample_text_document"
 if [ ! -f "$prefix.idx" ]; then
-  if [ -f "$root/.cache/quickstart/sample_text_document.idx" ]; then
-    cp "$root/.cache/quickstart/sample_text_document".{bin,idx} "$out/"
-  else
-    "$py" tools/preprocess_data.py --input "$corpus" --output-prefix "$out/sample" \
-      --tokenizer-type GPT2BPETokenizer --vocab-file "$vocab" --merge-file "$merges" \
-      --append-eod --workers 2 --log-interval 500
-  fi
+  "$py" tools/preprocess_data.py --input "$corpus" --output-prefix "$out/sample" \
+    --tokenizer-type GPT2BPETokenizer --vocab-file "$vocab" --merge-file "$merges" \
+    --append-eod --workers 2 --log-interval 500
 fi
 
 for mult in $lr_mults; do

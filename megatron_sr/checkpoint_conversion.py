@@ -170,8 +170,9 @@ def tokenizer_export_files(description: dict) -> list[tuple[str, str]]:
     checkpoint's --tokenizer-type reads, and only those: GPT2BPETokenizer its
     --vocab-file and --merge-file, the SentencePiece types their
     --tokenizer-model, HuggingFaceTokenizer its tokenizer.json (--tokenizer-model
-    or the tokenizer.json in that folder), NullTokenizer and TikTokenizer none. Empty when a file the type needs is
-    not named or does not exist (the export then carries no tokenizer).
+    or the tokenizer.json in that folder), NullTokenizer and TikTokenizer none.
+    Empty when a file the type needs is not named or does not exist (the
+    export then carries no tokenizer).
 
     The checkpoint's metadata is not trusted: each path is resolved (symlinks
     followed), must be a regular file, and must build the tokenizer with the

@@ -12,10 +12,11 @@ Every tokenizer offers the same small interface (`Tokenizer`):
 ``GPT2BPETokenizer``          byte-level BPE from ``--vocab-file`` (encoder.json or
                               vocab.json) and ``--merge-file`` (vocab.bpe or
                               merges.txt); eod is ``<|endoftext|>``. Runs on a
-                              regex BPE with a per-word merge cache, or on the
-                              ``tokenizers`` library (backend="tokenizers"); both
-                              give the same ids. The regex one is the default:
-                              measured faster here (docs/DATA.md).
+                              ``tiktoken`` (the default, backend="auto", when it
+                              is installed), on the ``tokenizers`` library, or on
+                              a regex BPE with a per-word merge cache; all give
+                              the same ids. tiktoken measured fastest
+                              (docs/DATA.md).
 ``HuggingFaceTokenizer``      a Hugging Face ``tokenizer.json`` (``--tokenizer-model``:
                               the file, or a local folder holding it), through
                               ``tokenizers``; its post-processor runs (a Llama
