@@ -234,6 +234,9 @@ class DistributedOptimizer:
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
             if before is not None and lr > 0:
                 counts += self._absorption_counts(bucket, before, stored)
+        if measure_update_absorption and dist.is_initialized():
+            # Before the parameter all-gathers, so that reading it never waits for them.
+            dist.all_reduce(counts, group=self._norm_group)
         self.buffer.gather_params()
         norm = grad_norm.item()
         if not math.isfinite(norm):
@@ -242,9 +245,8 @@ class DistributedOptimizer:
             return StepResult(grad_norm=float("nan"), skipped=True)
         absorption = None
         if measure_update_absorption:
-            if dist.is_initialized():
-                dist.all_reduce(counts, group=self._norm_group)
-            absorption = (counts[0] / counts[1]).item() if counts[1] > 0 else 0.0
+            absorbed, updated = counts.tolist()  # one host sync
+            absorption = absorbed / updated if updated > 0 else 0.0
         return StepResult(grad_norm=norm, skipped=False, update_absorption=absorption)
 
     def _absorption_counts(self, bucket: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
