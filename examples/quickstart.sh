@@ -24,7 +24,7 @@ source "$root/examples/sample_data.sh"
 train_iters="${TRAIN_ITERS:-100}"
 rm -rf "$work/checkpoints" "$work/tensorboard"
 OMP_NUM_THREADS=1 "$venv/bin/torchrun" --standalone --nproc_per_node 4 pretrain_gpt.py \
-  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel \
   --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 \
   --max-position-embeddings 128 --attention-dropout 0 --hidden-dropout 0 \
   --micro-batch-size 4 --global-batch-size 16 --train-iters "$train_iters" \

@@ -506,6 +506,13 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     # First call: the layout, and the data-parallel size the batch checks need;
     # second: the micro-batch count interleaved pipelining needs.
     data_parallel_size = validate_parallel_layout(model, parallel, world_size)
+    if parallel.tensor_model_parallel_size > 1 and parallel.pipeline_model_parallel_size > 1 \
+            and not parallel.sequence_parallel:
+        notices.append(
+            f"[flags] tensor x pipeline parallel without --sequence-parallel: each of the "
+            f"{parallel.tensor_model_parallel_size} TP ranks sends the whole activation to the "
+            f"next stage; --sequence-parallel sends 1/{parallel.tensor_model_parallel_size} "
+            f"each (and splits the norms' and dropouts' activations)")
     global_batch_size = _global_batch_size(args, data_parallel_size)
     num_microbatches = global_batch_size // (args.micro_batch_size * data_parallel_size)
     validate_parallel_layout(model, parallel, world_size, num_microbatches)

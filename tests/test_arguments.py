@@ -180,6 +180,13 @@ def test_lr_samples_not_a_multiple_of_the_batch_round_with_a_notice():
                and "uses 30518" in n for n in j.notices)
 
 
+def test_tp_and_pp_without_sequence_parallel_get_a_notice():
+    flags = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    notice = "without --sequence-parallel: each of the 2 TP ranks sends the whole activation"
+    assert any(notice in n for n in job(*flags, world_size=4).notices)
+    assert not any(notice in n for n in job(*flags, "--sequence-parallel", world_size=4).notices)
+
+
 def test_sequence_parallel_with_tp1_is_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="--sequence-parallel"):
         assert not job("--sequence-parallel").parallel.sequence_parallel
