@@ -397,7 +397,9 @@ class ForwardStep:
                 counts += [(b[:, :-1] != documents.eod).sum() for b in batches]
                 iterators[i] = MicroBatchStream(iter(batches), documents)
         if counts:
-            local = torch.stack(counts).to(self.device, torch.float32)
+            local = torch.stack(counts).to(torch.float32)  # on the host, as the batches are
+            if self.device.type == "cuda":  # a pageable copy would wait for the stream
+                local = local.pin_memory().to(self.device, non_blocking=True)
             total = local.sum()
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             dp = parallel_state.get_data_parallel_world_size()
