@@ -48,6 +48,7 @@ long its runs took) and OUT.png (the mean curves).
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import math
@@ -368,20 +369,36 @@ def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool) -
                 os.path.join(out, TOKENIZER_COPY), record_path)
 
 
+def run_cpu(run_dir: str) -> str:
+    """The CPU a finished run trained on, from its log's `[setup] CPU capability`
+    line (e.g. "AVX2, BF16 products as FP32 GEMMs"); "unknown" without one."""
+    with open(os.path.join(run_dir, "run.log"), encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.startswith("[setup] CPU capability "):
+                capability = line.split()[3].rstrip(":")
+                native = "with native BF16 products" in line
+                return f"{capability}, BF16 products {'native' if native else 'as FP32 GEMMs'}"
+    return "unknown"
+
+
 def progress_line(store: ResultStore, args) -> str:
-    """How many planned runs are done and how long they took (from their run.json)."""
+    """How many planned runs are done, how long they took (from their run.json)
+    and on which kinds of CPU (their bits differ between kinds, not their statistics)."""
     planned = plan(store, args)
-    records = []
+    records, cpus = [], collections.Counter()
     for spec in planned:
         if store.done(spec):
             with open(os.path.join(store.path(spec), "run.json"), encoding="utf-8") as handle:
                 records.append(json.load(handle))
+            cpus[run_cpu(store.path(spec))] += 1
     hours = sum(record["wall_minutes"] for record in records) / 60
     scope = ("" if best_lr(store, args.base_lr) is not None
              else " (the scan is unfinished, so the grid is not counted yet)")
+    machines = "; ".join(f"{count} on {cpu}" for cpu, count in cpus.most_common())
     return (f"Sweep progress: {len(records)} of {len(planned)} planned runs done{scope}; "
             f"their wall times add up to {hours:.1f} h (each run on 1 thread, "
-            f"{args.jobs} at a time; a resumed run counts all its attempts).")
+            f"{args.jobs} at a time; a resumed run counts all its attempts). "
+            f"CPUs: {machines or 'none yet'}.")
 
 
 def report(store: ResultStore, args) -> int:

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,7 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
     assert table.count("| bf16-mixed |") == 4 + 1  # a row per LR, and the best LR
     planned = 4 + len({s.name for s in sr_sweep.grid_runs(best, [1])} - {s.name for s in scan})
     assert f"Sweep progress: 4 of {planned} planned runs done;" in table
+    assert re.search(r"CPUs: 4 on [A-Z0-9_]+, BF16 products (native|as FP32 GEMMs)\.", table)
     assert "All 4 runs ran code commit " in table
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
