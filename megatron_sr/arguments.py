@@ -180,7 +180,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exit-interval", type=int,
                        help="Save (with --save) and exit when the iteration is a multiple of this.")
     group.add_argument("--exit-duration-in-mins", type=float,
-                       help="Save (with --save) and exit after this many minutes.")
+                       help="Save (with --save) and exit after this many minutes since "
+                            "the job started (set-up included).")
     group.add_argument("--exit-signal-handler", action="store_true",
                        help="Accepted for Megatron-LM scripts: here the handler is always on "
                             "(SIGTERM and --exit-signal save with --save and exit after the "

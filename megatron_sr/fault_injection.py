@@ -19,6 +19,8 @@ Actions:
     eio       raise OSError(EIO) (a failing disk)
 
 Points (where the job calls `at`):
+    setup                training.pretrain, after the process groups exist and
+                         before the model is built and the checkpoint loaded
     train-step           training.train_step, after the forward-backward and
                          before the gradient syncs (mid-iteration)
     checkpoint-write     checkpointing.save_checkpoint, where a rank writes its
@@ -51,7 +53,7 @@ from typing import Optional
 
 FAULT_ENV = "MEGATRON_SR_FAULT"
 ACTIONS = ("kill", "sigterm", "stall", "enospc", "eio")
-POINTS = ("train-step", "checkpoint-write", "checkpoint-commit", "checkpoint-replace")
+POINTS = ("setup", "train-step", "checkpoint-write", "checkpoint-commit", "checkpoint-replace")
 STALL_SECONDS = 3600
 
 

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -696,11 +696,17 @@ def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bo
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
           data: DataStreams, start_iteration: int, consumed_samples: int,
           forward_step_func: Optional[Callable] = None,
-          metrics: Optional[MetricsWriter] = None) -> tuple[int, bool]:
+          metrics: Optional[MetricsWriter] = None,
+          exit_flag: Optional[_SigtermFlag] = None,
+          job_start_time: Optional[float] = None) -> tuple[int, bool]:
     """Runs steps until --train-iters or an exit condition; returns (last
     iteration, whether an exit condition stopped it early). Saves with --save
     at --save-interval and on every exit. `forward_step_func`: see `pretrain`.
-    `metrics`: the caller's writer (left open); None: one opened and closed here."""
+    `metrics`: the caller's writer (left open); None: one opened and closed here.
+    `exit_flag`: the caller's signal flag, installed before set-up so that a
+    signal then is not lost (left installed); None: one installed and restored
+    here. `job_start_time` (time.time()): where --exit-duration-in-mins counts
+    from, as Megatron-LM counts from the job's start; None: this call's start."""
     training = job.training
     device = parallel_state.get_default_device()
     strategy = optimizer.strategy
@@ -716,10 +722,11 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
         write_run_summary(metrics.writer, job, optimizer)
     timers = PhaseTimers(training.log_timers_to_tensorboard and is_last_rank(), device)
     profiler = StepProfiler(training, dist.get_rank(), device)
-    sigterm = _SigtermFlag(training.exit_signal)
+    own_flag = exit_flag is None
+    sigterm = _SigtermFlag(training.exit_signal) if own_flag else exit_flag
     flops_per_sample = flops_per_token(job.model) * job.model.seq_length
     samples_per_microbatch_step = training.micro_batch_size * job.data_parallel_size
-    start_time = time.time()
+    start_time = time.time() if job_start_time is None else job_start_time
     iterators = data.train_iterators(consumed_samples)
     iteration = start_iteration
     consecutive_skips = 0
@@ -831,7 +838,8 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
             save(job, iteration, consumed_samples, model, optimizer, scheduler)
         return iteration, False
     finally:
-        sigterm.restore()
+        if own_flag:
+            sigterm.restore()
         profiler.close()
         if own_metrics:
             metrics.close()
@@ -904,11 +912,21 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
       and the log line reports it averaged over data-parallel ranks. It runs
       under torch.autocast for --precision amp. Default `gpt_forward_step`.
     """
+    job_start_time = time.time()
     write_whole_lines()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = parse_args(list(argv) if argv is not None else None, world_size)
-    device = initialize_distributed(job)
+    # From here to the end, SIGTERM and --exit-signal set a flag the loop reads after
+    # its first step: a signal during set-up (Slurm's time-limit signal while a large
+    # checkpoint loads) is not lost, and it does not kill the rank.
+    exit_flag = _SigtermFlag(job.training.exit_signal)
     try:
+        device = initialize_distributed(job)
+    except BaseException:
+        exit_flag.restore()
+        raise
+    try:
+        fault_injection.at("setup")
         for notice in job.notices:
             print_rank_0(notice)
         data = job.data
@@ -937,7 +955,8 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
         metrics = _open_metrics(job)  # one TensorBoard writer / wandb run for the whole job
         try:
             last, stopped_early = train(job, model, optimizer, scheduler, data_streams,
-                                        iteration, consumed, forward_step_func, metrics)
+                                        iteration, consumed, forward_step_func, metrics,
+                                        exit_flag=exit_flag, job_start_time=job_start_time)
             checkpointing.finish_pending_save()
             evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
             if not (stopped_early or evaluated_last) and job.training.eval_iters \
@@ -952,6 +971,7 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+        exit_flag.restore()
 
 
 @contextmanager

@@ -55,6 +55,18 @@ def test_sigterm_to_torchrun_saves_a_checkpoint(tmp_path):
     _assert_saved_at_sigterm(save, run)
 
 
+def test_sigterm_during_setup_is_kept_until_the_first_step_saves(tmp_path):
+    """A signal while the job sets up (Slurm's time-limit signal while a large
+    checkpoint loads) neither kills the rank nor is lost: the first step runs,
+    the ranks save it and exit 0."""
+    save = str(tmp_path / "ckpt")
+    run = run_job(2, _two_rank_argv(save=save, train_iters=100000, save_interval=100000),
+                  str(tmp_path / "log"), fault_env("sigterm@setup,rank=1"))
+    assert run.returncode == 0, str(run)
+    assert "[exit] SIGTERM received at iteration 1" in run.output, str(run)
+    assert tracker(save) == 1
+
+
 @pytest.mark.parametrize("point, iteration, stalled_rank, phase", [
     ("train-step", 3, 1, "optimizer step (data-parallel grad reduce-scatter) at iteration 3"),
     ("checkpoint-write", 4, 0,
