@@ -220,29 +220,39 @@ def test_the_slurm_script_resumes_after_the_time_limit_signal_and_requeues(one_n
     assert_same_checkpoint(save, reference_save)
 
 
+
+def _slurm_job_without_training(tmp_path, flags: list[str], **shims) -> tuple:
+    """The batch script's inputs for a job whose ranks never train: SHIMS with
+    `shims` replacing some, a model script printing `flags`, the environment of
+    a 2-node, 4-task allocation. Returns (shim folder, model script, env)."""
+    folder = tmp_path / "shims"
+    folder.mkdir()
+    for name, text in {**SHIMS, **shims}.items():
+        write_executable(str(folder / name), text)
+    script = tmp_path / "model.sh"
+    write_executable(str(script), f"""#!/usr/bin/env bash
+echo "WORLD_SIZE=$(( GPUS_PER_NODE * NNODES ))"
+printf '%s\\n' {" ".join(flags)} $EXTRA_ARGS
+""")
+    env = environment(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}", SHIM_DIR=str(folder),
+                      SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
+                      SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=REPO)
+    return folder, str(script), env
+
+
 def test_the_slurm_script_checks_data_before_srun_and_survives_a_failing_squeue(tmp_path):
     """Missing data or tokenizer files end the job before srun starts a rank
     (not 64 ranks failing after the queue wait); a failing squeue only drops
     --exit-duration-in-mins (the time-limit signal still comes)."""
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    for name, text in {**SHIMS, "squeue": "#!/usr/bin/env bash\nexit 1\n"}.items():
-        write_executable(str(shims / name), text)
     present = tmp_path / "present_text_document"
     for suffix in (".bin", ".idx"):
         (tmp_path / f"present_text_document{suffix}").write_bytes(b"")
-    flags = " ".join(job_argv(str(tmp_path / "ckpt")) + [
-        "--data-path", "0.7", str(present), "0.3", str(tmp_path / "missing_text_document"),
-        "--vocab-file", str(tmp_path / "missing-vocab.json")])
-    script = tmp_path / "model.sh"
-    write_executable(str(script), f"""#!/usr/bin/env bash
-echo "WORLD_SIZE=$(( GPUS_PER_NODE * NNODES ))"
-printf '%s\\n' {flags} $EXTRA_ARGS
-""")
-    env = environment(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", SHIM_DIR=str(shims),
-                      SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
-                      SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=REPO)
-    run = subprocess.run(["bash", SBATCH, str(script)], env=env, capture_output=True, text=True,
+    shims, script, env = _slurm_job_without_training(
+        tmp_path, job_argv(str(tmp_path / "ckpt")) + [
+            "--data-path", "0.7", str(present), "0.3", str(tmp_path / "missing_text_document"),
+            "--vocab-file", str(tmp_path / "missing-vocab.json")],
+        squeue="#!/usr/bin/env bash\nexit 1\n")
+    run = subprocess.run(["bash", SBATCH, script], env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 1, run.stderr
     assert "no time limit read from squeue" in run.stderr
@@ -254,27 +264,16 @@ printf '%s\\n' {flags} $EXTRA_ARGS
 
 
 def test_the_slurm_script_mounts_checkout_checkpoints_and_data_into_the_container(tmp_path):
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    recording_srun = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SHIM_DIR/srun_args"\n'
-    for name, text in {**SHIMS, "srun": recording_srun}.items():
-        write_executable(str(shims / name), text)
     data, checkpoints = tmp_path / "data", tmp_path / "shared"
     data.mkdir()
     for suffix in (".bin", ".idx"):
         (data / f"corpus_text_document{suffix}").write_bytes(b"")
-    flags = " ".join(job_argv(str(checkpoints / "ckpt"))
-                     + ["--data-path", str(data / "corpus_text_document")])
-    script = tmp_path / "model.sh"
-    write_executable(str(script), f"""#!/usr/bin/env bash
-echo "WORLD_SIZE=$(( GPUS_PER_NODE * NNODES ))"
-printf '%s\\n' {flags} $EXTRA_ARGS
-""")
-    env = environment(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", SHIM_DIR=str(shims),
-                      SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
-                      SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=REPO,
-                      CONTAINER_IMAGE="/shared/megatron_sr.sqsh")
-    run = subprocess.run(["bash", SBATCH, str(script)], env=env, capture_output=True, text=True,
+    shims, script, env = _slurm_job_without_training(
+        tmp_path, job_argv(str(checkpoints / "ckpt")) + [
+            "--data-path", str(data / "corpus_text_document")],
+        srun='#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SHIM_DIR/srun_args"\n')
+    env["CONTAINER_IMAGE"] = "/shared/megatron_sr.sqsh"
+    run = subprocess.run(["bash", SBATCH, script], env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0, run.stderr
     srun_args = (shims / "srun_args").read_text().splitlines()
