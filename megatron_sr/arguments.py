@@ -189,7 +189,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exit-signal", choices=EXIT_SIGNALS, default=TrainingConfig.exit_signal,
                        help="A signal that, like SIGTERM, makes every rank save (with --save) "
                             "and exit after the current step, e.g. SIGUSR1 sent by Slurm's "
-                            "`#SBATCH --signal=USR1@600` ahead of the time limit.")
+                            "`#SBATCH --signal=USR1@900` ahead of the time limit.")
     group.add_argument("--recompute-granularity", choices=("full", "selective"),
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
