@@ -36,7 +36,8 @@ Points (where the job calls `at`):
 
 NaN gradients: MEGATRON_SR_INJECT_NAN_GRAD_AT="3,4" (1-based iterations, as
 logged) makes the backward of those iterations produce NaN gradients on every
-rank while the loss keeps its value (`nan_grad_iterations`; the training loop
+rank, "3,4,rank=1" on rank 1 only (the others must learn it from the
+reductions), while the loss keeps its value (`nan_grad_iterations`; the training loop
 poisons the loss's gradient).
 
 Unset (always, outside the tests) the hooks cost one global lookup and a
@@ -100,10 +101,10 @@ def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
         return
     if fault.iteration is not None and fault.iteration != iteration:
         return
-    if fault.rank is not None and fault.rank != int(os.environ.get("RANK", "0")):
+    if fault.rank is not None and fault.rank != _rank():
         return
     fault.fired = True
-    where = f"{point} (iteration {iteration}, rank {os.environ.get('RANK', '0')})"
+    where = f"{point} (iteration {iteration}, rank {_rank()})"
     print(f"[fault-injection] {fault.action} at {where}", flush=True)
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -118,14 +119,30 @@ def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
         raise OSError(errno.EIO, f"Input/output error (injected at {where})")
 
 
+def _rank() -> int:
+    """This process's global rank: the process group's once it exists, else $RANK."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 NAN_GRAD_ENV = "MEGATRON_SR_INJECT_NAN_GRAD_AT"
 
 
 def nan_grad_iterations() -> frozenset[int]:
-    """The iterations named by $MEGATRON_SR_INJECT_NAN_GRAD_AT (empty when unset)."""
+    """The iterations named by $MEGATRON_SR_INJECT_NAN_GRAD_AT for this rank
+    (empty when unset, or when a `rank=R` item names another rank)."""
     text = os.environ.get(NAN_GRAD_ENV, "").strip()
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    ranks = [item for item in items if item.startswith("rank=")]
     try:
-        return frozenset(int(item) for item in text.split(",") if item.strip())
+        iterations = frozenset(int(item) for item in items if item not in ranks)
+        rank = int(ranks[-1][len("rank="):]) if ranks else None
     except ValueError:
         raise ValueError(f"${NAN_GRAD_ENV}={text!r}: expected comma-separated "
-                         f"iteration numbers, e.g. 3,4") from None
+                         f"iteration numbers and an optional rank=R, e.g. 3,4,rank=1") from None
+    if rank is not None and rank != _rank():
+        return frozenset()
+    return iterations

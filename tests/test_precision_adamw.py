@@ -90,12 +90,15 @@ def test_bf16_updates_round_the_float64_reference(name):
     if name == "bf16-kahan":
         exact_weight = exact_weight + state["kahan"].double()
     run_steps(strategy, state, 1, first_step=5)
-    for stored, exact in ((state["param"], exact_weight), (state["exp_avg"], exact_m),
-                          (state["exp_avg_sq"], exact_v)):
+    rounded_to_nearest = {"bf16": ("param", "exp_avg", "exp_avg_sq"), "bf16-kahan": ("param",),
+                          "bf16-sr": ()}[name]
+    for key, exact in (("param", exact_weight), ("exp_avg", exact_m), ("exp_avg_sq", exact_v)):
+        stored = state[key]
         down, up = bf16_bracket(exact.abs())
-        assert ((stored.float().abs() == down) | (stored.float().abs() == up)).all()
-    if name != "bf16-sr":
-        assert (state["param"].double() - exact_weight).abs().le(exact_weight.abs() * 2.0 ** -8 + 1e-30).all()
+        assert ((stored.float().abs() == down) | (stored.float().abs() == up)).all(), key
+        if key in rounded_to_nearest:  # the nearer neighbour (slack: the fp32 arithmetic)
+            half_gap = (up - down).double() / 2 * (1 + 2.0 ** -10)
+            assert ((stored.double() - exact).abs() <= half_gap).all(), key
     if name == "bf16-kahan":
         total = state["param"].double() + state["kahan"].double()
         assert (total - exact_weight).abs().le(exact_weight.abs() * 2.0 ** -15).all()
@@ -121,7 +124,7 @@ def test_bf16_sr_update_is_unbiased():
 def test_torch_and_triton_paths_are_bit_identical(name, state_dtype, offset):
     strategy = get_strategy(name, state_dtype)
     torch_state = make_state(strategy, 2051, seed=offset % 13)
-    triton_state = {k: t.to(DEVICE) for k, t in torch_state.items()}
+    triton_state = {k: t.to(DEVICE, copy=True) for k, t in torch_state.items()}
     run_steps(strategy, torch_state, 2, offset=offset, backend="eager")
     run_steps(strategy, triton_state, 2, offset=offset, backend="triton")
     for key in torch_state:

@@ -48,7 +48,8 @@ def backend_device(backend: str) -> str:
 
 
 def on(device: str, state: dict) -> dict:
-    return {name: t.to(device) for name, t in state.items()}
+    """A copy of `state` on `device` (a copy also on the same device: never aliased)."""
+    return {name: t.to(device, copy=True) for name, t in state.items()}
 
 
 def segment_keys(step: int) -> list[int]:
@@ -86,6 +87,7 @@ def test_shard_step_equals_one_call_per_segment(backend, name, state_dtype):
 def test_backends_agree_on_a_gradient_scale(name, state_dtype):
     strategy = get_strategy(name, state_dtype)
     initial = make_state(strategy, SHARD_NUMEL, seed=6)
+    unscaled = clone(initial)
     scale = torch.tensor(0.3712, dtype=torch.float32)
     results = {}
     for backend in ("eager", "native", "triton"):
@@ -94,7 +96,6 @@ def test_backends_agree_on_a_gradient_scale(name, state_dtype):
         results[backend] = on(backend_device(backend), initial)
         shard_call(strategy, results[backend], 3, backend, grad_scale=scale.to(backend_device(backend)))
         results[backend] = on("cpu", results[backend])
-    unscaled = clone(initial)
     shard_call(strategy, unscaled, 3, "eager")
     assert not same_bits(unscaled["exp_avg"], results["eager"]["exp_avg"])  # the scale is applied
     for backend, state in results.items():

@@ -1,4 +1,6 @@
 """The strategy table of docs/DESIGN.md, as `megatron_sr.precision.strategies` holds it."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,5 +53,5 @@ def test_bad_names_name_the_flag():
 
 
 def test_strategies_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         get_strategy("bf16-sr").param_dtype = F32

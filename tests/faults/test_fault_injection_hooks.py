@@ -42,6 +42,19 @@ def test_hook_fires_once_at_its_point_iteration_and_rank(monkeypatch):
     fault_injection._fire(fault, "checkpoint-write", 4)  # at most once
 
 
+def test_nan_gradient_iterations_for_every_rank_or_one(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(fault_injection.NAN_GRAD_ENV, "3, 4")
+    assert fault_injection.nan_grad_iterations() == {3, 4}
+    monkeypatch.setenv(fault_injection.NAN_GRAD_ENV, "3,4,rank=1")
+    assert fault_injection.nan_grad_iterations() == {3, 4}
+    monkeypatch.setenv("RANK", "0")
+    assert fault_injection.nan_grad_iterations() == frozenset()
+    monkeypatch.setenv(fault_injection.NAN_GRAD_ENV, "3,rank=x")
+    with pytest.raises(ValueError, match="MEGATRON_SR_INJECT_NAN_GRAD_AT"):
+        fault_injection.nan_grad_iterations()
+
+
 JOB = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
                   "--seq-length", "16", "--lr", "1e-3", "--train-iters", "4", "--mock-data",
                   "--tokenizer-type", "NullTokenizer", "--vocab-size", "60",
