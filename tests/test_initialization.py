@@ -159,7 +159,10 @@ def _largest_tensor_while_building(rank, world_size, chunk_elements):
     from megatron_sr.model import build_model, parallel_layout
 
     parallel_layout.INIT_CHUNK_ELEMENTS["cpu"] = chunk_elements
-    config = tiny_config(vocab_size=256, num_layers=2)
+    # Shapes where every full TP-split weight (the smallest: 64 x 64) is larger than
+    # any tensor a rank legitimately holds (the largest: its 3 x 64 x 64 / 4 QKV shard),
+    # so that building one full weight anywhere shows.
+    config = tiny_config(vocab_size=64, num_layers=2, hidden_size=64, ffn_hidden_size=64)
     parallel_state.initialize_model_parallel(4, 1)
     try:
         with _LargestTensor() as mode:
@@ -167,8 +170,8 @@ def _largest_tensor_while_building(rank, world_size, chunk_elements):
         params = [p for chunk in chunks for p in chunk.parameters()]
         return {"largest_created": mode.largest,
                 "largest_param": max(p.numel() for p in params),
-                "largest_full": max(p.numel() * (4 if p.tensor_model_parallel else 1)
-                                    for p in params)}
+                "smallest_full_split": min(p.numel() * 4 for p in params
+                                           if p.tensor_model_parallel and p.dim() == 2)}
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -176,7 +179,8 @@ def _largest_tensor_while_building(rank, world_size, chunk_elements):
 def test_building_never_creates_a_full_weight_or_unbounded_temporaries():
     chunk = 64
     for result in run_ranks(_largest_tensor_while_building, 4, chunk):
-        assert result["largest_full"] > result["largest_param"]  # the test can tell them apart
+        # The test can tell them apart: no full split weight fits under the bound below.
+        assert result["smallest_full_split"] > max(result["largest_param"], 2 * chunk)
         # Parameters themselves, and per-chunk draws of at most one row more than `chunk`.
         assert result["largest_created"] <= max(result["largest_param"], 2 * chunk)
 
