@@ -52,7 +52,8 @@ from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, Parall
                                 TrainingConfig, global_batch_size_at, validate_parallel_layout)
 from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, padded_vocab_size
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
-from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
+from megatron_sr.precision.strategies import (DEFAULT_STRATEGY, STRATEGIES, PrecisionStrategy,
+                                              get_strategy)
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # --exit-signal
 
@@ -210,6 +211,16 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                             "data-parallel ranks together) instead of averaging per-micro-batch "
                             "means; they differ only when --eod-mask-loss masks tokens (then the "
                             "step's micro-batches are read ahead to count them).")
+    fusion = group.add_mutually_exclusive_group()
+    fusion.add_argument("--gradient-accumulation-fusion", action="store_true",
+                        help="The linear layers' wgrad GEMMs add into the gradient buffer "
+                             "directly (one BF16 rounding per micro-batch instead of two; with "
+                             "an FP32 buffer the product is not rounded to BF16), saving a "
+                             "weight-sized write and read per weight and micro-batch. Off by "
+                             "default (Megatron-LM's default is on): it changes the bits of "
+                             "bf16-mixed and of multi-micro-batch BF16 runs. Not with amp.")
+    fusion.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                        help="Megatron's flag: the default here.")
     group.add_argument("--max-skipped-iterations", type=int,
                        default=TrainingConfig.max_skipped_iterations,
                        help="Stop after this many consecutive steps skipped for NaN/Inf gradients.")
@@ -489,7 +500,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         num_query_groups=_num_query_groups(args), kv_channels=args.kv_channels,
         rotary_percent=args.rotary_percent, rotary_interleaved=args.rotary_interleaved,
         use_rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
-        qk_layernorm=args.qk_layernorm, apply_layernorm_1p=args.apply_layernorm_1p)
+        qk_layernorm=args.qk_layernorm, apply_layernorm_1p=args.apply_layernorm_1p,
+        gradient_accumulation_fusion=_gradient_accumulation_fusion(args, strategy))
     if model.position_embedding_type == "learned_absolute" and \
             model.max_position_embeddings < model.seq_length:
         raise ValueError(f"--max-position-embeddings ({model.max_position_embeddings}) is smaller "
@@ -677,6 +689,14 @@ def _precision(args: argparse.Namespace) -> str:
 def _grad_reduce_dtype(args: argparse.Namespace) -> Optional[str]:
     return _aliased(args, "grad-reduce-dtype", {"grad-reduce-in-bf16": "bf16",
                                                 "accumulate-allreduce-grads-in-fp32": "fp32"})
+
+
+def _gradient_accumulation_fusion(args: argparse.Namespace, strategy: PrecisionStrategy) -> bool:
+    if args.gradient_accumulation_fusion and strategy.autocast:
+        raise ValueError(f"--gradient-accumulation-fusion does not apply to --precision "
+                         f"{strategy.name} (autocast computes the products in BF16 from FP32 "
+                         f"weights): drop it, or use bf16-mixed")
+    return args.gradient_accumulation_fusion
 
 
 def _recompute_granularity(args: argparse.Namespace) -> Optional[str]:

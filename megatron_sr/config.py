@@ -50,6 +50,9 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     qk_layernorm: bool = False  # a norm over each head's q and k features
     apply_layernorm_1p: bool = False  # norms hold gamma - 1 (zero-centered), compute with gamma
+    # Linear layers add their weight gradients into main_grad in the wgrad GEMM
+    # (megatron_sr.tensor_parallel.grad_accumulation_fusion).
+    gradient_accumulation_fusion: bool = False
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:

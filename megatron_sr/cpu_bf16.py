@@ -73,7 +73,9 @@ def cpu_bf16_summary() -> str:
             f"bf16 strategies are no faster than fp32 here; use them for correctness, not speed")
 
 
-def _emulated_bf16(*tensors: torch.Tensor) -> bool:
+def emulates_bf16_products(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors (all BF16 on this CPU, which has no native
+    BF16) are computed here as FP32 products of the exact upcasts, rounded once."""
     return all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in tensors) \
         and not cpu_has_native_bf16()
 
@@ -129,7 +131,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     """`F.linear(x, weight, bias)`; for BF16 inputs on a CPU without native BF16,
     computed in FP32 from the exact upcasts and rounded to BF16 once (see the
     module docstring). Output dtype and shape are those of `F.linear`."""
-    if _emulated_bf16(x, weight):
+    if emulates_bf16_products(x, weight):
         return _LinearInFp32.apply(x, weight, bias)
     if _emulated_autocast(x, weight):
         return _LinearInFp32.apply(*_bf16(x, weight, bias))
@@ -175,7 +177,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         with _no_autocast():
             return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                 is_causal=is_causal, scale=scale, **kwargs)
-    if not _emulated_bf16(q, k, v):
+    if not emulates_bf16_products(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **kwargs)
     if attn_mask is None and dropout_p == 0.0 and not kwargs and q.shape[1] == k.shape[1]:

@@ -91,6 +91,14 @@ def test_megatron_fp32_grad_accumulation_flag_is_grad_reduce_dtype_fp32():
         job("--accumulate-allreduce-grads-in-fp32", "--grad-reduce-dtype", "bf16")
 
 
+def test_gradient_accumulation_fusion_is_opt_in():
+    assert job("--gradient-accumulation-fusion").model.gradient_accumulation_fusion
+    assert not job().model.gradient_accumulation_fusion
+    assert not job("--no-gradient-accumulation-fusion").model.gradient_accumulation_fusion
+    with pytest.raises(SystemExit):
+        job("--gradient-accumulation-fusion", "--no-gradient-accumulation-fusion")
+
+
 def test_megatron_aliases():
     assert job("--recompute-activations").model.recompute_granularity == "selective"
     assert job("--recompute-granularity", "full").model.recompute_granularity == "full"
@@ -287,6 +295,8 @@ INVALID = [
      ["--optimizer-state-dtype", "--precision"]),
     (("--recompute-activations", "--recompute-granularity", "full"), (), 1,
      ["--recompute-activations", "--recompute-granularity"]),
+    (("--gradient-accumulation-fusion", "--precision", "amp"), (), 1,
+     ["--gradient-accumulation-fusion", "--precision"]),
     (("--hidden-dropout", "1.0"), (), 1, ["--hidden-dropout"]),
     (("--adam-beta2", "1.5"), (), 1, ["--adam-beta2"]),
     (("--adam-eps", "0"), (), 1, ["--adam-eps"]),

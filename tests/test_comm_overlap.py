@@ -41,7 +41,7 @@ def _record_steps(rank: int, world_size: int, argv: list[str]) -> dict:
     all_gather, get_schedule = param_buffer.all_gather_into, training.get_forward_backward_func
 
     def accumulate_grad(self, param):
-        events.append(("grad", self._bucket_of_param[id(param)]))
+        events.append(("grad", self._bucket_of_param[id(param)], param.grad_added_to_main_grad))
         originals["_accumulate_grad"](self, param)
 
     def launch_grad_reduce(self, bucket, async_op):
@@ -139,6 +139,13 @@ def pp2_dp2():
     return run_ranks(_record_steps, 4, _argv(pipeline_model_parallel_size=2), timeout=300)
 
 
+@pytest.fixture(scope="module")
+def dp2_fused():
+    return run_ranks(_record_steps, 2, _argv(gradient_accumulation_fusion=True,
+                                             untie_embeddings_and_output_weights=True),
+                     timeout=300)
+
+
 def _steps(events: list[tuple]) -> list[list[tuple]]:
     """The events of each step, from its ("step", i) marker to the next."""
     steps = []
@@ -163,11 +170,16 @@ def _check_every_reduce_launched_from_backward(result: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_sp_dp2", "pp2_dp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp_dp2", "pp2_dp2", "dp2_fused"])
 def test_every_bucket_reduce_is_launched_before_backward_ends(layout, request):
     results = request.getfixturevalue(layout)
     for result in results:
         _check_every_reduce_launched_from_backward(result)
+        fused = [e[2] for e in result["events"] if e[0] == "grad"]
+        # --gradient-accumulation-fusion: the linear weights' grads (4 per layer and the
+        # output layer's, of each micro-batch) arrive already added; the rest are added.
+        expected = 0 if layout != "dp2_fused" else (4 * 2 + 1) * 2 * STEPS
+        assert sum(fused) == expected
     if layout == "tp2_sp_dp2":  # the buckets that used to wait for the end of backward
         assert all(r["sequence_parallel_buckets"] for r in results)
 

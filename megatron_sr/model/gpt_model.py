@@ -117,7 +117,8 @@ class GPTModel(nn.Module):
                 config.hidden_size, config.vocab_size, bias=False,
                 init_method=normal_init(config.init_method_std), params_dtype=config.params_dtype,
                 device=device, sequence_parallel=sequence_parallel,
-                skip_weight_param=self.tied and pre_process)
+                skip_weight_param=self.tied and pre_process,
+                gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         if self.tied and pre_process:
             self.embedding.word_embeddings.weight.shared_embedding = True
         if self.tied and post_process and not pre_process:

@@ -213,7 +213,9 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         self.recompute_core = config.recompute_granularity == "selective"
-        h, kw = config.hidden_size, dict(params_dtype=config.params_dtype, device=device)
+        h, kw = config.hidden_size, dict(
+            params_dtype=config.params_dtype, device=device,
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_qkv = ColumnParallelLinear(
             h, config.qkv_size, bias=config.add_bias_linear,
             init_method=normal_init(config.init_method_std),
@@ -285,7 +287,8 @@ class MLP(nn.Module):
                              f"got {config.activation!r}")
         self.swiglu = config.activation == "swiglu"
         h, f = config.hidden_size, config.ffn_hidden_size
-        kw = dict(params_dtype=config.params_dtype, device=device)
+        kw = dict(params_dtype=config.params_dtype, device=device,
+                  gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_fc1 = ColumnParallelLinear(
             h, 2 * f if self.swiglu else f, bias=config.add_bias_linear,
             init_method=normal_init(config.init_method_std), sequence_parallel=sequence_parallel,

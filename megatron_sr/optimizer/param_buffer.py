@@ -5,7 +5,9 @@ Every parameter of this rank's model chunks becomes a view into one flat
 view into one flat `grad_buffer` (dtype: the strategy's grad dtype, or
 `--grad-reduce-dtype`). Backward accumulates `param.grad` into `main_grad`
 with a post-accumulate hook and frees `param.grad`, so gradients of all
-micro-batches of a step sum in the grad buffer.
+micro-batches of a step sum in the grad buffer (with gradient-accumulation
+fusion the wgrad GEMM has added it already and sets
+`param.grad_added_to_main_grad`: `megatron_sr.tensor_parallel.grad_accumulation_fusion`).
 
 The buffer is cut into buckets (consecutive parameters, in the reverse of
 the model's order, so that backward fills bucket 0 first and the forward
@@ -207,6 +209,7 @@ class ParamAndGradBuffer:
             view.copy_(param.data)
             param.data = view
             param.main_grad = self.grad_buffer[start:end].view_as(param)
+            param.grad_added_to_main_grad = False
         self.segments = self._shard_segments()
         self._tp_group = tensor_parallel_group if _size(tensor_parallel_group) > 1 else None
         self._embedding_group = embedding_group if _size(embedding_group) > 1 else None
@@ -264,7 +267,10 @@ class ParamAndGradBuffer:
             self._pending_grads[bucket] = len(members) * num_microbatches
 
     def _accumulate_grad(self, param: torch.nn.Parameter) -> None:
-        param.main_grad.add_(param.grad)
+        if param.grad_added_to_main_grad:  # the wgrad GEMM added it (gradient-accumulation fusion)
+            param.grad_added_to_main_grad = False
+        else:
+            param.main_grad.add_(param.grad)
         param.grad = None
         if not self.overlap_grad_reduce:
             return

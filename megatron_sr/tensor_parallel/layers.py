@@ -1,5 +1,9 @@
 """Linear and embedding layers split across the tensor-parallel (TP) group.
 
+With `gradient_accumulation_fusion` the linear layers add their own weight's
+gradient into its `main_grad` in the wgrad GEMM
+(`megatron_sr.tensor_parallel.grad_accumulation_fusion`).
+
 Parameter attributes (set here, read by the model builder, `finalize_model_grads`,
 the optimizer and checkpointing):
 
@@ -38,6 +42,7 @@ from torch import nn
 from megatron_sr import parallel_state
 from megatron_sr.cpu_bf16 import linear
 from megatron_sr.random import philox_normal
+from megatron_sr.tensor_parallel.grad_accumulation_fusion import linear_with_grad_accumulation
 from megatron_sr.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -145,13 +150,14 @@ class ColumnParallelLinear(nn.Module):
     (all-gathered here; backward reduce-scatters the input gradient).
     Output: [s, b, out / tp] on each rank (or [s, b, out] with gather_output).
     `forward(x, weight=...)` takes an external weight of the local shape
-    instead of the own one: the tied output layer uses the word embedding's.
+    instead of the own one: the tied output layer uses the word embedding's
+    (never gradient-accumulation fused).
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
                  params_dtype: torch.dtype, device=None, gather_output: bool = False,
                  sequence_parallel: bool = False, partition_stride: int = 1,
-                 skip_weight_param: bool = False):
+                 skip_weight_param: bool = False, gradient_accumulation_fusion: bool = False):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if gather_output and (sequence_parallel or partition_stride != 1):
@@ -161,6 +167,7 @@ class ColumnParallelLinear(nn.Module):
         _divide(self.output_size_per_partition, partition_stride, "output features per stride")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         kw = dict(dtype=params_dtype, device=device)
         if skip_weight_param:
             self.weight = None
@@ -182,7 +189,10 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, grad_is_partial=True)
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        y = linear(x, weight, self.bias)
+        if self.gradient_accumulation_fusion and weight is self.weight:
+            y = linear_with_grad_accumulation(x, weight, self.bias)
+        else:
+            y = linear(x, weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
@@ -197,7 +207,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
                  params_dtype: torch.dtype, device=None, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, gradient_accumulation_fusion: bool = False):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
@@ -205,6 +215,7 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_partition = _divide(input_size, tp, "input features")
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         kw = dict(dtype=params_dtype, device=device)
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, **kw))
         set_parallel_attributes(self.weight, tensor_model_parallel=True, partition_dim=1,
@@ -220,7 +231,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = linear(x, self.weight)
+        fused = self.gradient_accumulation_fusion
+        y = (linear_with_grad_accumulation if fused else linear)(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y)
         else:

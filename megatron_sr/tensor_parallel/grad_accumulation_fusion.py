@@ -1,0 +1,107 @@
+"""Weight gradients accumulated straight into `main_grad` (Megatron's
+`--gradient-accumulation-fusion`).
+
+Without fusion every micro-batch's backward writes each weight's gradient into
+a fresh `param.grad` (the wgrad GEMM's output in the param dtype), and the
+grad buffer's post-accumulate hook adds it into `param.main_grad`
+(`megatron_sr.optimizer.param_buffer`): per weight and micro-batch one more
+weight-sized tensor written and read, and an extra kernel. With fusion the
+wgrad GEMM adds its product into `main_grad` itself (C += g^T x, beta = 1).
+
+Numerics, per micro-batch:
+- BF16 grad buffer (bf16, bf16-sr, bf16-kahan): `main_grad + g^T x` rounded to
+  BF16 once, where the hook path rounds twice (the product, then the sum). The
+  first micro-batch of a step adds to zeros, so with one micro-batch per step
+  both paths give the same bits.
+- FP32 grad buffer with BF16 params (bf16-mixed, `--grad-reduce-dtype fp32`):
+  the FP32 product is added without being rounded to BF16 first, so even one
+  micro-batch differs from the hook path (it is more precise).
+- FP32 params (fp32): the same sum as the hook path.
+
+Autograd still needs a gradient for the weight, so that its AccumulateGrad node
+runs and the buffer's hook counts the micro-batch (with `--overlap-grad-reduce`
+a bucket launches once every parameter in it has been counted): backward
+returns an uninitialized tensor of the weight's shape (no kernel touches it)
+and sets `weight.grad_added_to_main_grad`, and the hook drops it instead of
+adding it.
+
+Only a layer's own weight is fused: the tied output layer takes the word
+embedding's weight as an argument, and autograd sums that gradient with the
+embedding lookup's before any hook sees it. Parameters without a `main_grad`
+(no grad buffer: inference, a bare module) get their gradient in `.grad` as
+usual. Not under `torch.autocast` (the amp strategy): the products there run in
+autocast's dtype, which this function does not track.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_sr.cpu_bf16 import emulates_bf16_products, linear
+
+try:  # apex built with --cuda_ext (the Docker image): FP32 += BF16 x BF16 in one GEMM
+    import fused_weight_gradient_mlp_cuda
+except ImportError:
+    fused_weight_gradient_mlp_cuda = None
+
+
+def accumulate_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor,
+                           x: torch.Tensor) -> None:
+    """main_grad [out, in] += g^T x, with g = grad_output [..., out] and x [..., in]
+    flattened to rows, rounded once to main_grad's dtype. grad_output and x have
+    one dtype; main_grad has theirs or FP32."""
+    g = grad_output.reshape(-1, grad_output.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
+    if main_grad.dtype == g.dtype:
+        if emulates_bf16_products(g, rows):
+            main_grad.copy_(torch.addmm(main_grad.float(), g.t().float(), rows.float()))
+        else:
+            main_grad.addmm_(g.t(), rows)
+    elif main_grad.dtype is torch.float32:
+        if main_grad.is_cuda and fused_weight_gradient_mlp_cuda is not None:
+            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(rows.contiguous(), g.contiguous(),
+                                                                 main_grad)
+        elif main_grad.is_cuda:
+            main_grad.add_(torch.mm(g.t(), rows, out_dtype=torch.float32))
+        else:
+            main_grad.addmm_(g.t().float(), rows.float())
+    else:
+        raise TypeError(f"accumulate_weight_grad: main_grad {main_grad.dtype} for "
+                        f"{g.dtype} products (expected {g.dtype} or torch.float32)")
+
+
+class _LinearWithGradAccumulation(torch.autograd.Function):
+    """y = x W^T + b (`megatron_sr.cpu_bf16.linear`), W's gradient added into
+    W.main_grad. Saves x and W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(grad_y, weight.t())
+        if ctx.needs_input_grad[1]:
+            accumulate_weight_grad(weight.main_grad, grad_y, x)
+            weight.grad_added_to_main_grad = True
+            grad_weight = torch.empty_like(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32) \
+                .to(grad_y.dtype)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear_with_grad_accumulation(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`megatron_sr.cpu_bf16.linear(x, weight, bias)` whose backward adds the
+    weight's gradient into `weight.main_grad` (see the module docstring); plain
+    `linear` when the weight has no `main_grad` or autocast is on."""
+    if getattr(weight, "main_grad", None) is None or torch.is_autocast_enabled(x.device.type):
+        return linear(x, weight, bias)
+    return _LinearWithGradAccumulation.apply(x, weight, bias)
