@@ -440,22 +440,57 @@ class StepReport:
 
 class LossAccumulator:
     """The training losses of the steps since the last log line, kept on the
-    device so that no step waits for a loss: `add` takes this rank's mean
-    over a step's micro-batches (a device scalar; last stage only), and
-    `mean_over_data_parallel` (at log steps: one all-reduce over the DP group
-    and one host sync) returns the mean over those steps and DP ranks, or None
-    on ranks without the last stage or when no step was added."""
+    device so that no step waits for a loss. Last stage only: elsewhere nothing
+    is added and the means are None.
+
+    - `add(local_mean)`: an applied step's mean over its micro-batches on this
+      rank (an fp32 device scalar).
+    - `start_reduction(step_loss)`: on a step whose loss is read (a log step),
+      before its optimizer step: one async all-reduce over the DP group of
+      [sum of the losses added so far, this step's loss]. Queued ahead of the
+      step's parameter all-gathers (NCCL runs a communicator's collectives in
+      order), so reading it never waits for them and the next forward still
+      overlaps them.
+    - `finish_reduction(applied)`: after the optimizer step (and after `add`
+      of an applied step): waits, reads both (one host sync), returns this
+      step's DP-mean loss and keeps the interval's mean for the log line.
+    - `mean_over_data_parallel()`: at the log line: the mean over the
+      interval's applied steps and the DP ranks, from that reduction when it
+      covers every added loss, else by one all-reduce and host sync here;
+      None when no step was added. Starts the next interval.
+    """
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
+        self._pending: Optional[tuple] = None  # (work, [sum, step loss], losses covered)
+        self._reduced: Optional[tuple[float, int]] = None  # (interval mean, losses covered)
 
     def add(self, local_mean: torch.Tensor) -> None:
         self.values.append(local_mean)
 
+    def start_reduction(self, step_loss: torch.Tensor) -> None:
+        added = torch.stack(self.values).sum() if self.values else torch.zeros_like(step_loss)
+        sums = torch.stack([added, step_loss.float()])
+        work = dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(),
+                               async_op=True)
+        self._pending = (work, sums, len(self.values))
+
+    def finish_reduction(self, applied: bool) -> float:
+        (work, sums, covered), self._pending = self._pending, None
+        work.wait()
+        interval_sum, step_loss = (sums / parallel_state.get_data_parallel_world_size()).tolist()
+        if applied:
+            interval_sum, covered = interval_sum + step_loss, covered + 1
+        self._reduced = (interval_sum / covered, covered) if covered else None
+        return step_loss
+
     def mean_over_data_parallel(self) -> Optional[float]:
         values, self.values = self.values, []
+        reduced, self._reduced = self._reduced, None
         if not values:
             return None
+        if reduced is not None and reduced[1] == len(values):
+            return reduced[0]
         return _average_over_dp(values, values[0].device)
 
 
@@ -488,6 +523,8 @@ _COLLECTIVE_OF_FUNCTION = {
     "_all_gather_objects": "all-gather of the ranks' write results",
     "save_training_checkpoint": "all-gather of the RNG states",
     "_average_over_dp": "loss all-reduce",
+    "start_reduction": "loss all-reduce",
+    "finish_reduction": "loss all-reduce",
     "_agree": "exit-condition all-reduce",
 }
 _COMMUNICATION_FAILURE_MARKERS = ("gloo", "nccl", "timed out", "connection closed",
@@ -547,9 +584,12 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     `iteration` (1-based, as logged) names the step in errors.
     Loss: an applied step adds this rank's micro-batch mean to
     `loss_accumulator` (on the device) when one is given. `reduce_loss`
-    (default: when no accumulator is given) also averages it over DP into
-    `StepReport.loss` (an all-reduce and a host sync); a skipped step always
-    does, so that a NaN loss is seen (all DP ranks skip together).
+    (default: when no accumulator is given; the loop passes its log steps)
+    also averages it over DP into `StepReport.loss`: one all-reduce, issued
+    before the optimizer step together with the accumulator's interval sum
+    (`LossAccumulator.start_reduction`), and one host sync after it. A skipped
+    step always reports its loss, so that a NaN loss is seen (all DP ranks
+    skip together).
     `decoupled_lr` (--decoupled-lr) is the embedding and output layer's
     learning rate; `timers` (--log-timers-to-tensorboard) time the phases;
     `num_microbatches` per data-parallel rank (default the job's;
@@ -572,15 +612,23 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                                   seq_length=job.model.seq_length,
                                   micro_batch_size=job.training.micro_batch_size)
     fault_injection.at("train-step", iteration)
+    local_loss = _local_mean(losses)
+    read_loss = (loss_accumulator is None if reduce_loss is None else reduce_loss) \
+        and local_loss is not None
+    accumulator = loss_accumulator if loss_accumulator is not None else LossAccumulator()
+    if read_loss:
+        with communication_phase(job, "loss averaging", iteration):
+            accumulator.start_reduction(local_loss)
     with communication_phase(job, "optimizer step", iteration), timers.phase("optimizer"):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption,
                                 decoupled_lr=decoupled_lr)
-    local_loss = _local_mean(losses)
     if loss_accumulator is not None and local_loss is not None and not result.skipped:
         loss_accumulator.add(local_loss)
     loss = None
-    if result.skipped or (loss_accumulator is None if reduce_loss is None else reduce_loss):
-        with communication_phase(job, "loss averaging", iteration):
+    with communication_phase(job, "loss averaging", iteration):
+        if read_loss:
+            loss = accumulator.finish_reduction(applied=not result.skipped)
+        elif result.skipped:
             loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption)
@@ -746,6 +794,7 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                 nan_grad_step if iteration + 1 in nan_grad_iterations
                                 else forward_step, measure_update_absorption=log_now,
                                 iteration=iteration + 1, loss_accumulator=losses,
+                                reduce_loss=log_now,
                                 decoupled_lr=decoupled_lr_at(job, scheduler.iteration),
                                 timers=timers,
                                 num_microbatches=batch_size // samples_per_microbatch_step)

@@ -60,7 +60,7 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
 
     def recording_train_step(*args, **kwargs):
         # Every step's DP-mean loss (the loop itself reduces losses only at log steps).
-        report = train_step(*args, **kwargs, reduce_loss=True)
+        report = train_step(*args, **dict(kwargs, reduce_loss=True))
         reports.append(dataclasses.asdict(report))
         return report
 

@@ -223,56 +223,86 @@ LOG_INTERVAL, ITERS = 3, 6
 
 
 def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
-    """Runs the real job, counting the loss all-reduces (each ends in .item())
-    and recording every step's local loss as the loop hands it over."""
+    """Runs the real job, recording in order: the loss all-reduces (the
+    synchronous fallback and the ones started before an optimizer step, with
+    the number of added losses they cover), the optimizer steps, the
+    parameter all-gathers, and every step's local loss as the loop hands it over."""
     import contextlib
     import io
 
     from megatron_sr import training
+    from megatron_sr.optimizer import param_buffer
+    from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 
-    reductions, local_losses = [], []
-    average, add, agree = (training._average_over_dp, training.LossAccumulator.add,
-                           training._agree)
-    agreements = []
+    events, local_losses, agreements = [], [], []
+    originals = dict(average=training._average_over_dp, add=training.LossAccumulator.add,
+                     start=training.LossAccumulator.start_reduction, agree=training._agree,
+                     step=DistributedOptimizer.step, gather=param_buffer.all_gather_into)
 
     def counting_average(values, device):
-        reductions.append(len(values))
-        return average(values, device)
+        events.append(("synchronous loss all-reduce", len(values)))
+        return originals["average"](values, device)
+
+    def recording_start(self, step_loss):
+        events.append(("loss all-reduce", len(self.values)))
+        originals["start"](self, step_loss)
 
     def recording_add(self, local_mean):
         local_losses.append(local_mean.item())
-        add(self, local_mean)
+        originals["add"](self, local_mean)
 
     def recording_agree(flags, group):
         agreements.append(group)
-        return agree(flags, group)
+        return originals["agree"](flags, group)
+
+    def recording_step(self, *args, **kwargs):
+        events.append(("optimizer step",))
+        return originals["step"](self, *args, **kwargs)
+
+    def recording_gather(*args, **kwargs):
+        events.append(("gather",))
+        return originals["gather"](*args, **kwargs)
 
     training._average_over_dp = counting_average
     training.LossAccumulator.add = recording_add
+    training.LossAccumulator.start_reduction = recording_start
     training._agree = recording_agree
+    DistributedOptimizer.step = recording_step
+    param_buffer.all_gather_into = recording_gather
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
             training.pretrain(argv=argv)
     finally:
-        training._average_over_dp, training.LossAccumulator.add = average, add
-        training._agree = agree
-    return {"reductions": reductions, "local_losses": local_losses,
+        training._average_over_dp, training.LossAccumulator.add = (originals["average"],
+                                                                   originals["add"])
+        training.LossAccumulator.start_reduction = originals["start"]
+        training._agree, DistributedOptimizer.step = originals["agree"], originals["step"]
+        param_buffer.all_gather_into = originals["gather"]
+    return {"events": events, "local_losses": local_losses,
             "agreements": len(agreements), "stdout": stdout.getvalue()}
 
 
 @pytest.mark.slow
-def test_the_loss_is_reduced_and_read_only_at_log_steps():
+def test_the_loss_is_reduced_and_read_only_at_log_steps_ahead_of_the_param_gathers():
     import re
 
     argv = tiny_gpt_argv(train_iters=ITERS, log_interval=LOG_INTERVAL, global_batch_size=8,
-                         micro_batch_size=2)
+                         micro_batch_size=2, use_distributed_optimizer=True,
+                         overlap_param_gather=True)
     results = run_ranks(_count_loss_reductions, 2, argv, timeout=300,
                         env={"WORLD_SIZE": "2"})
     for result in results:
-        # One all-reduce per log line, over the steps of its interval (the loop's
-        # accumulator hands it one value per step).
-        assert result["reductions"] == [LOG_INTERVAL] * (ITERS // LOG_INTERVAL)
+        events = result["events"]
+        steps = [i for i, e in enumerate(events) if e[0] == "optimizer step"]
+        reductions = [e for e in events if "loss all-reduce" in e[0]]
+        # One all-reduce per log line, started before the log step's optimizer step (so
+        # ahead of its parameter all-gathers on the DP communicator), covering the
+        # interval's earlier steps (the loop's accumulator holds one loss per step).
+        assert reductions == [("loss all-reduce", LOG_INTERVAL - 1)] * (ITERS // LOG_INTERVAL)
+        for log_step in range(LOG_INTERVAL, ITERS + 1, LOG_INTERVAL):
+            assert events[steps[log_step - 1] - 1][0] == "loss all-reduce"
+            assert events[steps[log_step - 1] + 1][0] == "gather"
         assert len(result["local_losses"]) == ITERS
         assert result["agreements"] == ITERS
     logged = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+) \|", results[-1]["stdout"])]
