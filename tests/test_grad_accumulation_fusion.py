@@ -123,10 +123,11 @@ def _job(micro_batches: int, data_parallel: int = 2, **flags) -> list[str]:
                          use_distributed_optimizer=True, overlap_grad_reduce=True, **flags)
 
 
-LAYOUTS = {  # 2 ranks each
-    "dp2": dict(),
+LAYOUTS = {  # 2 ranks each; tied, the output layer takes the embedding's weight unfused
     "dp2_untied": dict(untie_embeddings_and_output_weights=True),  # the output layer fused too
-    "tp2_sp": dict(data_parallel=1, tensor_model_parallel_size=2, sequence_parallel=True),
+    # Under full recomputation the saved weight comes back without main_grad.
+    "tp2_sp_recompute": dict(data_parallel=1, tensor_model_parallel_size=2,
+                             sequence_parallel=True, recompute_granularity="full"),
 }
 
 

@@ -73,11 +73,14 @@ def accumulate_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor,
 
 class _LinearWithGradAccumulation(torch.autograd.Function):
     """y = x W^T + b (`megatron_sr.cpu_bf16.linear`), W's gradient added into
-    W.main_grad. Saves x and W."""
+    W.main_grad. Saves x and W; keeps the Parameter itself too, since under
+    activation recomputation the saved W comes back as another tensor, without
+    `main_grad`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
+        ctx.parameter = weight
         ctx.has_bias = bias is not None
         return linear(x, weight, bias)
 
@@ -88,8 +91,8 @@ class _LinearWithGradAccumulation(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = linear(grad_y, weight.t())
         if ctx.needs_input_grad[1]:
-            accumulate_weight_grad(weight.main_grad, grad_y, x)
-            weight.grad_added_to_main_grad = True
+            accumulate_weight_grad(ctx.parameter.main_grad, grad_y, x)
+            ctx.parameter.grad_added_to_main_grad = True
             grad_weight = torch.empty_like(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32) \
