@@ -11,6 +11,8 @@
 #      GPT-2 vocabulary) for each of bf16-mixed and bf16-sr, one process per
 #      strategy (its memory is freed before the next): tokens/s, TFLOP/s, MFU
 #      against the dense BF16 peak, peak CUDA memory (max_memory_allocated);
+#      then bf16-sr without and with --gradient-accumulation-fusion side by side in
+#      one run, 4 micro-batches per step;
 #   4. a short convergence A/B: pretrain_gpt.py, GPT-2 small shape (12 x 768,
 #      12 heads, seq 1024), bf16-sr vs bf16-mixed, same seed and data, ~90 s
 #      each (--exit-duration-in-mins: start-up included), the losses side by side. Data: $DATA_PREFIX (a .bin/.idx prefix
@@ -45,6 +47,7 @@ if [ "${CPU_SMOKE:-0}" = 1 ]; then
   pytest_args=(tests/test_precision_gpu.py tests/test_precision_shard_step.py -k "gpu or triton")
   ab_model="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2"
   ab_iters=20; ab_log_interval=1; ab_seconds="${AB_SECONDS:-30}"; mock_vocab=1000; ab_shape="tiny (CPU smoke)"
+  fusion_batch=8
 else
   device=cuda; numel="${NUMEL:-67108864}"; kernel_backend=triton; hidden=1024
   model_args="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 8 --vocab-size 50257 --position-embedding-type rope --untie-embeddings-and-output-weights}"
@@ -53,6 +56,7 @@ else
                tests/test_precision_shard_step.py -k "gpu or cuda or triton")
   ab_model="--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024 --max-position-embeddings 1024 --micro-batch-size 8 --global-batch-size 32"
   ab_iters=100000; ab_log_interval=25; mock_vocab=50257; ab_shape="GPT-2 small shape"
+  fusion_batch=32
 fi
 
 run_part() {  # run_part NAME TIMEOUT_S COMMAND...: logs to $out/NAME.log, records failure
@@ -94,6 +98,10 @@ for strategy in "${strategy_list[@]}"; do
   run_part "train_step_$strategy" 150 "$py" bench/train_step.py --device "$device" --strategies "$strategy" \
     $bench_iters --markdown "$out/train_step_$strategy.md" -- $model_args
 done
+# shellcheck disable=SC2086
+run_part train_step_fusion 200 "$py" bench/train_step.py --device "$device" \
+  --strategies bf16-sr,bf16-sr+gradient-accumulation-fusion $bench_iters \
+  --markdown "$out/train_step_fusion.md" -- $model_args --global-batch-size "$fusion_batch"
 
 # 4. Convergence A/B: the same seed and data, bf16-sr vs bf16-mixed.
 data_args=""
@@ -180,6 +188,11 @@ EOF
     if [ -f "$out/train_step_$strategy.md" ]; then cat "$out/train_step_$strategy.md"
     else echo '```'; tail -20 "$out/train_step_$strategy.log"; echo '```'; fi
   done
+  echo
+  echo "### Gradient-accumulation fusion, bf16-sr, global batch $fusion_batch (4 micro-batches per step)"
+  echo
+  if [ -f "$out/train_step_fusion.md" ]; then cat "$out/train_step_fusion.md"
+  else echo '```'; tail -20 "$out/train_step_fusion.log"; echo '```'; fi
   echo
   echo "## 4. Convergence A/B: $ab_shape, ${ab_seconds} s each, same seed and data ($data_note)"
   echo; cat "$out/ab_table.md"

@@ -18,7 +18,11 @@ Reported per strategy:
   the RSS before the model was built (the Python/torch baseline, taken after
   one optimizer step on a scratch segment has compiled the CPU step), on
   CUDA torch.cuda.max_memory_allocated;
-- ratios against bf16-mixed and amp.
+- ratios against bf16-mixed and amp, and with variants against the first entry.
+
+A `--strategies` entry may add flags to its job with `+`: `bf16-sr+gradient-accumulation-fusion`
+runs bf16-sr with `--gradient-accumulation-fusion`, so `--strategies
+bf16-sr,bf16-sr+gradient-accumulation-fusion` is an A/B of that flag, side by side.
 
     .venv/bin/python bench/train_step.py [--strategies fp32,amp,bf16-mixed,bf16,bf16-sr,bf16-kahan]
         [--nproc N] [--device cpu|cuda] [--warmup 2] [--iters 8] [--block 2] [--markdown out.md]
@@ -105,10 +109,16 @@ def _compile_optimizer_step(strategy: str, device) -> None:
                step=1, sr_key=1)
 
 
+def variant_args(entry: str) -> list[str]:
+    """The flags of a --strategies entry: `STRATEGY[+FLAG...]` -> --precision STRATEGY --FLAG..."""
+    strategy, *flags = entry.split("+")
+    return ["--precision", strategy] + ["--" + flag for flag in flags]
+
+
 def _worker(strategy: str, megatron_args: list[str], rank: int, world_size: int, port: int,
             threads: int, connection) -> None:
-    """Builds the job of `strategy`, warms up, then answers the parent's
-    ("run", n) with n iteration times and "finish" with its peak memory."""
+    """Builds the job of `strategy` (a --strategies entry), warms up, then answers
+    the parent's ("run", n) with n iteration times and "finish" with its peak memory."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -121,7 +131,7 @@ def _worker(strategy: str, megatron_args: list[str], rank: int, world_size: int,
         from megatron_sr.training import (initialize_distributed, make_forward_step, memory_report,
                                           setup_model_and_optimizer, train_step)
 
-        job = parse_args(megatron_args + ["--precision", strategy], world_size)
+        job = parse_args(megatron_args + variant_args(strategy), world_size)
         job = job.with_vocab_size(job.data.vocab_size)
         device = initialize_distributed(job)
         cuda = device.type == "cuda"
@@ -285,20 +295,23 @@ def table(results: dict[str, dict], nproc: int, peak_tflops) -> str:
         info["peak"] = info["peak_cuda"] if info["peak_cuda"] is not None else info["peak_rss"]
     cuda = any(info["peak_cuda"] is not None for info in results.values())
     mixed, amp = results.get("bf16-mixed"), results.get("amp")
+    first = next(iter(results.values()))
+    variants = any("+" in name for name in results)
 
     def ref(reference, key):
         return reference[key] if reference else None
 
-    head = ["strategy", "tokens/s", "vs bf16-mixed", "vs amp", "step ms", "optimizer ms",
-            "state MiB", "B/param",
-            "state vs bf16-mixed"]
+    head = ["strategy", "tokens/s"] + (["vs first"] if variants else []) + [
+        "vs bf16-mixed", "vs amp", "step ms", "optimizer ms", "state MiB", "B/param",
+        "state vs bf16-mixed"]
     if cuda:
         head += ["TFLOP/s/dev", "MFU", "peak CUDA MiB", "peak vs amp"]
     else:
         head += ["peak RSS MiB", "peak - baseline MiB", "peak vs amp", "(peak-base) vs amp"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, info in results.items():
-        row = [name, f"{info['tokens_per_s']:.0f}",
+        row = [name, f"{info['tokens_per_s']:.0f}"] + (
+            [_ratio(info["tokens_per_s"], first["tokens_per_s"])] if variants else []) + [
                _ratio(info["tokens_per_s"], ref(mixed, "tokens_per_s")),
                _ratio(info["tokens_per_s"], ref(amp, "tokens_per_s")),
                f"{info['step_ms']:.0f}", f"{info['optimizer_ms']:.0f}",
@@ -323,7 +336,8 @@ def main(argv=None) -> int:
         cut = argv.index("--")
         argv, megatron_args = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategies", default=ALL_STRATEGIES, help="comma-separated --precision values")
+    parser.add_argument("--strategies", default=ALL_STRATEGIES,
+                        help="comma-separated --precision values, each optionally with +FLAG...")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per strategy (TP x PP x DP)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available")
@@ -344,7 +358,7 @@ def main(argv=None) -> int:
     from megatron_sr.precision.strategies import STRATEGIES
 
     strategies = args.strategies.split(",")
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s.split("+")[0] not in STRATEGIES]
     if unknown:
         parser.error(f"--strategies: unknown {unknown}; choose from {sorted(STRATEGIES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,7 +371,8 @@ def main(argv=None) -> int:
     model_args = megatron_args if any(a.startswith("--num-layers") for a in megatron_args) \
         else DEFAULT_MODEL_ARGS.split() + megatron_args
     full_args = BENCH_JOB_ARGS.split() + model_args
-    parse_args(full_args, args.nproc)  # fail here, with the flag named, not in every child
+    for strategy in strategies:  # fail here, with the flag named, not in every child
+        parse_args(full_args + variant_args(strategy), args.nproc)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     peak_tflops = args.peak_tflops
     if peak_tflops is None and device == "cuda":
