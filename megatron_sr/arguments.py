@@ -215,10 +215,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     fusion.add_argument("--gradient-accumulation-fusion", action="store_true",
                         help="The linear layers' wgrad GEMMs add into the gradient buffer "
                              "directly (one BF16 rounding per micro-batch instead of two; with "
-                             "an FP32 buffer the product is not rounded to BF16), saving a "
-                             "weight-sized write and read per weight and micro-batch. Off by "
-                             "default (Megatron-LM's default is on): it changes the bits of "
-                             "bf16-mixed and of multi-micro-batch BF16 runs. Not with amp.")
+                             "an FP32 buffer the product is not rounded to BF16: on a GPU this "
+                             "needs apex), saving a weight-sized write and read per weight and "
+                             "micro-batch. Off by default (Megatron-LM's default is on): it "
+                             "changes the bits of bf16-mixed runs and of runs with several "
+                             "micro-batches per step. Not with amp.")
     fusion.add_argument("--no-gradient-accumulation-fusion", action="store_true",
                         help="Megatron's flag: the default here.")
     group.add_argument("--max-skipped-iterations", type=int,

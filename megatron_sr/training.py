@@ -57,6 +57,7 @@ from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
 from megatron_sr.pipeline_parallel import get_forward_backward_func
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 from megatron_sr.random import model_parallel_seed
+from megatron_sr.tensor_parallel.grad_accumulation_fusion import fusion_notice
 from megatron_sr.training_log import (MetricsWriter, PhaseTimers, StepProfiler, format_log_line,
                                       open_metrics_writer)
 
@@ -993,6 +994,11 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
         if device.type == "cpu":
             print_rank_0(f"[setup] {cpu_bf16_summary()}")
+        strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
+        notice = job.model.gradient_accumulation_fusion and fusion_notice(
+            strategy.param_dtype, grad_dtype(job, strategy), device)
+        if notice:
+            print_rank_0(notice)
         model, optimizer, scheduler = setup_model_and_optimizer(job,
                                                                 model_provider=model_provider)
         reports = [None] * dist.get_world_size()

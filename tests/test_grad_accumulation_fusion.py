@@ -13,8 +13,10 @@ import torch
 
 from job_harness import run_pretrain, tiny_gpt_argv
 from megatron_sr import cpu_bf16
+from megatron_sr.tensor_parallel import grad_accumulation_fusion
 from megatron_sr.tensor_parallel.grad_accumulation_fusion import (
     accumulate_weight_grad,
+    fusion_notice,
     linear_with_grad_accumulation,
 )
 
@@ -75,10 +77,43 @@ def test_fp32_params_accumulate_as_the_hook_path_does():
     torch.testing.assert_close(fused, main + g.t() @ x, rtol=1e-6, atol=1e-5)
 
 
-def test_a_main_grad_of_another_dtype_is_refused():
-    g, x = torch.zeros(4, OUT, dtype=torch.bfloat16), torch.zeros(4, IN, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="main_grad torch.float16"):
-        accumulate_weight_grad(torch.zeros(OUT, IN, dtype=torch.float16), g, x)
+def test_a_buffer_narrower_than_the_products_adds_as_the_hook_does():
+    """fp32 params with --grad-reduce-dtype bf16: the FP32 product added into BF16."""
+    gen = torch.Generator().manual_seed(3)
+    g, x = torch.randn(ROWS, OUT, generator=gen), torch.randn(ROWS, IN, generator=gen)
+    main = torch.randn(OUT, IN, generator=gen).bfloat16()
+    fused = main.clone()
+    accumulate_weight_grad(fused, g, x)
+    assert torch.equal(fused, main.clone().add_(g.t() @ x))
+
+
+def test_start_up_names_the_dtypes_it_cannot_fuse(monkeypatch):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fusion_notice(bf16, bf16, cuda) is None and fusion_notice(bf16, fp32, cpu) is None
+    assert fusion_notice(fp32, fp32, cuda) is None
+    assert "gradient buffer as without the flag" in fusion_notice(fp32, bf16, cpu)
+    monkeypatch.setattr(grad_accumulation_fusion, "fused_weight_gradient_mlp_cuda", None)
+    assert "apex's fused_weight_gradient_mlp_cuda is not importable" in \
+        fusion_notice(bf16, fp32, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("main_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_accumulation_is_the_exact_sum_rounded_once(main_dtype):
+    """On the GPU (cuBLAS; apex for an FP32 buffer): the integer operands' exact
+    sum rounded once to the buffer's dtype, as on the CPU. Without apex an FP32
+    buffer gets the hook path's numbers (the BF16 product added)."""
+    g, x, main, exact = (t.cuda() for t in _integer_operands(main_dtype))
+    fused = main.clone()
+    accumulate_weight_grad(fused, g, x)
+    apex = grad_accumulation_fusion.fused_weight_gradient_mlp_cuda is not None
+    if main_dtype is torch.float32 and not apex:
+        expected = main.clone().add_(g.reshape(-1, OUT).t() @ x.reshape(-1, IN))
+    else:
+        expected = exact.to(main_dtype)
+    assert torch.equal(fused, expected)
 
 
 def test_backward_fills_main_grad_and_flags_the_dummy_grad(gemm_mode):

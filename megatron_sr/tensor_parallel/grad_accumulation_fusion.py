@@ -11,12 +11,19 @@ wgrad GEMM adds its product into `main_grad` itself (C += g^T x, beta = 1).
 Numerics, per micro-batch:
 - BF16 grad buffer (bf16, bf16-sr, bf16-kahan): `main_grad + g^T x` rounded to
   BF16 once, where the hook path rounds twice (the product, then the sum). The
-  first micro-batch of a step adds to zeros, so with one micro-batch per step
-  both paths give the same bits.
+  first micro-batch of a step adds to zeros, so on the CPU (tested) one
+  micro-batch per step gives the hook path's bits; a GPU's GEMM with beta = 1
+  may sum in another order than the plain product (cuBLAS picks the kernel),
+  so there the bits can differ in the last place.
 - FP32 grad buffer with BF16 params (bf16-mixed, `--grad-reduce-dtype fp32`):
   the FP32 product is added without being rounded to BF16 first, so even one
-  micro-batch differs from the hook path (it is more precise).
-- FP32 params (fp32): the same sum as the hook path.
+  micro-batch differs from the hook path (it is more precise). On a GPU this
+  takes apex's `fused_weight_gradient_mlp_cuda` (the Docker image has it);
+  without it the BF16 product is added as the hook path does (no saving:
+  `fusion_notice` says so at start-up).
+- FP32 params (fp32): the same sum as the hook path, up to the GEMM's order.
+- A buffer narrower than the products (fp32 with `--grad-reduce-dtype bf16`):
+  the hook path's arithmetic, the product added into the buffer.
 
 Autograd still needs a gradient for the weight, so that its AccumulateGrad node
 runs and the buffer's hook counts the micro-batch (with `--overlap-grad-reduce`
@@ -49,8 +56,9 @@ except ImportError:
 def accumulate_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor,
                            x: torch.Tensor) -> None:
     """main_grad [out, in] += g^T x, with g = grad_output [..., out] and x [..., in]
-    flattened to rows, rounded once to main_grad's dtype. grad_output and x have
-    one dtype; main_grad has theirs or FP32."""
+    (one dtype) flattened to rows; rounded once to main_grad's dtype when it is
+    theirs or FP32 (on a GPU: with apex), else as the unfused hook would add
+    (see the module docstring)."""
     g = grad_output.reshape(-1, grad_output.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
     if main_grad.dtype == g.dtype:
@@ -58,17 +66,28 @@ def accumulate_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor,
             main_grad.copy_(torch.addmm(main_grad.float(), g.t().float(), rows.float()))
         else:
             main_grad.addmm_(g.t(), rows)
-    elif main_grad.dtype is torch.float32:
-        if main_grad.is_cuda and fused_weight_gradient_mlp_cuda is not None:
-            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(rows.contiguous(), g.contiguous(),
-                                                                 main_grad)
-        elif main_grad.is_cuda:
-            main_grad.add_(torch.mm(g.t(), rows, out_dtype=torch.float32))
-        else:
-            main_grad.addmm_(g.t().float(), rows.float())
+    elif main_grad.dtype is torch.float32 and not main_grad.is_cuda:
+        main_grad.addmm_(g.t().float(), rows.float())
+    elif main_grad.dtype is torch.float32 and fused_weight_gradient_mlp_cuda is not None:
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(rows.contiguous(), g.contiguous(),
+                                                             main_grad)
     else:
-        raise TypeError(f"accumulate_weight_grad: main_grad {main_grad.dtype} for "
-                        f"{g.dtype} products (expected {g.dtype} or torch.float32)")
+        main_grad.add_(torch.mm(g.t(), rows))
+
+
+def fusion_notice(param_dtype: torch.dtype, grad_dtype: torch.dtype,
+                  device: torch.device) -> Optional[str]:
+    """A start-up line when --gradient-accumulation-fusion cannot fuse the
+    accumulation for these dtypes on `device` (None when it does)."""
+    if grad_dtype is torch.float32 and param_dtype is not torch.float32 \
+            and device.type == "cuda" and fused_weight_gradient_mlp_cuda is None:
+        return ("[flags] --gradient-accumulation-fusion: apex's fused_weight_gradient_mlp_cuda "
+                "is not importable, so the FP32 gradient buffer gets the BF16 product added as "
+                "without the flag (same numbers and memory traffic; install apex to fuse)")
+    if grad_dtype.itemsize < param_dtype.itemsize:
+        return (f"[flags] --gradient-accumulation-fusion: the {param_dtype} products are added "
+                f"into the {grad_dtype} gradient buffer as without the flag")
+    return None
 
 
 class _LinearWithGradAccumulation(torch.autograd.Function):
