@@ -7,7 +7,8 @@
 #      CUDA == torch on CUDA == the CPU backend for every strategy, 2^20+3
 #      elements, offsets 0, 7, 2^32+3, three steps) and the Triton tests of the
 #      precision package, which then run the CUDA kernel instead of the interpreter,
-#      and the gradient-accumulation fusion's GEMMs on CUDA (exact sums rounded once);
+#      the gradient-accumulation fusion's GEMMs on CUDA (exact sums rounded once) and
+#      the phase timers' CUDA events (no device synchronization per phase);
 #   3. bench/train_step.py on a ~400M GPT (24 x 1024, seq 2048, RoPE, untied,
 #      GPT-2 vocabulary) for each of bf16-mixed and bf16-sr, one process per
 #      strategy (its memory is freed before the next): tokens/s, TFLOP/s, MFU
@@ -55,7 +56,7 @@ else
   bench_iters="--warmup 2 --iters 6 --block 2"
   pytest_args=(tests/test_precision_gpu.py tests/test_precision_adamw.py tests/test_precision_rounding.py
                tests/test_precision_shard_step.py tests/test_grad_accumulation_fusion.py
-               -k "gpu or cuda or triton")
+               tests/test_training_log.py -k "gpu or cuda or triton")
   ab_model="--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024 --max-position-embeddings 1024 --micro-batch-size 8 --global-batch-size 32"
   ab_iters=100000; ab_log_interval=25; mock_vocab=50257; ab_shape="GPT-2 small shape"
   fusion_batch=32

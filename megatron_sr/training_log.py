@@ -122,19 +122,23 @@ def open_metrics_writer(training, is_logging_rank: bool, run_config: Optional[di
 
 
 class PhaseTimers:
-    """Wall time of the phases of a step (--log-timers-to-tensorboard).
+    """Time of the phases of a step (--log-timers-to-tensorboard).
 
-    `phase(name)` times a block; on CUDA it synchronizes the device at both
-    ends (only when enabled), so the time is the phase's, not its launch's.
-    `pop()` returns {name: seconds summed since the last pop} and resets.
-    Host-side only: no communication (Megatron reports the max over ranks;
-    this is the logging rank's own time).
+    `phase(name)` times a block. On the CPU: the host's wall time of the
+    block. On CUDA: a timing event on the current stream at each end, so the
+    time is the device's, from where the block's work starts on the stream to
+    where it ends (waits in between included), and no phase synchronizes the
+    device; `pop()` waits for the interval's events (one synchronization, at
+    log steps). `pop()` returns {name: seconds summed since the last pop} and
+    resets. Host-side only: no communication (Megatron reports the max over
+    ranks; this is the logging rank's own time).
     """
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = enabled
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = {}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def phase(self, name: str):
@@ -142,16 +146,26 @@ class PhaseTimers:
             yield
             return
         if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._events.append((name, start, end))
+            return
+        begin = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
 
     def pop(self) -> dict[str, float]:
+        for name, start, end in self._events:
+            end.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        self._events = []
         seconds, self.seconds = self.seconds, {}
         return seconds
 

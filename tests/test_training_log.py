@@ -14,7 +14,8 @@ from job_harness import pretrain_worker, tiny_gpt_argv
 from multiprocess import run_ranks
 
 from megatron_sr.config import TrainingConfig
-from megatron_sr.training_log import MetricsWriter, format_log_line, open_metrics_writer
+from megatron_sr.training_log import (MetricsWriter, PhaseTimers, format_log_line,
+                                      open_metrics_writer)
 
 # Megatron-LM's training_log with --log-throughput, for these values, then our two fields.
 MEGATRON_LINE = (
@@ -106,6 +107,35 @@ class _RecordingStream(io.RawIOBase):
     def write(self, data):
         self.calls.append(bytes(data))
         return len(data)
+
+
+def test_cpu_phase_timers_sum_the_blocks_wall_time_until_popped():
+    import time
+
+    import torch
+
+    timers = PhaseTimers(True, torch.device("cpu"))
+    for _ in range(2):
+        with timers.phase("optimizer"):
+            time.sleep(0.02)
+    seconds = timers.pop()
+    assert list(seconds) == ["optimizer"] and 0.04 <= seconds["optimizer"] < 1.0
+    assert timers.pop() == {}
+
+
+@pytest.mark.gpu
+def test_cuda_phase_timers_time_the_device_without_synchronizing():
+    """A phase ends while its kernel still runs (no device sync); pop() waits
+    and reports the device time of the kernel."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    timers = PhaseTimers(True, torch.device("cuda"))
+    with timers.phase("forward-backward"):
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time on current GPUs
+    assert not timers._events[-1][2].query()  # the phase's end is still queued
+    assert timers.pop()["forward-backward"] > 0.1
 
 
 def test_ranks_write_each_line_whole_even_when_unbuffered(monkeypatch):
