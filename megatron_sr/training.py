@@ -528,8 +528,10 @@ _COLLECTIVE_OF_FUNCTION = {
     "finish_reduction": "loss all-reduce",
     "_agree": "exit-condition all-reduce",
 }
-_COMMUNICATION_FAILURE_MARKERS = ("gloo", "nccl", "timed out", "connection closed",
-                                  "connection reset", "broken pipe")
+# Gloo's messages do not always name Gloo: a stalled peer's recv timeout can
+# surface as "Application timeout caused pair closure".
+_COMMUNICATION_FAILURE_MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection closed",
+                                  "connection reset", "broken pipe", "pair closure")
 
 
 def _is_communication_failure(exc: BaseException) -> bool:
@@ -994,13 +996,13 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
                      f"{job.model.vocab_size}; {job.num_microbatches} micro-batches per step")
         if device.type == "cpu":
             print_rank_0(f"[setup] {cpu_bf16_summary()}")
-        strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
-        notice = job.model.gradient_accumulation_fusion and fusion_notice(
-            strategy.param_dtype, grad_dtype(job, strategy), device)
-        if notice:
-            print_rank_0(notice)
         model, optimizer, scheduler = setup_model_and_optimizer(job,
                                                                 model_provider=model_provider)
+        buffer = optimizer.buffer
+        notice = job.model.gradient_accumulation_fusion and fusion_notice(
+            buffer.param_buffer.dtype, buffer.grad_buffer.dtype, device)
+        if notice:
+            print_rank_0(notice)
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, memory_report(optimizer))
         print_rank_0(_format_memory_report(job, reports))

@@ -158,6 +158,16 @@ def _job(micro_batches: int, data_parallel: int = 2, **flags) -> list[str]:
                          use_distributed_optimizer=True, overlap_grad_reduce=True, **flags)
 
 
+def test_the_job_prints_the_notice_from_the_buffer_it_built():
+    """fp32 params with --grad-reduce-dtype bf16: the start-up line names the
+    built buffers' dtypes, and the job trains."""
+    [result] = run_pretrain(1, _job(1, data_parallel=1, precision="fp32", grad_reduce_dtype="bf16",
+                                    gradient_accumulation_fusion=True))
+    assert ("[flags] --gradient-accumulation-fusion: the torch.float32 products are added into "
+            "the torch.bfloat16 gradient buffer as without the flag") in result["stdout"]
+    assert len(result["reports"]) == 4
+
+
 LAYOUTS = {  # 2 ranks each; tied, the output layer takes the embedding's weight unfused
     "dp2_untied": dict(untie_embeddings_and_output_weights=True),  # the output layer fused too
     # Under full recomputation the saved weight comes back without main_grad.

@@ -75,6 +75,20 @@ def test_backend_timeout_names_phase_collective_iteration_and_timeout():
                               "timed out after --distributed-timeout-minutes 0.1"), message
 
 
+def _launch_grad_reduce():  # named like the buffer's function that starts the reduce-scatter
+    raise RuntimeError("Application timeout caused pair closure")
+
+
+def test_gloo_timeout_without_gloo_in_its_message_is_reported():
+    """Gloo raised this bare message from a reduce-scatter whose peer stalled (seen in CI)."""
+    with pytest.raises(training.CommunicationError) as err:
+        with training.communication_phase(JOB, "optimizer step", 3):
+            _launch_grad_reduce()
+    assert str(err.value).startswith(
+        "rank 0: optimizer step (data-parallel grad reduce-scatter) at iteration 3 "
+        "timed out after --distributed-timeout-minutes 0.1"), str(err.value)
+
+
 def test_dead_peer_is_reported_as_such():
     with pytest.raises(training.CommunicationError, match="a peer rank died"):
         with training.communication_phase(JOB, "checkpoint save", 4):
