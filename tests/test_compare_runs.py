@@ -144,6 +144,45 @@ def test_aggregate_over_seeds_and_the_papers_claims(tmp_path):
            f"absorption 0.400 vs 0.100" in table
 
 
+def test_gaps_paired_by_seed_say_whether_every_seed_agrees(tmp_path):
+    # Losses exact in float32, as TensorBoard stores them.
+    finals = {("bf16-mixed", 0.001): [5.0, 5.125], ("bf16-sr", 0.001): [5.03125, 5.1171875],
+              ("bf16", 0.001): [5.25, 5.375, 5.5], ("bf16-mixed", 0.002): [5.0]}
+    paths = []
+    for (precision, lr), losses in finals.items():
+        for seed, loss in enumerate(losses, start=1):
+            paths.append(tmp_path / f"{precision}_{lr}_{seed}")
+            _write_seeded(paths[-1], precision, lr, seed, loss, 0.1)
+    for grad, loss in (("bf16", 5.0625), ("fp32", 5.03125)):
+        paths.append(tmp_path / f"ablation_{grad}")
+        _write_seeded(paths[-1], "bf16-sr", 0.001, 1, loss, 0.1, micro=1, grad=grad)
+    groups = compare_runs.group_runs([compare_runs.load_run(str(p)) for p in paths])
+    labels = [(a.label, b.label) for a, b in compare_runs.paired_comparisons(groups)]
+    assert labels == [
+        ("bf16 lr=0.001", "bf16-mixed lr=0.001"), ("bf16 lr=0.001", "bf16-sr lr=0.001"),
+        ("bf16-sr lr=0.001", "bf16-mixed lr=0.001"),
+        ("bf16-sr lr=0.001 (8 micro-batches, grads bf16)", "bf16-sr lr=0.001"),
+        ("bf16-sr lr=0.001 (8 micro-batches, grads fp32)", "bf16-sr lr=0.001"),
+        ("bf16-sr lr=0.001 (8 micro-batches, grads fp32)",
+         "bf16-sr lr=0.001 (8 micro-batches, grads bf16)")]
+
+    def gap(a, b):
+        return 100 * (math.exp(a - b) - 1)
+
+    table = compare_runs.aggregate_table(groups)
+    # seed 1 worse, seed 2 better; the third bf16 seed has no bf16-mixed partner
+    sr = [gap(5.03125, 5.0), gap(5.1171875, 5.125)]
+    assert (f"| bf16-sr lr=0.001 | bf16-mixed lr=0.001 | 2 | {sum(sr) / 2:+.2f}% | "
+            f"{min(sr):+.2f}% | {max(sr):+.2f}% | no |") in table
+    rtn = [gap(5.25, 5.0), gap(5.375, 5.125)]
+    assert (f"| bf16 lr=0.001 | bf16-mixed lr=0.001 | 2 | {sum(rtn) / 2:+.2f}% | "
+            f"{min(rtn):+.2f}% | {max(rtn):+.2f}% | yes |") in table
+    assert (f"| bf16-sr lr=0.001 (8 micro-batches, grads fp32) | bf16-sr lr=0.001 (8 micro-batches, "
+            f"grads bf16) | 1 | {gap(5.03125, 5.0625):+.2f}% | {gap(5.03125, 5.0625):+.2f}% | "
+            f"{gap(5.03125, 5.0625):+.2f}% | - |") in table
+    assert "bf16-mixed lr=0.002 |" not in table  # alone at its LR: nothing to pair
+
+
 def test_claim_not_met_is_said(tmp_path):
     for precision, loss in (("bf16-mixed", 5.0), ("bf16-sr", 5.2)):
         _write_seeded(tmp_path / precision, precision, 0.001, 1, loss, 0.1)

@@ -25,7 +25,8 @@ Writes:
   perplexity of the mean loss, the mean absorption; the best LR of each
   strategy by mean loss; and the paper's three claims checked on those means
   (bf16-sr vs bf16-mixed at equal LR, each at its best LR, RTN bf16 against
-  both), with --plot drawing the mean validation loss and absorption of each
+  both); the same comparisons paired by seed (mean, min and max of the
+  per-seed perplexity gap, and whether its sign holds on every seed), with --plot drawing the mean validation loss and absorption of each
   group against iteration.
 Both tables end with the code commits the runs ran (from the run.json that
 examples/sr_sweep.py writes beside a run's tensorboard folder), so a table
@@ -106,6 +107,11 @@ class Run:
         if dtype != "strategy default":
             parts.append(f"grads {dtype}")
         return ", ".join(parts)
+
+    @property
+    def seed(self) -> Optional[str]:
+        """The --seed the run recorded (None without a config)."""
+        return self.config.get("seed")
 
     @property
     def label(self) -> str:
@@ -189,7 +195,8 @@ def code_commits_note(runs: Sequence[Run]) -> Optional[str]:
 
 def _sort_key(run: Run):
     order = STRATEGY_ORDER.index(run.precision) if run.precision in STRATEGY_ORDER else 99
-    return (order, run.precision, run.lr if run.lr is not None else math.inf, run.path)
+    return (order, run.precision, run.lr if run.lr is not None else math.inf, run.variant,
+            run.path)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -253,6 +260,10 @@ class Group:
         losses = self.final_losses()
         return statistics.fmean(losses) if losses else None
 
+    def final_loss_by_seed(self) -> dict[str, float]:
+        return {run.seed: run.last(VALID_LOSS) for run in self.runs
+                if run.seed is not None and run.last(VALID_LOSS) is not None}
+
     def mean_series(self, tag: str) -> list[tuple[int, float]]:
         """The mean over runs at the steps every run logged."""
         by_step: dict[int, list[float]] = {}
@@ -289,8 +300,8 @@ def _ppl(loss: float) -> float:
 
 
 def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
-    """Mean and spread over seeds of each group, the best LR of each strategy, and
-    the paper's claims on those numbers."""
+    """Mean and spread over seeds of each group, the best LR of each strategy, the
+    gaps paired by seed, and the paper's claims on the means."""
     lines = ["| precision | lr | variant | seeds | val loss mean | min | max | ppl of mean "
              "| absorption |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for group in groups:
@@ -310,12 +321,56 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
         for precision, group in best.items():
             lines.append(f"| {precision} | {_fmt(group.lr, 'g')} | {len(group.final_losses())} | "
                          f"{group.mean_loss():.4f} | {_ppl(group.mean_loss()):.2f} |")
+    lines += paired_gaps_table(groups)
     claims = paper_claims(groups)
     if claims:
         lines += ["", "Claims (on mean validation perplexity over seeds):", ""]
         lines += [f"- {claim}" for claim in claims]
     note = code_commits_note([run for group in groups for run in group.runs])
     return "\n".join(lines + (["", note] if note else [])) + "\n"
+
+
+def paired_comparisons(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
+    """The (A, B) group pairs compared seed by seed: each strategy against
+    bf16-mixed at the same LR, RTN bf16 against bf16-sr at the same LR, and
+    each variant against the groups of its strategy and LR listed before it
+    (the plain runs, an earlier variant)."""
+    plain = {(g.precision, g.lr): g for g in groups if not g.variant}
+    pairs = []
+    for index, group in enumerate(groups):
+        if group.variant:
+            pairs += [(group, other) for other in groups[:index]
+                      if (other.precision, other.lr) == (group.precision, group.lr)]
+            continue
+        for reference in ("bf16-mixed", "bf16-sr" if group.precision == "bf16" else None):
+            other = plain.get((reference, group.lr))
+            if other is not None and other is not group:
+                pairs.append((group, other))
+    return pairs
+
+
+def paired_gaps_table(groups: Sequence[Group]) -> list[str]:
+    """Markdown lines: for each pair of `paired_comparisons`, the perplexity of A
+    relative to B on each seed both ran (a seed fixes the initialization and
+    the data order), as mean, min and max in percent (positive: A is worse),
+    and whether every seed agrees on the sign. Empty when no seed is shared."""
+    rows = []
+    for a, b in paired_comparisons(groups):
+        losses_a, losses_b = a.final_loss_by_seed(), b.final_loss_by_seed()
+        seeds = [seed for seed in losses_a if seed in losses_b]
+        if not seeds:
+            continue
+        gaps = [100.0 * (math.exp(losses_a[s] - losses_b[s]) - 1.0) for s in seeds]
+        agree = ("-" if len(gaps) == 1 else
+                 "yes" if all(g > 0 for g in gaps) or all(g < 0 for g in gaps) else "no")
+        rows.append(f"| {a.label} | {b.label} | {len(gaps)} | {statistics.fmean(gaps):+.2f}% | "
+                    f"{min(gaps):+.2f}% | {max(gaps):+.2f}% | {agree} |")
+    if not rows:
+        return []
+    return ["", "Paired by seed (the runs of one seed share initialization and data order): "
+            "perplexity of A relative to B, per seed:", "",
+            "| A | B | seeds | mean | min | max | same sign on every seed |",
+            "|---|---|---:|---:|---:|---:|---|", *rows]
 
 
 def _relative_ppl(a: Group, b: Group) -> float:
