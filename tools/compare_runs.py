@@ -26,8 +26,9 @@ Writes:
   strategy by mean loss; and the paper's three claims checked on those means
   (bf16-sr vs bf16-mixed at equal LR, each at its best LR, RTN bf16 against
   both); the same comparisons paired by seed (mean, min and max of the
-  per-seed perplexity gap, and whether its sign holds on every seed), with --plot drawing the mean validation loss and absorption of each
-  group against iteration.
+  per-seed perplexity gap, and whether its sign holds on every seed); with
+  --plot, the mean validation loss and absorption of each group against
+  iteration.
 Both tables end with the code commits the runs ran (from the run.json that
 examples/sr_sweep.py writes beside a run's tensorboard folder), so a table
 mixing code versions says so.
@@ -360,7 +361,7 @@ def paired_gaps_table(groups: Sequence[Group]) -> list[str]:
         seeds = [seed for seed in losses_a if seed in losses_b]
         if not seeds:
             continue
-        gaps = [100.0 * (math.exp(losses_a[s] - losses_b[s]) - 1.0) for s in seeds]
+        gaps = [_ppl_gap(losses_a[s], losses_b[s]) for s in seeds]
         agree = ("-" if len(gaps) == 1 else
                  "yes" if all(g > 0 for g in gaps) or all(g < 0 for g in gaps) else "no")
         rows.append(f"| {a.label} | {b.label} | {len(gaps)} | {statistics.fmean(gaps):+.2f}% | "
@@ -373,9 +374,14 @@ def paired_gaps_table(groups: Sequence[Group]) -> list[str]:
             "|---|---|---:|---:|---:|---:|---|", *rows]
 
 
+def _ppl_gap(loss_a: float, loss_b: float) -> float:
+    """Perplexity at loss_a relative to loss_b, in percent (positive: a is worse)."""
+    return 100.0 * (_ppl(loss_a) / _ppl(loss_b) - 1.0)
+
+
 def _relative_ppl(a: Group, b: Group) -> float:
-    """Perplexity of a relative to b, in percent (positive: a is worse)."""
-    return 100.0 * (_ppl(a.mean_loss()) / _ppl(b.mean_loss()) - 1.0)
+    """Perplexity of a's mean loss relative to b's, in percent (positive: a is worse)."""
+    return _ppl_gap(a.mean_loss(), b.mean_loss())
 
 
 def paper_claims(groups: Sequence[Group]) -> list[str]:
