@@ -42,8 +42,8 @@ with that copy from then on, rather than training a new one with whatever
 sentencepiece another machine has); a later start on data that differs stops
 with an error naming the files. --report runs
 tools/compare_runs.py --aggregate on OUT/runs/*/tensorboard, writing OUT.md (the
-table, the paper's claims, the code commits, and how far the sweep got and how
-long its runs took) and OUT.png (the mean curves).
+table, the paper's claims, the code commits, how far the sweep got and how
+long its runs took, and what the runs train and validate on) and OUT.png (the mean curves).
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,6 +92,8 @@ class Shape:
     eval_iters: int = 32
     log_interval: int = 16
 
+
+SPLIT = "97,3,0"  # train, validation, test: contiguous document ranges, in corpus order
 
 QUICK_SHAPE = Shape(num_layers=2, hidden_size=64, num_attention_heads=2, seq_length=32,
                     global_batch_size=4, train_iters=8, warmup_iters=2, eval_interval=4,
@@ -129,7 +133,7 @@ class RunSpec:
             "--weight-decay", 0.1, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
             "--adam-eps", 1e-8, "--clip-grad", 1.0, "--seed", self.seed,
             "--precision", self.precision,
-            "--data-path", data_prefix, "--split", "97,3,0",
+            "--data-path", data_prefix, "--split", SPLIT,
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
             "--data-cache-path", cache_dir,
             "--log-interval", shape.log_interval, "--eval-interval", shape.eval_interval,
@@ -401,7 +405,29 @@ def progress_line(store: ResultStore, args) -> str:
             f"CPUs: {machines or 'none yet'}.")
 
 
-def report(store: ResultStore, args) -> int:
+def data_line(data_prefix: str, shape: Shape) -> str:
+    """What the runs train and validate on: the --split document ranges of the corpus
+    and their tokens, how many passes over the train split a run makes, and how much
+    of the validation split an evaluation reads."""
+    from megatron_sr.data.gpt_dataset import split_document_ranges
+    from megatron_sr.data.indexed_dataset import IndexedDataset
+
+    lengths = IndexedDataset(data_prefix).sequence_lengths
+    (train_start, train_end), (valid_start, valid_end), _ = split_document_ranges(
+        SPLIT, len(lengths))
+    train_tokens = int(lengths[train_start:train_end].sum(dtype=np.int64))
+    valid_tokens = int(lengths[valid_start:valid_end].sum(dtype=np.int64))
+    run_tokens = shape.train_iters * shape.global_batch_size * shape.seq_length
+    eval_tokens = shape.eval_iters * shape.global_batch_size * shape.seq_length
+    return (f"Data (--split {SPLIT} of {len(lengths)} documents, {train_tokens + valid_tokens:,} "
+            f"tokens): training on documents {train_start}-{train_end - 1} ({train_tokens:,} "
+            f"tokens), so a run's {run_tokens:,} training tokens are "
+            f"{run_tokens / train_tokens:.2f} passes over them; validation on "
+            f"{eval_tokens:,} tokens of documents {valid_start}-{valid_end - 1} "
+            f"({valid_tokens:,} tokens).")
+
+
+def report(store: ResultStore, args, shape: Shape) -> int:
     """compare_runs --aggregate over the finished runs, into OUT.md and OUT.png."""
     import compare_runs
 
@@ -413,10 +439,10 @@ def report(store: ResultStore, args) -> int:
     table = out + ".md"
     status = compare_runs.main([*runs, "--aggregate", "--table", table, "--plot", out + ".png",
                                 "--title", "SR sweep: mean over seeds"])
-    line = progress_line(store, args)
+    lines = [progress_line(store, args), data_line(args.data_prefix, shape)]
     with open(table, "a", encoding="utf-8") as handle:
-        handle.write(f"\n{line}\n")
-    print(line)
+        handle.write("".join(f"\n{line}\n" for line in lines))
+    print("\n".join(lines))
     return status
 
 
@@ -446,7 +472,7 @@ def main(argv=None) -> int:
     store = ResultStore(args.out, args.staging_dir)
 
     if args.report:
-        return report(store, args)
+        return report(store, args, shape)
     if args.dry_run:
         lr = best_lr(store, args.base_lr)
         print(f"best bf16-mixed LR: {'not known yet (scan unfinished)' if lr is None else f'{lr:g}'}")

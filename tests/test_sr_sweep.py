@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest_plugins = ["data_fixtures"]
@@ -67,6 +68,19 @@ def _sweep(tiny_data, out, *extra, env=None):
                           env=dict(os.environ, **(env or {})))
 
 
+def test_the_report_says_what_the_runs_train_and_validate_on(tmp_path):
+    from megatron_sr.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "corpus")
+    with IndexedDatasetBuilder(prefix, dtype=np.uint16) as builder:
+        for length in [10] * 97 + [20] * 3:  # 100 documents: 97 train, 3 validation
+            builder.add_document(np.arange(length))
+    line = sr_sweep.data_line(prefix, sr_sweep.Shape())
+    assert line == ("Data (--split 97,3,0 of 100 documents, 1,030 tokens): training on documents "
+                    "0-96 (970 tokens), so a run's 2,097,152 training tokens are 2162.01 passes "
+                    "over them; validation on 65,536 tokens of documents 97-99 (60 tokens).")
+
+
 @pytest.mark.slow
 def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
     out = tmp_path / "sweep"
@@ -99,6 +113,7 @@ def test_scan_then_grid_resumes_from_published_runs(tiny_data, tmp_path):
     assert f"Sweep progress: 4 of {planned} planned runs done;" in table
     assert re.search(r"CPUs: 4 on [A-Z0-9_]+, BF16 products (native|as FP32 GEMMs)\.", table)
     assert "All 4 runs ran code commit " in table
+    assert sr_sweep.data_line(tiny_data[0], sr_sweep.QUICK_SHAPE) in table
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -22,13 +22,14 @@ Writes:
   learning rate with the best validation perplexity.
 - with --aggregate, runs that differ only in their seed are one row instead:
   the mean, min and max over seeds of the final validation loss, the
-  perplexity of the mean loss, the mean absorption; the best LR of each
-  strategy by mean loss; and the paper's three claims checked on those means
-  (bf16-sr vs bf16-mixed at equal LR, each at its best LR, RTN bf16 against
-  both); the same comparisons paired by seed (mean, min and max of the
-  per-seed perplexity gap, and whether its sign holds on every seed); with
-  --plot, the mean validation loss and absorption of each group against
-  iteration.
+  perplexity of the mean loss, the mean final training loss and absorption;
+  the best LR of each strategy by mean loss; and the paper's three claims
+  checked on those means (bf16-sr vs bf16-mixed at equal LR, each at its best
+  LR, RTN bf16 against both); the same comparisons paired by seed (mean, min
+  and max of the per-seed perplexity gap, and whether its sign holds on every
+  seed), on the validation loss and on the final training loss; with --plot,
+  the mean training loss, validation loss and absorption of each group
+  against iteration.
 Both tables end with the code commits the runs ran (from the run.json that
 examples/sr_sweep.py writes beside a run's tensorboard folder), so a table
 mixing code versions says so.
@@ -59,7 +60,9 @@ CONFIG_TEXT = "run/config"
 STRATEGY_ORDER = ("fp32", "amp", "bf16-mixed", "bf16", "bf16-sr", "bf16-kahan")
 STRATEGY_COLORS = {"fp32": "black", "amp": "tab:purple", "bf16-mixed": "tab:blue",
                    "bf16": "tab:red", "bf16-sr": "tab:green", "bf16-kahan": "tab:orange"}
-LINE_STYLES = ("-", "--", ":", "-.")
+# Line style per learning rate (ascending); VARIANT_STYLE marks the variants of --aggregate.
+LINE_STYLES = ("-", "--", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
+VARIANT_STYLE = "-."
 
 
 @dataclass
@@ -265,6 +268,15 @@ class Group:
         return {run.seed: run.last(VALID_LOSS) for run in self.runs
                 if run.seed is not None and run.last(VALID_LOSS) is not None}
 
+    def train_losses(self, tail: int) -> list[float]:
+        """Each run's final training loss: the mean of its last `tail` logged points."""
+        return [loss for loss in (run.tail_mean(TRAIN_LOSS, tail) for run in self.runs)
+                if loss is not None]
+
+    def train_loss_by_seed(self, tail: int) -> dict[str, float]:
+        return {run.seed: run.tail_mean(TRAIN_LOSS, tail) for run in self.runs
+                if run.seed is not None and run.tail_mean(TRAIN_LOSS, tail) is not None}
+
     def mean_series(self, tag: str) -> list[tuple[int, float]]:
         """The mean over runs at the steps every run logged."""
         by_step: dict[int, list[float]] = {}
@@ -304,9 +316,9 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
     """Mean and spread over seeds of each group, the best LR of each strategy, the
     gaps paired by seed, and the paper's claims on the means."""
     lines = ["| precision | lr | variant | seeds | val loss mean | min | max | ppl of mean "
-             "| absorption |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| train loss mean | absorption |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for group in groups:
-        losses = group.final_losses()
+        losses, train = group.final_losses(), group.train_losses(tail)
         absorption = [a for a in (run.tail_mean(ABSORPTION, tail) for run in group.runs)
                       if a is not None]
         mean = group.mean_loss()
@@ -315,6 +327,7 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
             _fmt(mean, ".4f"), _fmt(min(losses) if losses else None, ".4f"),
             _fmt(max(losses) if losses else None, ".4f"),
             _fmt(_ppl(mean) if mean is not None else None, ".2f"),
+            _fmt(statistics.fmean(train) if train else None, ".4f"),
             _fmt(statistics.fmean(absorption) if absorption else None, ".3f")]) + " |")
     best = best_groups(groups)
     if best:
@@ -322,8 +335,8 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
         for precision, group in best.items():
             lines.append(f"| {precision} | {_fmt(group.lr, 'g')} | {len(group.final_losses())} | "
                          f"{group.mean_loss():.4f} | {_ppl(group.mean_loss()):.2f} |")
-    lines += paired_gaps_table(groups)
-    claims = paper_claims(groups)
+    lines += paired_gaps_table(groups, tail)
+    claims = paper_claims(groups, tail)
     if claims:
         lines += ["", "Claims (on mean validation perplexity over seeds):", ""]
         lines += [f"- {claim}" for claim in claims]
@@ -350,28 +363,43 @@ def paired_comparisons(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
     return pairs
 
 
-def paired_gaps_table(groups: Sequence[Group]) -> list[str]:
+def _seed_gaps(losses_a: dict[str, float], losses_b: dict[str, float]) -> list[float]:
+    """Perplexity gaps (percent, positive: a is worse) on each seed both have."""
+    return [_ppl_gap(losses_a[seed], losses_b[seed]) for seed in losses_a if seed in losses_b]
+
+
+def _gap_cells(gaps: list[float]) -> str:
+    if not gaps:
+        return "- | - | - | -"
+    agree = ("-" if len(gaps) == 1 else
+             "yes" if all(g > 0 for g in gaps) or all(g < 0 for g in gaps) else "no")
+    return f"{statistics.fmean(gaps):+.2f}% | {min(gaps):+.2f}% | {max(gaps):+.2f}% | {agree}"
+
+
+def paired_gaps_table(groups: Sequence[Group], tail: int = 5) -> list[str]:
     """Markdown lines: for each pair of `paired_comparisons`, the perplexity of A
     relative to B on each seed both ran (a seed fixes the initialization and
     the data order), as mean, min and max in percent (positive: A is worse),
-    and whether every seed agrees on the sign. Empty when no seed is shared."""
+    and whether every seed agrees on the sign; first on the final validation
+    loss, then on the final training loss (the mean of the last `tail` logged
+    points: the same batches for both runs of a seed). Empty when no seed is
+    shared."""
     rows = []
     for a, b in paired_comparisons(groups):
-        losses_a, losses_b = a.final_loss_by_seed(), b.final_loss_by_seed()
-        seeds = [seed for seed in losses_a if seed in losses_b]
-        if not seeds:
+        gaps = _seed_gaps(a.final_loss_by_seed(), b.final_loss_by_seed())
+        if not gaps:
             continue
-        gaps = [_ppl_gap(losses_a[s], losses_b[s]) for s in seeds]
-        agree = ("-" if len(gaps) == 1 else
-                 "yes" if all(g > 0 for g in gaps) or all(g < 0 for g in gaps) else "no")
-        rows.append(f"| {a.label} | {b.label} | {len(gaps)} | {statistics.fmean(gaps):+.2f}% | "
-                    f"{min(gaps):+.2f}% | {max(gaps):+.2f}% | {agree} |")
+        train_gaps = _seed_gaps(a.train_loss_by_seed(tail), b.train_loss_by_seed(tail))
+        rows.append(f"| {a.label} | {b.label} | {len(gaps)} | {_gap_cells(gaps)} | "
+                    f"{_gap_cells(train_gaps)} |")
     if not rows:
         return []
     return ["", "Paired by seed (the runs of one seed share initialization and data order): "
-            "perplexity of A relative to B, per seed:", "",
-            "| A | B | seeds | mean | min | max | same sign on every seed |",
-            "|---|---|---:|---:|---:|---:|---|", *rows]
+            "perplexity of A relative to B, per seed, on the validation loss and on the "
+            f"training loss (mean of the last {tail} logged points):", "",
+            "| A | B | seeds | val: mean | min | max | same sign on every seed "
+            "| train: mean | min | max | same sign |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|", *rows]
 
 
 def _ppl_gap(loss_a: float, loss_b: float) -> float:
@@ -384,7 +412,7 @@ def _relative_ppl(a: Group, b: Group) -> float:
     return _ppl_gap(a.mean_loss(), b.mean_loss())
 
 
-def paper_claims(groups: Sequence[Group]) -> list[str]:
+def paper_claims(groups: Sequence[Group], tail: int = 5) -> list[str]:
     """The paper's claims, each stated as met / not met with its numbers:
     (1) bf16-sr within 1% of bf16-mixed in perplexity at every shared LR;
     (2) bf16-sr at its best LR at least as good as bf16-mixed at its best;
@@ -413,8 +441,8 @@ def paper_claims(groups: Sequence[Group]) -> list[str]:
             gap = _relative_ppl(rtn, sr)
             worse &= gap > 0
             absorption = [statistics.fmean(a) if a else None for a in
-                          ([r.tail_mean(ABSORPTION, 5) for r in g.runs if r.tail_mean(ABSORPTION, 5)
-                            is not None] for g in (rtn, sr))]
+                          ([r.tail_mean(ABSORPTION, tail) for r in g.runs
+                            if r.tail_mean(ABSORPTION, tail) is not None] for g in (rtn, sr))]
             parts.append(f"lr {lr:g}: {gap:+.2f}% vs bf16-sr, absorption "
                          f"{_fmt(absorption[0], '.3f')} vs {_fmt(absorption[1], '.3f')}")
         claims.append(f"(3) RTN bf16 worse than bf16-sr: {'met' if worse else 'not met'} ("
@@ -423,34 +451,36 @@ def paper_claims(groups: Sequence[Group]) -> list[str]:
 
 
 def plot_groups(groups: Sequence[Group], path: str, title: Optional[str] = None) -> None:
-    """Mean validation loss and mean update absorption of each group against iteration."""
+    """Mean training loss, validation loss and update absorption of each group
+    against iteration."""
     plt = _pyplot()
     lrs = sorted({g.lr for g in groups if g.lr is not None})
-    panels = [(VALID_LOSS, "validation loss (mean over seeds)"),
+    panels = [(TRAIN_LOSS, "training loss (mean over seeds)"),
+              (VALID_LOSS, "validation loss (mean over seeds)"),
               (ABSORPTION, "update absorption (mean over seeds)")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5))
     for group in groups:
         color = STRATEGY_COLORS.get(group.precision, "gray")
         style = LINE_STYLES[lrs.index(group.lr) % len(LINE_STYLES)] if group.lr in lrs else "-"
         if group.variant:
-            style = "-."
+            style = VARIANT_STYLE
         for axis, (tag, _) in zip(axes, panels):
             points = group.mean_series(tag)
             if points:
                 steps, values = zip(*points)
-                axis.plot(steps, values, style, color=color,
+                axis.plot(steps, values, linestyle=style, color=color,
                           label=f"{group.label} (n={len(group.runs)})",
                           marker="o" if tag == VALID_LOSS else None, markersize=3, linewidth=1.2)
-    for axis, (_, name) in zip(axes, panels):
+    for axis, (tag, name) in zip(axes, panels):
         axis.set_xlabel("iteration")
         axis.set_title(name)
         axis.grid(alpha=0.3)
-    finals = [g.mean_series(VALID_LOSS)[-1][1] for g in groups if g.mean_series(VALID_LOSS)]
-    if finals:
-        low, high = min(finals), max(finals)
-        margin = 0.6 * (high - low or 0.1)
-        axes[0].set_ylim(low - 0.2 * margin, high + 2 * margin)
-    axes[0].legend(fontsize=7, ncol=2)
+        finals = [g.mean_series(tag)[-1][1] for g in groups if g.mean_series(tag)]
+        if finals and tag != ABSORPTION:  # zoom on the ends of the loss curves
+            low, high = min(finals), max(finals)
+            margin = 0.6 * (high - low or 0.1)
+            axis.set_ylim(low - 0.2 * margin, high + 2 * margin)
+    axes[1].legend(fontsize=7, ncol=2)
     _save(plt, figure, path, title)
 
 
@@ -492,8 +522,9 @@ def plot(runs: Sequence[Run], path: str, title: Optional[str] = None) -> None:
             points = run.series(tag)
             if points:
                 steps, values = zip(*points)
-                axis.plot(steps, values, style, color=colors[run.precision], label=run.label,
-                          marker="o" if tag == VALID_LOSS else None, markersize=3, linewidth=1.2)
+                axis.plot(steps, values, linestyle=style, color=colors[run.precision],
+                          label=run.label, marker="o" if tag == VALID_LOSS else None,
+                          markersize=3, linewidth=1.2)
     for axis, (tag, name) in zip(axes, panels):
         axis.set_xlabel("iteration")
         axis.set_title(name)
