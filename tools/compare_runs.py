@@ -45,7 +45,7 @@ import re
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 TRAIN_LOSS = "lm loss"
 VALID_LOSS = "lm loss validation"
@@ -243,6 +243,17 @@ def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
     return "\n".join(lines + (["", note] if note else [])) + "\n"
 
 
+def final_valid_loss(run: Run) -> Optional[float]:
+    """The run's last validation loss."""
+    return run.last(VALID_LOSS)
+
+
+def tail_of(tag: str, tail: int) -> Callable[[Run], Optional[float]]:
+    """run -> the mean of its last `tail` logged points of `tag` (a final training
+    loss or absorption)."""
+    return lambda run: run.tail_mean(tag, tail)
+
+
 @dataclass
 class Group:
     """Runs that differ only in their seed: one (strategy, LR, variant)."""
@@ -257,25 +268,21 @@ class Group:
         lr = f" lr={self.lr:g}" if self.lr is not None else ""
         return self.precision + lr + (f" ({self.variant})" if self.variant else "")
 
+    def values(self, value: Callable[[Run], Optional[float]]) -> list[float]:
+        """`value(run)` of each run that has one."""
+        return [v for v in map(value, self.runs) if v is not None]
+
+    def values_by_seed(self, value: Callable[[Run], Optional[float]]) -> dict[str, float]:
+        """seed -> `value(run)`, for each seeded run that has one."""
+        pairs = ((run.seed, value(run)) for run in self.runs if run.seed is not None)
+        return {seed: v for seed, v in pairs if v is not None}
+
     def final_losses(self) -> list[float]:
-        return [run.last(VALID_LOSS) for run in self.runs if run.last(VALID_LOSS) is not None]
+        return self.values(final_valid_loss)
 
     def mean_loss(self) -> Optional[float]:
         losses = self.final_losses()
         return statistics.fmean(losses) if losses else None
-
-    def final_loss_by_seed(self) -> dict[str, float]:
-        return {run.seed: run.last(VALID_LOSS) for run in self.runs
-                if run.seed is not None and run.last(VALID_LOSS) is not None}
-
-    def train_losses(self, tail: int) -> list[float]:
-        """Each run's final training loss: the mean of its last `tail` logged points."""
-        return [loss for loss in (run.tail_mean(TRAIN_LOSS, tail) for run in self.runs)
-                if loss is not None]
-
-    def train_loss_by_seed(self, tail: int) -> dict[str, float]:
-        return {run.seed: run.tail_mean(TRAIN_LOSS, tail) for run in self.runs
-                if run.seed is not None and run.tail_mean(TRAIN_LOSS, tail) is not None}
 
     def mean_series(self, tag: str) -> list[tuple[int, float]]:
         """The mean over runs at the steps every run logged."""
@@ -318,9 +325,8 @@ def aggregate_table(groups: Sequence[Group], tail: int = 5) -> str:
     lines = ["| precision | lr | variant | seeds | val loss mean | min | max | ppl of mean "
              "| train loss mean | absorption |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for group in groups:
-        losses, train = group.final_losses(), group.train_losses(tail)
-        absorption = [a for a in (run.tail_mean(ABSORPTION, tail) for run in group.runs)
-                      if a is not None]
+        losses, train = group.final_losses(), group.values(tail_of(TRAIN_LOSS, tail))
+        absorption = group.values(tail_of(ABSORPTION, tail))
         mean = group.mean_loss()
         lines.append(" | ".join([
             f"| {group.precision}", _fmt(group.lr, "g"), group.variant or "-", str(len(losses)),
@@ -386,10 +392,11 @@ def paired_gaps_table(groups: Sequence[Group], tail: int = 5) -> list[str]:
     shared."""
     rows = []
     for a, b in paired_comparisons(groups):
-        gaps = _seed_gaps(a.final_loss_by_seed(), b.final_loss_by_seed())
+        gaps = _seed_gaps(a.values_by_seed(final_valid_loss), b.values_by_seed(final_valid_loss))
         if not gaps:
             continue
-        train_gaps = _seed_gaps(a.train_loss_by_seed(tail), b.train_loss_by_seed(tail))
+        train_loss = tail_of(TRAIN_LOSS, tail)
+        train_gaps = _seed_gaps(a.values_by_seed(train_loss), b.values_by_seed(train_loss))
         rows.append(f"| {a.label} | {b.label} | {len(gaps)} | {_gap_cells(gaps)} | "
                     f"{_gap_cells(train_gaps)} |")
     if not rows:
@@ -441,8 +448,7 @@ def paper_claims(groups: Sequence[Group], tail: int = 5) -> list[str]:
             gap = _relative_ppl(rtn, sr)
             worse &= gap > 0
             absorption = [statistics.fmean(a) if a else None for a in
-                          ([r.tail_mean(ABSORPTION, tail) for r in g.runs
-                            if r.tail_mean(ABSORPTION, tail) is not None] for g in (rtn, sr))]
+                          (g.values(tail_of(ABSORPTION, tail)) for g in (rtn, sr))]
             parts.append(f"lr {lr:g}: {gap:+.2f}% vs bf16-sr, absorption "
                          f"{_fmt(absorption[0], '.3f')} vs {_fmt(absorption[1], '.3f')}")
         claims.append(f"(3) RTN bf16 worse than bf16-sr: {'met' if worse else 'not met'} ("
@@ -475,7 +481,7 @@ def plot_groups(groups: Sequence[Group], path: str, title: Optional[str] = None)
         axis.set_xlabel("iteration")
         axis.set_title(name)
         axis.grid(alpha=0.3)
-        finals = [g.mean_series(tag)[-1][1] for g in groups if g.mean_series(tag)]
+        finals = [series[-1][1] for series in (g.mean_series(tag) for g in groups) if series]
         if finals and tag != ABSORPTION:  # zoom on the ends of the loss curves
             low, high = min(finals), max(finals)
             margin = 0.6 * (high - low or 0.1)
