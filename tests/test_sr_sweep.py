@@ -1,4 +1,5 @@
 """examples/sr_sweep.py: the run plan, its flags, the result store, resuming."""
+import glob
 import importlib.util
 import json
 import os
@@ -186,3 +187,34 @@ def test_sample_data_tokenizes_with_a_given_tokenizer_instead_of_training_one(ti
     assert open(used, "rb").read() == open(tokenizer, "rb").read()
     assert not (tmp_path / "data" / "tokenizer.vocab").exists()  # nothing was trained
     assert os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def test_results_md_quotes_what_compare_runs_prints_from_the_committed_runs(tmp_path):
+    """docs/results/sr_sweep.md is compare_runs' report on exactly the committed
+    runs (regenerated here), and RESULTS.md's sweep section quotes its tables
+    and claims verbatim: the numbers in the docs are the runs' numbers."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compare_runs
+
+    results = os.path.join(ROOT, "docs", "results")
+    runs = sorted(os.path.join(path, "tensorboard") for path in
+                  glob.glob(os.path.join(results, "sr_sweep", "runs", "*"))
+                  if os.path.isfile(os.path.join(path, "run.json")))
+    table = str(tmp_path / "report.md")
+    assert compare_runs.main([*runs, "--aggregate", "--table", table]) == 0
+    with open(table, encoding="utf-8") as handle:
+        regenerated = handle.read()
+    with open(os.path.join(results, "sr_sweep.md"), encoding="utf-8") as handle:
+        committed = handle.read()
+    assert committed.startswith(regenerated), "rerun: bash examples/reproduce_sr_sweep.sh --report"
+    assert re.search(rf"^Sweep progress: {len(runs)} of \d+ planned runs done", committed, re.M)
+
+    with open(os.path.join(ROOT, "docs", "RESULTS.md"), encoding="utf-8") as handle:
+        page = handle.read()
+    sweep_section = page[page.index("## The sweep"):page.index("# The quick variant")]
+    tables = [table for table in re.findall(r"(?:^\|.*\n)+", regenerated, re.M)
+              if table.startswith(("| precision | lr |", "| A | B |"))]  # not the best-LR one
+    claims = re.findall(r"^- \([123]\) .*$", regenerated, re.M)
+    assert len(tables) == 2 and len(claims) == 3
+    for quoted in tables + claims:
+        assert quoted in sweep_section, f"RESULTS.md does not quote the report's {quoted[:40]!r}"
