@@ -28,13 +28,15 @@ def write_run(path, precision, lr, final_loss, config=True, tokens_per_s=1000.0,
 
     writer = SummaryWriter(log_dir=str(path))
     if config:
-        writer.add_text("run/config", f"precision: {precision}\nlr: {lr}\ntrain-iters: 20", 0)
+        writer.add_text("run/config", f"precision: {precision}\nlr: {lr}\ntrain-iters: 20\n"
+                                      f"lr-warmup-iters: 5", 0)
         writer.add_scalar("memory/total-bytes", state, 0)
     for step in range(5, 25, 5):
         loss = final_loss + (20 - step) * 0.1
         writer.add_scalar("lm loss", loss + 0.05, step)
         writer.add_scalar("throughput/tokens-per-s", 10.0 if step == 5 else tokens_per_s, step)
         writer.add_scalar("update-absorption", 0.5, step)
+        writer.add_scalar("grad-norm", {5: 9.0, 15: 2.5}.get(step, 1.0), step)  # 9: in warm-up
         writer.add_scalar("memory/peak-bytes", 3 * state, step)
         if step % 10 == 0:
             writer.add_scalar("lm loss validation", loss, step)
@@ -46,10 +48,12 @@ def test_table_reads_final_values_and_labels(tmp_path):
     write_run(tmp_path / "a", "bf16-sr", 0.001, 5.0, state=8 << 20)
     write_run(tmp_path / "b", "bf16-mixed", 0.001, 5.5, state=18 << 20)
     write_run(tmp_path / "bf16-sr_lr0.002", "ignored", None, 4.5, config=False)
-    runs = sorted((compare_runs.load_run(str(tmp_path / n)) for n in ("a", "b", "bf16-sr_lr0.002")),
+    write_run(tmp_path / "c" / "tensorboard", "bf16", 0.001, 5.2)  # a sweep run's layout
+    runs = sorted((compare_runs.load_run(str(tmp_path / n))
+                   for n in ("a", "b", "bf16-sr_lr0.002", "c/tensorboard")),
                   key=compare_runs._sort_key)
-    assert [(r.precision, r.lr) for r in runs] == [("bf16-mixed", 0.001), ("bf16-sr", 0.001),
-                                                    ("bf16-sr", 0.002)]
+    assert [(r.precision, r.lr) for r in runs] == [("bf16-mixed", 0.001), ("bf16", 0.001),
+                                                    ("bf16-sr", 0.001), ("bf16-sr", 0.002)]
     assert runs[0].label == "bf16-mixed lr=0.001"
     table = compare_runs.markdown_table(runs)
     row = next(line for line in table.splitlines() if line.startswith("| a |"))
@@ -59,7 +63,9 @@ def test_table_reads_final_values_and_labels(tmp_path):
     assert cells[5] == "5.0000" and cells[6] == f"{math.exp(5.0):.1f}"
     assert cells[7] == "1000"  # median tokens/s without the first (start-up) interval
     assert cells[8] == "8.0" and cells[9] == "24.0" and cells[10] == "0.500"
+    assert cells[11] == "2.50"  # max grad norm after the 5 warm-up iterations
     assert "| bf16-sr | 0.002 | 4.5000 |" in table  # best LR per strategy
+    assert "\n| c | bf16 | 0.001 |" in table  # named by the folder above "tensorboard"
 
 
 def test_cli_writes_table_and_plot(tmp_path):

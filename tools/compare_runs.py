@@ -18,8 +18,9 @@ Writes:
   logged intervals (the first dropped: it holds start-up/compilation), the
   training-state bytes of memory_report, peak memory ("memory/peak-bytes":
   peak RSS on the CPU, max allocated on CUDA; logging rank only) and the
-  update absorption (mean of the last --tail points); then, per strategy, the
-  learning rate with the best validation perplexity.
+  update absorption (mean of the last --tail points), the largest gradient
+  norm logged after the LR warm-up (spikes at peak LR); then, per strategy,
+  the learning rate with the best validation perplexity.
 - with --aggregate, runs that differ only in their seed are one row instead:
   the mean, min and max over seeds of the final validation loss, the
   perplexity of the mean loss, the mean final training loss and absorption;
@@ -54,6 +55,7 @@ TOKENS_PER_S = "throughput/tokens-per-s"
 ABSORPTION = "update-absorption"
 STATE_BYTES = "memory/total-bytes"
 PEAK_BYTES = "memory/peak-bytes"
+GRAD_NORM = "grad-norm"
 CONFIG_TEXT = "run/config"
 
 # Strategy order and colours of the plot (others get the next colour of the cycle).
@@ -113,6 +115,14 @@ class Run:
         return ", ".join(parts)
 
     @property
+    def name(self) -> str:
+        """The run's folder name; the folder above for a sweep run's ``NAME/tensorboard``."""
+        path = os.path.normpath(self.path)
+        if os.path.basename(path) == "tensorboard":
+            path = os.path.dirname(path)
+        return os.path.basename(path)
+
+    @property
     def seed(self) -> Optional[str]:
         """The --seed the run recorded (None without a config)."""
         return self.config.get("seed")
@@ -137,6 +147,14 @@ class Run:
     def tail_mean(self, tag: str, count: int) -> Optional[float]:
         points = self.series(tag)[-count:]
         return sum(v for _, v in points) / len(points) if points else None
+
+    def max_after_warmup(self, tag: str) -> Optional[float]:
+        """The largest logged value after the run's LR warm-up (its recorded
+        lr-warmup-iters; the whole run without one): a grad-norm spike at peak LR."""
+        warmup = self.config.get("lr-warmup-iters", "0")
+        after = int(warmup) if warmup.isdigit() else 0
+        values = [v for step, v in self.series(tag) if step > after]
+        return max(values) if values else None
 
     def median_after_first(self, tag: str) -> Optional[float]:
         values = [v for _, v in self.series(tag)]
@@ -214,8 +232,8 @@ def _mib(value: Optional[float]) -> str:
 def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
     """The per-run table, then the best learning rate of each strategy."""
     lines = ["| run | precision | lr | iters | train loss | val loss | val ppl | tokens/s "
-             "| state MiB | peak MiB | absorption |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| state MiB | peak MiB | absorption | max grad norm |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         ppl = run.last(VALID_PPL)
         loss = run.last(VALID_LOSS)
@@ -223,11 +241,12 @@ def markdown_table(runs: Sequence[Run], tail: int = 5) -> str:
             ppl = math.exp(min(20.0, loss))
         iters = run.last_step(TRAIN_LOSS) or run.last_step(VALID_LOSS)
         lines.append(" | ".join([
-            f"| {os.path.basename(os.path.normpath(run.path))}", run.precision,
+            f"| {run.name}", run.precision,
             _fmt(run.lr, "g"), _fmt(iters, "d"), _fmt(run.tail_mean(TRAIN_LOSS, tail), ".3f"),
             _fmt(loss, ".4f"), _fmt(ppl, ".1f"), _fmt(run.median_after_first(TOKENS_PER_S), ".0f"),
             _mib(run.last(STATE_BYTES)), _mib(run.last(PEAK_BYTES)),
-            _fmt(run.tail_mean(ABSORPTION, tail), ".3f")]) + " |")
+            _fmt(run.tail_mean(ABSORPTION, tail), ".3f"),
+            _fmt(run.max_after_warmup(GRAD_NORM), ".2f")]) + " |")
     best = {}
     for run in runs:
         loss = run.last(VALID_LOSS)
