@@ -81,7 +81,7 @@ class Run:
     def precision(self) -> str:
         if "precision" in self.config:
             return self.config["precision"]
-        name = os.path.basename(os.path.normpath(self.path))
+        name = self.name
         known = sorted(STRATEGY_ORDER, key=len, reverse=True)
         return next((s for s in known if name.startswith(s)), name)
 
@@ -89,7 +89,7 @@ class Run:
     def lr(self) -> Optional[float]:
         text = self.config.get("lr")
         if text is None:
-            match = re.search(r"lr([0-9.eE+-]+)", os.path.basename(os.path.normpath(self.path)))
+            match = re.search(r"lr([0-9.eE+-]+)", self.name)
             text = match.group(1) if match else None
         try:
             return float(text) if text is not None else None
