@@ -7,6 +7,15 @@ Spec (issue 5, docs/DESIGN.md "Stochastic rounding: the contract", point 2):
   straddle shard and bucket boundaries; overlapped grad reduction and param
   gather) and with the all-reduce path. The SR bits do not depend on the DP
   size or on the shard a parameter element lands in.
+  How the gradients are made identical: these runs take the FP32-GEMM path for
+  BF16 products (`MEGATRON_SR_CPU_BF16_GEMM=fp32`, the default on CPUs
+  without native BF16). A CPU's native BF16 GEMMs (AVX512-BF16, AMX) pick
+  their blocking inside oneDNN and need not give a DP=1 process the bits a
+  DP=2 process gets for the same product, so on such a CPU "same batches"
+  would not mean "same gradients" and the comparison would test the GEMM
+  library, not the optimizer. The premise is checked before the parameters:
+  equal losses, and bit-equal reduced gradients at every step (the DP ranks'
+  shards put together equal the DP=1 gradient).
 - Each DP rank fed its own micro-batches (Megatron's slicing of one global
   batch): fp32 matches DP = 1 to rounding, bf16-sr is close.
 - TP-replicated parameters (norm weights, row-parallel biases) stay
@@ -22,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitwise import assert_same_bits
+from bitwise import as_bits, assert_same_bits
 from job_harness import VOCAB, tiny_gpt_argv
 from multiprocess import run_ranks
 
@@ -47,7 +56,30 @@ def _step_batches(step: int, count: int) -> list[torch.Tensor]:
 
 
 def _train_config(world_size: int, argv: list[str], steps: int, data: str,
-                  bucket_size: int | None) -> dict:
+                  bucket_size: int | None, bf16_gemm: str | None = None) -> dict:
+    """One configuration's run on this rank. `bf16_gemm`: force the CPU path of
+    BF16 products ('fp32' or 'native', as MEGATRON_SR_CPU_BF16_GEMM) for this
+    run only; None keeps the machine's default."""
+    import os
+
+    from megatron_sr import cpu_bf16
+
+    saved = os.environ.get("MEGATRON_SR_CPU_BF16_GEMM")
+    if bf16_gemm is not None:
+        os.environ["MEGATRON_SR_CPU_BF16_GEMM"] = bf16_gemm
+    cpu_bf16.cpu_has_native_bf16.cache_clear()
+    try:
+        return _train(world_size, argv, steps, data, bucket_size)
+    finally:
+        if saved is None:
+            os.environ.pop("MEGATRON_SR_CPU_BF16_GEMM", None)
+        else:
+            os.environ["MEGATRON_SR_CPU_BF16_GEMM"] = saved
+        cpu_bf16.cpu_has_native_bf16.cache_clear()
+
+
+def _train(world_size: int, argv: list[str], steps: int, data: str,
+           bucket_size: int | None) -> dict:
     from megatron_sr import parallel_state, training
     from megatron_sr.arguments import parse_args
     from megatron_sr.model import named_parameters_global
@@ -57,6 +89,7 @@ def _train_config(world_size: int, argv: list[str], steps: int, data: str,
     try:
         model, optimizer, scheduler = training.setup_model_and_optimizer(job, bucket_size)
         buffer = optimizer.buffer
+        reduced_grads = _record_reduced_grads(buffer)
         initial = {name: p.detach().clone() for name, p in named_parameters_global(model)}
         forward_step = training.make_forward_step(optimizer.strategy, device)
         dp, dp_rank = buffer.dp_size, buffer.dp_rank
@@ -81,6 +114,7 @@ def _train_config(world_size: int, argv: list[str], steps: int, data: str,
         return {
             "losses": losses,
             "grad_norms": grad_norms,
+            "reduced_grads": reduced_grads,
             "params": {name: p.detach().float().numpy().copy() for name, p in named.items()},
             "initial": {name: p.float().numpy() for name, p in initial.items()},
             "replicated": sorted(name for name, p in named.items() if not p.tensor_model_parallel),
@@ -97,14 +131,37 @@ def _train_config(world_size: int, argv: list[str], steps: int, data: str,
         parallel_state.destroy_model_parallel()
 
 
+def _record_reduced_grads(buffer) -> list[dict]:
+    """Wraps `buffer.finish_grad_sync` (calling through): after each step's
+    reduction, records the bits of this rank's shard of the reduced gradient,
+    {parameter name: [(offset in the parameter, bits)]}, one dict per step."""
+    steps: list[dict] = []
+    finish = buffer.finish_grad_sync
+
+    def finish_and_record() -> None:
+        finish()
+        shard: dict[str, list] = {}
+        for s in buffer.segments:
+            bits = as_bits(buffer.grad_buffer[s.buffer_start:s.buffer_end]).numpy().copy()
+            shard.setdefault(buffer.infos[s.param_index].name, []).append((s.param_offset, bits))
+        steps.append(shard)
+
+    buffer.finish_grad_sync = finish_and_record
+    return steps
+
+
 def train_configs(rank: int, world_size: int, configs: dict) -> dict:
-    """Trains every configuration {name: (argv, steps, data, bucket_size)} in turn."""
+    """Trains every configuration {name: (argv, steps, data, bucket_size[, bf16_gemm])}
+    in turn."""
     torch.set_num_threads(1)
     return {name: _train_config(world_size, *config) for name, config in configs.items()}
 
 
 def _same(precision, dp, **flags):
-    return (_argv(precision, 2 * MICRO * dp, **NO_DROPOUT, **flags), STEPS, "same", SMALL_BUCKET)
+    # The FP32-GEMM path on every CPU kind: identical batches give identical
+    # gradients in every process (module docstring).
+    return (_argv(precision, 2 * MICRO * dp, **NO_DROPOUT, **flags), STEPS, "same", SMALL_BUCKET,
+            "fp32")
 
 
 def _distinct(precision, **flags):
@@ -159,6 +216,34 @@ def world4():
     }, timeout=400)
 
 
+def _reduced_grads(ranks: list[dict]) -> list[dict]:
+    """Per step, {parameter name: bits of the whole reduced gradient}, put
+    together from the shards of `ranks` (the ranks of one DP group)."""
+    steps = []
+    for step in range(len(ranks[0]["reduced_grads"])):
+        pieces: dict[str, dict] = {}
+        for rank in ranks:
+            for name, segments in rank["reduced_grads"][step].items():
+                pieces.setdefault(name, {}).update(segments)
+        steps.append({name: np.concatenate([bits for _, bits in sorted(by_offset.items())])
+                      for name, by_offset in pieces.items()})
+    return steps
+
+
+def _assert_same_run(ranks: list[dict], config: str, reference: dict) -> None:
+    """Premise first (the same forward and the same reduced gradients at every
+    step), then the optimizer's promise (the same parameter bits on every rank)."""
+    expected = _reduced_grads([reference])
+    for step, grads in enumerate(_reduced_grads([rank[config] for rank in ranks])):
+        assert grads.keys() == expected[step].keys()
+        for name in grads:
+            assert_same_bits(grads[name], expected[step][name],
+                             f"premise: reduced gradient of {name} at step {step + 1}")
+    for rank in ranks:
+        assert rank[config]["losses"] == reference["losses"], "premise: the losses differ"
+        _assert_params_bit_identical(rank[config]["params"], reference["params"])
+
+
 def _assert_params_bit_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -203,18 +288,12 @@ def test_memory_per_rank_follows_the_strategy_table_and_dp_sharding(dp1, dp2, wo
 
 @pytest.mark.parametrize("config", ["bf16-sr same dist-opt", "bf16-sr same all-reduce overlap"])
 def test_bf16_sr_dp2_equals_dp1_bit_for_bit_on_identical_grads(dp1, dp2, config):
-    reference = dp1["bf16-sr same"]
-    for rank in dp2:
-        assert rank[config]["losses"] == reference["losses"]
-        _assert_params_bit_identical(rank[config]["params"], reference["params"])
+    _assert_same_run(dp2, config, dp1["bf16-sr same"])
 
 
 @pytest.mark.parametrize("config", ["bf16-sr same dist-opt overlap", "bf16-sr same all-reduce"])
 def test_bf16_sr_dp4_equals_dp1_bit_for_bit_on_identical_grads(dp1, world4, config):
-    reference = dp1["bf16-sr same"]
-    for rank in world4:
-        assert rank[config]["losses"] == reference["losses"]
-        _assert_params_bit_identical(rank[config]["params"], reference["params"])
+    _assert_same_run(world4, config, dp1["bf16-sr same"])
 
 
 def test_fp32_dp2_and_dp4_match_dp1_to_rounding(dp1, dp2, world4):
