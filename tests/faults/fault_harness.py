@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,17 +93,48 @@ class Job:
                 raise AssertionError(f"{text!r} not printed within {timeout} s")
             time.sleep(0.1)
 
+    def wait_for_progress(self, pattern: "re.Pattern[str]", count: int, timeout: float,
+                          poll: float = 0.005) -> list[float]:
+        """Waits until `count` lines of the output match `pattern` (the job's own
+        progress: iteration lines, save phases) and returns the monotonic time
+        at which each was first seen. Polls every `poll` s, so the times follow
+        the job's pace on a fast machine too. AssertionError if the job exits
+        or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        seen: list[float] = []
+        while len(seen) < count:
+            matches = len(pattern.findall(self.output()))
+            now = time.monotonic()
+            seen.extend([now] * (min(matches, count) - len(seen)))
+            if len(seen) >= count:
+                break
+            if self.process.poll() is not None:
+                raise AssertionError(f"the job exited after {len(seen)} of {count} progress "
+                                     f"lines:\n{self.output()[-6000:]}")
+            if now > deadline:
+                self.kill()
+                raise AssertionError(f"{count} progress lines not printed within {timeout} s")
+            time.sleep(poll)
+        return seen
+
     def worker_pids(self) -> list[int]:
         """The ranks' processes (torchrun's children)."""
-        path = f"/proc/{self.process.pid}/task/{self.process.pid}/children"
-        with open(path) as f:
-            return [int(pid) for pid in f.read().split()]
+        return _children(self.process.pid)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILLs the whole job at once, as a node failure would: torchrun and
+        every process below it. torchrun starts each rank in a session of its
+        own, so killing torchrun's process group alone would leave the ranks
+        running on as orphans (training, saving) behind the test's back."""
+        pids = [self.process.pid]
+        for pid in pids:  # grows while it is walked: children of children
+            pids.extend(_children(pid))
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def wait(self, timeout: float) -> JobRun:
         """The finished run; kills the process group and fails if it hangs past `timeout`."""
@@ -118,6 +150,18 @@ class Job:
         # A rank of a failed job may outlive torchrun briefly; never leak one.
         self.kill()
         return JobRun(self.process.returncode, self.output(), time.monotonic() - self.start)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc; [] once it has exited)."""
+    children = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.extend(int(child) for child in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return children
 
 
 def run_job(nproc: int, argv: list[str], log_path: str, env: Optional[dict[str, str]] = None,
