@@ -14,8 +14,11 @@ setup(
     install_requires=[
         # CPU installs: `pip install torch==2.13.0` first (tools/install.sh does);
         # an unpinned torch pulls a multi-GB CUDA build.
-        "torch>=2.3",
-        'triton>=3.4,<3.10; platform_system == "Linux"',  # randint4x = 32-bit Philox from 3.4 (SR bits); 3.9 checked
+        # Floors: the oldest pair that runs, checked by tools/check_floors.sh (CI runs it);
+        # torch 2.10's CUDA build pins triton 3.6, which has the enable_reflect_ftz launch
+        # option every kernel launch passes (megatron_sr.precision.kernels.TRITON_FLOOR).
+        "torch>=2.10",
+        'triton>=3.6,<3.10; platform_system == "Linux"',  # 3.9 the newest checked
         "numpy",
         "sentencepiece",
         "tensorboard",

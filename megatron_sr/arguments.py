@@ -35,7 +35,12 @@ Decisions where Megatron-LM leaves room:
   multiple of 64 (Megatron's rule: the parameter count of a 4h GELU MLP);
   a hidden size below 48 must give --ffn-hidden-size.
 - `--sequence-parallel` with TP=1 is ignored with a warning, as in Megatron.
-- `--train-samples N` trains N // global batch iterations.
+- `--train-samples N` trains N // global batch iterations; under
+  `--step-batch-size-schedule`, steps until N samples are consumed (the
+  last step may pass N, as Megatron counts).
+- `--step-batch-size-schedule` with `--global-batch-size`: accepted when the
+  latter is the schedule's largest batch size (Megatron's GPT-3 script gives
+  both; Megatron itself refuses the pair).
 - `--lr-*-samples` (with `--train-samples`) are converted to iterations, the
   nearest when not a multiple of the global batch size (with a notice): the
   schedule counts iterations.
@@ -44,6 +49,7 @@ Decisions where Megatron-LM leaves room:
 from __future__ import annotations
 
 import argparse
+import decimal
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -206,6 +212,15 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        metavar=("START", "INCREMENT", "SAMPLES"),
                        help="Grow the global batch size from START by INCREMENT up to "
                             "--global-batch-size, in equal steps over the first SAMPLES samples.")
+    group.add_argument("--step-batch-size-schedule", nargs="+", metavar="TOKENS:BATCH",
+                       help="Global batch size by tokens trained: 'TOKENS:BATCH TOKENS:BATCH ...' "
+                            "(one word or several, space- or comma-separated: a launch script's "
+                            "unquoted array splits it; counts may end in K, M, B or T for 1e3 to "
+                            "1e12), the first at 0 tokens, thresholds increasing; a step uses the "
+                            "batch size of the last threshold reached (tokens / --seq-length "
+                            "samples consumed). --global-batch-size may be omitted; given, it must "
+                            "be the largest batch size of the schedule. Excludes "
+                            "--rampup-batch-size.")
     group.add_argument("--calculate-per-token-loss", action="store_true",
                        help="Average the loss over the step's loss tokens (all micro-batches and "
                             "data-parallel ranks together) instead of averaging per-micro-batch "
@@ -527,12 +542,13 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             f"{parallel.tensor_model_parallel_size} TP ranks sends the whole activation to the "
             f"next stage; --sequence-parallel sends 1/{parallel.tensor_model_parallel_size} "
             f"each (and splits the norms' and dropouts' activations)")
-    global_batch_size = _global_batch_size(args, data_parallel_size)
+    schedule = _step_batch_size_schedule(args, data_parallel_size)
+    global_batch_size = _global_batch_size(args, data_parallel_size, schedule)
     num_microbatches = global_batch_size // (args.micro_batch_size * data_parallel_size)
     validate_parallel_layout(model, parallel, world_size, num_microbatches)
 
     rampup = _rampup_batch_size(args, global_batch_size, data_parallel_size)
-    train_iters = _train_iters(args, global_batch_size, rampup)
+    train_iters = _train_iters(args, global_batch_size, rampup, schedule)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
         grad_reduce_dtype=_grad_reduce_dtype(args), lr=args.lr, min_lr=args.min_lr,
@@ -572,7 +588,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         override_existing_checkpoints=args.override_existing_checkpoints,
         ckpt_format=args.ckpt_format, async_save=args.async_save,
         tensorboard_dir=args.tensorboard_dir, max_skipped_iterations=args.max_skipped_iterations,
-        rampup_batch_size=rampup,
+        rampup_batch_size=rampup, step_batch_size_schedule=schedule,
         calculate_per_token_loss=args.calculate_per_token_loss,
         log_timers_to_tensorboard=args.log_timers_to_tensorboard,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
@@ -752,8 +768,16 @@ def _sequence_parallel(args: argparse.Namespace) -> bool:
     return args.sequence_parallel
 
 
-def _global_batch_size(args: argparse.Namespace, data_parallel_size: int) -> int:
+def _global_batch_size(args: argparse.Namespace, data_parallel_size: int,
+                       schedule: Optional[tuple[tuple[int, int], ...]] = None) -> int:
     per_step = args.micro_batch_size * data_parallel_size
+    if schedule is not None:  # every entry was checked against per_step
+        largest = max(batch_size for _, batch_size in schedule)
+        if args.global_batch_size not in (None, largest):
+            raise ValueError(f"--global-batch-size ({args.global_batch_size}) with "
+                             f"--step-batch-size-schedule must be the schedule's largest batch "
+                             f"size ({largest}), or be left out")
+        return largest
     if args.global_batch_size is None:
         return per_step
     if args.global_batch_size % per_step != 0:
@@ -791,10 +815,79 @@ def _rampup_batch_size(args: argparse.Namespace, global_batch_size: int,
     return start, increment, samples
 
 
+_COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def _schedule_count(text: str, flag: str, entry: str) -> int:
+    """A whole count of --step-batch-size-schedule: digits (a decimal point
+    allowed) with an optional K/M/B/T suffix."""
+    scale = _COUNT_SUFFIXES.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    try:
+        value = decimal.Decimal(digits) * scale
+    except decimal.InvalidOperation:
+        value = None
+    if value is None or not value.is_finite() or value < 0 or value != value.to_integral_value():
+        raise ValueError(f"{flag}: '{text}' in entry '{entry}' is not a whole count (digits with "
+                         f"an optional K, M, B or T)")
+    return int(value)
+
+
+def _step_batch_size_schedule(args: argparse.Namespace, data_parallel_size: int
+                              ) -> Optional[tuple[tuple[int, int], ...]]:
+    """--step-batch-size-schedule as ((first sample, global batch size), ...):
+    token thresholds divided by --seq-length (rounded down), each batch size a
+    whole number of micro-batch steps over data parallelism."""
+    if args.step_batch_size_schedule is None:
+        return None
+    text = " ".join(args.step_batch_size_schedule)
+    flag = f"--step-batch-size-schedule '{text}'"
+    if args.rampup_batch_size is not None:
+        raise ValueError(f"{flag} and --rampup-batch-size are exclusive: give one")
+    per_step = args.micro_batch_size * data_parallel_size
+    pp = args.pipeline_model_parallel_size
+    interleaved = args.num_layers_per_virtual_pipeline_stage is not None
+    schedule: list[tuple[int, int]] = []
+    for entry in text.replace(",", " ").split():
+        tokens_text, colon, batch_text = entry.partition(":")
+        if not colon or not tokens_text or not batch_text:
+            raise ValueError(f"{flag}: entry '{entry}' is not TOKENS:BATCH")
+        first_sample = _schedule_count(tokens_text, flag, entry) // args.seq_length
+        batch_size = _schedule_count(batch_text, flag, entry)
+        if batch_size < 1 or batch_size % per_step:
+            raise ValueError(f"{flag}: batch size {batch_size} of entry '{entry}' is not a positive "
+                             f"multiple of --micro-batch-size x data-parallel size ({per_step})")
+        if interleaved and (batch_size // per_step) % pp:
+            raise ValueError(f"{flag}: batch size {batch_size} of entry '{entry}': interleaved "
+                             f"pipelining needs every step's micro-batch count to be a multiple "
+                             f"of --pipeline-model-parallel-size ({pp}); use multiples of "
+                             f"{per_step * pp}")
+        if schedule and first_sample <= schedule[-1][0]:
+            raise ValueError(f"{flag}: entry '{entry}' starts at sample {first_sample} (tokens / "
+                             f"--seq-length {args.seq_length}), not after the previous entry's "
+                             f"{schedule[-1][0]}: list the thresholds in increasing order")
+        schedule.append((first_sample, batch_size))
+    if not schedule or schedule[0][0] != 0:
+        raise ValueError(f"{flag}: the first entry must be at 0 tokens (the batch size the run "
+                         f"starts with)")
+    return tuple(schedule)
+
+
 def _train_iters(args: argparse.Namespace, global_batch_size: int,
-                 rampup: Optional[tuple[int, int, int]] = None) -> int:
+                 rampup: Optional[tuple[int, int, int]] = None,
+                 schedule: Optional[tuple[tuple[int, int], ...]] = None) -> int:
     if args.train_iters is not None:
         return args.train_iters
+    if schedule is not None:  # Megatron's count: steps until --train-samples are consumed
+        iterations = consumed = 0
+        ends = [first_sample for first_sample, _ in schedule[1:]] + [args.train_samples]
+        for (_, batch_size), end in zip(schedule, ends):
+            end = min(end, args.train_samples)
+            if consumed < end:  # consumed >= this entry's first sample here
+                steps = -(-(end - consumed) // batch_size)
+                iterations += steps
+                consumed += steps * batch_size
+        return iterations
     if rampup is not None:  # Megatron's count: the ramp's steps, then full batches
         training = TrainingConfig(global_batch_size=global_batch_size, rampup_batch_size=rampup)
         iterations = consumed = 0

@@ -184,6 +184,11 @@ class TrainingConfig:
     # (start, increment, samples): the global batch grows from start by increment
     # up to global_batch_size over the first `samples` samples (Megatron's ramp-up).
     rampup_batch_size: Optional[tuple[int, int, int]] = None
+    # ((first sample, global batch size), ...), first samples strictly increasing from 0:
+    # the step's global batch is that of the last entry whose first sample has been
+    # consumed (--step-batch-size-schedule, its token thresholds divided by the sequence
+    # length); global_batch_size is then the largest of them.
+    step_batch_size_schedule: Optional[tuple[tuple[int, int], ...]] = None
     calculate_per_token_loss: bool = False
     log_timers_to_tensorboard: bool = False
     wandb_project: Optional[str] = None
@@ -200,7 +205,16 @@ def global_batch_size_at(training: TrainingConfig, consumed_samples: int) -> int
     """The global batch size of the step that starts after `consumed_samples`
     samples: --global-batch-size, or under --rampup-batch-size START INCREMENT
     SAMPLES Megatron's ramp: START + INCREMENT x (consumed_samples //
-    (SAMPLES / number of increments)), at most --global-batch-size."""
+    (SAMPLES / number of increments)), at most --global-batch-size; under
+    --step-batch-size-schedule the batch size of the last entry whose first
+    sample is <= `consumed_samples`."""
+    if training.step_batch_size_schedule is not None:
+        size = training.step_batch_size_schedule[0][1]
+        for first_sample, batch_size in training.step_batch_size_schedule:
+            if first_sample > consumed_samples:
+                break
+            size = batch_size
+        return size
     if training.rampup_batch_size is None:
         return training.global_batch_size
     start, increment, samples = training.rampup_batch_size

@@ -596,7 +596,7 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     `decoupled_lr` (--decoupled-lr) is the embedding and output layer's
     learning rate; `timers` (--log-timers-to-tensorboard) time the phases;
     `num_microbatches` per data-parallel rank (default the job's;
-    --rampup-batch-size varies it)."""
+    --rampup-batch-size and --step-batch-size-schedule vary it)."""
     timers = timers or PhaseTimers(False, torch.device("cpu"))
     num_microbatches = num_microbatches or job.num_microbatches
     device = optimizer.buffer.param_buffer.device

@@ -1,12 +1,15 @@
 """Megatron-LM's own launch scripts parse here unchanged, minus FP8.
 
 The flag lists below are copied verbatim from Megatron-LM's
-examples/gpt3/train_gpt3_175b_distributed.sh (the version with
---rampup-batch-size, before NVIDIA/Megatron-LM#4411 replaced it with
---step-batch-size-schedule) and examples/llama/train_llama3_8b_h100_fp8.sh
-(real-data branch; the mock branch's extra flags are in LLAMA3_8B_MOCK), with
-the shell variables filled in. Word splitting is the shell's (shlex): the
-script's "--split '99,1,0'" reaches argparse with its quotes.
+examples/gpt3/train_gpt3_175b_distributed.sh (the version after
+NVIDIA/Megatron-LM#4411 replaced --rampup-batch-size with
+--step-batch-size-schedule; GPT3_175B_RAMPUP swaps the older flag back) and
+examples/llama/train_llama3_8b_h100_fp8.sh (real-data branch; the mock
+branch's extra flags are in LLAMA3_8B_MOCK), with the shell variables filled
+in. Word splitting is the shell's (shlex): the script's "--split '99,1,0'"
+reaches argparse with its quotes. The GPT-3 script expands its flag arrays
+unquoted, so its quoted schedule reaches argparse as six words;
+`_shell_words` gives that argv too.
 """
 import shlex
 
@@ -23,7 +26,7 @@ GPT3_175B = """
     --attention-backend auto
     --micro-batch-size 1
     --global-batch-size 1536
-    --rampup-batch-size 16 16 5859375
+    --step-batch-size-schedule "0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536"
     --train-iters 500000
     --weight-decay 0.1
     --adam-beta1 0.9
@@ -128,6 +131,13 @@ LLAMA3_8B = """
     --load /ckpt
     --tensorboard-dir /tb
 """
+GPT3_175B_RAMPUP = GPT3_175B.replace(
+    '--step-batch-size-schedule "0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536"',
+    "--rampup-batch-size 16 16 5859375")
+# (first sample, global batch size): the script's token thresholds / --seq-length 2048.
+GPT3_175B_SCHEDULE = ((0, 16), (1171875, 320), (2343750, 624), (3515625, 928), (4687500, 1232),
+                      (5859375, 1536))
+
 LLAMA3_8B_MOCK = """
     --mock-data
     --tokenizer-type NullTokenizer
@@ -137,6 +147,11 @@ LLAMA3_8B_MOCK = """
 
 def _argv(flags: str) -> list[str]:
     return shlex.split(flags.replace("'", "\\'"), posix=True)
+
+
+def _shell_words(flags: str) -> list[str]:
+    """The argv of `${ARRAY[@]}` expanded unquoted: every word split again at spaces."""
+    return [part for word in _argv(flags) for part in word.split()]
 
 
 def _without(argv: list[str], prefixes) -> list[str]:
@@ -149,20 +164,32 @@ def _without(argv: list[str], prefixes) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("flags", [GPT3_175B, LLAMA3_8B, LLAMA3_8B + LLAMA3_8B_MOCK])
+@pytest.mark.parametrize("flags", [GPT3_175B, GPT3_175B_RAMPUP, LLAMA3_8B,
+                                   LLAMA3_8B + LLAMA3_8B_MOCK])
 def test_every_flag_of_the_script_is_known(flags):
     known = build_parser()._option_string_actions
     unknown = [w for w in _argv(flags) if w.startswith("--") and w not in known]
     assert not unknown
 
 
-def test_gpt3_175b_runs_without_fp16():
+@pytest.mark.parametrize("words", [_argv, _shell_words], ids=["one-word", "split"])
+def test_gpt3_175b_runs_without_fp16(words):
     parser = build_parser()
-    argv = _without(_argv(GPT3_175B), ("--fp16",))
+    argv = _without(words(GPT3_175B), ("--fp16",))
     job = job_config_from_args(parser.parse_args(argv), world_size=128 * 16)  # DP 16
     assert (job.model.num_layers, job.model.head_dim, job.training.global_batch_size) == (
         96, 128, 1536)
+    assert job.training.step_batch_size_schedule == GPT3_175B_SCHEDULE
+    assert job.training.rampup_batch_size is None and job.training.train_iters == 500000
+    assert job.optimizer.precision == "bf16-sr"
+    assert any("--attention-backend auto" in notice for notice in job.notices)
+
+
+def test_gpt3_175b_older_script_runs_with_its_rampup():
+    argv = _without(_argv(GPT3_175B_RAMPUP), ("--fp16",))
+    job = job_config_from_args(build_parser().parse_args(argv), world_size=128 * 16)
     assert job.training.rampup_batch_size == (16, 16, 5859375)
+    assert job.training.step_batch_size_schedule is None
     assert job.optimizer.precision == "bf16-sr"
     assert any("--attention-backend auto" in notice for notice in job.notices)
 

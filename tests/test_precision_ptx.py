@@ -137,7 +137,9 @@ def test_the_check_sees_fma_when_fusion_is_on(ptx_report):
     assert ptx_report["default"]["counts"]["_adamw_kernel bf16-sr"]["fma"] > 0
 
 
-def test_launchers_pass_the_ieee_options(monkeypatch):
+def _record_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, keyword arguments) of one launch of each launcher of
+    `kernels` (the kernels replaced by a recorder: nothing runs)."""
     import torch
 
     from megatron_sr.precision import kernels
@@ -145,19 +147,46 @@ def test_launchers_pass_the_ieee_options(monkeypatch):
     launches = []
 
     class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
+        def __init__(self, name):
+            self.name = name
 
-    monkeypatch.setattr(kernels, "_adamw_kernel", Recorder())
-    monkeypatch.setattr(kernels, "_sr_cast_kernel", Recorder())
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    monkeypatch.setattr(kernels, "_adamw_kernel", Recorder("_adamw_kernel"))
+    monkeypatch.setattr(kernels, "_sr_cast_kernel", Recorder("_sr_cast_kernel"))
     x = torch.zeros(10)
     kernels.sr_cast(x, x.bfloat16(), seed=1, offset=0)
     table = torch.tensor([[0, 10, 0, 0, 1], [10, 0, 0, 1, 0]])
     kernels.adamw_step(x, x, x, x, None, None, [0.0] * 9, table, torch.zeros(1, dtype=torch.int64), None, 1,
                        param_write=0, exp_avg_write=0, exp_avg_sq_write=0)
-    assert len(launches) == 2
-    for kwargs in launches:
+    return launches
+
+
+def test_launchers_pass_the_ieee_options(monkeypatch):
+    launches = _record_launches(monkeypatch)
+    assert [name for name, _ in launches] == ["_sr_cast_kernel", "_adamw_kernel"]
+    for _, kwargs in launches:
         assert kwargs["enable_fp_fusion"] is False and kwargs["enable_reflect_ftz"] is False
+
+
+def test_every_launch_option_is_a_cuda_option_of_the_installed_triton(monkeypatch):
+    """A keyword of a launch that is no parameter of the kernel is a compile
+    option. A launch raises KeyError on one that the installed Triton's CUDA
+    backend lacks (Triton 3.4 and 3.5 on `enable_reflect_ftz`), while
+    `triton.compile`, which the PTX tests use, drops it silently: so each
+    must be a field of this Triton's `CUDAOptions`."""
+    if not _compiler_available():
+        pytest.skip("needs Triton's NVIDIA backend")
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from megatron_sr.precision import kernels
+
+    parameters = {name: set(getattr(kernels, name).arg_names) for name in ("_adamw_kernel", "_sr_cast_kernel")}
+    options = {key for name, kwargs in _record_launches(monkeypatch) for key in kwargs
+               if key not in parameters[name]}
+    assert options == set(kernels.IEEE_OPTIONS)
+    assert sorted(options - set(CUDAOptions.__dataclass_fields__)) == []
 
 
 if __name__ == "__main__":

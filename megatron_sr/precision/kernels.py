@@ -33,11 +33,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Before 3.4, tl.randint4x with an int64 counter ran a 64-bit Philox: other bits than the contract's.
+# The oldest Triton these kernels run on, setup.py's floor (tests/test_version_floors.py
+# keeps the two equal): from 3.4 tl.randint4x with an int64 counter runs the contract's
+# 32-bit Philox (before, a 64-bit one: other SR bits); from 3.6 `enable_reflect_ftz`, an
+# option of every launch (IEEE_OPTIONS), exists: 3.4 and 3.5 raise KeyError at the first
+# launch ("Keyword argument ... unrecognised") and always let libdevice flush subnormals.
+TRITON_FLOOR = (3, 6)
 _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-if _TRITON_VERSION < (3, 4):
-    raise ImportError(f"megatron_sr's Triton kernels need triton>=3.4 (setup.py), found {triton.__version__}: "
-                      f"its tl.randint4x draws other SR bits; install triton>=3.4,<3.10 or set "
+if _TRITON_VERSION < TRITON_FLOOR:
+    raise ImportError(f"megatron_sr's Triton kernels need triton>=3.6 (setup.py), found {triton.__version__}: "
+                      f"3.4 and 3.5 lack the enable_reflect_ftz launch option, older ones draw other SR bits; "
+                      f"install triton>=3.6,<3.10 (torch>=2.10 on CUDA pins one) or set "
                       f"MEGATRON_SR_ADAMW_BACKEND=eager")
 
 BLOCK_SIZE = 1024
