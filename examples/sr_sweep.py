@@ -5,6 +5,7 @@ Run through examples/reproduce_sr_sweep.sh (which builds the data first):
     bash examples/reproduce_sr_sweep.sh                  # the whole sweep, 2 runs at a time
     bash examples/reproduce_sr_sweep.sh --dry-run        # the plan: every run and its state
     bash examples/reproduce_sr_sweep.sh --report         # table, claims and plot of the done runs
+    bash examples/reproduce_sr_sweep.sh --v2 --commit    # the second sweep (below), committing each run
 
 The model is mostly transformer: 6 layers x 256 hidden (4 heads), sequence 256, a
 4096-piece BPE trained on the sample corpus (1.0M of its 5.8M parameters are the
@@ -20,6 +21,17 @@ The plan, in the order runs start (a partial sweep is useful early):
    fp32 and bf16-kahan at the best LR; the ablation: bf16-sr at the best LR with 8
    micro-batches of 1 per step (the same 8 x 256 tokens), gradient buffer in bf16
    (the default) vs --grad-reduce-dtype fp32.
+
+The second sweep (--v2; docs/results/sr_sweep_v2/) answers the first one's flaw: its
+corpus lists the Bible and then the plays, so the contiguous --split ranges validated
+on the plays while training mostly on the Bible. v2 trains and validates on the
+interleaved corpus (`megatron_sr.data.sample_files.interleave_documents`; the same
+SPLIT then samples both sources alike), at the first sweep's best LR (V2_LR) and
+twice it, without a scan (`v2_runs`): per seed, bf16-mixed, bf16 and bf16-sr at
+both LRs; the accumulation ablation at 1x with 8 micro-batches of 1 (bf16 buffer
+rounding to nearest, bf16 buffer with --grad-accumulation-rounding stochastic,
+fp32 buffer); then, after every seed's, the longer arm: bf16-sr and bf16 with
+twice the steps (reported apart, in OUT_long.md).
 
 A run trains in its staging folder (--staging-dir, outside the repository by
 default so that it outlives a fresh checkout on the same machine) and saves a
@@ -107,6 +119,8 @@ class RunSpec:
     seed: int
     micro_batch_size: Optional[int] = None  # None: the whole batch in one micro-batch
     grad_reduce_dtype: Optional[str] = None
+    grad_accumulation_rounding: Optional[str] = None  # None: the default (nearest)
+    train_iters: Optional[int] = None  # None: the shape's
 
     @property
     def name(self) -> str:
@@ -115,7 +129,14 @@ class RunSpec:
             name += f"_mbs{self.micro_batch_size}"
         if self.grad_reduce_dtype is not None:
             name += f"_grad{self.grad_reduce_dtype}"
+        if self.grad_accumulation_rounding == "stochastic":
+            name += "_accsr"
+        if self.train_iters is not None:
+            name += f"_iters{self.train_iters}"
         return name
+
+    def iters(self, shape: "Shape") -> int:
+        return self.train_iters or shape.train_iters
 
     def flags(self, shape: Shape, data_prefix: str, tokenizer_model: str,
               staging_dir: str, cache_dir: str) -> list[str]:
@@ -127,7 +148,7 @@ class RunSpec:
             "--seq-length", shape.seq_length, "--max-position-embeddings", shape.seq_length,
             "--attention-dropout", 0, "--hidden-dropout", 0,
             "--micro-batch-size", micro, "--global-batch-size", shape.global_batch_size,
-            "--train-iters", shape.train_iters,
+            "--train-iters", self.iters(shape),
             "--lr", f"{self.lr:g}", "--min-lr", f"{self.lr / 10:g}",
             "--lr-decay-style", "cosine", "--lr-warmup-iters", shape.warmup_iters,
             "--weight-decay", 0.1, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
@@ -143,6 +164,8 @@ class RunSpec:
             os.path.join(staging_dir, CHECKPOINTS), "--save-interval", shape.eval_interval]
         if self.grad_reduce_dtype is not None:
             flags += ["--grad-reduce-dtype", self.grad_reduce_dtype]
+        if self.grad_accumulation_rounding is not None:
+            flags += ["--grad-accumulation-rounding", self.grad_accumulation_rounding]
         return [str(flag) for flag in flags]
 
 
@@ -161,12 +184,39 @@ def grid_runs(best_lr: float, seeds: list[int]) -> list[RunSpec]:
     return runs
 
 
+V2_LR = 2e-3  # the first sweep's best bf16-mixed LR (docs/RESULTS.md)
+V2_MULTIPLIERS = (1.0, 2.0)
+V2_LONG_STRATEGIES = ("bf16-sr", "bf16")
+V2_LONG_FACTOR = 2  # the longer arm trains this many times the shape's steps
+
+
+def v2_runs(seeds: list[int], shape: "Shape") -> list[RunSpec]:
+    """The second sweep's plan, in start order: per seed, bf16-mixed, bf16 and
+    bf16-sr at 1x and 2x V2_LR, then the accumulation ablation at 1x with 8
+    micro-batches of 1 (bf16-sr; bf16 buffer rounding to nearest, bf16 buffer
+    with SR adds, fp32 buffer); after every seed's, the longer arm (bf16-sr
+    and bf16 at 1x, V2_LONG_FACTOR times the steps)."""
+    runs = []
+    for seed in seeds:
+        for multiplier in V2_MULTIPLIERS:
+            runs += [RunSpec(p, V2_LR * multiplier, seed) for p in GRID_STRATEGIES]
+        runs += [RunSpec("bf16-sr", V2_LR, seed, micro_batch_size=1, grad_reduce_dtype="bf16"),
+                 RunSpec("bf16-sr", V2_LR, seed, micro_batch_size=1, grad_reduce_dtype="bf16",
+                         grad_accumulation_rounding="stochastic"),
+                 RunSpec("bf16-sr", V2_LR, seed, micro_batch_size=1, grad_reduce_dtype="fp32")]
+    for seed in seeds:
+        runs += [RunSpec(p, V2_LR, seed, train_iters=V2_LONG_FACTOR * shape.train_iters)
+                 for p in V2_LONG_STRATEGIES]
+    return runs
+
+
 class ResultStore:
     """OUT/runs/NAME/{run.log, tensorboard/, run.json} for every finished run."""
 
-    def __init__(self, out: str, staging_dir: str):
+    def __init__(self, out: str, staging_dir: str, label: str = "SR sweep"):
         self.runs_dir = os.path.join(out, "runs")
         self.staging_dir = staging_dir
+        self.label = label  # begins the message of each run's commit
 
     def path(self, spec: RunSpec) -> str:
         return os.path.join(self.runs_dir, spec.name)
@@ -283,7 +333,7 @@ def start_run(spec: RunSpec, store: ResultStore, shape: Shape, args) -> RunningJ
 def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) -> bool:
     job.log.close()
     staging = store.staging(job.spec)
-    loss = _final_valid_loss(os.path.join(staging, "run.log"), shape.train_iters)
+    loss = _final_valid_loss(os.path.join(staging, "run.log"), job.spec.iters(shape))
     minutes = job.wall_seconds() / 60
     if job.process.returncode != 0 or loss is None:
         print(f"[sweep] {job.spec.name} FAILED (exit {job.process.returncode}); its log: "
@@ -291,7 +341,10 @@ def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) 
         return False
     record = {"name": job.spec.name, "precision": job.spec.precision, "lr": job.spec.lr,
               "seed": job.spec.seed, "micro_batch_size": job.spec.micro_batch_size,
-              "grad_reduce_dtype": job.spec.grad_reduce_dtype, "final_valid_loss": loss,
+              "grad_reduce_dtype": job.spec.grad_reduce_dtype,
+              "grad_accumulation_rounding": job.spec.grad_accumulation_rounding,
+              "train_iters": job.spec.iters(shape),
+              "final_valid_loss": loss,
               "wall_minutes": round(minutes, 2), "attempts": job.attempt,
               "code_commit": job.commit,
               "flags": job.flags, "host_cpu_threads": os.cpu_count()}
@@ -299,7 +352,7 @@ def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) 
     print(f"[sweep] {time.strftime('%H:%M:%S')} finished {job.spec.name}: validation loss "
           f"{loss:.4f} ({math.exp(loss):.1f} ppl) in {minutes:.1f} min", flush=True)
     if commit:
-        _commit(f"SR sweep: {job.spec.name} (validation loss {loss:.4f})", final)
+        _commit(f"{store.label}: {job.spec.name} (validation loss {loss:.4f})", final)
     return True
 
 
@@ -318,7 +371,10 @@ def _commit(message: str, *paths: str, attempts: int = 30) -> None:
 
 
 def plan(store: ResultStore, args) -> list[RunSpec]:
-    """Runs to do now, in order: the scan, then (once the best LR is known) the grid."""
+    """Runs to do now, in order: the scan, then (once the best LR is known) the
+    grid; with --v2, `v2_runs`."""
+    if args.v2:
+        return v2_runs(args.seeds, args.shape)
     runs = scan_runs(args.base_lr)
     lr = best_lr(store, args.base_lr)
     if lr is not None:
@@ -336,7 +392,8 @@ def data_fingerprint(data_prefix: str, tokenizer_model: str) -> dict[str, str]:
             "idx": sha256_file(data_prefix + ".idx")}
 
 
-def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool) -> None:
+def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool,
+               label: str = "SR sweep") -> None:
     """Records the sweep's data on its first start (OUT/data.json and a copy of the
     tokenizer, committed with --commit); afterwards exits with an error when the
     given data differs from the record, since its runs would not be comparable."""
@@ -369,7 +426,7 @@ def check_data(out: str, data_prefix: str, tokenizer_model: str, commit: bool) -
         json.dump(fingerprint, handle, indent=1, sort_keys=True)
     os.replace(record_path + ".partial", record_path)
     if commit:
-        _commit("SR sweep: the data every run trains on (its tokenizer, sha256 of the files)",
+        _commit(f"{label}: the data every run trains on (its tokenizer, sha256 of the files)",
                 os.path.join(out, TOKENIZER_COPY), record_path)
 
 
@@ -396,7 +453,7 @@ def progress_line(store: ResultStore, args) -> str:
                 records.append(json.load(handle))
             cpus[run_cpu(store.path(spec))] += 1
     hours = sum(record["wall_minutes"] for record in records) / 60
-    scope = ("" if best_lr(store, args.base_lr) is not None
+    scope = ("" if args.v2 or best_lr(store, args.base_lr) is not None
              else " (the scan is unfinished, so the grid is not counted yet)")
     machines = "; ".join(f"{count} on {cpu}" for cpu, count in cpus.most_common())
     return (f"Sweep progress: {len(records)} of {len(planned)} planned runs done{scope}; "
@@ -427,8 +484,15 @@ def data_line(data_prefix: str, shape: Shape) -> str:
             f"({valid_tokens:,} tokens).")
 
 
+def _trains_longer(run_dir: str, shape: Shape) -> bool:
+    with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as handle:
+        return json.load(handle).get("train_iters", shape.train_iters) > shape.train_iters
+
+
 def report(store: ResultStore, args, shape: Shape) -> int:
-    """compare_runs --aggregate over the finished runs, into OUT.md and OUT.png."""
+    """compare_runs --aggregate over the finished runs, into OUT.md and OUT.png;
+    with --v2 the longer arm's runs separately, into OUT_long.md and OUT_long.png
+    (compare_runs groups runs by strategy, LR and variant, not by length)."""
     import compare_runs
 
     runs = sorted(glob.glob(os.path.join(store.runs_dir, "*", "tensorboard")))
@@ -437,8 +501,16 @@ def report(store: ResultStore, args, shape: Shape) -> int:
         return 1
     out = os.path.normpath(args.out)
     table = out + ".md"
-    status = compare_runs.main([*runs, "--aggregate", "--table", table, "--plot", out + ".png",
-                                "--title", "SR sweep: mean over seeds"])
+    longer = [run for run in runs if _trains_longer(os.path.dirname(run), shape)]
+    runs = [run for run in runs if run not in longer]
+    status = 0
+    if runs:
+        status = compare_runs.main([*runs, "--aggregate", "--table", table, "--plot", out + ".png",
+                                    "--title", f"{store.label}: mean over seeds"])
+    if longer:
+        status = compare_runs.main([*longer, "--aggregate", "--table", out + "_long.md", "--plot",
+                                    out + "_long.png", "--title",
+                                    f"{store.label}, {V2_LONG_FACTOR}x the steps: mean over seeds"]) or status
     lines = [progress_line(store, args), data_line(args.data_prefix, shape)]
     with open(table, "a", encoding="utf-8") as handle:
         handle.write("".join(f"\n{line}\n" for line in lines))
@@ -450,13 +522,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-prefix", required=True, help="the tokenized corpus (.bin/.idx)")
     parser.add_argument("--tokenizer-model", required=True, help="its SentencePiece model")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "sr_sweep"))
-    parser.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache", "sr_sweep"),
-                        help="dataset index cache")
+    parser.add_argument("--v2", action="store_true",
+                        help="the second sweep (`v2_runs`, on the interleaved corpus); its defaults "
+                             "of --out, --cache-dir and --staging-dir end in sr_sweep_v2")
+    parser.add_argument("--out", help="default: docs/results/sr_sweep (--v2: .../sr_sweep_v2)")
+    parser.add_argument("--cache-dir", help="dataset index cache (default: .cache/sr_sweep[_v2])")
     parser.add_argument("--staging-dir",
-                        default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr",
-                                             "sr_sweep_staging"),
-                        help="where runs train and keep their checkpoints until they finish")
+                        help="where runs train and keep their checkpoints until they finish "
+                             "(default: ~/.cache/megatron_sr/sr_sweep[_v2]_staging)")
     parser.add_argument("--base-lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -468,19 +541,28 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="write OUT.md and OUT.png from the finished runs and exit")
     args = parser.parse_args(argv)
+    name = "sr_sweep_v2" if args.v2 else "sr_sweep"
+    args.out = args.out or os.path.join(ROOT, "docs", "results", name)
+    args.cache_dir = args.cache_dir or os.path.join(ROOT, ".cache", name)
+    args.staging_dir = args.staging_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_sr",
+                                                        f"{name}_staging")
     shape = QUICK_SHAPE if args.quick else Shape()
-    store = ResultStore(args.out, args.staging_dir)
+    args.shape = shape
+    store = ResultStore(args.out, args.staging_dir, "SR sweep v2" if args.v2 else "SR sweep")
 
     if args.report:
         return report(store, args, shape)
     if args.dry_run:
-        lr = best_lr(store, args.base_lr)
-        print(f"best bf16-mixed LR: {'not known yet (scan unfinished)' if lr is None else f'{lr:g}'}")
+        if args.v2:
+            print(f"sweep v2 at LR {V2_LR:g} (the first sweep's best) and its multiples {V2_MULTIPLIERS}")
+        else:
+            lr = best_lr(store, args.base_lr)
+            print(f"best bf16-mixed LR: {'not known yet (scan unfinished)' if lr is None else f'{lr:g}'}")
         for spec in plan(store, args):
             print(f"{'done ' if store.done(spec) else 'to do'}  {spec.name}")
         return 0
 
-    check_data(args.out, args.data_prefix, args.tokenizer_model, args.commit)
+    check_data(args.out, args.data_prefix, args.tokenizer_model, args.commit, store.label)
     running: list[RunningJob] = []
     started = failed = 0
     while True:
@@ -506,7 +588,7 @@ def main(argv=None) -> int:
             break
     remaining = [spec for spec in plan(store, args) if not store.done(spec)]
     print(f"[sweep] {len(remaining)} runs left" + (" (scan unfinished: the grid is not planned "
-          "yet)" if best_lr(store, args.base_lr) is None else ""), flush=True)
+          "yet)" if not args.v2 and best_lr(store, args.base_lr) is None else ""), flush=True)
     return 1 if failed else 0
 
 

@@ -58,8 +58,8 @@ from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, Parall
                                 TrainingConfig, global_batch_size_at, validate_parallel_layout)
 from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, padded_vocab_size
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
-from megatron_sr.precision.strategies import (DEFAULT_STRATEGY, STRATEGIES, PrecisionStrategy,
-                                              get_strategy)
+from megatron_sr.precision.strategies import (DEFAULT_STRATEGY, GRAD_ROUNDINGS, STRATEGIES,
+                                              PrecisionStrategy, get_strategy, with_grad_buffer)
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # --exit-signal
 
@@ -329,6 +329,10 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="Adam m and v dtype for the pure-bf16 strategies (default bf16).")
     group.add_argument("--grad-reduce-dtype", choices=("bf16", "fp32"),
                        help="Gradient buffer and reduction dtype (default: the strategy's).")
+    group.add_argument("--grad-accumulation-rounding", choices=GRAD_ROUNDINGS,
+                       default=OptimizerConfig.grad_accumulation_rounding,
+                       help="How each micro-batch's gradient is rounded when added into a bf16 "
+                            "gradient buffer: nearest, or stochastic (unbiased; needs the bf16 buffer).")
     group.add_argument("--grad-reduce-in-bf16", action="store_true",
                        help="Megatron's flag: same as --grad-reduce-dtype bf16.")
     group.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
@@ -551,7 +555,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     train_iters = _train_iters(args, global_batch_size, rampup, schedule)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
-        grad_reduce_dtype=_grad_reduce_dtype(args), lr=args.lr, min_lr=args.min_lr,
+        grad_reduce_dtype=_grad_reduce_dtype(args),
+        grad_accumulation_rounding=args.grad_accumulation_rounding, lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
         lr_decay_iters=_iters_or_samples(args, "lr_decay", global_batch_size, notices),
@@ -563,6 +568,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr)
     LRSchedule.from_config(optimizer, train_iters)
+    with_grad_buffer(strategy, optimizer.grad_reduce_dtype, optimizer.grad_accumulation_rounding)
 
     _check_data(args)
     data = DataConfig(

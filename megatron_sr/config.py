@@ -108,6 +108,7 @@ class OptimizerConfig:
     precision: str = "bf16-sr"
     optimizer_state_dtype: Optional[str] = None  # None: the strategy's default
     grad_reduce_dtype: Optional[str] = None  # None: the strategy's grad dtype
+    grad_accumulation_rounding: str = "nearest"  # or "stochastic" (bf16 grad buffers only)
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01

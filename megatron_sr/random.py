@@ -9,6 +9,11 @@ the same bits. Parameters replicated across tensor-parallel ranks (norms,
 row-parallel biases) pass `tp_rank=None` and draw the same bits on every TP
 rank; TP-sharded ones pass their TP rank.
 
+The gradient-accumulation key: with `--grad-accumulation-rounding
+stochastic` the add of one micro-batch's gradient into a bf16 gradient
+buffer draws from `grad_accumulation_key(seed, step, micro_batch,
+param_name, tp_rank)`, a stream of its own, counter as above.
+
 Also here: the initial-weight draws (`init_key`, `philox_normal`: the same
 Philox, keyed by parameter name, counter = element index), per-rank seeding (`model_parallel_seed`) and the RNG
 stream tracker that gives dropout inside tensor-parallel regions a different
@@ -39,6 +44,27 @@ def sr_key(seed: int, iteration: int, param_name: str, tp_rank: int | None = Non
     if seed < 0 or iteration < 0:
         raise ValueError(f"sr_key: seed ({seed}) and iteration ({iteration}) must be >= 0")
     text = f"{seed}|{iteration}|{param_name}|{'replicated' if tp_rank is None else tp_rank}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _KEY_MASK
+
+
+def grad_accumulation_key(seed: int, step: int, micro_batch: int, param_name: str,
+                          tp_rank: int | None = None) -> int:
+    """Philox key (below 2**63) of the stochastically rounded add of one
+    micro-batch's gradient of one parameter into the gradient buffer.
+
+    `step`: the optimizer step (1-based, `DistributedOptimizer.step_count`
+    + 1) that will apply the gradient; `micro_batch`: the micro-batch's index
+    in the step's global batch (`megatron_sr.data.micro_batches`: local
+    micro-batch k of data-parallel rank r is k * dp + r), so no two ranks or
+    micro-batches share bits; `param_name` and `tp_rank` as for `sr_key`.
+    Its hashed text differs from every `sr_key`'s: a stream of its own.
+    """
+    if seed < 0 or step < 0 or micro_batch < 0:
+        raise ValueError(f"grad_accumulation_key: seed ({seed}), step ({step}) and micro_batch "
+                         f"({micro_batch}) must be >= 0")
+    text = (f"grad-accumulation|{seed}|{step}|{micro_batch}|{param_name}|"
+            f"{'replicated' if tp_rank is None else tp_rank}")
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & _KEY_MASK
 

@@ -55,7 +55,7 @@ from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler, learning_rate_at
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
 from megatron_sr.pipeline_parallel import get_forward_backward_func
-from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
+from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy, with_grad_buffer
 from megatron_sr.random import model_parallel_seed
 from megatron_sr.tensor_parallel.grad_accumulation_fusion import fusion_notice
 from megatron_sr.training_log import (MetricsWriter, PhaseTimers, StepProfiler, format_log_line,
@@ -161,7 +161,8 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
     strategy = get_strategy(job.optimizer.precision, job.optimizer.optimizer_state_dtype)
     # --grad-reduce-dtype overrides the strategy's gradient dtype for the grad
     # buffer, the DP reduction and the AdamW step alike.
-    strategy = dataclasses.replace(strategy, grad_dtype=grad_dtype(job, strategy))
+    strategy = with_grad_buffer(strategy, job.optimizer.grad_reduce_dtype,
+                                job.optimizer.grad_accumulation_rounding)
     model = build_model(job.model, job.parallel, seed=job.training.seed,
                         model_provider=(None if model_provider is None
                                         else functools.partial(model_provider, job=job)))
@@ -175,7 +176,8 @@ def setup_model_and_optimizer(job: JobConfig, bucket_size: Optional[int] = None,
         overlap_param_gather=job.parallel.overlap_param_gather,
         tensor_parallel_group=parallel_state.get_tensor_model_parallel_group(),
         embedding_group=(parallel_state.get_embedding_group()
-                         if parallel_state.is_rank_in_embedding_group() else None), **extra)
+                         if parallel_state.is_rank_in_embedding_group() else None),
+        grad_rounding=strategy.grad_rounding, seed=job.training.seed, **extra)
     buffer.wait_before_forward(model)
     optimizer = DistributedOptimizer(buffer, strategy, job.optimizer, seed=job.training.seed)
     scheduler = LRScheduler(job.optimizer, job.training.train_iters)
@@ -703,6 +705,7 @@ def write_run_summary(writer, job: JobConfig, optimizer: DistributedOptimizer) -
             "global-batch-size": training.global_batch_size,
             "micro-batch-size": training.micro_batch_size, "seed": training.seed,
             "grad-reduce-dtype": opt.grad_reduce_dtype or "strategy default",
+            "grad-accumulation-rounding": opt.grad_accumulation_rounding,
             "seq-length": model.seq_length,
             "num-layers": model.num_layers, "hidden-size": model.hidden_size,
             "world-size": job.world_size,

@@ -29,7 +29,7 @@ FTZ = re.compile(r"\.ftz\b")
 def _variants():
     """(kernel name, label, signature, constexprs) of every compiled variant:
     the AdamW kernel for each strategy row (with and without a gradient
-    scale for bf16-sr) and the SR cast."""
+    scale for bf16-sr), the SR cast and the SR add."""
     import torch
 
     from megatron_sr.precision.adamw_torch import WRITE_STOCHASTIC, write_modes
@@ -65,6 +65,8 @@ def _variants():
             variants.append(("_adamw_kernel", label, signature, constexprs))
     variants.append(("_sr_cast_kernel", "sr-cast", dict(x_ptr="*fp32", out_ptr="*bf16", seed="i64", offset="i64",
                                                           n="i32", BLOCK="constexpr"), dict(BLOCK=BLOCK_SIZE)))
+    variants.append(("_sr_add_kernel", "sr-add", dict(acc_ptr="*bf16", addend_ptr="*bf16", seed="i64", offset="i64",
+                                                        n="i32", BLOCK="constexpr"), dict(BLOCK=BLOCK_SIZE)))
     return variants
 
 
@@ -126,7 +128,7 @@ def ptx_report() -> dict:
 def test_every_kernel_compiles_to_ptx_without_fma_or_ftz(ptx_report):
     report = ptx_report["ieee"]
     assert report["missing"] == []
-    assert len(report["counts"]) == 9
+    assert len(report["counts"]) == 10
     bad = {label: count for label, count in report["counts"].items() if count["fma"] or count["ftz"]}
     assert bad == {}
 
@@ -153,10 +155,11 @@ def _record_launches(monkeypatch) -> list[tuple[str, dict]]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.name, kwargs))
 
-    monkeypatch.setattr(kernels, "_adamw_kernel", Recorder("_adamw_kernel"))
-    monkeypatch.setattr(kernels, "_sr_cast_kernel", Recorder("_sr_cast_kernel"))
+    for name in ("_adamw_kernel", "_sr_cast_kernel", "_sr_add_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
     x = torch.zeros(10)
     kernels.sr_cast(x, x.bfloat16(), seed=1, offset=0)
+    kernels.sr_add(x.bfloat16(), x.bfloat16(), seed=1, offset=0)
     table = torch.tensor([[0, 10, 0, 0, 1], [10, 0, 0, 1, 0]])
     kernels.adamw_step(x, x, x, x, None, None, [0.0] * 9, table, torch.zeros(1, dtype=torch.int64), None, 1,
                        param_write=0, exp_avg_write=0, exp_avg_sq_write=0)
@@ -165,7 +168,7 @@ def _record_launches(monkeypatch) -> list[tuple[str, dict]]:
 
 def test_launchers_pass_the_ieee_options(monkeypatch):
     launches = _record_launches(monkeypatch)
-    assert [name for name, _ in launches] == ["_sr_cast_kernel", "_adamw_kernel"]
+    assert [name for name, _ in launches] == ["_sr_cast_kernel", "_sr_add_kernel", "_adamw_kernel"]
     for _, kwargs in launches:
         assert kwargs["enable_fp_fusion"] is False and kwargs["enable_reflect_ftz"] is False
 
@@ -182,7 +185,8 @@ def test_every_launch_option_is_a_cuda_option_of_the_installed_triton(monkeypatc
 
     from megatron_sr.precision import kernels
 
-    parameters = {name: set(getattr(kernels, name).arg_names) for name in ("_adamw_kernel", "_sr_cast_kernel")}
+    parameters = {name: set(getattr(kernels, name).arg_names)
+                  for name in ("_adamw_kernel", "_sr_cast_kernel", "_sr_add_kernel")}
     options = {key for name, kwargs in _record_launches(monkeypatch) for key in kwargs
                if key not in parameters[name]}
     assert options == set(kernels.IEEE_OPTIONS)

@@ -29,21 +29,49 @@ sr_sweep = _load("sr_sweep", "examples/sr_sweep.py")
 def test_every_run_parses_to_the_intended_job():
     from megatron_sr.arguments import parse_args
 
+    shape = sr_sweep.Shape()
     runs = sr_sweep.grid_runs(2e-3, [1, 2, 3]) + sr_sweep.scan_runs(1e-3)[:1]
     assert len({spec.name for spec in runs}) == len(runs)
     assert len(sr_sweep.grid_runs(2e-3, [1])) == 3 * 3 + 2 + 2
-    shape = sr_sweep.Shape()
-    for spec in runs:
+    v2 = sr_sweep.v2_runs([1, 2, 3], shape)
+    assert len({spec.name for spec in v2}) == len(v2)
+    for spec in runs + v2:
         job = parse_args(spec.flags(shape, "data/x", "tok.model", "tb", "cache"), 1)
         assert job.optimizer.precision == spec.precision and job.optimizer.lr == spec.lr
         assert job.optimizer.min_lr == pytest.approx(spec.lr / 10)
         assert job.training.seed == spec.seed
+        assert job.training.train_iters == spec.iters(shape)
         tokens = job.training.train_iters * job.training.global_batch_size * job.model.seq_length
         assert tokens >= 2_000_000
         assert job.training.eval_iters * job.training.global_batch_size * job.model.seq_length \
             >= 65_536
         assert job.num_microbatches == (8 if spec.micro_batch_size == 1 else 1)
         assert job.optimizer.grad_reduce_dtype == spec.grad_reduce_dtype
+        assert job.optimizer.grad_accumulation_rounding == (spec.grad_accumulation_rounding or "nearest")
+
+
+def test_the_v2_plan():
+    """Issue 28: 2e-3 (the first sweep's best LR) and 2x for bf16-mixed, bf16
+    and bf16-sr; the accumulation ablation at 1x with 8 micro-batches (bf16
+    buffer RTN, bf16 buffer SR, fp32 buffer); then the longer arm (bf16-sr vs
+    bf16, twice the steps); 3 seeds each, every seed's short runs first."""
+    shape = sr_sweep.Shape()
+    runs = sr_sweep.v2_runs([1, 2, 3], shape)
+    grid = {(s.precision, s.lr, s.seed) for s in runs
+            if s.micro_batch_size is None and s.train_iters is None}
+    assert grid == {(p, lr, seed) for p in ("bf16-mixed", "bf16", "bf16-sr") for lr in (2e-3, 4e-3)
+                    for seed in (1, 2, 3)}
+    ablation = [s for s in runs if s.micro_batch_size == 1]
+    assert {(s.grad_reduce_dtype, s.grad_accumulation_rounding, s.seed) for s in ablation} == {
+        (dtype, rounding, seed) for dtype, rounding in (("bf16", None), ("bf16", "stochastic"), ("fp32", None))
+        for seed in (1, 2, 3)}
+    assert all(s.precision == "bf16-sr" and s.lr == 2e-3 for s in ablation)
+    longer = [s for s in runs if s.train_iters is not None]
+    assert {(s.precision, s.seed) for s in longer} == {(p, seed) for p in ("bf16-sr", "bf16") for seed in (1, 2, 3)}
+    assert all(s.train_iters == 2 * shape.train_iters and s.lr == 2e-3 for s in longer)
+    assert len(runs) == 18 + 9 + 6 and runs[-len(longer):] == longer
+    assert runs[:9] == [s for s in runs if s.seed == 1 and s.train_iters is None]
+    assert "bf16-sr_lr0.002_seed1_mbs1_gradbf16_accsr" in {s.name for s in runs}
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +246,50 @@ def test_results_md_quotes_what_compare_runs_prints_from_the_committed_runs(tmp_
     assert len(tables) == 2 and len(claims) == 3
     for quoted in tables + claims:
         assert quoted in sweep_section, f"RESULTS.md does not quote the report's {quoted[:40]!r}"
+
+
+def test_interleaving_keeps_each_source_in_order_and_spreads_it_over_the_corpus():
+    from megatron_sr.data.sample_files import interleave_documents
+
+    long = [{"text": "x" * 100, "source": f"long {i}"} for i in range(4)]
+    short = [{"text": "y" * 10, "source": f"short {i}"} for i in range(40)]
+    order = [d["source"] for d in interleave_documents([short, long])]
+    assert sorted(order) == sorted(d["source"] for d in short + long)
+    assert [s for s in order if s.startswith("long")] == [f"long {i}" for i in range(4)]
+    assert [s for s in order if s.startswith("short")] == [f"short {i}" for i in range(40)]
+    # "long 0" has its middle at 1/8 of its source: between the shorts whose middles
+    # are at 45/400 and 55/400 of theirs.
+    assert order.index("long 0") == order.index("short 4") + 1
+    assert order == [d["source"] for d in interleave_documents([short, long])]  # deterministic
+
+
+def test_the_v2_corpus_validates_on_both_sources(sample_corpus, tmp_path):
+    """The interleaved sample corpus: the same documents as the first sweep's,
+    under its own cache name, and its --split validation range holds Bible
+    chapters and plays, each a sizeable share of the text."""
+    from megatron_sr.data import sample_files
+    from megatron_sr.data.gpt_dataset import split_document_ranges
+
+    path = sample_files.sample_corpus(str(tmp_path), interleaved=True)
+    assert os.path.basename(path) == sample_files.SAMPLE_CORPUS_INTERLEAVED_NAME != \
+        os.path.basename(sample_corpus)
+    with open(path, encoding="utf-8") as handle:
+        documents = [json.loads(line) for line in handle]
+    with open(sample_corpus, encoding="utf-8") as handle:
+        first = [json.loads(line) for line in handle]
+    assert sorted(d["source"] for d in documents) == sorted(d["source"] for d in first)
+    _, (start, end), _ = split_document_ranges(sr_sweep.SPLIT, len(documents))
+    bible = sum(len(d["text"]) for d in documents[start:end] if d["source"].startswith("kjv "))
+    plays = sum(len(d["text"]) for d in documents[start:end] if d["source"].startswith("shakespeare "))
+    assert 0.25 < bible / (bible + plays) < 0.75
+
+
+def test_v2_dry_run_lists_its_plan_under_its_own_folders(tiny_data, tmp_path):
+    prefix, tokenizer = tiny_data
+    result = subprocess.run([PYTHON, "examples/sr_sweep.py", "--v2", "--quick", "--dry-run", "--data-prefix",
+                             prefix, "--tokenizer-model", tokenizer, "--out", str(tmp_path / "v2")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("to do")]
+    assert listed == [spec.name for spec in sr_sweep.v2_runs([1, 2, 3], sr_sweep.QUICK_SHAPE)]
+    assert "bf16-sr_lr0.002_seed1_iters16" in listed

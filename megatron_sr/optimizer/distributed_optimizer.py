@@ -98,6 +98,19 @@ class DistributedOptimizer:
                 [buffer.infos[m.param_index].weight_decay for m in members]))
         self._decoupled_group_cache: dict[int, list] = {}  # see _decoupled_groups
 
+    @property
+    def step_count(self) -> int:
+        """Applied (not skipped) steps: Adam's t and the SR stream. Setting it
+        (a step, a skipped step taken back, a checkpoint load) also sets the
+        buffer's `accumulation_step` to the next step, whose gradients the
+        buffer accumulates (`--grad-accumulation-rounding stochastic` keys)."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = value
+        self.buffer.accumulation_step = value + 1
+
     # ----- state helpers -------------------------------------------------------------
     def reset_master_from_params(self) -> None:
         """Sets the fp32 master copy (if the strategy has one) to the current params."""

@@ -9,6 +9,19 @@ micro-batches of a step sum in the grad buffer (with gradient-accumulation
 fusion the wgrad GEMM has added it already and sets
 `param.grad_added_to_main_grad`: `megatron_sr.tensor_parallel.grad_accumulation_fusion`).
 
+Rounding of the adds (`grad_rounding`, `--grad-accumulation-rounding`): with
+"stochastic" (bf16 buffers only) every add after the first of a step rounds
+the fp32 sum stochastically (`megatron_sr.precision.grad_accumulation`),
+keyed by `grad_accumulation_key(seed, accumulation_step, micro-batch,
+parameter name, TP rank if sharded)`; the micro-batch is the add's index in
+the step's global batch, k * dp + dp_rank for this rank's k-th add of the
+parameter since `zero_grad`. The first add of a bf16 grad goes into zeros
+and is exact, so it skips the rounding (an fp32 grad, of fp32 parameters with
+a bf16 buffer, is rounded stochastically on every add). The
+optimizer keeps `accumulation_step` at its next step's number, so a resumed
+run draws the same bits. Each parameter carries `grad_accumulation_key()`,
+the key of its next add (None: round to nearest), for the fused wgrad GEMM.
+
 The buffer is cut into buckets (consecutive parameters, in the reverse of
 the model's order, so that backward fills bucket 0 first and the forward
 needs the last bucket first), each padded to a multiple of
@@ -41,11 +54,15 @@ same order.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from megatron_sr.precision.grad_accumulation import stochastic_add_, stochastic_round_into_
+from megatron_sr.random import grad_accumulation_key
 
 SHARD_ALIGN = 64
 """Each rank's slice of a bucket is a multiple of this many elements."""
@@ -177,6 +194,8 @@ class ParamAndGradBuffer:
         (None: TP = 1, nothing to sum).
     embedding_group: sums the grads of the `tied_embedding` param (None on
         ranks outside it, or when it is one rank: PP = 1).
+    grad_rounding: "nearest" or "stochastic" (`--grad-accumulation-rounding`;
+        "stochastic" needs a bf16 grad buffer); `seed` keys its random bits.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], infos: Sequence[ParamInfo],
@@ -185,7 +204,13 @@ class ParamAndGradBuffer:
                  bucket_size: int = DEFAULT_BUCKET_SIZE, overlap_grad_reduce: bool = False,
                  overlap_param_gather: bool = False,
                  tensor_parallel_group: Optional[dist.ProcessGroup] = None,
-                 embedding_group: Optional[dist.ProcessGroup] = None):
+                 embedding_group: Optional[dist.ProcessGroup] = None,
+                 grad_rounding: str = "nearest", seed: int = 0):
+        if grad_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"--grad-accumulation-rounding {grad_rounding!r}: choose 'nearest' or 'stochastic'")
+        if grad_rounding == "stochastic" and grad_dtype != torch.bfloat16:
+            raise ValueError(f"--grad-accumulation-rounding stochastic needs a bf16 gradient buffer, "
+                             f"this one is {grad_dtype}")
         if len(params) != len(infos):
             raise ValueError(f"{len(params)} params but {len(infos)} ParamInfo entries")
         for param in params:
@@ -210,6 +235,13 @@ class ParamAndGradBuffer:
             param.data = view
             param.main_grad = self.grad_buffer[start:end].view_as(param)
             param.grad_added_to_main_grad = False
+        self.grad_rounding = grad_rounding
+        self.seed = seed
+        self.accumulation_step = 1  # the step the grads accumulating now feed (the optimizer sets it)
+        self._grads_added = [0] * len(self.params)  # per param: adds since zero_grad
+        self._index_of_param = {id(param): index for index, param in enumerate(self.params)}
+        for index, param in enumerate(self.params):
+            param.grad_accumulation_key = functools.partial(self._accumulation_key, index)
         self.segments = self._shard_segments()
         self._tp_group = tensor_parallel_group if _size(tensor_parallel_group) > 1 else None
         self._embedding_group = embedding_group if _size(embedding_group) > 1 else None
@@ -258,6 +290,17 @@ class ParamAndGradBuffer:
     # ----- gradients ---------------------------------------------------------------
     def zero_grad(self) -> None:
         self.grad_buffer.zero_()
+        self._grads_added = [0] * len(self.params)
+
+    def _accumulation_key(self, index: int) -> Optional[int]:
+        """The Philox key of the next add into param `index`'s main_grad at
+        `accumulation_step`, or None when adds round to nearest."""
+        if self.grad_rounding != "stochastic":
+            return None
+        info = self.infos[index]
+        micro_batch = self._grads_added[index] * self.dp_size + self.dp_rank
+        return grad_accumulation_key(self.seed, self.accumulation_step, micro_batch, info.name,
+                                     info.sr_tp_rank)
 
     def prepare_grad_sync(self, num_microbatches: int) -> None:
         """Arms the overlapped reduction: a bucket launches once each of its
@@ -267,10 +310,17 @@ class ParamAndGradBuffer:
             self._pending_grads[bucket] = len(members) * num_microbatches
 
     def _accumulate_grad(self, param: torch.nn.Parameter) -> None:
+        index = self._index_of_param[id(param)]
         if param.grad_added_to_main_grad:  # the wgrad GEMM added it (gradient-accumulation fusion)
             param.grad_added_to_main_grad = False
+        elif self.grad_rounding == "stochastic" and param.grad.dtype != torch.bfloat16:
+            stochastic_round_into_(param.main_grad, param.main_grad.float() + param.grad.float(),
+                                   self._accumulation_key(index))
+        elif self.grad_rounding == "stochastic" and self._grads_added[index] > 0:
+            stochastic_add_(param.main_grad, param.grad, self._accumulation_key(index))
         else:
             param.main_grad.add_(param.grad)
+        self._grads_added[index] += 1
         param.grad = None
         if not self.overlap_grad_reduce:
             return

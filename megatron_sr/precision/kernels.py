@@ -1,4 +1,4 @@
-"""Triton kernels: the SR cast and the fused AdamW step of every strategy.
+"""Triton kernels: the SR cast, the SR add and the fused AdamW step of every strategy.
 
 The Triton twins of `megatron_sr.precision.rounding` and of the torch
 reference `megatron_sr.precision.adamw_torch`; for the same inputs they
@@ -118,6 +118,22 @@ def _sr_cast_kernel(x_ptr, out_ptr, seed, offset, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + position, _sr_to_bf16(x, _element_draws(word0)), mask=mask)
 
 
+@triton.jit
+def _bf16_to_fp32(x):
+    """Exact widening by the bit pattern (the interpreter's cast flushes bf16 subnormals)."""
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "n"])
+def _sr_add_kernel(acc_ptr, addend_ptr, seed, offset, n, BLOCK: tl.constexpr):
+    offset = offset.to(tl.uint64).to(tl.int64)  # as in _sr_cast_kernel
+    position, mask, pairs = _pair_block(offset, n, tl.program_id(0).to(tl.int64), BLOCK)
+    word0, _, _, _ = tl.randint4x(seed.to(tl.int64), pairs)
+    total = _bf16_to_fp32(tl.load(acc_ptr + position, mask=mask)) \
+        + _bf16_to_fp32(tl.load(addend_ptr + position, mask=mask))
+    tl.store(acc_ptr + position, _sr_to_bf16(total, _element_draws(word0)), mask=mask)
+
+
 @triton.jit(do_not_specialize=["num_segments"])
 def _adamw_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, kahan_ptr,
@@ -204,6 +220,14 @@ def sr_cast(x, out, seed: int, offset: int) -> None:
     n = x.numel()
     if n:
         _sr_cast_kernel[(blocks_of(n, offset),)](x, out, seed, offset, n, BLOCK=BLOCK_SIZE, **IEEE_OPTIONS)
+
+
+def sr_add(acc, addend, seed: int, offset: int) -> None:
+    """acc <- SR(float(acc) + float(addend)) for contiguous bf16 `acc` and
+    `addend` of one length, stream 0 (`grad_accumulation.stochastic_add_`)."""
+    n = acc.numel()
+    if n:
+        _sr_add_kernel[(blocks_of(n, offset),)](acc, addend, seed, offset, n, BLOCK=BLOCK_SIZE, **IEEE_OPTIONS)
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, master, kahan, coefficients, table, sr_keys, grad_scale,

@@ -1,8 +1,9 @@
 """The native CPU backend: `native_kernel.c`, compiled on first use and loaded with ctypes.
 
-`adamw_step` here is the "native" backend of `megatron_sr.precision.adamw`
-and `stochastic_round` the native twin of `rounding.stochastic_round` (for
-callers that want it; `rounding` itself stays pure torch): the same
+`adamw_step` here is the "native" backend of `megatron_sr.precision.adamw`,
+`stochastic_round` the native twin of `rounding.stochastic_round` (for
+callers that want it; `rounding` itself stays pure torch) and `stochastic_add_`
+the native backend of `grad_accumulation.stochastic_add_`: the same
 Philox4x32-10 words, the same fp32 arithmetic in the same order, the same
 bits (NaN payloads aside) as the torch and Triton paths. `adamw_shard_step`
 updates a whole bucket shard (its `SegmentTable`) in one C call, its
@@ -48,7 +49,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared",
          "-pthread")
 CC_ENV = "CC"
-ABI_VERSION = 3
+ABI_VERSION = 4
 PHILOX_PATHS = ("portable", "avx2", "avx512")  # the C enum PHILOX_*, in order
 _BUILD_TIMEOUT_S = 300
 
@@ -128,6 +129,8 @@ def _open(path: str) -> ctypes.CDLL:
     library.megatron_sr_adamw_supported.restype = c_int
     library.megatron_sr_sr_cast.argtypes = [c_void_p, c_void_p, c_uint64, c_uint64, c_int64, c_int]
     library.megatron_sr_sr_cast.restype = None
+    library.megatron_sr_sr_add.argtypes = [c_void_p, c_void_p, c_uint64, c_uint64, c_int64, c_int]
+    library.megatron_sr_sr_add.restype = None
     return library
 
 
@@ -277,3 +280,13 @@ def stochastic_round(x: torch.Tensor, seed: int, offset: int = 0, threads: Optio
     library.megatron_sr_sr_cast(source.data_ptr(), out.data_ptr(), seed, offset, source.numel(),
                                 threads or torch.get_num_threads())
     return out
+
+
+def stochastic_add_(accumulator: torch.Tensor, addend: torch.Tensor, seed: int, offset: int = 0,
+                    threads: Optional[int] = None) -> None:
+    """`accumulator <- SR(float(accumulator) + float(addend))` in place, for
+    contiguous bf16 CPU tensors of one shape already validated by
+    `grad_accumulation.stochastic_add_`: its torch reference, bit for bit
+    (NaN payloads aside)."""
+    _loaded().megatron_sr_sr_add(accumulator.data_ptr(), addend.data_ptr(), seed, offset, accumulator.numel(),
+                                 threads or torch.get_num_threads())

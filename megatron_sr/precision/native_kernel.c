@@ -27,6 +27,8 @@
  * compiler auto-vectorizes as it can; it also does every path's tail).
  * One call updates a whole bucket shard (a table of segments) on up to
  * `threads` pthreads, each on a contiguous range of the shard's elements.
+ * The SR add (grad_accumulation.stochastic_add_) rounds the fp32 sum of two
+ * bf16 tensors with stream 0 of its own key, like the SR cast.
  */
 #include <math.h>
 #include <pthread.h>
@@ -48,7 +50,7 @@
  * WRITE_STOCHASTIC, WRITE_KAHAN). */
 enum { EXACT = 0, NEAREST = 1, STOCHASTIC = 2, KAHAN = 3 };
 
-int megatron_sr_native_abi_version(void) { return 3; }
+int megatron_sr_native_abi_version(void) { return 4; }
 
 static inline float as_float(uint32_t u) {
     float f;
@@ -546,11 +548,15 @@ int megatron_sr_adamw_step(void *param, const void *grad, void *exp_avg, void *e
                                         1, param_write, state_write, has_master, threads);
 }
 
-/* ---- SR cast (rounding.stochastic_round): fp32 -> bf16, stream 0 ---- */
+/* ---- SR cast (rounding.stochastic_round): fp32 -> bf16, stream 0, and the
+ * SR add (grad_accumulation.stochastic_add_): acc <- SR(float(acc) + float(addend)),
+ * bf16 += bf16, stream 0. `x` is NULL for the add, `acc` NULL for the cast. ---- */
 
 typedef struct {
     const float *x;
     uint16_t *out;
+    uint16_t *acc;
+    const uint16_t *addend;
     uint64_t key, offset;
     int64_t begin, end;
     int path;
@@ -566,14 +572,21 @@ static void *run_cast_task(void *task) {
         int npairs = (int)(((first + (uint64_t)n - 1) >> 1) - first_pair + 1);
         philox_block(first_pair, npairs, c->key, draws, NULL, NULL, 1, 0, 0, c->path);
         const uint16_t *random16 = draws + (first & 1);
-        const float *restrict x = c->x + b;
-        uint16_t *restrict out = c->out + b;
-        for (int64_t i = 0; i < n; i++) out[i] = sr_bf16(x[i], random16[i]);
+        if (c->acc != NULL) {
+            uint16_t *restrict acc = c->acc + b;
+            const uint16_t *restrict addend = c->addend + b;
+            for (int64_t i = 0; i < n; i++) acc[i] = sr_bf16(bf16_value(acc[i]) + bf16_value(addend[i]), random16[i]);
+        } else {
+            const float *restrict x = c->x + b;
+            uint16_t *restrict out = c->out + b;
+            for (int64_t i = 0; i < n; i++) out[i] = sr_bf16(x[i], random16[i]);
+        }
     }
     return NULL;
 }
 
-void megatron_sr_sr_cast(const float *x, uint16_t *out, uint64_t key, uint64_t offset, int64_t n, int threads) {
+static void run_cast(const float *x, uint16_t *out, uint16_t *acc, const uint16_t *addend, uint64_t key,
+                     uint64_t offset, int64_t n, int threads) {
     if (n <= 0) return;
     cast_task tasks[MAX_THREADS];
     pthread_t handles[MAX_THREADS];
@@ -584,6 +597,8 @@ void megatron_sr_sr_cast(const float *x, uint16_t *out, uint64_t key, uint64_t o
     for (int t = 0; t < count; t++) {
         tasks[t].x = x;
         tasks[t].out = out;
+        tasks[t].acc = acc;
+        tasks[t].addend = addend;
         tasks[t].key = key;
         tasks[t].offset = offset;
         tasks[t].begin = bounds[t];
@@ -599,4 +614,13 @@ void megatron_sr_sr_cast(const float *x, uint16_t *out, uint64_t key, uint64_t o
         else
             run_cast_task(&tasks[t]);
     }
+}
+
+void megatron_sr_sr_cast(const float *x, uint16_t *out, uint64_t key, uint64_t offset, int64_t n, int threads) {
+    run_cast(x, out, NULL, NULL, key, offset, n, threads);
+}
+
+void megatron_sr_sr_add(uint16_t *acc, const uint16_t *addend, uint64_t key, uint64_t offset, int64_t n,
+                        int threads) {
+    run_cast(NULL, NULL, acc, addend, key, offset, n, threads);
 }

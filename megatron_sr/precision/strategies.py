@@ -17,6 +17,12 @@ Writes to fp32 tensors are exact and need no rounding mode.
 `--optimizer-state-dtype {bf16,fp32}` changes the dtype of Adam's m and v for
 the pure-bf16 strategies (an ablation); the other strategies already keep
 them in fp32 and reject the flag.
+
+The gradient buffer's two options act on a row too (`with_grad_buffer`):
+`--grad-reduce-dtype {bf16,fp32}` replaces `grad_dtype`, and
+`--grad-accumulation-rounding {nearest,stochastic}` sets `grad_rounding`, how
+each micro-batch's gradient is rounded when it is added into a bf16 buffer
+(`megatron_sr.precision.grad_accumulation`); every row rounds to nearest.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Optional
 import torch
 
 _STATE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GRAD_ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,9 @@ class PrecisionStrategy:
     write of the model parameter (for bf16-mixed: the bf16 copy of the fp32
     master), `state_rounding` to the writes of m and v when they are bf16.
     `autocast` is True for `amp`, whose fp32 model runs under
-    `torch.autocast(dtype=torch.bfloat16)`.
+    `torch.autocast(dtype=torch.bfloat16)`. `grad_rounding` ("nearest" or
+    "stochastic") applies to the adds of micro-batch gradients into the
+    gradient buffer when `grad_dtype` is bf16 ("stochastic" needs it).
     """
 
     name: str
@@ -51,6 +60,7 @@ class PrecisionStrategy:
     param_rounding: str
     state_rounding: str
     autocast: bool = False
+    grad_rounding: str = "nearest"
 
     @property
     def bytes_per_param(self) -> int:
@@ -108,3 +118,28 @@ def get_strategy(name: str, optimizer_state_dtype: Optional[str] = None) -> Prec
             f"bf16-kahan); --precision {name} keeps its optimizer state in fp32")
     state_dtype = _STATE_DTYPES[optimizer_state_dtype]
     return dataclasses.replace(strategy, exp_avg_dtype=state_dtype, exp_avg_sq_dtype=state_dtype)
+
+
+def with_grad_buffer(strategy: PrecisionStrategy, grad_reduce_dtype: Optional[str] = None,
+                     grad_accumulation_rounding: Optional[str] = None) -> PrecisionStrategy:
+    """`strategy` with the gradient buffer of `--grad-reduce-dtype`
+    (`grad_reduce_dtype` "bf16"/"fp32"; None keeps the row's grad dtype) and
+    `--grad-accumulation-rounding` (None keeps "nearest"). Raises ValueError
+    naming the flag when stochastic accumulation meets an fp32 buffer, whose
+    adds are exact enough to need no rounding mode."""
+    if grad_reduce_dtype is not None:
+        if grad_reduce_dtype not in _STATE_DTYPES:
+            raise ValueError(f"--grad-reduce-dtype {grad_reduce_dtype!r}: choose 'bf16' or 'fp32'")
+        strategy = dataclasses.replace(strategy, grad_dtype=_STATE_DTYPES[grad_reduce_dtype])
+    if grad_accumulation_rounding is None:
+        return strategy
+    if grad_accumulation_rounding not in GRAD_ROUNDINGS:
+        raise ValueError(f"--grad-accumulation-rounding {grad_accumulation_rounding!r}: choose one of "
+                         f"{list(GRAD_ROUNDINGS)}")
+    if grad_accumulation_rounding == "stochastic" and strategy.grad_dtype != torch.bfloat16:
+        cause = ("--grad-reduce-dtype fp32" if grad_reduce_dtype == "fp32"
+                 else f"--precision {strategy.name}")
+        raise ValueError(f"--grad-accumulation-rounding stochastic rounds adds into a bf16 gradient buffer, "
+                         f"but {cause} accumulates in fp32: drop the flag, or use a pure-bf16 strategy "
+                         f"with the bf16 buffer")
+    return dataclasses.replace(strategy, grad_rounding=grad_accumulation_rounding)

@@ -24,6 +24,11 @@ Numerics, per micro-batch:
 - FP32 params (fp32): the same sum as the hook path, up to the GEMM's order.
 - A buffer narrower than the products (fp32 with `--grad-reduce-dtype bf16`):
   the hook path's arithmetic, the product added into the buffer.
+- `--grad-accumulation-rounding stochastic` (BF16 buffer): `main_grad + g^T x`
+  summed in FP32 (on a GPU with apex's FP32-accumulating GEMM) and rounded
+  stochastically once, every micro-batch (the first one too: the product
+  itself is rounded), with the key the buffer gives the parameter's next add
+  (`weight.grad_accumulation_key()`, `megatron_sr.optimizer.param_buffer`).
 
 Autograd still needs a gradient for the weight, so that its AccumulateGrad node
 runs and the buffer's hook counts the micro-batch (with `--overlap-grad-reduce`
@@ -46,6 +51,7 @@ from typing import Optional
 import torch
 
 from megatron_sr.cpu_bf16 import emulates_bf16_products, linear
+from megatron_sr.precision.grad_accumulation import stochastic_round_into_
 
 try:  # apex built with --cuda_ext (the Docker image): FP32 += BF16 x BF16 in one GEMM
     import fused_weight_gradient_mlp_cuda
@@ -54,14 +60,23 @@ except ImportError:
 
 
 def accumulate_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor,
-                           x: torch.Tensor) -> None:
+                           x: torch.Tensor, sr_key: Optional[int] = None) -> None:
     """main_grad [out, in] += g^T x, with g = grad_output [..., out] and x [..., in]
     (one dtype) flattened to rows; rounded once to main_grad's dtype when it is
     theirs or FP32 (on a GPU: with apex), else as the unfused hook would add
-    (see the module docstring)."""
+    (see the module docstring). With `sr_key` (a bf16 main_grad under
+    `--grad-accumulation-rounding stochastic`) the FP32 sum is rounded
+    stochastically with that key (`grad_accumulation.stochastic_round_into_`)."""
     g = grad_output.reshape(-1, grad_output.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
-    if main_grad.dtype == g.dtype:
+    if sr_key is not None:
+        total = main_grad.float()
+        if total.is_cuda and fused_weight_gradient_mlp_cuda is not None and g.dtype != torch.float32:
+            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(rows.contiguous(), g.contiguous(), total)
+        else:
+            total.addmm_(g.t().float(), rows.float())
+        stochastic_round_into_(main_grad, total, sr_key)
+    elif main_grad.dtype == g.dtype:
         if emulates_bf16_products(g, rows):
             main_grad.copy_(torch.addmm(main_grad.float(), g.t().float(), rows.float()))
         else:
@@ -110,7 +125,9 @@ class _LinearWithGradAccumulation(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = linear(grad_y, weight.t())
         if ctx.needs_input_grad[1]:
-            accumulate_weight_grad(ctx.parameter.main_grad, grad_y, x)
+            next_key = getattr(ctx.parameter, "grad_accumulation_key", None)
+            accumulate_weight_grad(ctx.parameter.main_grad, grad_y, x,
+                                   next_key() if next_key is not None else None)
             ctx.parameter.grad_added_to_main_grad = True
             grad_weight = torch.empty_like(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
