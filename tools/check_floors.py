@@ -15,7 +15,8 @@ test extras. The subset covers the model (SDPA, autocast), the precision
 kernels (torch and Triton in interpreter mode, and the PTX of every kernel
 compiled by this Triton for sm_90 with the launch options), the training
 loop, torch_dist checkpoints and the flags. Exit status: pytest's, or 1 when
-the venv's versions are not the floors. CI runs it (.ci/run).
+the venv's versions are not the floors. The suite runs it
+(tests/test_version_floors.py, a slow test), so CI does.
 """
 from __future__ import annotations
 
