@@ -30,9 +30,15 @@ point leaves the previous checkpoint and tracker intact; a failed write on
 any rank removes the temporary directory and raises `CheckpointError` on
 every rank (no rank is left waiting in a collective).
 
-Loading checks the manifest (complete checkpoint, same TP/PP layout), the
-file's size and sha256 (truncation, bit flips) and raises `CheckpointError`
-naming the file and what is wrong.
+Loading treats the directory as untrusted: the tracker must hold ASCII
+digits; the manifest must be well formed, list exactly the files its format
+and layout write, each a path inside the directory, and the directory must
+hold nothing else (no unlisted file, no symbolic link); each file's size and
+sha256 must match (truncation, bit flips); `torch_dist` metadata goes
+through a restricted unpickler (`dcp_metadata`). The load is strict: the
+saved parameters are exactly the model's, with its shapes and vocabulary (up
+to padding). Anything else is a `CheckpointError` naming the file and what
+is wrong.
 """
 from __future__ import annotations
 
@@ -398,8 +404,9 @@ def _check_manifest(path: str, manifest) -> None:
                     for t in range(tp) for p in range(pp)}
         unexpected = sorted(set(files) ^ expected)
         if unexpected:
+            what = "not one of them" if unexpected[0] in files else "missing"
             raise bad(f"a TP={tp} x PP={pp} checkpoint has one {STATE_FILENAME} per rank; "
-                      f"{unexpected[0]} is {'not one of them' if unexpected[0] in files else 'missing'}")
+                      f"{unexpected[0]} is {what}")
     else:
         from megatron_sr.checkpointing.torch_dist import METADATA_FILENAME, is_data_file_name
 

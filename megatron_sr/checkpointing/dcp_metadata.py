@@ -121,8 +121,8 @@ def _check_metadata(path: str, metadata, data_files: frozenset[str]) -> None:
         if not (isinstance(index, dcp_metadata.MetadataIndex) and isinstance(info, _StorageInfo)
                 and isinstance(info.relative_path, str) and isinstance(info.offset, int)
                 and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0):
-            raise bad(f"a storage entry is not a (MetadataIndex, _StorageInfo) pair of a file "
-                      f"name, offset and length")
+            raise bad("a storage entry is not a (MetadataIndex, _StorageInfo) pair of a file "
+                      "name, offset and length")
         if info.relative_path not in data_files:
             raise _error(f"{path} stores {index.fqn} in {info.relative_path!r}, which is not a "
                          f"file of this checkpoint's manifest: refused (a crafted path?)")
@@ -146,8 +146,10 @@ class CheckpointReader(FileSystemReader):
                          f"megatron_sr checkpoints have one metadata file")
         if self._metadata is None:
             metadata = read_metadata_file(self._metadata_path, self._data_files)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = dcp_metadata.StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            if hasattr(dcp_metadata, "StorageMeta") and hasattr(self, "load_id"):
+                # What FileSystemReader.read_metadata adds (torch >= 2.4).
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = dcp_metadata.StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
             self._metadata = metadata
         return self._metadata

@@ -26,7 +26,6 @@ command lines end to end.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -148,6 +147,20 @@ def test_crafted_metadata_is_refused_without_running(saved, tmp_path):
     refused(save, metadata, "system", "refused without running it")
     assert not os.path.exists(marker)
     assert tree(save) == before
+
+
+@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("torch", "load"),
+                                          ("torch.serialization", "load"),
+                                          ("torch.distributed.checkpoint.metadata", "os"),
+                                          ("subprocess", "Popen")])
+def test_the_metadata_unpickler_resolves_no_other_global(tmp_path, module, name):
+    from megatron_sr.checkpointing.dcp_metadata import read_metadata_file
+
+    path = str(tmp_path / ".metadata")
+    with open(path, "wb") as f:  # pickle's GLOBAL opcode, then STOP: a bare reference
+        f.write(f"c{module}\n{name}\n.".encode())
+    with pytest.raises(CheckpointError, match=f"names {module}.{name}, which is not part"):
+        read_metadata_file(path, frozenset())
 
 
 def test_truncated_metadata_is_refused(saved, tmp_path):
