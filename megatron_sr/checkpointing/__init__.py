@@ -844,13 +844,15 @@ def check_save_directory(training) -> None:
 
 def unusable_output_directory(path: str, flag: str) -> Optional[str]:
     """Why `path` cannot be written as an output directory, or None: it lies
-    inside a published checkpoint (a directory above it, or itself, holds a
-    manifest), or the nearest existing directory on its way is a file or is
-    not writable. Looks only; creates nothing."""
+    inside a published checkpoint (it, or a directory above it, is an
+    iter_XXXXXXX directory holding a manifest), or the nearest existing
+    directory on its way is a file or is not writable. Looks only; creates
+    nothing."""
     absolute = os.path.abspath(path)
     probe = absolute
     while True:
-        if os.path.isfile(os.path.join(probe, MANIFEST_FILENAME)):
+        if re.fullmatch(r"iter_[0-9]+(\.replaced)?", os.path.basename(probe)) \
+                and os.path.isfile(os.path.join(probe, MANIFEST_FILENAME)):
             return (f"{flag} {path} lies inside the published checkpoint {probe}: writing there "
                     f"would change it; choose a directory outside it")
         parent = os.path.dirname(probe)

@@ -359,6 +359,12 @@ def test_save_inside_a_published_checkpoint_is_refused(saved, tmp_path):
     assert tree(save) == before
 
 
+def test_save_below_an_unrelated_checksums_file_is_allowed(tmp_path):
+    (tmp_path / "checksums.json").write_text("{}")  # a dataset's, say: not a checkpoint
+    checkpointing.check_save_directory(TrainingConfig(save=str(tmp_path / "run" / "ckpt")))
+    assert sorted(os.listdir(tmp_path)) == ["checksums.json"]
+
+
 def test_save_below_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file, not a directory"):
