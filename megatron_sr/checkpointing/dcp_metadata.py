@@ -42,6 +42,13 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed[("pathlib", "PosixPath")] = pathlib.PosixPath
     allowed[("pathlib", "PurePosixPath")] = pathlib.PurePosixPath
+    try:  # what metadata written by older torch (before DCP had its own) refers to
+        from torch.distributed._shard.sharded_tensor import metadata as sharded_metadata
+    except ImportError:
+        sharded_metadata = None
+    for name in ("TensorProperties", "MEM_FORMAT_ENCODING"):
+        if sharded_metadata is not None and hasattr(sharded_metadata, name):
+            allowed[(sharded_metadata.__name__, name)] = getattr(sharded_metadata, name)
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             allowed[("torch", name)] = value
