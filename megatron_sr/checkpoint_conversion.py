@@ -28,11 +28,18 @@ from megatron_sr.model.state_dict_layout import (global_parameter_names, merge_s
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_config_from_description(description: dict) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint's "args" (see `checkpointing.job_description`)."""
-    fields = dict(description["model"])
-    fields["params_dtype"] = _DTYPES[fields["params_dtype"]]
-    return ModelConfig(**fields)
+def model_config_from_description(description: dict, source: str = "the checkpoint"
+                                  ) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint's "args" (see
+    `checkpointing.job_description`); CheckpointError naming `source` when
+    they do not describe one."""
+    try:
+        fields = dict(description["model"])
+        fields["params_dtype"] = _DTYPES[fields["params_dtype"]]
+        return ModelConfig(**fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: its args do not describe a model "
+                              f"({type(exc).__name__}: {exc})") from None
 
 
 @dataclass
@@ -67,8 +74,8 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
         return _load_full_torch_dist(directory, manifest)
     directory, manifest, states = read_all_rank_states(path)
     first = states[(0, 0)]
-    description = first["args"]
-    config = model_config_from_description(description)
+    description = first.get("args")
+    config = model_config_from_description(description, directory)
     vp = _virtual_size(description)
     try:
         model = merge_state_dicts({k: s["model"] for k, s in states.items()}, config,
@@ -105,8 +112,8 @@ def _load_full_torch_dist(directory: str, manifest: dict) -> FullCheckpoint:
     from megatron_sr.checkpointing import torch_dist
 
     common, tensors, _ = torch_dist.read_full(directory, manifest)
-    description = common["args"]
-    config = model_config_from_description(description)
+    description = common.get("args")
+    config = model_config_from_description(description, directory)
     names = global_parameter_names(config)
     try:
         model = {name: _from_logical(tensors[f"model/{name}"], name, config) for name in names}
@@ -250,14 +257,25 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
     vocabulary is padded to a multiple of `make_vocab_size_divisible_by`
     (pass the run's --make-vocab-size-divisible-by x TP size). The tokenizer is
     the directory's vocab.json + merges.txt (GPT2BPETokenizer) or
-    tokenizer.model (SentencePieceTokenizer), else a NullTokenizer."""
+    tokenizer.model (SentencePieceTokenizer), else a NullTokenizer.
+    CheckpointError naming `hf_dir` when its files cannot be read or do not
+    fit its config.json (a truncated safetensors file, shapes that differ)."""
     from megatron_sr.checkpointing import _plain
     from megatron_sr.config import DataConfig, OptimizerConfig, ParallelConfig
     from megatron_sr.model.hf_conversion import load_hf_model
 
-    family, config, model, hf_vocab = load_hf_model(
-        hf_dir, params_dtype=params_dtype,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    from megatron_sr.model.hf_conversion import UnsupportedArchitectureError
+
+    try:
+        family, config, model, hf_vocab = load_hf_model(
+            hf_dir, params_dtype=params_dtype,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except (UnsupportedArchitectureError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated safetensors file, a config that lies
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"the Hugging Face model {hf_dir} could not be read: "
+                              f"{type(exc).__name__}: {lines[0][:300] if lines else ''}") from exc
     files = {name: os.path.realpath(os.path.join(hf_dir, name))
              for name in ("vocab.json", "merges.txt", "tokenizer.model")
              if os.path.isfile(os.path.join(hf_dir, name))}

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +36,8 @@ from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  #
                                                export_megatron_lm, import_hugging_face,
                                                import_megatron_lm, load_full_checkpoint,
                                                model_flags, write_reshaped)
-from megatron_sr.checkpointing import CheckpointError  # noqa: E402
+from megatron_sr.checkpointing import (CheckpointError,  # noqa: E402
+                                      unusable_output_directory)
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
 
 
@@ -69,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_output_directory(load: str, save: str) -> None:
     """ValueError unless `save` is new or an empty directory, distinct from
-    `load` and neither inside the other."""
+    `load` and neither inside the other, not inside any published checkpoint,
+    and creatable (no file on its way, a writable parent)."""
+    problem = unusable_output_directory(save, "--save")
+    if problem:
+        raise ValueError(problem)
     source, target = os.path.realpath(load), os.path.realpath(save)
     if source == target or target.startswith(source + os.sep) \
             or source.startswith(target + os.sep):
@@ -98,6 +104,32 @@ def export_to_new_directory(write, save: str) -> None:
         raise
 
 
+def check_target_sizes(args) -> None:
+    """ValueError naming the flag when a --target-* size is not a positive
+    integer (0 or a negative number never means "keep": leave the flag out)."""
+    for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size",
+                 "target_num_layers_per_virtual_pipeline_stage"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be at least 1 (leave "
+                             f"the flag out to keep the checkpoint's layout)")
+
+
+def virtual_pipeline_size(num_layers: int, pp: int, per_stage: Optional[int]) -> Optional[int]:
+    """The interleaved layout's number of virtual stages for
+    --target-num-layers-per-virtual-pipeline-stage `per_stage` (None: not
+    interleaved); ValueError unless the layers split evenly into virtual
+    stages of `per_stage` layers on each of the `pp` stages (as
+    pretrain_gpt.py requires of --num-layers-per-virtual-pipeline-stage)."""
+    if per_stage is None:
+        return None
+    if num_layers % (pp * per_stage):
+        raise ValueError(f"--target-num-layers-per-virtual-pipeline-stage {per_stage}: the "
+                         f"checkpoint's {num_layers} layers do not split into virtual stages of "
+                         f"{per_stage} layers on {pp} pipeline stages")
+    return num_layers // (pp * per_stage)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     reshape = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
@@ -112,6 +144,7 @@ def main(argv=None) -> int:
               "--target-tensor-parallel-size/--target-pipeline-parallel-size", file=sys.stderr)
         return 2
     try:
+        check_target_sizes(args)
         check_output_directory(args.load, args.save)
         if args.from_hf:
             checkpoint = import_hugging_face(
@@ -141,10 +174,8 @@ def main(argv=None) -> int:
             parallel = checkpoint.description["parallel"]
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
             pp = args.target_pipeline_parallel_size or parallel["pipeline_model_parallel_size"]
-            vp = None
-            if args.target_num_layers_per_virtual_pipeline_stage:
-                vp = checkpoint.config.num_layers // (
-                    pp * args.target_num_layers_per_virtual_pipeline_stage)
+            vp = virtual_pipeline_size(checkpoint.config.num_layers, pp,
+                                       args.target_num_layers_per_virtual_pipeline_stage)
             paths = []
             export_to_new_directory(
                 lambda staging: paths.append(write_reshaped(checkpoint, staging, tp, pp, vp)),
@@ -157,6 +188,10 @@ def main(argv=None) -> int:
     except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError,
             FileNotFoundError) as exc:
         print(f"checkpoint_convert.py: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the output could not be written (nothing is left of it)
+        print(f"checkpoint_convert.py: error: could not write --save {args.save}: {exc}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     try:
         texts = run(args)
         rank = dist.get_rank()
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:  # OSError: a file that cannot be read
         print(f"text_generation.py: error: {exc}", file=sys.stderr)
         return 1
     finally:

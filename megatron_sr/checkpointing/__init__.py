@@ -30,9 +30,15 @@ point leaves the previous checkpoint and tracker intact; a failed write on
 any rank removes the temporary directory and raises `CheckpointError` on
 every rank (no rank is left waiting in a collective).
 
-Loading checks the manifest (complete checkpoint, same TP/PP layout), the
-file's size and sha256 (truncation, bit flips) and raises `CheckpointError`
-naming the file and what is wrong.
+Loading treats the directory as untrusted: the tracker must hold ASCII
+digits; the manifest must be well formed, list exactly the files its format
+and layout write, each a path inside the directory, and the directory must
+hold nothing else (no unlisted file, no symbolic link); each file's size and
+sha256 must match (truncation, bit flips); `torch_dist` metadata goes
+through a restricted unpickler (`dcp_metadata`). The load is strict: the
+saved parameters are exactly the model's, with its shapes and vocabulary (up
+to padding). Anything else is a `CheckpointError` naming the file and what
+is wrong.
 """
 from __future__ import annotations
 
@@ -40,7 +46,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import stat
 from typing import Any, Optional
 
 import torch
@@ -53,6 +61,9 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "checksums.json"
 STATE_FILENAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 1
+_TRACKER_MAX_BYTES = 64
+_ITERATION_NUMBER = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts superscripts
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -298,37 +309,156 @@ def _write_text(path: str, text: str) -> None:
     os.replace(partial, path)
 
 
+def read_tracker_value(path: str, *, allow_release: bool = False):
+    """The content of the tracker file at `path`: an iteration number (ASCII
+    digits), or "release" (Megatron-LM's release checkpoint) when
+    `allow_release`. CheckpointError naming `path` and what it holds otherwise
+    (not UTF-8, another word, a digit other than 0-9 such as a superscript)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_TRACKER_MAX_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path} could not be read: {exc.strerror or exc}") from None
+    if len(raw) > _TRACKER_MAX_BYTES:
+        raise CheckpointError(f"{path} holds more than {_TRACKER_MAX_BYTES} bytes: a tracker "
+                              f"holds one iteration number")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text ({raw[:20]!r}): a tracker holds one "
+                              f"iteration number") from None
+    if _ITERATION_NUMBER.fullmatch(text):
+        return int(text)
+    if text == "release":
+        if allow_release:
+            return text
+        raise CheckpointError(f"{path} names 'release', a Megatron-LM release checkpoint: "
+                              f"import it with tools/checkpoint_convert.py --from-megatron")
+    raise CheckpointError(f"{path}: expected an iteration number (or Megatron-LM's 'release'), "
+                          f"found {text[:40]!r}")
+
+
 def read_tracker(load_dir: str) -> Optional[int]:
-    """The iteration named by `load_dir`'s tracker file, or None when there is none."""
+    """The iteration named by `load_dir`'s tracker file, or None when there is
+    none; CheckpointError when it holds anything but an iteration number."""
     path = os.path.join(load_dir, TRACKER_FILENAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    text = open(path, encoding="utf-8").read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file")
+    return read_tracker_value(path)
 
 
 def read_manifest(iteration_dir: str) -> dict:
-    """The manifest of a complete checkpoint directory (CheckpointError otherwise)."""
+    """The manifest of a complete checkpoint directory, checked: a JSON object
+    with the layout, the format and {relative path: {"size", "sha256"}} of
+    exactly the files that format and layout write, each a path inside the
+    directory; and no file, link or directory in it that the manifest does not
+    list. CheckpointError naming the file and what is wrong otherwise."""
     path = os.path.join(iteration_dir, MANIFEST_FILENAME)
     if not os.path.isdir(iteration_dir):
         raise CheckpointError(f"checkpoint directory {iteration_dir} does not exist")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{iteration_dir} is not a complete checkpoint: {MANIFEST_FILENAME} "
                               "is missing (the save was interrupted?)")
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file")
     try:
-        return json.load(open(path, encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    _check_manifest(path, manifest)
+    _check_listing(iteration_dir, manifest["files"])
+    return manifest
+
+
+def _check_manifest(path: str, manifest) -> None:
+    def bad(what: str):
+        return CheckpointError(f"{path} is not a valid checkpoint manifest: {what}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"it holds a JSON {type(manifest).__name__}, not an object")
+    for key, least in (("iteration", 0), ("tensor_model_parallel_size", 1),
+                       ("pipeline_model_parallel_size", 1)):
+        value = manifest.get(key)
+        if type(value) is not int or value < least:
+            raise bad(f'"{key}" is {value!r}, not an integer >= {least}')
+    checkpoint_format = manifest.setdefault("format", "torch")
+    if checkpoint_format not in ("torch", "torch_dist"):
+        raise bad(f'"format" is {checkpoint_format!r}, not "torch" or "torch_dist"')
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad('"files" is not an object of file entries')
+    for relpath, entry in files.items():
+        if not _is_inner_path(relpath):
+            raise bad(f"the entry {relpath!r} is not a path inside the checkpoint directory "
+                      f"(absolute, '..', '.' or empty parts are refused)")
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int
+                and entry["size"] >= 0 and isinstance(entry.get("sha256"), str)
+                and _SHA256.fullmatch(entry["sha256"])):
+            raise bad(f'the entry of {relpath} is not {{"size": bytes, "sha256": 64 hex digits}}')
+    tp, pp = manifest["tensor_model_parallel_size"], manifest["pipeline_model_parallel_size"]
+    if checkpoint_format == "torch":
+        expected = {os.path.join(rank_dir_name(t, p, pp), STATE_FILENAME)
+                    for t in range(tp) for p in range(pp)}
+        unexpected = sorted(set(files) ^ expected)
+        if unexpected:
+            what = "not one of them" if unexpected[0] in files else "missing"
+            raise bad(f"a TP={tp} x PP={pp} checkpoint has one {STATE_FILENAME} per rank; "
+                      f"{unexpected[0]} is {what}")
+    else:
+        from megatron_sr.checkpointing.torch_dist import METADATA_FILENAME, is_data_file_name
+
+        stray = sorted(f for f in files if f != METADATA_FILENAME and not is_data_file_name(f))
+        if stray or METADATA_FILENAME not in files:
+            raise bad(f"a torch_dist checkpoint holds {METADATA_FILENAME} and __<rank>_0.distcp "
+                      f"files; {stray[0] if stray else METADATA_FILENAME} is "
+                      f"{'not one of them' if stray else 'missing'}")
+
+
+def _is_inner_path(relpath) -> bool:
+    """Whether `relpath` names a path inside a directory: relative, without
+    '..', '.' or empty parts, and not the manifest itself."""
+    if not isinstance(relpath, str) or not relpath or relpath.startswith("/") \
+            or "\\" in relpath or "\0" in relpath or relpath == MANIFEST_FILENAME:
+        return False
+    return all(part not in ("", ".", "..") for part in relpath.split("/"))
+
+
+def _check_listing(iteration_dir: str, files: dict) -> None:
+    """CheckpointError naming the first entry of `iteration_dir` (recursively)
+    that is a symbolic link, neither a file nor a directory, or a file the
+    manifest's `files` does not list."""
+    def walk(directory: str, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                relpath = prefix + entry.name
+                if entry.is_symlink():
+                    raise CheckpointError(f"{entry.path} is a symbolic link: a checkpoint holds "
+                                          f"only its own files (refused)")
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, relpath + "/")
+                elif not entry.is_file(follow_symlinks=False):
+                    raise CheckpointError(f"{entry.path} is not a regular file (refused)")
+                elif relpath != MANIFEST_FILENAME and relpath not in files:
+                    raise CheckpointError(f"{entry.path} is not listed in the checkpoint's "
+                                          f"{MANIFEST_FILENAME}, so it cannot be verified "
+                                          f"(refused; remove it if it does not belong there)")
+
+    walk(iteration_dir, "")
 
 
 def verify_file(path: str, expected: dict) -> None:
     """CheckpointError naming `path` unless its size and sha256 are the
     manifest's `expected` {"size", "sha256"}."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing from the checkpoint")
-    size = os.path.getsize(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing from the checkpoint") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a link or a device): refused")
+    size = info.st_size
     if size != expected["size"]:
         raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected['size']}: "
                               "the file is truncated or was modified")
@@ -510,23 +640,57 @@ def finish_pending_save() -> Optional[str]:
 
 
 def load_model_state(model, saved: dict, source: str) -> None:
-    """Copies `saved` (global name -> tensor) into this rank's parameters;
-    CheckpointError naming the parameter on a missing name or a shape mismatch."""
+    """Copies `saved` (global name -> tensor) into this rank's parameters. The
+    load is strict: CheckpointError naming the parameter when the model has a
+    name `saved` lacks, `saved` has one the model lacks (e.g. a layer more), or
+    a shape differs. Nothing is copied unless every name and shape match."""
     from megatron_sr.model import named_parameters_global
 
+    params = dict(named_parameters_global(model))
+    for name, param in params.items():
+        if name not in saved:
+            raise CheckpointError(f"{source} has no parameter {name}: the checkpoint was "
+                                  f"saved from a different model (e.g. --num-layers, "
+                                  f"--swiglu, --disable-bias-linear or tied embeddings)")
+        tensor = saved[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{source}: parameter {name} has shape {tuple(tensor.shape)} in the checkpoint "
+                f"but {tuple(param.shape)} in this model (check --hidden-size, "
+                f"--ffn-hidden-size, --num-attention-heads, the vocabulary and TP size)")
+    extra = sorted(set(saved) - set(params))
+    if extra:
+        raise CheckpointError(extra_parameters_message(source, extra))
     with torch.no_grad():
-        for name, param in named_parameters_global(model):
-            if name not in saved:
-                raise CheckpointError(f"{source} has no parameter {name}: the checkpoint was "
-                                      f"saved from a different model (e.g. --num-layers, "
-                                      f"--swiglu, --disable-bias-linear or tied embeddings)")
-            tensor = saved[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{source}: parameter {name} has shape {tuple(tensor.shape)} in the checkpoint "
-                    f"but {tuple(param.shape)} in this model (check --hidden-size, "
-                    f"--ffn-hidden-size, --num-attention-heads, the vocabulary and TP size)")
-            param.copy_(tensor)
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def extra_parameters_message(source: str, extra: list[str]) -> str:
+    more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+    return (f"{source} holds parameter {extra[0]}{more}, which this model lacks: the checkpoint "
+            f"was saved from a different model (e.g. a larger --num-layers, "
+            f"--untie-embeddings-and-output-weights or biases); loads are strict")
+
+
+def check_vocabulary(job, description: dict, source: str) -> None:
+    """CheckpointError unless the checkpoint's unpadded vocabulary (its "args")
+    is this run's: only the padding rows of the embedding may differ between
+    them. Checkpoints that do not record it (imported from Megatron-LM) pass."""
+    saved = description.get("unpadded_vocab_size") if isinstance(description, dict) else None
+    if saved is not None and saved != job.unpadded_vocab_size:
+        raise CheckpointError(
+            f"{source} was trained with a vocabulary of {saved} tokens, this run's tokenizer has "
+            f"{job.unpadded_vocab_size} (check --tokenizer-type, --vocab-file, --vocab-size): "
+            f"the embedding may differ only in its padding rows")
+
+
+def is_iteration_directory(path: str) -> bool:
+    """Whether `path` is itself a (complete or not) iteration directory rather
+    than a --save directory: it holds a manifest, or is named iter_XXXXXXX."""
+    return os.path.lexists(os.path.join(path, MANIFEST_FILENAME)) or (
+        os.path.isdir(path) and re.fullmatch(r"iter_[0-9]+", os.path.basename(
+            os.path.normpath(path))) is not None)
 
 
 def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int]:
@@ -541,21 +705,19 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     if not training.load:
         return 0, 0
     _collective_on_rank0(lambda: _log_recovery(recover_interrupted_publish(training.load)))
-    iteration = read_tracker(training.load)
+    iteration, directory = _collective_on_rank0(lambda: _load_target(training.load))
     if iteration is None:
-        if not os.path.isdir(training.load):
-            raise CheckpointError(f"--load {training.load}: no such directory")
         if rank0():
             print(f"[checkpoint] no {TRACKER_FILENAME} in {training.load}: training from scratch",
                   flush=True)
         return 0, 0
-    directory = os.path.join(training.load, iteration_dir_name(iteration))
-    if read_manifest(directory).get("format") == "torch_dist":
+    if read_manifest(directory)["format"] == "torch_dist":
         return _load_torch_dist(job, directory, iteration, model, optimizer, scheduler)
     state = load_state_file(directory, parallel_state.get_tensor_model_parallel_rank(),
                             parallel_state.get_pipeline_model_parallel_rank(),
                             parallel_state.get_tensor_model_parallel_world_size(),
                             parallel_state.get_pipeline_model_parallel_world_size())
+    check_vocabulary(job, state.get("args"), directory)
     load_model_state(model, state["model"], directory)
     if training.finetune:
         return _start_fine_tuning(optimizer, iteration, directory)
@@ -577,6 +739,28 @@ def load_training_checkpoint(job, model, optimizer, scheduler) -> tuple[int, int
     if rank0():
         print(f"[checkpoint] loaded iteration {iteration} from {directory}", flush=True)
     return iteration, int(state["consumed_train_samples"])
+
+
+def _load_target(load: str) -> tuple[Optional[int], Optional[str]]:
+    """(iteration, iteration directory) that --load names: its tracker's
+    iteration, or, when --load is an iteration directory itself, that
+    iteration (as the offline tools read it); (None, None) for a directory
+    without checkpoints. CheckpointError on anything else."""
+    if not os.path.isdir(load):
+        raise CheckpointError(f"--load {load}: no such directory")
+    iteration = read_tracker(load)
+    if iteration is not None:
+        return iteration, os.path.join(load, iteration_dir_name(iteration))
+    if not is_iteration_directory(load):
+        return None, None
+    iteration = read_manifest(load)["iteration"]
+    name = os.path.basename(os.path.normpath(load))
+    if name != iteration_dir_name(iteration):
+        raise CheckpointError(f"--load {load}: its {MANIFEST_FILENAME} is of iteration "
+                              f"{iteration}, not of the iteration its name says")
+    print(f"[checkpoint] --load {load} is an iteration directory: loading iteration "
+          f"{iteration} (not the latest one its parent's tracker names)", flush=True)
+    return iteration, load
 
 
 def _load_torch_dist(job, directory: str, iteration: int, model, optimizer,
@@ -626,20 +810,26 @@ def seed_new_data_parallel_rank(seed: int, dp_rank: int, iteration: int) -> None
 
 
 def check_save_directory(training) -> None:
-    """Refuses (CheckpointError on every rank) a --save directory that holds
-    checkpoints of another run: one that is not also --load, unless
-    --override-existing-checkpoints is given. Rank 0 looks; every rank calls it."""
+    """Refuses (CheckpointError on every rank) a --save directory that cannot
+    hold this run's checkpoints: one that lies inside a published checkpoint,
+    one below a file or not writable, and one that holds checkpoints of
+    another run (not --load, nor --load's parent when --load is one of its
+    iteration directories) unless --override-existing-checkpoints is given.
+    Rank 0 looks; every rank calls it."""
     save, load = training.save, training.load
-    if not save or getattr(training, "override_existing_checkpoints", False):
-        return
-    if load and os.path.realpath(save) == os.path.realpath(load):
+    if not save:
         return
 
     def look() -> Optional[str]:
-        if not holds_checkpoints(save):
+        problem = unusable_output_directory(save, "--save")
+        if problem or getattr(training, "override_existing_checkpoints", False):
+            return problem
+        same_run = load and (os.path.realpath(save) == os.path.realpath(load) or (
+            is_iteration_directory(load)
+            and os.path.realpath(save) == os.path.dirname(os.path.realpath(load))))
+        if same_run or not holds_checkpoints(save):
             return None
-        iteration = read_tracker(save) if os.path.isfile(os.path.join(save, TRACKER_FILENAME)) \
-            else None
+        iteration = read_tracker(save)
         what = f"a tracker naming iteration {iteration}" if iteration is not None \
             else "iteration directories"
         return (f"--save {save} holds checkpoints of another run ({what}); saving there would "
@@ -650,6 +840,33 @@ def check_save_directory(training) -> None:
     error = _collective_on_rank0(look)
     if error:
         raise CheckpointError(error)
+
+
+def unusable_output_directory(path: str, flag: str) -> Optional[str]:
+    """Why `path` cannot be written as an output directory, or None: it lies
+    inside a published checkpoint (it, or a directory above it, is an
+    iter_XXXXXXX directory holding a manifest), or the nearest existing
+    directory on its way is a file or is not writable. Looks only; creates
+    nothing."""
+    absolute = os.path.abspath(path)
+    probe = absolute
+    while True:
+        if re.fullmatch(r"iter_[0-9]+(\.replaced)?", os.path.basename(probe)) \
+                and os.path.isfile(os.path.join(probe, MANIFEST_FILENAME)):
+            return (f"{flag} {path} lies inside the published checkpoint {probe}: writing there "
+                    f"would change it; choose a directory outside it")
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    existing = absolute
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{flag} {path}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {existing} is not writable"
+    return None
 
 
 def _collective_on_rank0(function):

@@ -143,17 +143,14 @@ def import_megatron_lm(path: str) -> tuple[argparse.Namespace, ModelConfig, int,
                                            dict[str, torch.Tensor]]:
     """Reads a Megatron-LM legacy checkpoint (a --save directory or an
     iter_XXXXXXX directory): (args, ModelConfig, iteration, full state dict).
-    ValueError naming the file or the unsupported layout."""
+    ValueError naming the file or the unsupported layout; CheckpointError on a
+    tracker that holds neither an iteration number nor "release"."""
+    from megatron_sr.checkpointing import read_tracker_value
+
     tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
     if os.path.isfile(tracker):
-        text = open(tracker, encoding="utf-8").read().strip()
-        if text == "release":
-            path = os.path.join(path, "release")
-        elif text.isdigit():
-            path = os.path.join(path, f"iter_{int(text):07d}")
-        else:
-            raise ValueError(f"{tracker}: expected an iteration number or 'release', "
-                             f"found {text[:40]!r}")
+        value = read_tracker_value(tracker, allow_release=True)
+        path = os.path.join(path, "release" if value == "release" else f"iter_{value:07d}")
     rank_dirs = sorted(d for d in (os.listdir(path) if os.path.isdir(path) else [])
                        if d.startswith("mp_rank_"))
     if not rank_dirs:

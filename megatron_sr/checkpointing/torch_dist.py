@@ -46,20 +46,37 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sr import fault_injection
 from megatron_sr.checkpointing import global_blocks
+from megatron_sr.checkpointing.dcp_metadata import CheckpointReader
 from megatron_sr.checkpointing.global_blocks import GlobalBlocks
 
 FORMAT = "torch_dist"
 COMMON_KEY = "common"
 METADATA_FILENAME = ".metadata"
+_DATA_FILE = re.compile(r"__[0-9]+_[0-9]+\.distcp")
+
+
+def is_data_file_name(name: str) -> bool:
+    """Whether `name` is one of the data files DCP writes (`__<rank>_<n>.distcp`)."""
+    return _DATA_FILE.fullmatch(name) is not None
+
+
+def reader(directory: str, manifest: dict) -> CheckpointReader:
+    """The DCP reader of a verified checkpoint: metadata through the
+    restricted unpickler, data only from the manifest's files (see
+    `dcp_metadata`)."""
+    return CheckpointReader(directory, os.path.join(directory, METADATA_FILENAME),
+                            frozenset(f for f in manifest["files"] if is_data_file_name(f)))
 
 
 def rng_key(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
@@ -147,7 +164,7 @@ def _write(state: dict, tmp_dir: str, iteration: int, group) -> tuple[Optional[s
         if rank == 0:
             mine.append(METADATA_FILENAME)
         return None, [file_entry(tmp_dir, f) for f in mine]
-    except Exception as exc:  # reported to every rank by `_finish`
+    except (Exception, CheckpointException) as exc:  # reported to every rank by `_finish`
         return f"rank {rank} could not write its part of {tmp_dir}: {exc}", []
 
 
@@ -280,19 +297,70 @@ def _fit(key: str, wanted: GlobalBlocks, saved_shape: torch.Size, directory: str
         f"--num-attention-heads, --swiglu and the vocabulary)")
 
 
+def _first_line(exc: BaseException) -> str:
+    """One line for `exc`: for DCP's CheckpointException (whose message holds
+    every rank's traceback) the first failing rank's exception, else the
+    first line of the message."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = sorted(failures.items(), key=lambda item: item[0])[0]
+        return f"rank {rank}: {_first_line(inner)}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _read_common(checkpoint_reader: CheckpointReader, directory: str) -> dict:
+    """The checkpoint's `common` entry (rank 0's plain values, read with
+    weights_only); collective over the world like every `dcp.load`."""
+    from megatron_sr.checkpointing import CheckpointError
+
+    state: dict = {COMMON_KEY: None}
+    try:
+        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
+                 no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
+    if not isinstance(state[COMMON_KEY], dict):
+        raise CheckpointError(f"{directory}: its {COMMON_KEY!r} entry is not a dict")
+    return state[COMMON_KEY]
+
+
+def _check_same_model(wanted: dict, saved: dict, directory: str) -> None:
+    """CheckpointError on every rank when the checkpoint holds a parameter no
+    rank of this model has (the load is strict; a missing one is refused per
+    rank by `load`). Collective over the world: gathers the model's names."""
+    from megatron_sr.checkpointing import (CheckpointError, _all_gather_objects,
+                                           extra_parameters_message)
+
+    mine = sorted(key for key in wanted if key.startswith("model/"))
+    held = {key for names in _all_gather_objects(mine) for key in names}
+    extra = sorted(key[len("model/"):] for key in saved
+                   if key.startswith("model/") and key not in held)
+    if extra:
+        raise CheckpointError(extra_parameters_message(directory, extra))
+
+
 def load(job, directory: str, manifest: dict, model, optimizer, *, load_optim: bool,
          load_rng: bool) -> dict:
     """Loads a torch_dist checkpoint into this rank's model (and optimizer
     state, RNG) at this run's layout; returns the `common` entry. Every rank
-    calls it; CheckpointError names the file or parameter at fault."""
+    calls it; CheckpointError names the file or parameter at fault. Strict:
+    every saved parameter must be one of the model's with its shape, and the
+    vocabulary the same up to padding; nothing is loaded otherwise."""
     from megatron_sr import parallel_state
-    from megatron_sr.checkpointing import CheckpointError, set_rng_state
+    from megatron_sr.checkpointing import CheckpointError, check_vocabulary, set_rng_state
 
     verify(directory, manifest)
-    reader = dcp.FileSystemReader(directory)
-    saved = reader.read_metadata().state_dict_metadata
+    checkpoint_reader = reader(directory, manifest)
+    saved = checkpoint_reader.read_metadata().state_dict_metadata
+    if COMMON_KEY not in saved:
+        raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
+                              f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
+    common = _read_common(checkpoint_reader, directory)
+    check_vocabulary(job, common.get("args"), directory)
     wanted = tensor_state(model, optimizer, writing=False)
-    state: dict = {COMMON_KEY: None}
+    _check_same_model(wanted, saved, directory)
+    state: dict = {}
     missing_kinds = set()
     for key, blocks in wanted.items():
         if key.startswith("optimizer/") and not load_optim:
@@ -316,10 +384,10 @@ def load(job, directory: str, manifest: dict, model, optimizer, *, load_optim: b
     if load_rng and same_layout and key in saved:
         state[key] = None
     try:
-        dcp.load(state, storage_reader=reader, planner=global_blocks.LoadPlanner())
-    except Exception as exc:
-        raise CheckpointError(f"{directory} could not be read: {exc}") from exc
-    common = state[COMMON_KEY]
+        dcp.load(state, storage_reader=checkpoint_reader,
+                 planner=global_blocks.LoadPlanner())
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
     if load_optim:
         kinds = set(optimizer.state) - missing_kinds
         if "master" not in kinds:
@@ -342,12 +410,23 @@ def read_full(directory: str, manifest: dict) -> tuple[dict, dict[str, torch.Ten
     """Reads a whole torch_dist checkpoint in one process (offline tools, tests),
     after verifying its files: (common, {key: full tensor in its stored
     (logical) shape}, {rng key: RNG state}). Holds the whole model in memory."""
+    from megatron_sr.checkpointing import CheckpointError
+
     verify(directory, manifest)
-    reader = dcp.FileSystemReader(directory)
-    metadata = reader.read_metadata().state_dict_metadata
+    checkpoint_reader = reader(directory, manifest)
+    metadata = checkpoint_reader.read_metadata().state_dict_metadata
+    if COMMON_KEY not in metadata:
+        raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
+                              f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
     state = {key: (torch.empty(md.size, dtype=md.properties.dtype) if hasattr(md, "size")
                    else None) for key, md in metadata.items()}
-    dcp.load(state, storage_reader=reader, planner=global_blocks.LoadPlanner(), no_dist=True)
+    try:
+        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
+                 no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
+    if not isinstance(state[COMMON_KEY], dict):
+        raise CheckpointError(f"{directory}: its {COMMON_KEY!r} entry is not a dict")
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     rng = {key: value for key, value in state.items() if key.startswith("rng_state/")}
     return state[COMMON_KEY], tensors, rng

@@ -427,6 +427,8 @@ def load_hf_model(directory: str | os.PathLike, *, params_dtype: torch.dtype = t
              if os.path.isfile(index) else ["model.safetensors"])
     hf_state: dict[str, torch.Tensor] = {}
     for name in files:
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"{index} names {name!r}: weight files must lie in {directory}")
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (only safetensors weights are read)")
