@@ -344,6 +344,36 @@ class IndexedDatasetBuilder:
         self._finished = True
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Deletes ``prefix.bin.tmp-PID-*`` and ``prefix.idx.tmp-PID-*`` left by an
+    `IndexedDatasetBuilder` whose process PID no longer runs (a SIGKILLed run);
+    a live process's files and every final name are left alone. Returns the
+    deleted paths."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        for final in (bin_path(os.path.basename(prefix)), idx_path(os.path.basename(prefix))):
+            pid, _, rest = name[len(final) + len(".tmp-"):].partition("-")
+            if (name.startswith(final + ".tmp-") and pid.isdecimal() and rest
+                    and not _process_exists(int(pid))):
+                path = os.path.join(directory, name)
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def write_dataset(prefix: str, documents: Iterable[Sequence[int]], dtype: type = np.int32) -> None:
     """Writes each document as one sequence; a convenience for tests and tools."""
     with IndexedDatasetBuilder(prefix, dtype) as builder:
