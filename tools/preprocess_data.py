@@ -71,14 +71,22 @@ def _raise_terminated(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     spec = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
                          args.tokenizer_model, args.vocab_size, args.tiktoken_pattern,
                          args.tiktoken_num_special_tokens)
     try:
         stats = preprocess(args.input, args.output_prefix, spec, json_keys=args.json_keys,
                            append_eod=args.append_eod, workers=args.workers,
-                           skip_invalid=args.skip_invalid, log_interval=args.log_interval)
+                           skip_invalid=args.skip_invalid, log_interval=args.log_interval,
+                           log=sys.stderr)
     except (InvalidInputError, ValueError, FileNotFoundError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 1

@@ -105,7 +105,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            what = "the pattern matches no file" if glob.has_magic(pattern) else "no such file"
+            what = ("the pattern matches no file" if glob.has_magic(pattern) else
+                    "is a directory, not a file" if os.path.isdir(pattern) else "no such file")
             raise FileNotFoundError(f"--input {pattern}: {what}")
         files.extend(m for m in matches if m not in files)
     return files
@@ -150,19 +151,84 @@ def _start_worker(tokenizer_spec: TokenizerSpec, json_keys: tuple[str, ...], app
                   tokenizer: Optional[Tokenizer] = None) -> None:
     """Sets this process up to run `_encode_batch`; builds the tokenizer unless given."""
     global _worker_tokenizer, _worker_settings
-    parent = multiprocessing.parent_process()
-    if parent is not None:  # a pool worker: the parent alone handles Ctrl-C and ends the pool;
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker whose parent was killed exits
-        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     _worker_tokenizer = tokenizer if tokenizer is not None else tokenizer_spec.build()
     _worker_settings = (json_keys, append_eod)
 
 
+def _worker_main(connection, worker_args: tuple) -> None:
+    """A tokenization process: encodes the batches it receives until None.
+    SIGINT and SIGTERM are the parent's to handle (it kills its workers after
+    removing its temporary files); a worker whose parent died exits at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+    _start_worker(*worker_args)
+    while True:
+        try:
+            batch = connection.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        connection.send(_encode_batch(batch))
+
+
 def _exit_with(parent_sentinel: int) -> None:
-    """Ends this worker, quietly, once its parent is gone (instead of a
-    BrokenPipeError traceback when it next sends a result)."""
     multiprocessing.connection.wait([parent_sentinel])
     os._exit(1)
+
+
+class _Workers:
+    """`count` spawned tokenization processes, one pipe each. Batch k goes to
+    worker k % count and results are read back in batch order, one batch in
+    flight per worker (so neither end of a pipe can block the other): the
+    output order is the input order. Leaving the ``with`` block ends them
+    after the last batch, or, on any error or signal, kills them without
+    waiting on anything they hold."""
+
+    def __init__(self, count: int, worker_args: tuple):
+        context = multiprocessing.get_context("spawn")
+        self._connections, self._processes = [], []
+        for _ in range(count):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_worker_main, args=(child_end, worker_args),
+                                      daemon=True)
+            process.start()
+            child_end.close()
+            self._connections.append(parent_end)
+            self._processes.append(process)
+
+    def imap(self, batches: Iterator[_Batch]) -> Iterator[tuple]:
+        in_flight: list[int] = []
+        for worker, batch in zip(range(len(self._processes)), batches):
+            self._connections[worker].send(batch)
+            in_flight.append(worker)
+        while in_flight:
+            worker = in_flight.pop(0)
+            try:
+                result = self._connections[worker].recv()
+            except EOFError:
+                raise RuntimeError(f"tokenization worker {worker} died (exit code "
+                                   f"{self._processes[worker].exitcode})") from None
+            batch = next(batches, None)
+            if batch is not None:
+                self._connections[worker].send(batch)
+                in_flight.append(worker)
+            yield result
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            for connection, process in zip(self._connections, self._processes):
+                connection.send(None)
+                process.join()
+        else:
+            for process in self._processes:
+                process.kill()
+                process.join()
 
 
 def _encode_batch(batch: _Batch) -> tuple[str, int, int, list]:
@@ -267,10 +333,9 @@ def _preprocess(paths: list[str], output_prefix: str, tokenizer_spec: TokenizerS
     started = time.perf_counter()
     documents_seen = 0
     with contextlib.ExitStack() as stack:
-        if workers > 1:  # workers start up while this process loads its own tokenizer
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_start_worker, initargs=worker_args))
-        tokenizer = tokenizer_spec.build()
+        tokenizer = tokenizer_spec.build()  # a bad tokenizer file fails before workers start
+        if workers > 1:
+            pool = stack.enter_context(_Workers(workers, worker_args))
         token_dtype = np.dtype(optimal_token_dtype(tokenizer.vocab_size))
         try:
             builders = [stack.enter_context(
@@ -286,7 +351,7 @@ def _preprocess(paths: list[str], output_prefix: str, tokenizer_spec: TokenizerS
             _start_worker(*worker_args, tokenizer=tokenizer)
             encoded_batches = map(_encode_batch, batches)
         else:
-            encoded_batches = pool.imap(_encode_batch, batches, chunksize=1)
+            encoded_batches = pool.imap(batches)
         for path, first_line_number, batch_bytes, results in encoded_batches:
             for line_number, result in enumerate(results, start=first_line_number):
                 if result is None:
