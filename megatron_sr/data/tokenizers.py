@@ -111,7 +111,9 @@ class GPT2BPETokenizer(Tokenizer):
     regex. In every backend "<|endoftext|>" inside a text is plain text,
     exactly as in GPT-2's own encoder. bench/preprocess.py measures them per
     worker (docs/DATA.md): tiktoken fastest, then the cached regex, then
-    tokenizers. All give identical ids (a test checks on the sample corpus).
+    tokenizers. All give identical ids (a test checks on the sample corpus):
+    the files are checked on load so that they must (`_read_json_vocab`,
+    `_read_merges`).
     """
 
     END_OF_TEXT = "<|endoftext|>"
@@ -386,6 +388,7 @@ TIKTOKEN_PATTERNS = {
            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
+MAX_SPECIAL_TOKENS = 2**20  # Megatron reserves 1000
 TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
 
 
@@ -427,9 +430,10 @@ class TikTokenizer(Tokenizer):
 
         if pattern not in TIKTOKEN_PATTERNS:
             raise ValueError(f"--tiktoken-pattern must be v1 or v2, got {pattern!r}")
-        if num_special_tokens < len(TIKTOKEN_SPECIAL_TOKENS):
-            raise ValueError(f"--tiktoken-num-special-tokens must be >= "
-                             f"{len(TIKTOKEN_SPECIAL_TOKENS)}, got {num_special_tokens}")
+        if not len(TIKTOKEN_SPECIAL_TOKENS) <= num_special_tokens <= MAX_SPECIAL_TOKENS:
+            raise ValueError(f"--tiktoken-num-special-tokens must be in "
+                             f"[{len(TIKTOKEN_SPECIAL_TOKENS)}, {MAX_SPECIAL_TOKENS}] (each is a "
+                             f"named token held in memory), got {num_special_tokens}")
         ranks = _read_tiktoken_ranks(tokenizer_model)
         self._num_special = num_special_tokens
         shifted = {token: rank + num_special_tokens for token, rank in ranks.items()}

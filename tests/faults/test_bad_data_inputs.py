@@ -256,6 +256,10 @@ TOKENIZER_CASES = [
     ("tiktoken-too-few-special-tokens", {"r.tiktoken": _ranks([(b"a", 0)])},
      ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", "{d}/r.tiktoken",
       "--tiktoken-num-special-tokens", "3"), ["--tiktoken-num-special-tokens", "got 3"]),
+    ("tiktoken-special-tokens-absurd", {"r.tiktoken": _ranks([(b"a", 0)])},
+     ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", "{d}/r.tiktoken",
+      "--tiktoken-num-special-tokens", str(10**12)),
+     ["--tiktoken-num-special-tokens", str(10**12)]),
 ]
 
 
@@ -278,7 +282,8 @@ def _run_tool(folder, argv, capfd) -> tuple[int, str]:
     return code, capfd.readouterr().err
 
 
-@pytest.mark.parametrize("files, argv, needles", [c[1:] for c in PREPROCESS_CASES + TOKENIZER_CASES],
+@pytest.mark.parametrize("files, argv, needles",
+                         [c[1:] for c in PREPROCESS_CASES + TOKENIZER_CASES],
                          ids=[c[0] for c in PREPROCESS_CASES + TOKENIZER_CASES])
 def test_bad_preprocessing_input_one_error_line_nothing_written(tmp_path, capfd, files, argv,
                                                                   needles):
@@ -291,6 +296,42 @@ def test_bad_preprocessing_input_one_error_line_nothing_written(tmp_path, capfd,
     assert_one_error_line(err, "preprocess_data.py: error: ",
                           [n.replace("{d}", str(tmp_path)) for n in needles])
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_one_error_line(tmp_path, capfd):
+    (tmp_path / "in.jsonl").write_bytes(GOOD_LINE)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        before = snapshot(tmp_path)
+        code, err = _run_tool(tmp_path, ("--input", "{d}/in.jsonl", "--output-prefix",
+                                         "{d}/ro/out", *NULL), capfd)
+        assert code == 1
+        assert_one_error_line(err, "preprocess_data.py: error: ", ["--output-prefix",
+                                                                    str(tmp_path / "ro")])
+        assert snapshot(tmp_path) == before
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (dict(temperature=float("nan")), "--temperature"), (dict(temperature=float("inf")),
+                                                        "--temperature"),
+    (dict(temperature=0.0), "--temperature"), (dict(temperature=-1.0), "--temperature"),
+    (dict(top_p=float("nan")), "--top-p"), (dict(top_p=1.5), "--top-p"),
+    (dict(top_k=-1), "--top-k"), (dict(top_k=101), "--top-k"),
+], ids=["temperature-nan", "temperature-inf", "temperature-0", "temperature-negative",
+        "top-p-nan", "top-p-above-1", "top-k-negative", "top-k-above-vocabulary"])
+def test_bad_sampling_flags_are_named(flags, needle):
+    """tools/text_generation.py prints this ValueError as its one error line;
+    `generate` checks before its first forward pass."""
+    from megatron_sr.inference.sampling import check_sampling
+
+    values = dict(temperature=1.0, top_k=0, top_p=1.0) | flags
+    with pytest.raises(ValueError, match=needle) as error:
+        check_sampling(values["temperature"], values["top_k"], values["top_p"], 100)
+    assert "\n" not in str(error.value)
 
 
 def test_the_tables_cover_enough_cases():
