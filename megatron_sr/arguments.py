@@ -50,13 +50,18 @@ from __future__ import annotations
 
 import argparse
 import decimal
+import math
+import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
                                 TrainingConfig, global_batch_size_at, validate_parallel_layout)
-from megatron_sr.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_flags, padded_vocab_size
+from megatron_sr.data.gpt_dataset import (INDEX_BYTES_PER_SAMPLE, memory_bytes, parse_data_path,
+                                          parse_split)
+from megatron_sr.data.tokenizers import (MAX_VOCAB_SIZE, TOKENIZER_TYPES, check_tokenizer_flags,
+                                         padded_vocab_size)
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
 from megatron_sr.precision.strategies import (DEFAULT_STRATEGY, GRAD_ROUNDINGS, STRATEGIES,
                                               PrecisionStrategy, get_strategy, with_grad_buffer)
@@ -105,6 +110,13 @@ class JobConfig:
             raise ValueError(f"tokenizer vocabulary size must be >= 1, got {vocab_size}")
         padded = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by,
                                    self.parallel.tensor_model_parallel_size)
+        table_bytes = (padded // self.parallel.tensor_model_parallel_size * self.model.hidden_size
+                       * self.model.params_dtype.itemsize)
+        if table_bytes > memory_bytes():
+            raise ValueError(f"the tokenizer's {vocab_size} ids (--tokenizer-type, --vocab-size) "
+                             f"need an embedding of {table_bytes / 2**30:.0f} GiB per "
+                             f"tensor-parallel rank, more than this machine's memory "
+                             f"({memory_bytes() / 2**30:.0f} GiB)")
         return replace(self, model=replace(self.model, vocab_size=padded),
                        unpadded_vocab_size=vocab_size)
 
@@ -553,6 +565,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
 
     rampup = _rampup_batch_size(args, global_batch_size, data_parallel_size)
     train_iters = _train_iters(args, global_batch_size, rampup, schedule)
+    _check_sample_index_fits(args, global_batch_size, train_iters)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
         grad_reduce_dtype=_grad_reduce_dtype(args),
@@ -654,15 +667,24 @@ _INT_MINIMUMS = (
     ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
     ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
     ("lr_wsd_decay_samples", 1), ("num_query_groups", 1), ("kv_channels", 1),
-    ("recompute_num_layers", 1),
+    ("recompute_num_layers", 1), ("seed", 0),
 )
-# Float flags that must lie in [0, 1).
-_UNIT_INTERVAL_FLOATS = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")
-# Float flags that must be > 0, and those that must be >= 0.
-_POSITIVE_FLOATS = ("adam_eps", "norm_epsilon", "init_method_std", "rotary_base",
-                    "rope_scaling_factor",
-                    "distributed_timeout_minutes", "exit_duration_in_mins")
-_NON_NEGATIVE_FLOATS = ("weight_decay", "clip_grad")
+# (dest, largest allowed value) of the integer flags bounded above.
+_INT_MAXIMUMS = (("seed", 2**32 - 1), ("vocab_size", MAX_VOCAB_SIZE - 1))
+# Every float flag with the interval it must lie in, as (dest, "[" or "(", low, high, "]" or
+# ")"); NaN and +-inf are refused for all (a NaN learning rate would train NaN weights).
+_FLOAT_RANGES = tuple(
+    [(dest, "[", 0.0, 1.0, ")") for dest in ("attention_dropout", "hidden_dropout", "adam_beta1",
+                                             "adam_beta2", "lr_warmup_fraction")]
+    + [(dest, "(", 0.0, math.inf, ")") for dest in (
+        "adam_eps", "norm_epsilon", "init_method_std", "rotary_base", "rope_scaling_factor",
+        "distributed_timeout_minutes", "exit_duration_in_mins")]
+    + [(dest, "[", 0.0, math.inf, ")") for dest in (
+        "weight_decay", "clip_grad", "lr", "min_lr", "lr_warmup_init", "decoupled_lr",
+        "decoupled_min_lr")]
+    + [("rotary_percent", "(", 0.0, 1.0, "]")])
+# Folders a run creates and writes; checked before anything starts.
+_OUTPUT_FOLDERS = ("data_cache_path", "tensorboard_dir", "wandb_save_dir")
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -670,20 +692,27 @@ def _check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, dest)
         if value is not None and value < low:
             raise ValueError(f"{_flag(dest)} must be >= {low}, got {value}")
-    for dest in _UNIT_INTERVAL_FLOATS:
+    for dest, high in _INT_MAXIMUMS:
         value = getattr(args, dest)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{_flag(dest)} must be in [0, 1), got {value}")
-    for dest in _POSITIVE_FLOATS:
+        if value is not None and value > high:
+            raise ValueError(f"{_flag(dest)} must be <= {high}, got {value}")
+    for dest, left, low, high, right in _FLOAT_RANGES:
         value = getattr(args, dest)
-        if value is not None and not value > 0:
-            raise ValueError(f"{_flag(dest)} must be > 0, got {value}")
-    if not 0.0 < args.rotary_percent <= 1.0:
-        raise ValueError(f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
-    for dest in _NON_NEGATIVE_FLOATS:
-        value = getattr(args, dest)
-        if not value >= 0:
-            raise ValueError(f"{_flag(dest)} must be >= 0, got {value}")
+        if value is not None and not (math.isfinite(value)
+                                      and (low <= value if left == "[" else low < value)
+                                      and (value <= high if right == "]" else value < high)):
+            raise ValueError(f"{_flag(dest)} must be a finite number in {left}{low:g}, "
+                             f"{high:g}{right}, got {value}")
+    for dest in _OUTPUT_FOLDERS:
+        path = getattr(args, dest)
+        existing = path
+        while existing is not None and not os.path.exists(existing):
+            existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+        if existing is not None and not (os.path.isdir(existing)
+                                         and os.access(existing, os.W_OK | os.X_OK)):
+            why = "not a folder" if not os.path.isdir(existing) else "not writable"
+            raise ValueError(f"{_flag(dest)} {path}: cannot create or write it ({existing} is "
+                             f"{why})")
 
 
 def _aliased(args: argparse.Namespace, option: str, aliases: dict[str, str]) -> Optional[str]:
@@ -932,36 +961,24 @@ def _check_data(args: argparse.Namespace) -> None:
     if args.mock_data == bool(args.data_path):
         raise ValueError("give exactly one of --data-path and --mock-data")
     if args.data_path:
-        _check_data_path(args.data_path)
-    parts = args.split.replace("/", ",").split(",")
-    try:
-        proportions = [float(p) for p in parts]
-    except ValueError:
-        proportions = []
-    if not 1 <= len(proportions) <= 3 or min(proportions) < 0 or sum(proportions) <= 0:
-        raise ValueError(f"--split {args.split!r}: give up to three non-negative train,valid,test "
-                         f"proportions with a positive sum, e.g. 969,30,1")
+        parse_data_path(args.data_path)
+    parse_split(args.split)
     check_tokenizer_flags(args.tokenizer_type, vars(args))
 
 
-def _check_data_path(data_path: list[str]) -> None:
-    """Either prefixes only, or weight-prefix pairs with non-negative weights."""
-    def weight(text: str) -> Optional[float]:
-        try:
-            return float(text)
-        except ValueError:
-            return None
-
-    if len(data_path) == 1 or weight(data_path[0]) is None:
-        numbers = [p for p in data_path if weight(p) is not None]
-        if numbers and len(data_path) > 1:
-            raise ValueError(f"--data-path: a weight must precede every prefix or none; "
-                             f"{numbers[0]!r} looks like a weight")
-        return
-    weights, prefixes = data_path[0::2], data_path[1::2]
-    if len(weights) != len(prefixes) or any(weight(w) is None or weight(w) < 0 for w in weights):
-        raise ValueError(f"--data-path {' '.join(data_path)}: give weight-prefix pairs "
-                         f"W1 P1 W2 P2 ... with weights >= 0")
+def _check_sample_index_fits(args: argparse.Namespace, global_batch_size: int,
+                             train_iters: int) -> None:
+    """The samples of the run, training and evaluation, must be indexable in
+    memory: a mistyped --global-batch-size would otherwise build indices until
+    the machine runs out of memory."""
+    evaluations = train_iters // args.eval_interval + 1
+    samples = (train_iters + evaluations * args.eval_iters) * global_batch_size
+    needed = samples * INDEX_BYTES_PER_SAMPLE
+    if needed > memory_bytes():
+        raise ValueError(f"--global-batch-size {global_batch_size} over {train_iters} iterations "
+                         f"(--train-iters / --train-samples, with --eval-iters) is {samples} "
+                         f"samples, whose index needs {needed / 2**30:.0f} GiB, more than this "
+                         f"machine's memory ({memory_bytes() / 2**30:.0f} GiB)")
 
 
 def _check_checkpointing(args: argparse.Namespace) -> None:

@@ -332,6 +332,13 @@ INVALID = [
      ["--global-batch-size", "--pipeline-model-parallel-size"]),
     (("--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33",
       "--max-position-embeddings", "33"), (), 2, ["--sequence-parallel", "--seq-length"]),
+    (("--seed", str(2**40)), (), 1, ["--seed", str(2**40)]),
+    (("--lr", "nan"), (), 1, ["--lr", "finite"]),
+    (("--data-cache-path", "/dev/null/cache"), (), 1, ["--data-cache-path /dev/null/cache",
+                                                       "not a folder"]),
+    (("--global-batch-size", "4000000000"), (), 1, ["--global-batch-size 4000000000", "memory"]),
+    (("--split", "nan"), (), 1, ["--split 'nan'"]),
+    (("--data-path", "nan", "a"), ("--mock-data",), 1, ["--data-path nan a", "finite"]),
 ]
 
 
@@ -354,7 +361,7 @@ def _raising_line(error: BaseException) -> tuple[str, int]:
 
 def test_every_check_of_arguments_py_has_an_invalid_case():
     """Each `raise ValueError` of megatron_sr/arguments.py is what fails some
-    command line of INVALID (or `with_vocab_size(0)`), so a check without a
+    command line of INVALID (or `with_vocab_size` of 0 or 10**12), so a check without a
     case, or a case that fails for another reason, is noticed."""
     source = inspect.getsource(arguments)
     raises = {node.lineno for node in ast.walk(ast.parse(source))
@@ -368,9 +375,10 @@ def test_every_check_of_arguments_py_has_an_invalid_case():
             with pytest.raises(ValueError) as err:
                 job(*extra, drop=drop, world_size=world_size)
         reached.add(_raising_line(err.value))
-    with pytest.raises(ValueError) as err:
-        job().with_vocab_size(0)
-    reached.add(_raising_line(err.value))
+    for vocab_size in (0, 10**12):
+        with pytest.raises(ValueError) as err:
+            job().with_vocab_size(vocab_size)
+        reached.add(_raising_line(err.value))
     in_arguments = {line for path, line in reached if path == arguments.__file__}
     assert sorted(raises - in_arguments) == [], "checks of arguments.py without an INVALID case"
 
@@ -383,9 +391,10 @@ def test_every_integer_flag_below_its_minimum_is_named(dest, low):
         job(flag, str(low - 1), drop=drop)
 
 
-@pytest.mark.parametrize("dest", arguments._UNIT_INTERVAL_FLOATS + arguments._POSITIVE_FLOATS
-                         + arguments._NON_NEGATIVE_FLOATS)
-def test_every_float_flag_out_of_range_is_named(dest):
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf"])
+@pytest.mark.parametrize("dest", [row[0] for row in arguments._FLOAT_RANGES])
+def test_every_float_flag_out_of_range_or_not_finite_is_named(dest, value):
     flag = "--" + dest.replace("_", "-")
-    with pytest.raises(ValueError, match=f"{flag} must be"):
-        job(flag, "-1")
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number in "):
+        job(f"{flag}={value}",  # "=": argparse reads a bare -inf as a flag
+            *(("--decoupled-lr", "1e-3") if dest == "decoupled_min_lr" else ()))

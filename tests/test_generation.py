@@ -136,7 +136,9 @@ def test_sampling_rules():
     first = sample_next_tokens(logits, torch.Generator().manual_seed(5), greedy=False, **draw)
     again = sample_next_tokens(logits, torch.Generator().manual_seed(5), greedy=False, **draw)
     assert torch.equal(first, again) and len(set(first.tolist())) == 5
-    with pytest.raises(ValueError, match="temperature"):
-        sample_next_tokens(logits, gen, greedy=False, temperature=0.0)
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next_tokens(logits, gen, greedy=False, top_p=0.0)
+    for temperature in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--temperature"):
+            sample_next_tokens(logits, gen, greedy=False, temperature=temperature)
+    for top_p in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="--top-p"):
+            sample_next_tokens(logits, gen, greedy=False, top_p=top_p)

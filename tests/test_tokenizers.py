@@ -72,7 +72,7 @@ def test_gpt2_accepts_huggingface_file_names(gpt2_files, tmp_path):
 
 def test_gpt2_bad_files_name_the_flag(gpt2_files, tmp_path):
     vocab_file, merge_file = gpt2_files
-    with pytest.raises(FileNotFoundError, match="--vocab-file .*missing.json"):
+    with pytest.raises(ValueError, match="--vocab-file .*missing.json"):
         GPT2BPETokenizer(str(tmp_path / "missing.json"), merge_file)
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="--vocab-file .*bad.json"):
@@ -129,7 +129,7 @@ def test_train_tokenizer_reports_bad_lines(tmp_path):
 
 
 def test_sentencepiece_missing_model_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+    with pytest.raises(ValueError, match="--tokenizer-model"):
         SentencePieceTokenizer(str(tmp_path / "none.model"))
 
 
@@ -244,7 +244,7 @@ def test_huggingface_tokenizer_eod_from_tokenizer_config(hf_tokenizer_folder, tm
 
 
 def test_huggingface_tokenizer_errors_name_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--tokenizer-model .*no tokenizer.json"):
+    with pytest.raises(ValueError, match="--tokenizer-model .*no tokenizer.json"):
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="--tokenizer-model .*not a Hugging Face tokenizer.json"):
@@ -291,5 +291,5 @@ def test_tiktokenizer_reads_a_local_ranks_file(gpt2_files, gpt2_tokenizer, tmp_p
 
 def test_tiktokenizer_needs_a_local_file(tmp_path):
     pytest.importorskip("tiktoken")
-    with pytest.raises(FileNotFoundError, match="--tokenizer-model .*nothing is downloaded"):
+    with pytest.raises(ValueError, match="--tokenizer-model .*nothing is downloaded"):
         build_tokenizer("TikTokenizer", tokenizer_model=str(tmp_path / "missing.tiktoken"))

@@ -10,13 +10,15 @@ empty documents, atomic outputs).
         --tokenizer-type GPT2BPETokenizer --vocab-file encoder.json --merge-file vocab.bpe \\
         --append-eod --workers 2
 
-Exit status: 0 on success, 1 on invalid input or a bad flag (the message
-names the file and line, or the flag).
+Exit status: 0 on success, 1 on invalid input or a bad flag (one line
+naming the file and line, or the flag); 130 on SIGINT and 143 on SIGTERM,
+after removing this run's temporary files (no output is written then).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,18 +61,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: unwinds `preprocess`, which removes its temporary files."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     spec = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
                          args.tokenizer_model, args.vocab_size, args.tiktoken_pattern,
                          args.tiktoken_num_special_tokens)
     try:
         stats = preprocess(args.input, args.output_prefix, spec, json_keys=args.json_keys,
                            append_eod=args.append_eod, workers=args.workers,
-                           skip_invalid=args.skip_invalid, log_interval=args.log_interval)
+                           skip_invalid=args.skip_invalid, log_interval=args.log_interval,
+                           log=sys.stderr)
     except (InvalidInputError, ValueError, FileNotFoundError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an input that cannot be read
+        print(f"preprocess_data.py: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+        print(f"preprocess_data.py: stopped by {name}; its temporary files are removed and "
+              f"nothing was written", file=sys.stderr)
+        return 128 + (signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
     megabytes = stats.input_bytes / 1e6
     print(f"read {megabytes:.2f} MB in {stats.seconds:.1f} s "
           f"({megabytes / max(stats.seconds, 1e-9):.2f} MB/s); "

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_FORMAT_VERSION = 1  # bump when the index construction changes meaning
 
 
+INDEX_BYTES_PER_SAMPLE = 24  # a sample-index row (two int64) and a shuffle-index entry
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory, the bound on any index a run builds."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def parse_split(split: str) -> list[float]:
     """``--split "949,50,1"`` -> three fractions summing to 1 (missing parts are 0)."""
     try:
@@ -62,9 +71,10 @@ def parse_split(split: str) -> list[float]:
     except ValueError:
         raise ValueError(f"--split {split!r}: expected up to three comma-separated "
                          f"numbers") from None
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: expected up to three non-negative numbers with a "
-                         f"positive sum")
+    if not 1 <= len(parts) <= 3 or not all(0 <= p < math.inf for p in parts) or \
+            not 0 < sum(parts) < math.inf:
+        raise ValueError(f"--split {split!r}: expected up to three finite non-negative numbers "
+                         f"with a positive sum, e.g. 969,30,1")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]
@@ -82,7 +92,7 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[Optional[float], str
     if not data_path:
         raise ValueError("--data-path is empty: give one or more dataset prefixes, or --mock-data")
 
-    def is_number(text: str) -> bool:
+    def is_number(text: str) -> bool:  # "nan" and "inf" too: they are no prefixes
         try:
             float(text)
             return True
@@ -97,9 +107,9 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[Optional[float], str
     if len(data_path) % 2 != 0 or not all(is_number(w) for w in data_path[0::2]):
         raise ValueError(f"--data-path {' '.join(data_path)}: expected weight-prefix pairs")
     pairs = [(float(w), p) for w, p in zip(data_path[0::2], data_path[1::2])]
-    if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"--data-path {' '.join(data_path)}: weights must be non-negative with "
-                         f"a positive sum")
+    if not all(0 <= w < math.inf for w, _ in pairs) or not 0 < sum(w for w, _ in pairs) < math.inf:
+        raise ValueError(f"--data-path {' '.join(data_path)}: weights must be finite and "
+                         f"non-negative, with a positive finite sum")
     return pairs
 
 
@@ -196,6 +206,14 @@ class GPTDataset(torch.utils.data.Dataset):
             return
         num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
         samples_in_epochs = (num_epochs * tokens_per_epoch - 1) // seq_length
+        index_bytes = 8 * num_epochs * (end - start) + INDEX_BYTES_PER_SAMPLE * samples_in_epochs
+        if index_bytes > memory_bytes():
+            raise ValueError(
+                f"{indexed_dataset.prefix} ({split}): {num_samples} samples of {seq_length} "
+                f"tokens take {num_epochs} epochs of its {end - start} documents, whose indices "
+                f"need {index_bytes / 2**30:.0f} GiB, more than this machine's memory "
+                f"({memory_bytes() / 2**30:.0f} GiB): check --global-batch-size, --train-iters "
+                f"or --train-samples, and --eval-iters")
         rng = np.random.RandomState(seed)
         self.document_index = build_document_index(np.arange(start, end, dtype=np.int64),
                                                    num_epochs, rng)
@@ -239,7 +257,19 @@ class GPTDataset(torch.utils.data.Dataset):
         paths = cls._paths(cache_path, key)
         if not all(os.path.isfile(p) for p in paths.values()):
             return None
-        return tuple(np.load(paths[name], mmap_mode="r") for name in cls.INDEX_NAMES)
+        indices = []
+        for name in cls.INDEX_NAMES:
+            try:
+                indices.append(np.load(paths[name], mmap_mode="r", allow_pickle=False))
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"--data-cache-path {cache_path}: {paths[name]} is not a "
+                                 f"readable index ({e}); delete it to rebuild it") from None
+            if indices[-1].dtype != np.int64 or indices[-1].ndim != (2 if name == "sample_index"
+                                                                      else 1):
+                raise ValueError(f"--data-cache-path {cache_path}: {paths[name]} holds "
+                                 f"{indices[-1].dtype} {indices[-1].shape}, not this index; "
+                                 f"delete it to rebuild it")
+        return tuple(indices)
 
     def _save(self, cache_path: str, key: _IndexKey) -> None:
         os.makedirs(cache_path, exist_ok=True)

@@ -141,9 +141,7 @@ class IndexedDataset:
             digest = hashlib.sha256(key.encode()).hexdigest()[:32]
             record = os.path.join(cache_path, f"{digest}-token-id-range.json")
             if os.path.isfile(record):
-                with open(record, encoding="utf-8") as f:
-                    cached = json.load(f)["token_id_range"]
-                return None if cached is None else (int(cached[0]), int(cached[1]))
+                return _read_token_id_range(record)
         id_range = None
         if self.num_tokens:
             low, high = None, None
@@ -233,6 +231,22 @@ def _read_index(index_file: str):
             f"{index_file}: document indices must rise from 0 to the number of sequences "
             f"({num_sequences})")
     return dtype, lengths, pointers, document_indices
+
+
+def _read_token_id_range(record: str) -> Optional[tuple[int, int]]:
+    """The (smallest, largest) id kept in the --data-cache-path file `record`."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            cached = json.load(f)["token_id_range"]
+        if cached is None:
+            return None
+        low, high = cached
+        if type(low) is int and type(high) is int and low <= high:
+            return low, high
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        pass
+    raise IndexedDatasetError(f"--data-cache-path: {record} is not a token-id-range record "
+                              f"written by megatron_sr; delete it to rebuild it")
 
 
 class IndexedDatasetBuilder:
@@ -342,6 +356,36 @@ class IndexedDatasetBuilder:
             if os.path.exists(path):
                 os.remove(path)
         self._finished = True
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Deletes ``prefix.bin.tmp-PID-*`` and ``prefix.idx.tmp-PID-*`` left by an
+    `IndexedDatasetBuilder` whose process PID no longer runs (a SIGKILLed run);
+    a live process's files and every final name are left alone. Returns the
+    deleted paths."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        for final in (bin_path(os.path.basename(prefix)), idx_path(os.path.basename(prefix))):
+            pid, _, rest = name[len(final) + len(".tmp-"):].partition("-")
+            if (name.startswith(final + ".tmp-") and pid.isdecimal() and rest
+                    and not _process_exists(int(pid))):
+                path = os.path.join(directory, name)
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def write_dataset(prefix: str, documents: Iterable[Sequence[int]], dtype: type = np.int32) -> None:

@@ -9,30 +9,43 @@ Contract of `preprocess`:
   ``skip_invalid``, counted and left out. Blank lines are ignored.
 - Per key, each document's tokens (plus eod with ``append_eod``) become one
   sequence and one document of ``{output_prefix}_{key}_document``; a document
-  with no tokens is skipped and counted.
+  with no tokens is skipped and counted. A key left with no document at all
+  (an empty or all-blank input) is an error: nothing is written. A text the
+  tokenizer refuses (a NullTokenizer word that is no id) makes the line invalid.
+- Keys must be distinct; a ``.gz`` input that is not gzip or is cut short is an
+  `InvalidInputError` naming the file; an output prefix that cannot be written
+  (its folder is a file, or read-only) a ValueError naming ``--output-prefix``.
 - Tokenization runs in ``workers`` processes started with the 'spawn' method
   (no fork of a process that may hold torch threads). Lines travel in batches
   and results are written back in input order, so the output is byte-identical
   for any number of workers.
 - Outputs are written under temporary names and renamed into place only after
   every input was read without error: a failed or killed run leaves no
-  ``.bin``/``.idx`` that looks valid (a killed run may leave ``*.tmp-*`` files).
+  ``.bin``/``.idx`` that looks valid. A SIGKILLed run leaves its ``*.tmp-PID-*``
+  files; the next run of the same output prefix removes those whose process is
+  gone (`indexed_dataset.remove_stale_temporaries`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
+import signal
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_sr.data.indexed_dataset import IndexedDatasetBuilder, optimal_token_dtype
+from megatron_sr.data.indexed_dataset import (IndexedDatasetBuilder, optimal_token_dtype,
+                                              remove_stale_temporaries)
 from megatron_sr.data.tokenizers import Tokenizer, build_tokenizer
 
 BATCH_BYTES = 256 * 1024  # lines sent to a worker at once; small enough to balance 2+ workers
@@ -92,7 +105,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            what = "the pattern matches no file" if glob.has_magic(pattern) else "no such file"
+            what = ("the pattern matches no file" if glob.has_magic(pattern) else
+                    "is a directory, not a file" if os.path.isdir(pattern) else "no such file")
             raise FileNotFoundError(f"--input {pattern}: {what}")
         files.extend(m for m in matches if m not in files)
     return files
@@ -104,18 +118,28 @@ def _open_binary(path: str) -> IO[bytes]:
 
 def _read_batches(paths: Sequence[str], token_dtype: str) -> Iterator[_Batch]:
     for path in paths:
-        with _open_binary(path) as f:
-            lines: list[bytes] = []
-            batch_bytes = 0
-            first_line_number = 1
-            for line_number, line in enumerate(f, start=1):
-                lines.append(line)
-                batch_bytes += len(line)
-                if batch_bytes >= BATCH_BYTES:
-                    yield _Batch(path, first_line_number, lines, token_dtype)
-                    lines, batch_bytes, first_line_number = [], 0, line_number + 1
-            if lines:
+        try:
+            yield from _read_file_batches(path, token_dtype)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            what = "a .gz input that is cut short or corrupt" if path.endswith(".gz") else \
+                "cannot be read"
+            raise InvalidInputError(f"{path}: {what} ({getattr(e, 'strerror', None) or e})"
+                                    ) from None
+
+
+def _read_file_batches(path: str, token_dtype: str) -> Iterator[_Batch]:
+    with _open_binary(path) as f:
+        lines: list[bytes] = []
+        batch_bytes = 0
+        first_line_number = 1
+        for line_number, line in enumerate(f, start=1):
+            lines.append(line)
+            batch_bytes += len(line)
+            if batch_bytes >= BATCH_BYTES:
                 yield _Batch(path, first_line_number, lines, token_dtype)
+                lines, batch_bytes, first_line_number = [], 0, line_number + 1
+        if lines:
+            yield _Batch(path, first_line_number, lines, token_dtype)
 
 
 # Per-process state of a tokenization worker, set once by `_start_worker`.
@@ -129,6 +153,82 @@ def _start_worker(tokenizer_spec: TokenizerSpec, json_keys: tuple[str, ...], app
     global _worker_tokenizer, _worker_settings
     _worker_tokenizer = tokenizer if tokenizer is not None else tokenizer_spec.build()
     _worker_settings = (json_keys, append_eod)
+
+
+def _worker_main(connection, worker_args: tuple) -> None:
+    """A tokenization process: encodes the batches it receives until None.
+    SIGINT and SIGTERM are the parent's to handle (it kills its workers after
+    removing its temporary files); a worker whose parent died exits at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+    _start_worker(*worker_args)
+    while True:
+        try:
+            batch = connection.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        connection.send(_encode_batch(batch))
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
+
+
+class _Workers:
+    """`count` spawned tokenization processes, one pipe each. Batch k goes to
+    worker k % count and results are read back in batch order, one batch in
+    flight per worker (so neither end of a pipe can block the other): the
+    output order is the input order. Leaving the ``with`` block ends them
+    after the last batch, or, on any error or signal, kills them without
+    waiting on anything they hold."""
+
+    def __init__(self, count: int, worker_args: tuple):
+        context = multiprocessing.get_context("spawn")
+        self._connections, self._processes = [], []
+        for _ in range(count):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_worker_main, args=(child_end, worker_args),
+                                      daemon=True)
+            process.start()
+            child_end.close()
+            self._connections.append(parent_end)
+            self._processes.append(process)
+
+    def imap(self, batches: Iterator[_Batch]) -> Iterator[tuple]:
+        in_flight: list[int] = []
+        for worker, batch in zip(range(len(self._processes)), batches):
+            self._connections[worker].send(batch)
+            in_flight.append(worker)
+        while in_flight:
+            worker = in_flight.pop(0)
+            try:
+                result = self._connections[worker].recv()
+            except EOFError:
+                raise RuntimeError(f"tokenization worker {worker} died (exit code "
+                                   f"{self._processes[worker].exitcode})") from None
+            batch = next(batches, None)
+            if batch is not None:
+                self._connections[worker].send(batch)
+                in_flight.append(worker)
+            yield result
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            for connection, process in zip(self._connections, self._processes):
+                connection.send(None)
+                process.join()
+        else:
+            for process in self._processes:
+                process.kill()
+                process.join()
 
 
 def _encode_batch(batch: _Batch) -> tuple[str, int, int, list]:
@@ -149,6 +249,9 @@ def _encode_batch(batch: _Batch) -> tuple[str, int, int, list]:
         except json.JSONDecodeError as e:
             results.append(f"malformed JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            results.append("JSON nested too deeply to read")
+            continue
         if not isinstance(record, dict):
             results.append(f"expected a JSON object, got {type(record).__name__}")
             continue
@@ -158,13 +261,15 @@ def _encode_batch(batch: _Batch) -> tuple[str, int, int, list]:
         if problem:
             results.append(problem)
             continue
-        per_key = []
-        for key in json_keys:
-            ids = _worker_tokenizer.tokenize(record[key])
+        try:
+            per_key = [_worker_tokenizer.tokenize(record[key]) for key in json_keys]
+        except ValueError as e:
+            results.append(f"the tokenizer refuses the text: {e}")
+            continue
+        for ids in per_key:
             if ids and append_eod:
                 ids.append(_worker_tokenizer.eod)
-            per_key.append(np.asarray(ids, dtype=token_dtype))
-        results.append(tuple(per_key))
+        results.append(tuple(np.asarray(ids, dtype=token_dtype) for ids in per_key))
     return batch.path, batch.first_line_number, sum(len(line) for line in batch.lines), results
 
 
@@ -189,7 +294,36 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_spec: Tokeni
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if not json_keys:
         raise ValueError("--json-keys must name at least one key")
+    if len(set(json_keys)) != len(json_keys):
+        raise ValueError(f"--json-keys {' '.join(json_keys)}: a key is given twice (each key "
+                         f"writes one dataset)")
     paths = expand_inputs(inputs)
+    for key in json_keys:
+        for stale in remove_stale_temporaries(output_prefix_for_key(output_prefix, key)):
+            if log is not None:
+                print(f"removed {stale}, left by a killed run", file=log)
+    output_folder = os.path.dirname(os.path.abspath(output_prefix))
+    with _removed_on_error_if_new(output_folder):
+        return _preprocess(paths, output_prefix, tokenizer_spec, json_keys, append_eod, workers,
+                           skip_invalid, log_interval, log, inputs)
+
+
+@contextlib.contextmanager
+def _removed_on_error_if_new(folder: str):
+    """A failed run does not leave behind an empty output folder it created."""
+    existed = os.path.isdir(folder)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+
+
+def _preprocess(paths: list[str], output_prefix: str, tokenizer_spec: TokenizerSpec,
+                json_keys: Sequence[str], append_eod: bool, workers: int, skip_invalid: bool,
+                log_interval: int, log: Optional[IO[str]], inputs: Sequence[str]
+                ) -> PreprocessStats:
     # Sizes of compressed inputs say nothing about the text they hold: no ETA then.
     total_bytes = (None if any(p.endswith(".gz") for p in paths)
                    else sum(os.path.getsize(p) for p in paths))
@@ -199,20 +333,25 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_spec: Tokeni
     started = time.perf_counter()
     documents_seen = 0
     with contextlib.ExitStack() as stack:
-        if workers > 1:  # workers start up while this process loads its own tokenizer
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_start_worker, initargs=worker_args))
-        tokenizer = tokenizer_spec.build()
+        tokenizer = tokenizer_spec.build()  # a bad tokenizer file fails before workers start
+        if workers > 1:
+            pool = stack.enter_context(_Workers(workers, worker_args))
         token_dtype = np.dtype(optimal_token_dtype(tokenizer.vocab_size))
-        builders = [stack.enter_context(
-            IndexedDatasetBuilder(output_prefix_for_key(output_prefix, key), token_dtype))
-            for key in json_keys]
+        try:
+            builders = [stack.enter_context(
+                IndexedDatasetBuilder(output_prefix_for_key(output_prefix, key), token_dtype))
+                for key in json_keys]
+        except OSError as e:
+            why = ("a file stands where a folder is needed" if e.errno in (errno.EEXIST,
+                   errno.ENOTDIR) else e.strerror)
+            raise ValueError(f"--output-prefix {output_prefix}: cannot write "
+                             f"{e.filename or output_prefix} ({why})") from None
         batches = _read_batches(paths, token_dtype.str)
         if workers == 1:
             _start_worker(*worker_args, tokenizer=tokenizer)
             encoded_batches = map(_encode_batch, batches)
         else:
-            encoded_batches = pool.imap(_encode_batch, batches, chunksize=1)
+            encoded_batches = pool.imap(batches)
         for path, first_line_number, batch_bytes, results in encoded_batches:
             for line_number, result in enumerate(results, start=first_line_number):
                 if result is None:
@@ -235,6 +374,12 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_spec: Tokeni
                     print(_progress_line(stats, documents_seen, time.perf_counter() - started,
                                          total_bytes), file=log, flush=True)
             stats.input_bytes += batch_bytes
+        empty = [key for key in json_keys if stats.documents[key] == 0]
+        if empty:
+            raise InvalidInputError(
+                f"--input {' '.join(inputs)}: no document with tokens under key "
+                f"{empty[0]!r} ({documents_seen} documents, {stats.invalid_lines} invalid lines): "
+                f"nothing to write")
         for builder in builders:
             builder.finalize()
     stats.seconds = time.perf_counter() - started

@@ -111,7 +111,9 @@ class GPT2BPETokenizer(Tokenizer):
     regex. In every backend "<|endoftext|>" inside a text is plain text,
     exactly as in GPT-2's own encoder. bench/preprocess.py measures them per
     worker (docs/DATA.md): tiktoken fastest, then the cached regex, then
-    tokenizers. All give identical ids (a test checks on the sample corpus).
+    tokenizers. All give identical ids (a test checks on the sample corpus):
+    the files are checked on load so that they must (`_read_json_vocab`,
+    `_read_merges`).
     """
 
     END_OF_TEXT = "<|endoftext|>"
@@ -124,18 +126,24 @@ class GPT2BPETokenizer(Tokenizer):
                              f"got {backend!r}")
         self._encoder = _read_json_vocab(vocab_file)
         self._decoder = {i: piece for piece, i in self._encoder.items()}
-        self._merge_rank = _read_merges(merge_file)
         if self.END_OF_TEXT not in self._encoder:
             raise ValueError(f"--vocab-file {vocab_file}: has no {self.END_OF_TEXT!r} entry, "
                              f"so it is not a GPT-2 vocabulary")
         self._eod = self._encoder[self.END_OF_TEXT]
         self._byte_encoder = _byte_to_printable()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        unknown = next((c for c in self._byte_decoder if c not in self._encoder), None) or next(
+            (p for p in self._encoder if p != self.END_OF_TEXT
+             and any(c not in self._byte_decoder for c in p)), None)
+        if unknown is not None:
+            raise ValueError(f"--vocab-file {vocab_file}: {unknown!r}: a GPT-2 vocabulary holds "
+                             f"each of the 256 byte characters and pieces made of them only")
+        self._merge_rank = _read_merges(merge_file, self._encoder)
         self._pretokenizer = regex.compile(_GPT2_PRETOKENIZE_PATTERN)
         self._merge_cache: dict[str, list[int]] = {}
         if backend == "auto":
             backend = "tiktoken" if importlib.util.find_spec("tiktoken") else "regex"
-        self._fast = self._build_fast(vocab_file) if backend == "tokenizers" else None
+        self._fast = self._build_fast() if backend == "tokenizers" else None
         self._tiktoken = self._build_tiktoken() if backend == "tiktoken" else None
         self.backend = backend
 
@@ -147,16 +155,11 @@ class GPT2BPETokenizer(Tokenizer):
         return tiktoken.Encoding("megatron_sr_gpt2", pat_str=_GPT2_PRETOKENIZE_PATTERN,
                                  mergeable_ranks=ranks, special_tokens={})
 
-    def _build_fast(self, vocab_file: str):
+    def _build_fast(self):
         from tokenizers import Tokenizer as FastTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
         merges = sorted(self._merge_rank, key=self._merge_rank.get)
-        missing = [a + b for a, b in merges if a not in self._encoder or b not in self._encoder
-                   or a + b not in self._encoder]
-        if missing:
-            raise ValueError(f"--vocab-file {vocab_file}: merge results {missing[:3]} of "
-                             f"--merge-file are not in the vocabulary")
         fast = FastTokenizer(models.BPE(vocab=dict(self._encoder), merges=merges))
         fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         fast.decoder = decoders.ByteLevel()
@@ -214,34 +217,78 @@ class GPT2BPETokenizer(Tokenizer):
         return parts
 
 
-def _read_json_vocab(vocab_file: str) -> dict[str, int]:
+def _read_text_file(flag: str, path: str, mode: str = "r"):
+    """The contents of the tokenizer file `path` given by `flag` (str for mode "r",
+    bytes for "rb"); ValueError naming both when it is missing, a folder,
+    unreadable, or (text) not UTF-8."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory, not a file")
     try:
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
+        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"--vocab-file {vocab_file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not a UTF-8 text file (byte {e.start})") from None
+
+
+def _read_json_vocab(vocab_file: str) -> dict[str, int]:
+    """encoder.json / vocab.json: a JSON object whose ids are exactly 0 .. N-1, each once."""
+    try:
+        vocab = json.loads(_read_text_file("--vocab-file", vocab_file))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"--vocab-file {vocab_file}: not a JSON piece->id map ({e})") from None
     if not isinstance(vocab, dict):
         raise ValueError(f"--vocab-file {vocab_file}: expected a JSON object mapping pieces to ids")
+    bad = next(((piece, i) for piece, i in vocab.items()
+                if type(i) is not int or not 0 <= i < len(vocab)), None)
+    if bad is None and len(set(vocab.values())) != len(vocab):
+        seen: dict[int, str] = {}
+        bad = next((piece, i) for piece, i in vocab.items() if seen.setdefault(i, piece) != piece)
+    if bad is not None:
+        raise ValueError(f"--vocab-file {vocab_file}: entry {bad[0]!r}: {bad[1]!r}: the ids of "
+                         f"its {len(vocab)} entries must be the integers 0..{len(vocab) - 1}, "
+                         f"each once")
     return vocab
 
 
-def _read_merges(merge_file: str) -> dict[tuple[str, str], int]:
-    try:
-        with open(merge_file, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--merge-file {merge_file}: no such file") from None
+def _read_merges(merge_file: str, vocab: Mapping[str, int]) -> dict[tuple[str, str], int]:
+    """GPT-2 merges: an optional "#version" line, then one merge per line, two
+    space-separated pieces whose concatenation is a vocabulary entry, in the
+    order of those entries' ids; every multi-character entry but `specials`
+    is made by exactly one merge. GPT-2's own files are so, and it is what makes
+    every backend give the same ids: tiktoken and the regex BPE rank merges by
+    the id of the piece they make and by the line, respectively."""
     ranks: dict[tuple[str, str], int] = {}
-    for line_number, line in enumerate(lines, start=1):
-        if not line or line.startswith("#version"):
+    last_id, made = -1, set()
+    for line_number, line in enumerate(_read_text_file("--merge-file", merge_file).split("\n"),
+                                       start=1):
+        if not line or (line_number == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"--merge-file {merge_file}:{line_number}: expected two "
-                             f"space-separated pieces, got {line!r}")
+        where = f"--merge-file {merge_file}:{line_number}"
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"{where}: expected two space-separated pieces, got {line[:80]!r}")
+        piece = pair[0] + pair[1]
+        unknown = next((p for p in (pair[0], pair[1], piece) if p not in vocab), None)
+        if unknown is not None:
+            raise ValueError(f"{where}: merge {line[:80]!r}: {unknown!r} is not in the "
+                             f"--vocab-file: the merges belong to another vocabulary")
+        if vocab[piece] <= last_id or piece in made:
+            raise ValueError(f"{where}: merge {line!r} makes id {vocab[piece]}, not above the "
+                             f"previous merge's {last_id}: the merges must follow the "
+                             f"vocabulary's id order (the tiktoken backend ranks merges by id)")
+        last_id = vocab[piece]
+        made.add(piece)
         ranks[(pair[0], pair[1])] = len(ranks)
+    unmade = [p for p in vocab if len(p) > 1 and p not in made
+              and p != GPT2BPETokenizer.END_OF_TEXT]
+    if unmade:
+        raise ValueError(f"--merge-file {merge_file}: no merge makes {len(unmade)} multi-character "
+                         f"entries of the --vocab-file (e.g. {unmade[0]!r}): the merges belong "
+                         f"to another vocabulary, or are incomplete")
     return ranks
 
 
@@ -251,8 +298,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, tokenizer_model: str):
         import sentencepiece
 
-        if not os.path.isfile(tokenizer_model):
-            raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: no such file")
+        _read_text_file("--tokenizer-model", tokenizer_model, "rb")  # missing, folder, unreadable
         self._processor = sentencepiece.SentencePieceProcessor()
         try:
             self._processor.Load(tokenizer_model)
@@ -291,7 +337,7 @@ class HuggingFaceTokenizer(Tokenizer):
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: no tokenizer.json there "
+            raise ValueError(f"--tokenizer-model {tokenizer_model}: no tokenizer.json there "
                                     f"(give the file or a local folder holding it)")
         try:
             self._tokenizer = FastTokenizer.from_file(path)
@@ -304,8 +350,10 @@ class HuggingFaceTokenizer(Tokenizer):
         config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
         names = list(self.EOD_CANDIDATES)
         if os.path.isfile(config):
-            with open(config, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token")
+            try:
+                eos = json.loads(_read_text_file("--tokenizer-model", config)).get("eos_token")
+            except (json.JSONDecodeError, RecursionError, AttributeError) as e:
+                raise ValueError(f"--tokenizer-model {config}: not a JSON object ({e})") from None
             if isinstance(eos, dict):
                 eos = eos.get("content")
             if eos:
@@ -340,6 +388,7 @@ TIKTOKEN_PATTERNS = {
            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
+MAX_SPECIAL_TOKENS = 2**20  # Megatron reserves 1000
 TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
 
 
@@ -347,25 +396,30 @@ def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     """BPE ranks from Megatron's JSON list or a .tiktoken "base64 rank" file."""
     import base64
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--tokenizer-model {path}: no such file (TikTokenizer reads its "
-                                f"BPE ranks from a local file; nothing is downloaded)")
-    with open(path, "rb") as f:
-        content = f.read()
+    if not os.path.exists(path):
+        raise ValueError(f"--tokenizer-model {path}: no such file (TikTokenizer reads its BPE "
+                         f"ranks from a local file; nothing is downloaded)")
+    content = _read_text_file("--tokenizer-model", path, "rb")
     try:
         if content.lstrip()[:1] == b"[":
-            entries = json.loads(content)
-            return {base64.b64decode(e["token_bytes"]): int(e["rank"]) for e in entries}
-        ranks = {}
-        for line in content.splitlines():
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        return ranks
-    except (ValueError, KeyError, TypeError) as e:
+            pairs = [(base64.b64decode(e["token_bytes"], validate=True), e["rank"])
+                     for e in json.loads(content)]
+        else:
+            pairs = []
+            for line in content.splitlines():
+                if line.strip():
+                    token, rank = line.split()
+                    pairs.append((base64.b64decode(token, validate=True), int(rank)))
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"--tokenizer-model {path}: not a tiktoken BPE ranks file (a JSON list "
                          f"of {{rank, token_bytes, token_str}} or 'base64 rank' lines): {e}"
                          ) from None
+    ranks = dict(pairs)
+    if not ranks or len(ranks) != len(pairs) or len(set(ranks.values())) != len(pairs) or any(
+            type(r) is not int or not 0 <= r < MAX_VOCAB_SIZE for r in ranks.values()):
+        raise ValueError(f"--tokenizer-model {path}: its {len(pairs)} entries must give each token "
+                         f"once, with distinct integer ranks in [0, {MAX_VOCAB_SIZE})")
+    return ranks
 
 
 class TikTokenizer(Tokenizer):
@@ -376,9 +430,10 @@ class TikTokenizer(Tokenizer):
 
         if pattern not in TIKTOKEN_PATTERNS:
             raise ValueError(f"--tiktoken-pattern must be v1 or v2, got {pattern!r}")
-        if num_special_tokens < len(TIKTOKEN_SPECIAL_TOKENS):
-            raise ValueError(f"--tiktoken-num-special-tokens must be >= "
-                             f"{len(TIKTOKEN_SPECIAL_TOKENS)}, got {num_special_tokens}")
+        if not len(TIKTOKEN_SPECIAL_TOKENS) <= num_special_tokens <= MAX_SPECIAL_TOKENS:
+            raise ValueError(f"--tiktoken-num-special-tokens must be in "
+                             f"[{len(TIKTOKEN_SPECIAL_TOKENS)}, {MAX_SPECIAL_TOKENS}] (each is a "
+                             f"named token held in memory), got {num_special_tokens}")
         ranks = _read_tiktoken_ranks(tokenizer_model)
         self._num_special = num_special_tokens
         shifted = {token: rank + num_special_tokens for token, rank in ranks.items()}
@@ -387,7 +442,7 @@ class TikTokenizer(Tokenizer):
         self._encoding = tiktoken.Encoding(
             name=os.path.basename(tokenizer_model), pat_str=TIKTOKEN_PATTERNS[pattern],
             mergeable_ranks=shifted, special_tokens={t: i for i, t in enumerate(specials)})
-        self._vocab_size = num_special_tokens + len(ranks)
+        self._vocab_size = num_special_tokens + max(ranks.values()) + 1
 
     @property
     def vocab_size(self) -> int:
@@ -404,13 +459,16 @@ class TikTokenizer(Tokenizer):
         return self._encoding.decode([int(i) for i in ids])
 
 
+MAX_VOCAB_SIZE = 2**31 - 1  # ids of every tokenizer fit int32, the widest .bin dtype written
+
+
 class NullTokenizer(Tokenizer):
     """Text is space-separated integer ids; for tests and synthetic data."""
 
     def __init__(self, vocab_size: int):
-        if vocab_size is None or vocab_size < 1:
-            raise ValueError(f"--vocab-size must be a positive integer for NullTokenizer, "
-                             f"got {vocab_size}")
+        if vocab_size is None or not 1 <= vocab_size < MAX_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size must be an integer in [1, {MAX_VOCAB_SIZE}) for "
+                             f"NullTokenizer (ids are stored as int32), got {vocab_size}")
         self._ids_without_eod = int(vocab_size)
 
     @property
@@ -422,7 +480,12 @@ class NullTokenizer(Tokenizer):
         return self._ids_without_eod
 
     def tokenize(self, text: str) -> list[int]:
-        ids = [int(word) for word in text.split()]
+        words = text.split()
+        not_integer = next((w for w in words if not w.lstrip("-").isdecimal()), None)
+        if not_integer is not None:
+            raise ValueError(f"NullTokenizer: {not_integer[:40]!r} is not an integer id (the text "
+                             f"must be space-separated ids below --vocab-size)")
+        ids = [int(word) for word in words]
         out_of_range = [i for i in ids if not 0 <= i < self._ids_without_eod]
         if out_of_range:
             raise ValueError(f"NullTokenizer: ids {out_of_range[:5]} are outside "

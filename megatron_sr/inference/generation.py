@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_sr.inference.sampling import sample_next_tokens
+from megatron_sr.inference.sampling import check_sampling, sample_next_tokens
 from megatron_sr.model import GPTModel, KVCache
 from megatron_sr.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -54,6 +54,8 @@ def generate(model_chunks: Sequence[GPTModel], prompt_tokens: Sequence[Sequence[
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not greedy:  # before any forward pass, not at the first draw
+        check_sampling(temperature, top_k, top_p, vocab_size)
     lengths = torch.tensor([len(prompt) for prompt in prompt_tokens])
     total = int(lengths.max()) + max_new_tokens
     max_positions = model.config.max_position_embeddings

@@ -9,7 +9,23 @@ and a CPU generator, so CPU and GPU runs draw alike).
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float,
+                   vocab_size: Optional[int] = None) -> None:
+    """ValueError naming the flag (--temperature, --top-k, --top-p) whose value
+    cannot be sampled with: NaN and infinities included."""
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number > 0 (use --greedy for argmax), "
+                         f"got {temperature}")
+    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
+        raise ValueError(f"--top-k must be in [0, vocabulary size {vocab_size}], got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def sample_next_tokens(logits: torch.Tensor, generator: torch.Generator, *, greedy: bool,
@@ -21,12 +37,7 @@ def sample_next_tokens(logits: torch.Tensor, generator: torch.Generator, *, gree
     probability reaches `top_p` (1.0: all; the most likely token always stays)."""
     if greedy:
         return logits.argmax(dim=-1)
-    if temperature <= 0.0:
-        raise ValueError(f"temperature must be > 0 (use greedy for argmax), got {temperature}")
-    if top_k < 0 or top_k > logits.shape[-1]:
-        raise ValueError(f"top_k must be in [0, vocabulary size {logits.shape[-1]}], got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, logits.shape[-1])
     logits = logits.float() / temperature
     if top_k > 0:
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]

@@ -79,9 +79,10 @@ class LRSchedule:
         if config.lr_wsd_decay_style not in WSD_DECAY_STYLES:
             raise ValueError(f"--lr-wsd-decay-style {config.lr_wsd_decay_style!r}: choose one of "
                              f"{', '.join(WSD_DECAY_STYLES)}")
-        if config.lr < 0 or config.min_lr < 0 or config.lr_warmup_init < 0:
+        if not all(0 <= rate < math.inf for rate in (config.lr, config.min_lr,
+                                                     config.lr_warmup_init)):
             raise ValueError(f"--lr ({config.lr}), --min-lr ({config.min_lr}) and --lr-warmup-init "
-                             f"({config.lr_warmup_init}) must be >= 0")
+                             f"({config.lr_warmup_init}) must be finite and >= 0")
         if config.min_lr > config.lr:
             raise ValueError(f"--min-lr ({config.min_lr}) is greater than --lr ({config.lr})")
         if total_iters < 1:

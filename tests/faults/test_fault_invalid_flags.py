@@ -1,10 +1,14 @@
 """Invalid flag combinations end the job with exit code 1 and one line,
-`error: ...`, naming the flags at fault, before any process group forms.
+`error: ...`, naming the flags at fault, before any process group forms,
+with no traceback and nothing written.
 
 The table is tests/test_arguments.py's INVALID (every combination checked
 there against `parse_args`); here every row goes through the entry point
 `pretrain_gpt.py` uses (`training.main`), plus the reliability flags' own
-rows, and two rows run under a real torchrun."""
+rows, the bad values a user types (BAD_VALUES: NaN and infinite floats,
+out-of-range integers, unusable folders, absurd sizes), and two rows run
+under a real torchrun."""
+import os
 import sys
 import warnings
 
@@ -23,13 +27,42 @@ RELIABILITY_INVALID = [
     (("--exit-duration-in-mins", "0"), (), 1, ["--exit-duration-in-mins"]),
     (("--save", "/tmp/x", "--save-interval", "0"), (), 1, ["--save-interval"]),
 ]
-TABLE = INVALID + RELIABILITY_INVALID
+# Values a user types by mistake, each of which ran silently, hung or ended in a
+# traceback before it was refused: (extra flags, dropped flags, world size, needles).
+BAD_VALUES = [
+    *[((f"{flag}={value}",), (), 1, [flag, "finite", value])
+      for flag, value in [("--lr", "nan"), ("--lr", "inf"), ("--min-lr", "nan"),
+                          ("--lr-warmup-init", "nan"), ("--weight-decay", "inf"),
+                          ("--init-method-std", "inf"), ("--adam-eps", "inf"),
+                          ("--adam-beta1", "nan"), ("--adam-beta2", "nan"), ("--clip-grad", "nan"),
+                          ("--hidden-dropout", "nan"), ("--attention-dropout", "nan"),
+                          ("--norm-epsilon", "nan"), ("--rotary-base", "inf"),
+                          ("--rotary-percent", "nan"), ("--lr-warmup-fraction", "nan"),
+                          ("--decoupled-lr", "inf"), ("--exit-duration-in-mins", "nan"),
+                          ("--distributed-timeout-minutes", "inf"), ("--lr", "-inf")]],
+    (("--seed", str(2**40)), (), 1, ["--seed", "<= 4294967295", str(2**40)]),
+    (("--seed", "-1"), (), 1, ["--seed", ">= 0"]),
+    (("--vocab-size", str(10**12)), (), 1, ["--vocab-size", str(10**12)]),
+    (("--split", "nan"), (), 1, ["--split 'nan'", "finite"]),
+    (("--split", "inf,1,1"), (), 1, ["--split 'inf,1,1'"]),
+    (("--data-path", "nan", "corpus"), ("--mock-data",), 1, ["--data-path nan corpus", "finite"]),
+    (("--data-path", "inf", "corpus"), ("--mock-data",), 1, ["--data-path inf corpus"]),
+    (("--data-path", "1e308", "a", "1e308", "b"), ("--mock-data",), 1,
+     ["--data-path 1e308 a 1e308 b", "finite sum"]),
+    (("--global-batch-size", "4000000000"), (), 1, ["--global-batch-size 4000000000", "memory"]),
+    (("--train-samples", str(10**13)), ("--train-iters",), 1, ["--global-batch-size", "memory"]),
+    (("--data-cache-path", "/dev/null/cache"), (), 1, ["--data-cache-path /dev/null/cache"]),
+    (("--tensorboard-dir", "/dev/null/tb"), (), 1, ["--tensorboard-dir /dev/null/tb"]),
+    (("--wandb-save-dir", "/dev/null/w"), (), 1, ["--wandb-save-dir /dev/null/w"]),
+]
+TABLE = INVALID + RELIABILITY_INVALID + BAD_VALUES
 
 
 @pytest.mark.parametrize("extra, drop, world_size, flags", TABLE,
                          ids=[" ".join(c[0] + tuple("-" + d for d in c[1])) for c in TABLE])
 def test_invalid_flags_exit_1_with_one_error_line(extra, drop, world_size, flags, monkeypatch,
-                                                  capsys):
+                                                  capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a relative path a check forgot would land here
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *base_argv(*extra, drop=drop)])
     with warnings.catch_warnings():
@@ -38,13 +71,14 @@ def test_invalid_flags_exit_1_with_one_error_line(extra, drop, world_size, flags
             training.main()
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     for flag in flags:
         assert flag in err, f"{flag} not named in: {err}"
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_table_is_large_enough():
-    assert len(TABLE) >= 15
+    assert len(TABLE) >= 15 and len(BAD_VALUES) >= 30
 
 
 @pytest.mark.slow
