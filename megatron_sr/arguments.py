@@ -58,8 +58,7 @@ from typing import Callable, Optional
 
 from megatron_sr.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
                                 TrainingConfig, global_batch_size_at, validate_parallel_layout)
-from megatron_sr.data.gpt_dataset import (INDEX_BYTES_PER_SAMPLE, memory_bytes, parse_data_path,
-                                          parse_split)
+from megatron_sr.data.gpt_dataset import memory_bytes, parse_data_path, parse_split
 from megatron_sr.data.tokenizers import (MAX_VOCAB_SIZE, TOKENIZER_TYPES, check_tokenizer_flags,
                                          padded_vocab_size)
 from megatron_sr.optimizer.lr_schedules import DECAY_STYLES, WSD_DECAY_STYLES, LRSchedule
@@ -560,12 +559,12 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             f"each (and splits the norms' and dropouts' activations)")
     schedule = _step_batch_size_schedule(args, data_parallel_size)
     global_batch_size = _global_batch_size(args, data_parallel_size, schedule)
+    _check_micro_batches_per_step(global_batch_size, args.micro_batch_size, data_parallel_size)
     num_microbatches = global_batch_size // (args.micro_batch_size * data_parallel_size)
     validate_parallel_layout(model, parallel, world_size, num_microbatches)
 
     rampup = _rampup_batch_size(args, global_batch_size, data_parallel_size)
     train_iters = _train_iters(args, global_batch_size, rampup, schedule)
-    _check_sample_index_fits(args, global_batch_size, train_iters)
     optimizer = OptimizerConfig(
         precision=precision, optimizer_state_dtype=args.optimizer_state_dtype,
         grad_reduce_dtype=_grad_reduce_dtype(args),
@@ -966,19 +965,20 @@ def _check_data(args: argparse.Namespace) -> None:
     check_tokenizer_flags(args.tokenizer_type, vars(args))
 
 
-def _check_sample_index_fits(args: argparse.Namespace, global_batch_size: int,
-                             train_iters: int) -> None:
-    """The samples of the run, training and evaluation, must be indexable in
-    memory: a mistyped --global-batch-size would otherwise build indices until
-    the machine runs out of memory."""
-    evaluations = train_iters // args.eval_interval + 1
-    samples = (train_iters + evaluations * args.eval_iters) * global_batch_size
-    needed = samples * INDEX_BYTES_PER_SAMPLE
-    if needed > memory_bytes():
-        raise ValueError(f"--global-batch-size {global_batch_size} over {train_iters} iterations "
-                         f"(--train-iters / --train-samples, with --eval-iters) is {samples} "
-                         f"samples, whose index needs {needed / 2**30:.0f} GiB, more than this "
-                         f"machine's memory ({memory_bytes() / 2**30:.0f} GiB)")
+MAX_MICROBATCHES_PER_STEP = 1_000_000
+"""Far above any real run (Megatron-LM recipes at 1,024 GPUs take tens to
+thousands); more is a mistyped --global-batch-size, which would otherwise sit
+building sample indices or looping over micro-batches with no error."""
+
+
+def _check_micro_batches_per_step(global_batch_size: int, micro_batch_size: int,
+                                  data_parallel_size: int) -> None:
+    per_step = global_batch_size // (micro_batch_size * data_parallel_size)
+    if per_step > MAX_MICROBATCHES_PER_STEP:
+        raise ValueError(f"--global-batch-size {global_batch_size} means {per_step} micro-batches "
+                         f"per step on each of the {data_parallel_size} data-parallel ranks "
+                         f"(--micro-batch-size {micro_batch_size}), more than "
+                         f"{MAX_MICROBATCHES_PER_STEP:,}: a typo?")
 
 
 def _check_checkpointing(args: argparse.Namespace) -> None:

@@ -336,7 +336,8 @@ INVALID = [
     (("--lr", "nan"), (), 1, ["--lr", "finite"]),
     (("--data-cache-path", "/dev/null/cache"), (), 1, ["--data-cache-path /dev/null/cache",
                                                        "not a folder"]),
-    (("--global-batch-size", "4000000000"), (), 1, ["--global-batch-size 4000000000", "memory"]),
+    (("--global-batch-size", "4000000000"), (), 1, ["--global-batch-size 4000000000",
+                                                     "micro-batches per step"]),
     (("--split", "nan"), (), 1, ["--split 'nan'"]),
     (("--data-path", "nan", "a"), ("--mock-data",), 1, ["--data-path nan a", "finite"]),
 ]
