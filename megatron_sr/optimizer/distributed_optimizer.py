@@ -288,30 +288,51 @@ class DistributedOptimizer:
         return counts
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def _full_bucket(self, kind: str, bucket: int) -> torch.Tensor:
+    def _full_bucket(self, kind: str, bucket: int, dst: Optional[int]) -> Optional[torch.Tensor]:
+        """The whole of bucket `bucket`'s `kind` state (1-D, its dtype): this
+        rank's shard when it is not sharded; else gathered over the DP group:
+        all-gathered when `dst` is None, gathered to DP rank `dst` only (None
+        on the others). Every DP rank calls it with the same arguments."""
         shard = self.state[kind][bucket]
         if not self.buffer.distributed or self.buffer.dp_size == 1:
             return shard
-        full = torch.empty(shard.numel() * self.buffer.dp_size, dtype=shard.dtype,
-                           device=shard.device)
-        all_gather_into(full, shard.contiguous(), group=self.buffer.group)
+        full = None
+        if dst is None or self.buffer.dp_rank == dst:
+            full = torch.empty(shard.numel() * self.buffer.dp_size, dtype=shard.dtype,
+                               device=shard.device)
+        if dst is None:
+            all_gather_into(full, shard.contiguous(), group=self.buffer.group)
+        else:
+            pieces = list(full.chunk(self.buffer.dp_size)) if full is not None else None
+            dist.gather(shard.contiguous(), pieces, group=self.buffer.group, group_dst=dst)
         return full
 
-    def state_dict(self) -> dict:
+    def state_dict(self, dst: Optional[int] = None) -> Optional[dict]:
         """The optimizer state per parameter (full, unsharded tensors keyed by
-        global name), so a checkpoint loads at any data-parallel size.
-        Collective over the DP group; every DP rank gets the same dict."""
+        global name, on the CPU), so a checkpoint loads at any data-parallel size.
+        Collective over the DP group (every DP rank calls it with the same `dst`).
+        `dst` None: every DP rank gets the same dict (an all-gather of the
+        shards); a DP-group rank: only that rank receives the other ranks'
+        shards and gets the dict, the others send theirs and get None (the
+        legacy checkpoint's writer)."""
+        if dst is not None and self.buffer.dp_rank != dst and not (
+                self.buffer.distributed and self.buffer.dp_size > 1):
+            return None  # the state is replicated: nothing to send
         per_param: dict[str, dict[str, torch.Tensor]] = {}
         layout = self.buffer.layout
         for kind in self.state:
             for bucket, members in enumerate(layout.bucket_params):
-                full = self._full_bucket(kind, bucket)
+                full = self._full_bucket(kind, bucket, dst)
+                if full is None:
+                    continue
                 bucket_start = layout.bucket_ranges[bucket][0]
                 for index in members:
                     start, end = layout.param_ranges[index]
                     param = self.buffer.params[index]
                     per_param.setdefault(self.buffer.infos[index].name, {})[kind] = (
                         full[start - bucket_start:end - bucket_start].view_as(param).clone().cpu())
+        if dst is not None and self.buffer.dp_rank != dst:
+            return None
         return {"strategy": self.strategy.name, "step": self.step_count,
                 "skipped_steps": self.skipped_steps, "params": per_param}
 
