@@ -317,6 +317,7 @@ def _bytes_received_during_saves(rank: int, world_size: int, argv: list[str]) ->
     return received[0]
 
 
+@pytest.mark.slow
 def test_the_legacy_save_gathers_the_optimizer_state_to_the_writing_rank_only(tmp_path):
     from multiprocess import run_ranks
 
