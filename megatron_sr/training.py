@@ -313,8 +313,9 @@ def get_batch(data_iterator, model) -> tuple:
     micro-batch for the chunk `model`, on this rank's device, in Megatron's
     order: tokens and labels int64 [b, s] (the stream's rows [b, s + 1]
     shifted by one); loss_mask fp32 [b, s] of the tokens that count, None when
-    all do (--eod-mask-loss); attention_mask bool [b, 1, s, s], True = may
-    attend, None for causal (--reset-attention-mask); position_ids [b, s],
+    all do (--eod-mask-loss); attention_mask a `DocumentMask` (Megatron's
+    [b, 1, s, s] mask as document ids [b, s]), None for causal
+    (--reset-attention-mask); position_ids [b, s],
     None for 0..s-1 (--reset-position-ids); see `megatron_sr.data.document_masks`.
     A chunk without an iterator (neither embedding nor loss, and no document
     flags) draws nothing and gets five Nones."""

@@ -12,6 +12,8 @@ Spec (issue 5, docs/DESIGN.md "Stochastic rounding: the contract", point 3):
   copy (bf16-mixed) and the Kahan compensation (bf16-kahan), at DP = 2.
 - A checkpoint saved at DP = 2 loads at DP = 1: the same parameters and
   optimizer state, and training continues where the DP = 2 run did.
+- The legacy save gathers the optimizer state over DP to the writing rank
+  only: the other DP ranks send their shards and receive none.
 - A process killed while it writes a checkpoint leaves the previous one
   loadable and the tracker pointing at it; the job resumes from it.
 - A truncated or bit-flipped checkpoint file fails the load with a
@@ -265,3 +267,68 @@ def test_the_job_stops_with_the_checkpoint_error_on_a_corrupted_file(intact_chec
     assert result["error"].startswith("CheckpointError: ")
     assert path in result["error"] and "truncated" in result["error"]
     assert result["reports"] == []
+
+
+# ----- the legacy save gathers the optimizer state to its writer only ----------------------
+
+def _bytes_received_during_saves(rank: int, world_size: int, argv: list[str]) -> int:
+    """Runs the job, counting the bytes of tensors that DP collectives land on
+    this rank (all-gathers, gathers) inside `save_training_checkpoint`."""
+    import torch.distributed as dist
+
+    from job_harness import pretrain_worker
+    from megatron_sr.optimizer import distributed_optimizer
+
+    received, saving = [0], [False]
+    originals = dict(save=checkpointing.save_training_checkpoint,
+                     into=distributed_optimizer.all_gather_into, gather=dist.gather,
+                     all_gather=dist.all_gather, all_gather_into_tensor=dist.all_gather_into_tensor)
+
+    def counted(name, output_bytes):
+        def wrapper(*args, **kwargs):
+            if saving[0]:
+                received[0] += output_bytes(*args, **kwargs)
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    def tensor_bytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors or [])
+
+    def save(*args, **kwargs):
+        saving[0] = True
+        try:
+            return originals["save"](*args, **kwargs)
+        finally:
+            saving[0] = False
+
+    checkpointing.save_training_checkpoint = save
+    distributed_optimizer.all_gather_into = counted("into", lambda out, *a, **k: tensor_bytes([out]))
+    dist.all_gather_into_tensor = counted("all_gather_into_tensor",
+                                          lambda out, *a, **k: tensor_bytes([out]))
+    dist.gather = counted("gather", lambda t, gather_list=None, *a, **k: tensor_bytes(gather_list))
+    dist.all_gather = counted("all_gather", lambda outs, *a, **k: tensor_bytes(outs))
+    try:
+        pretrain_worker(rank, world_size, argv)
+    finally:
+        checkpointing.save_training_checkpoint = originals["save"]
+        distributed_optimizer.all_gather_into = originals["into"]
+        dist.gather, dist.all_gather = originals["gather"], originals["all_gather"]
+        dist.all_gather_into_tensor = originals["all_gather_into_tensor"]
+    return received[0]
+
+
+@pytest.mark.slow
+def test_the_legacy_save_gathers_the_optimizer_state_to_the_writing_rank_only(tmp_path):
+    from multiprocess import run_ranks
+
+    save = str(tmp_path / "checkpoints")
+    argv = tiny_gpt_argv(precision="bf16-mixed", train_iters=1, save_interval=1, save=save,
+                         global_batch_size=4, use_distributed_optimizer=True)
+    writer, other = run_ranks(_bytes_received_during_saves, 2, argv, timeout=240,
+                              env={"WORLD_SIZE": "2"})
+    (state,) = checkpoint_files(save, 1).values()
+    optimizer_bytes = sum(t.numel() * t.element_size() for kinds in
+                          state["optimizer"]["params"].values() for t in kinds.values())
+    # The writer receives the other rank's half of m, v and the fp32 master copy.
+    assert writer >= optimizer_bytes // 2
+    assert other < optimizer_bytes // 20

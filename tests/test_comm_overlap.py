@@ -9,6 +9,9 @@ Spec (docs/DESIGN.md "Distributed optimizer", overlap):
 - with --overlap-param-gather the all-gathers are issued in forward order (the
   bucket of the first layers first), and the first module of the next forward
   waits for its own bucket only, while every other bucket is still pending;
+- the optimizer step launches each bucket's all-gather right after that
+  bucket's AdamW update, buckets in forward order (the updates of later
+  buckets overlap it), except when it measures update absorption;
 - the tied embedding has a bucket of its own, so its DP shards match on both
   stages and its two copies stay bit-identical (PP 2 x DP 2).
 Every step is the real `training.train_step`; the recording wraps the
@@ -309,3 +312,50 @@ def test_the_loss_is_reduced_and_read_only_at_log_steps_ahead_of_the_param_gathe
     per_step = np.mean([r["local_losses"] for r in results], axis=0)  # the DP mean
     expected = [per_step[i:i + LOG_INTERVAL].mean() for i in range(0, ITERS, LOG_INTERVAL)]
     np.testing.assert_allclose(logged, expected, rtol=1e-5)
+
+
+# ----- the optimizer step: each bucket's all-gather right after its update ------------------
+
+def _record_update_and_gather_order(rank: int, world_size: int, measure: bool) -> list:
+    """One DP-2 `DistributedOptimizer.step` of a GPT-shaped buffer of several
+    buckets, recording in order each bucket's AdamW call and each all-gather,
+    by bucket index (the real kernels and collectives run)."""
+    from megatron_sr.optimizer import distributed_optimizer, param_buffer
+    from test_precision_shard_step import fill_grads, make_optimizer
+
+    optimizer = make_optimizer("bf16-sr", bucket_size=1500, layers=2)
+    buffer = optimizer.buffer
+    starts = [start for start, _ in buffer.layout.bucket_ranges]
+    shard_starts = [buffer.shard_range(b)[0] for b in range(len(starts))]
+    fill_grads(optimizer, seed=rank)
+    events = []
+    update, gather = distributed_optimizer.adamw_shard_step, param_buffer.all_gather_into
+
+    def recording_update(strategy, params, *args, **kwargs):
+        events.append(("update", shard_starts.index(params.storage_offset())))
+        return update(strategy, params, *args, **kwargs)
+
+    def recording_gather(output, input, **kwargs):
+        events.append(("gather", starts.index(output.storage_offset())))
+        return gather(output, input, **kwargs)
+
+    distributed_optimizer.adamw_shard_step = recording_update
+    param_buffer.all_gather_into = recording_gather
+    try:
+        optimizer.step(lr=1e-2, measure_update_absorption=measure)
+    finally:
+        distributed_optimizer.adamw_shard_step, param_buffer.all_gather_into = update, gather
+    return events
+
+
+@pytest.mark.parametrize("measure", [False, True])
+def test_each_bucket_is_gathered_right_after_its_own_update(measure):
+    for events in run_ranks(_record_update_and_gather_order, 2, measure, timeout=120):
+        buckets = sorted({bucket for _, bucket in events})
+        assert len(buckets) >= 3
+        forward_order = list(reversed(buckets))  # the first layers' bucket first
+        if measure:  # every update feeds the all-reduced counts, which go first
+            expected = [("update", b) for b in forward_order] + [("gather", b) for b in forward_order]
+        else:
+            expected = [event for b in forward_order for event in (("update", b), ("gather", b))]
+        assert events == expected

@@ -19,9 +19,9 @@ Legacy layout under `--save`:
 
 One file per (TP rank, PP stage), written by the rank of data-parallel index
 0 of that position. It holds the model parameters and the optimizer state
-keyed by global parameter name (the optimizer state is gathered over DP, so
-the checkpoint loads at any DP size), plus the scheduler, the iteration, the
-consumed samples and the RNG states of every DP rank.
+keyed by global parameter name (the optimizer state is gathered over DP to
+that rank only, so the checkpoint loads at any DP size), plus the scheduler,
+the iteration, the consumed samples and the RNG states of every DP rank.
 
 Atomicity: every file goes to `.iter_0000100.tmp/`, which is renamed to
 `iter_0000100/` only after all ranks have written and fsynced their files and
@@ -575,14 +575,15 @@ def save_training_checkpoint(job, iteration: int, consumed_samples: int, model, 
                              scheduler) -> str:
     """Saves model, optimizer, scheduler, progress and RNG states of `iteration`
     under --save. Every rank calls it (the optimizer state and the RNG states
-    are gathered over DP; the DP-rank-0 rank of each (TP, PP) position writes)."""
+    are gathered over DP; the DP-rank-0 rank of each (TP, PP) position writes, and
+    only it receives the other DP ranks' optimizer shards)."""
     from megatron_sr import parallel_state
     from megatron_sr.model import named_parameters_global
 
     if job.training.ckpt_format == "torch_dist":
         return _save_torch_dist(job, iteration, consumed_samples, model, optimizer, scheduler)
     optimizer.buffer.wait_param_gather()
-    optimizer_state = optimizer.state_dict()
+    optimizer_state = optimizer.state_dict(dst=0)  # gathered to the writer only
     dp_group = parallel_state.get_data_parallel_group()
     rng_states: list = [None] * parallel_state.get_data_parallel_world_size()
     dist.all_gather_object(rng_states, rng_state(), group=dp_group)

@@ -32,7 +32,8 @@ from torch import nn
 
 from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig
-from megatron_sr.model.transformer import KVCache, RotaryEmbedding, TransformerBlock, dropout
+from megatron_sr.model.transformer import (AttentionMask, KVCache, RotaryEmbedding, TransformerBlock,
+                                          dropout)
 from megatron_sr.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -79,13 +80,14 @@ class GPTModel(nn.Module):
     """Layers [layer_offset, layer_offset + num_layers) of the GPT of `config`.
 
     forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None,
-            kv_cache KVCache or None, attention_mask [b, 1, s, s] bool or None):
+            kv_cache KVCache or None, attention_mask DocumentMask, [b, 1, s, s] bool or None):
       - post_process and labels: per-token loss [b, s], fp32;
       - post_process, no labels: logits [b, s, V / tp] of this TP rank's vocabulary slice;
       - otherwise: hidden states [s, b, h] ([s / tp, b, h] with sequence_parallel).
     Non-first chunks ignore `tokens` and read `set_input_tensor`'s tensor;
     `position_ids` matter to every chunk when RoPE is used (None: 0..s-1), and
-    `attention_mask` (True = may attend; None: causal) to every chunk.
+    `attention_mask` (replaces the causal mask; see `SelfAttention.core_attention`)
+    to every chunk.
     Every parameter has `global_name`, its name in the unsplit model.
     """
 
@@ -141,7 +143,7 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[AttentionMask] = None) -> torch.Tensor:
         if kv_cache is not None:
             if not (self.pre_process and self.post_process) or self.sequence_parallel:
                 raise ValueError("GPTModel: a KVCache needs the whole model in one chunk "

@@ -21,8 +21,11 @@ with s^2.
 
 Attention: grouped-query (heads / groups query heads share a key/value
 head), SDPA with `enable_gqa`; RoPE on the first head_dim x --rotary-percent
-features; optional qk-layernorm per head; an optional boolean attention mask
-[b, 1, s, s] (document masks, --reset-attention-mask) replaces the causal one.
+features; optional qk-layernorm per head. An attention mask replaces the
+causal one: a `DocumentMask` (--reset-attention-mask) runs causal SDPA
+document by document over each sample's packed documents, so no s x s mask or
+score matrix exists and SDPA keeps its fused kernels (with GQA too); a
+boolean tensor [b, 1, s_q, s_k] goes to SDPA as it is (its math path).
 
 Inference: a `KVCache` passed down the forward keeps every layer's keys and
 values of the tokens seen so far (this TP rank's heads only), so generating a
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +45,13 @@ from torch.utils.checkpoint import checkpoint
 from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig
 from megatron_sr.cpu_bf16 import scaled_dot_product_attention
+from megatron_sr.data.document_masks import DocumentMask
 from megatron_sr.model.norms import build_norm
 from megatron_sr.random import get_rng_tracker
 from megatron_sr.tensor_parallel import ColumnParallelLinear, RowParallelLinear, normal_init
+
+# What may replace the causal mask: see SelfAttention.core_attention.
+AttentionMask = Union[torch.Tensor, DocumentMask]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, tp_sharded: bool) -> torch.Tensor:
@@ -233,7 +240,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple],
                 kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[AttentionMask] = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, (heads + 2 groups) * d / tp]
         s, b, _ = qkv.shape
         per_group = self.num_heads // self.num_groups
@@ -252,25 +259,51 @@ class SelfAttention(nn.Module):
             y = self.core_attention(q, k, v, attention_mask)
         return self.linear_proj(y)
 
-    def core_attention(self, q, k, v, attention_mask: Optional[torch.Tensor] = None):
+    def core_attention(self, q, k, v, attention_mask: Optional[AttentionMask] = None):
         """softmax(q k^T / sqrt(d), causal) v: q [s_q, b, heads, d] are the last
         s_q of the s_k positions of k, v [s_k, b, groups, d] (s_q < s_k when
         earlier keys come from a KVCache); query head i reads key/value group
-        i // (heads / groups). `attention_mask` [b, 1, s_q, s_k] bool, True =
-        may attend, replaces the causal mask (document masks include it).
-        Returns [s_q, b, heads * d]."""
+        i // (heads / groups). `attention_mask` replaces the causal mask: a
+        `DocumentMask` of [b, s] (s_q == s_k; causal within each document), or
+        [b, 1, s_q, s_k] bool, True = may attend. Returns [s_q, b, heads * d]."""
         s_q, s_k = q.shape[0], k.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, s, d]
         p = self.dropout_p if self.training else 0.0
-        mask = attention_mask
-        if mask is None and s_q != s_k:  # query i sits at position s_k - s_q + i
-            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
         gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
         with get_rng_tracker().fork() if p > 0 else nullcontext():
-            y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                             is_causal=mask is None, **gqa)
+            if isinstance(attention_mask, DocumentMask):
+                y = _attention_per_document(q, k, v, attention_mask, p, gqa)
+            else:
+                mask = attention_mask
+                if mask is None and s_q != s_k:  # query i sits at position s_k - s_q + i
+                    mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+                y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=mask is None, **gqa)
         b, heads, s, d = y.shape
         return y.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+def _attention_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: DocumentMask, dropout_p: float, gqa: dict) -> torch.Tensor:
+    """Causal attention within each document of `mask`: q [b, heads, s, d],
+    k, v [b, groups, s, d] -> [b, heads, s, d]. One causal SDPA call per
+    (sample, document) over that document's positions, so the largest
+    intermediate is one document's scores (none with a fused kernel); the
+    results equal masked SDPA with `mask.dense()` up to the order of the
+    floating-point sums (attention dropout draws other bits)."""
+    b, s = mask.document_ids.shape
+    if q.shape[0] != b or q.shape[2] != s or k.shape[2] != s:
+        raise ValueError(f"document mask of {b} samples x {s} positions does not fit queries "
+                         f"{tuple(q.shape)} and keys {tuple(k.shape)} ([b, heads, s, d]; "
+                         f"document masks need the whole sequence, no KV cache)")
+    rows = []
+    for row, documents in enumerate(mask.segments()):
+        pieces = [scaled_dot_product_attention(
+                      q[row:row + 1, :, start:end], k[row:row + 1, :, start:end],
+                      v[row:row + 1, :, start:end], dropout_p=dropout_p, is_causal=True, **gqa)
+                  for start, end in documents]
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 class MLP(nn.Module):
@@ -320,7 +353,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[AttentionMask] = None) -> torch.Tensor:
         y = self.self_attention(self.input_layernorm(x), rope, kv_cache, attention_mask)
         x = x + self.residual_dropout(y)
         x = x + self.residual_dropout(self.mlp(self.pre_mlp_layernorm(x)))
@@ -361,7 +394,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[AttentionMask] = None) -> torch.Tensor:
         if self.recompute_layers and self.training:
             n, step = len(self.layers), self.recompute_num_layers
             if self.recompute_method == "uniform":

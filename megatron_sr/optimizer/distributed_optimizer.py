@@ -11,15 +11,20 @@ dtypes of the precision strategy. One `step`:
    from it, still on the device, the gradients' factor: the clip coefficient,
    or NaN when the norm is NaN/Inf;
 3. runs the fused `adamw_shard_step` once per bucket shard (one kernel launch
-   on a GPU) over the shard's table of parameter segments, with each
+   on a GPU), bucket by bucket in forward order (the bucket of the first
+   layers first), over the shard's table of parameter segments, with each
    segment's SR key of (seed, step, parameter name, TP rank if sharded) and
    its offset inside its parameter, so the random bits do not depend on the
    data-parallel size or on the buffer layout; the kernels scale the
    gradients by the factor, and write nothing when it is NaN: a step with a
    NaN/Inf grad norm is skipped on every rank, bit-exactly;
-4. all-gathers the updated parameters (distributed optimizer only), then
-   reads the grad norm on the host: the step's only host sync, after every
-   launch is queued (without update-absorption measurement).
+4. all-gathers the updated parameters over DP (distributed optimizer only):
+   each bucket's all-gather is launched right after that bucket's update, so
+   it overlaps the next buckets' updates (when update absorption is measured,
+   all of them after its all-reduce instead); then reads the grad norm on the
+   host: the step's only host sync, after every launch is queued (without
+   update-absorption measurement). A skipped step gathers the unchanged
+   shards, which every rank already holds in full.
 
 All ranks of the world call `step`, `state_dict` and `load_state_dict`
 together (they communicate).
@@ -96,6 +101,9 @@ class DistributedOptimizer:
             self._tables.append(SegmentTable(
                 [m.shard_start for m in members], [m.numel for m in members], [m.param_offset for m in members],
                 [buffer.infos[m.param_index].weight_decay for m in members]))
+        # Per bucket, the index of its first key in `_sr_keys` (buckets in index order).
+        self._first_keys = [sum(len(m) for m in self._bucket_segments[:bucket])
+                            for bucket in range(len(self._bucket_segments))]
         self._decoupled_group_cache: dict[int, list] = {}  # see _decoupled_groups
 
     @property
@@ -224,9 +232,9 @@ class DistributedOptimizer:
         # Adam's t and the SR stream of this step; taken back below if the step is skipped.
         self.step_count += 1
         keys = self._sr_keys(self.step_count)
-        first_key = 0
         counts = torch.zeros(2, dtype=torch.float64, device=params.device)  # absorbed, updated
-        for bucket, table in enumerate(self._tables):
+        for bucket in reversed(range(len(self._tables))):  # forward order, as the all-gathers
+            table, first_key = self._tables[bucket], self._first_keys[bucket]
             start, end = self.buffer.shard_range(bucket)
             master = self.state["master"][bucket] if "master" in self.state else None
             stored = master if master is not None else params[start:end]
@@ -243,14 +251,16 @@ class DistributedOptimizer:
                     segments=segments, sr_keys=sr_keys, lr=segments_lr, beta1=cfg.adam_beta1,
                     beta2=cfg.adam_beta2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                     step=self.step_count, grad_scale=grad_scale)
-            first_key += len(table)
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
             if before is not None and lr > 0:
                 counts += self._absorption_counts(bucket, before, stored)
-        if measure_update_absorption and dist.is_initialized():
-            # Before the parameter all-gathers, so that reading it never waits for them.
-            dist.all_reduce(counts, group=self._norm_group)
-        self.buffer.gather_params()
+            if not measure_update_absorption:
+                self.buffer.gather_bucket_params(bucket)
+        if measure_update_absorption:
+            if dist.is_initialized():
+                # Before the parameter all-gathers, so that reading it never waits for them.
+                dist.all_reduce(counts, group=self._norm_group)
+            self.buffer.gather_params()
         norm = grad_norm.item()
         if not math.isfinite(norm):
             self.step_count -= 1
@@ -278,30 +288,51 @@ class DistributedOptimizer:
         return counts
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def _full_bucket(self, kind: str, bucket: int) -> torch.Tensor:
+    def _full_bucket(self, kind: str, bucket: int, dst: Optional[int]) -> Optional[torch.Tensor]:
+        """The whole of bucket `bucket`'s `kind` state (1-D, its dtype): this
+        rank's shard when it is not sharded; else gathered over the DP group:
+        all-gathered when `dst` is None, gathered to DP rank `dst` only (None
+        on the others). Every DP rank calls it with the same arguments."""
         shard = self.state[kind][bucket]
         if not self.buffer.distributed or self.buffer.dp_size == 1:
             return shard
-        full = torch.empty(shard.numel() * self.buffer.dp_size, dtype=shard.dtype,
-                           device=shard.device)
-        all_gather_into(full, shard.contiguous(), group=self.buffer.group)
+        full = None
+        if dst is None or self.buffer.dp_rank == dst:
+            full = torch.empty(shard.numel() * self.buffer.dp_size, dtype=shard.dtype,
+                               device=shard.device)
+        if dst is None:
+            all_gather_into(full, shard.contiguous(), group=self.buffer.group)
+        else:
+            pieces = list(full.chunk(self.buffer.dp_size)) if full is not None else None
+            dist.gather(shard.contiguous(), pieces, group=self.buffer.group, group_dst=dst)
         return full
 
-    def state_dict(self) -> dict:
+    def state_dict(self, dst: Optional[int] = None) -> Optional[dict]:
         """The optimizer state per parameter (full, unsharded tensors keyed by
-        global name), so a checkpoint loads at any data-parallel size.
-        Collective over the DP group; every DP rank gets the same dict."""
+        global name, on the CPU), so a checkpoint loads at any data-parallel size.
+        Collective over the DP group (every DP rank calls it with the same `dst`).
+        `dst` None: every DP rank gets the same dict (an all-gather of the
+        shards); a DP-group rank: only that rank receives the other ranks'
+        shards and gets the dict, the others send theirs and get None (the
+        legacy checkpoint's writer)."""
+        if dst is not None and self.buffer.dp_rank != dst and not (
+                self.buffer.distributed and self.buffer.dp_size > 1):
+            return None  # the state is replicated: nothing to send
         per_param: dict[str, dict[str, torch.Tensor]] = {}
         layout = self.buffer.layout
         for kind in self.state:
             for bucket, members in enumerate(layout.bucket_params):
-                full = self._full_bucket(kind, bucket)
+                full = self._full_bucket(kind, bucket, dst)
+                if full is None:
+                    continue
                 bucket_start = layout.bucket_ranges[bucket][0]
                 for index in members:
                     start, end = layout.param_ranges[index]
                     param = self.buffer.params[index]
                     per_param.setdefault(self.buffer.infos[index].name, {})[kind] = (
                         full[start - bucket_start:end - bucket_start].view_as(param).clone().cpu())
+        if dst is not None and self.buffer.dp_rank != dst:
+            return None
         return {"strategy": self.strategy.name, "step": self.step_count,
                 "skipped_steps": self.skipped_steps, "params": per_param}
 

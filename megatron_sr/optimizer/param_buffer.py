@@ -386,15 +386,23 @@ class ParamAndGradBuffer:
         (distributed optimizer only), in the order the forward needs them (the
         last bucket, holding the first layers, first); asynchronous with
         overlap_param_gather."""
+        for bucket in reversed(range(len(self.layout.bucket_ranges))):  # forward order
+            self.gather_bucket_params(bucket)
+
+    def gather_bucket_params(self, bucket: int) -> None:
+        """All-gathers bucket `bucket`'s shards over the DP group into its part
+        of the full parameter buffer (distributed optimizer only; nothing with
+        one DP rank); asynchronous with overlap_param_gather (wait with
+        `wait_param_gather`). Every DP rank calls it for the same buckets in
+        the same order."""
         if not self.distributed or self.dp_size == 1:
             return
-        for bucket in reversed(range(len(self.layout.bucket_ranges))):  # forward order
-            start, end = self.layout.bucket_ranges[bucket]
-            shard_start, shard_end = self.shard_range(bucket)
-            handle = all_gather_into(self.param_buffer[start:end],
-                                     self.param_buffer[shard_start:shard_end],
-                                     group=self.group, async_op=self.overlap_param_gather)
-            self._gather_handles[bucket] = handle if self.overlap_param_gather else None
+        start, end = self.layout.bucket_ranges[bucket]
+        shard_start, shard_end = self.shard_range(bucket)
+        handle = all_gather_into(self.param_buffer[start:end],
+                                 self.param_buffer[shard_start:shard_end],
+                                 group=self.group, async_op=self.overlap_param_gather)
+        self._gather_handles[bucket] = handle if self.overlap_param_gather else None
 
     def wait_param_gather(self, param: Optional[torch.nn.Parameter] = None) -> None:
         """Waits for the pending all-gather of `param`'s bucket (of all buckets if None)."""

@@ -25,7 +25,11 @@ All three share one signature (`get_forward_backward_func` picks one):
 Between stages travel [s (/ tp with sequence parallelism), b, h] tensors in
 the params dtype (`p2p_communication`). Every rank of the PP group runs the
 same schedule with the same M; the interleaved one needs M divisible by the
-PP size.
+PP size. Once a stage has sent a micro-batch's output to the next stage, it
+drops the output's values and keeps only its autograd graph
+(`_release_sent_output`): the backward needs the graph and the gradient that
+comes back, not the values, so a micro-batch awaiting its backward holds its
+activations inside the chunk but not one more [s, b, h] output.
 """
 from __future__ import annotations
 
@@ -68,6 +72,31 @@ def _forward_step(forward_step_func, data_iterator, chunk, input_tensor, num_mic
         losses.append(loss.detach())
         output = loss / num_microbatches
     return output
+
+
+def _release_sent_output(output: Optional[torch.Tensor]) -> None:
+    """Frees the storage of `output`, a chunk's output already sent to the next
+    stage (its [s, b, h] values are on the wire and no longer needed here),
+    keeping its shape, dtype and autograd graph for `_backward_step`: its data
+    becomes one element broadcast to its shape. Kept as it is when it is a
+    view of another tensor (freeing it would free nothing) or when the
+    operation that produced it saved it for its own backward."""
+    if output is None or output._base is not None or _saved_by_its_backward(output):
+        return
+    output.data = output.new_empty(1).expand(output.shape)
+
+
+def _saved_by_its_backward(output: torch.Tensor) -> bool:
+    """Whether the node that produced `output` keeps `output` itself for its
+    backward (built-in results such as exp's, or a custom autograd Function's
+    ctx.save_for_backward)."""
+    node = output.grad_fn
+    if node is None:
+        return False
+    if hasattr(node, "_saved_result"):
+        return True
+    saved = getattr(node, "saved_tensors", None) or ()
+    return any(t.data_ptr() == output.data_ptr() for t in saved)
 
 
 def _backward_step(input_tensor, output_tensor, output_grad):
@@ -128,6 +157,8 @@ def forward_backward_pipelining_without_interleaving(
             input_tensor = p2p.recv_forward(shape, dtype)
             output = forward(input_tensor)
             p2p.send_forward(output, shape, dtype)
+            if not forward_only and not chunk.post_process:
+                _release_sent_output(output)
             in_flight.append((input_tensor, output))
 
         input_tensor = p2p.recv_forward(shape, dtype) if steady > 0 else None
@@ -139,6 +170,8 @@ def forward_backward_pipelining_without_interleaving(
                 input_tensor = None if last else p2p.recv_forward(shape, dtype)
                 continue
             output_grad = p2p.send_forward_recv_backward(output, shape, dtype)
+            if not chunk.post_process:
+                _release_sent_output(output)
             in_flight.append((input_tensor, output))
             oldest_input, oldest_output = in_flight.pop(0)
             input_grad = _backward_step(oldest_input, oldest_output, output_grad)
@@ -238,6 +271,8 @@ def forward_backward_pipelining_with_interleaving(
                     output_grads[num_chunks - 1].append(from_next)
             else:
                 from_prev, _ = exchange(send_next=output, recv_prev=recv_prev)
+            if not forward_only:
+                _release_sent_output(output)
             if recv_prev:
                 inputs[next_chunk].append(from_prev)
 
@@ -267,6 +302,7 @@ def forward_backward_pipelining_with_interleaving(
 
             from_prev, from_next = exchange(send_next=output, send_prev=input_grad,
                                             recv_prev=recv_prev, recv_next=recv_next)
+            _release_sent_output(output)
             if recv_prev:
                 inputs[next_forward_chunk].append(from_prev)
             if recv_next:
