@@ -250,18 +250,53 @@ def export_hugging_face(checkpoint: FullCheckpoint, output_dir: str,
     return family
 
 
+def _hugging_face_tokenizer(hf_dir: str, hf_vocab: int, seq_length: int):
+    """The DataConfig of the tokenizer files in `hf_dir`: vocab.json +
+    merges.txt (GPT2BPETokenizer), else tokenizer.model (SentencePiece), else
+    tokenizer.json (HuggingFaceTokenizer). With none of them the checkpoint
+    gets a NullTokenizer of the model's vocabulary, and a notice says so
+    (text generation then takes token ids). Half a GPT-2 pair is a
+    CheckpointError naming the missing file."""
+    from megatron_sr.config import DataConfig
+
+    def path(name: str) -> Optional[str]:
+        candidate = os.path.join(hf_dir, name)
+        return os.path.realpath(candidate) if os.path.isfile(candidate) else None
+
+    vocab, merges = path("vocab.json"), path("merges.txt")
+    if vocab and merges:
+        return DataConfig(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=merges,
+                          seq_length=seq_length)
+    if path("tokenizer.model"):
+        return DataConfig(tokenizer_type="SentencePieceTokenizer",
+                          tokenizer_model=path("tokenizer.model"), seq_length=seq_length)
+    if path("tokenizer.json"):
+        return DataConfig(tokenizer_type="HuggingFaceTokenizer",
+                          tokenizer_model=path("tokenizer.json"), seq_length=seq_length)
+    if vocab or merges:
+        missing = "merges.txt" if vocab else "vocab.json"
+        raise CheckpointError(f"the Hugging Face model {hf_dir} has "
+                              f"{'vocab.json' if vocab else 'merges.txt'} but no {missing}: "
+                              f"a GPT-2 tokenizer needs both")
+    print(f"[convert] notice: {hf_dir} holds no tokenizer files (vocab.json + merges.txt, "
+          f"tokenizer.model or tokenizer.json): the checkpoint gets a NullTokenizer of "
+          f"{hf_vocab - 1} ids; copy the tokenizer files into {hf_dir} to keep its tokenizer",
+          flush=True)
+    return DataConfig(tokenizer_type="NullTokenizer", vocab_size=hf_vocab - 1,
+                      seq_length=seq_length)
+
+
 def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
                         params_dtype: torch.dtype = torch.bfloat16) -> FullCheckpoint:
     """A transformers GPT-2 or Llama model directory as a FullCheckpoint of
     iteration 0 without optimizer state (start from it with --finetune). The
     vocabulary is padded to a multiple of `make_vocab_size_divisible_by`
     (pass the run's --make-vocab-size-divisible-by x TP size). The tokenizer is
-    the directory's vocab.json + merges.txt (GPT2BPETokenizer) or
-    tokenizer.model (SentencePieceTokenizer), else a NullTokenizer.
+    the directory's (`_hugging_face_tokenizer`).
     CheckpointError naming `hf_dir` when its files cannot be read or do not
     fit its config.json (a truncated safetensors file, shapes that differ)."""
     from megatron_sr.checkpointing import _plain
-    from megatron_sr.config import DataConfig, OptimizerConfig, ParallelConfig
+    from megatron_sr.config import OptimizerConfig, ParallelConfig
     from megatron_sr.model.hf_conversion import load_hf_model
 
     from megatron_sr.model.hf_conversion import UnsupportedArchitectureError
@@ -276,18 +311,7 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"the Hugging Face model {hf_dir} could not be read: "
                               f"{type(exc).__name__}: {lines[0][:300] if lines else ''}") from exc
-    files = {name: os.path.realpath(os.path.join(hf_dir, name))
-             for name in ("vocab.json", "merges.txt", "tokenizer.model")
-             if os.path.isfile(os.path.join(hf_dir, name))}
-    if "vocab.json" in files and "merges.txt" in files:
-        data = DataConfig(tokenizer_type="GPT2BPETokenizer", vocab_file=files["vocab.json"],
-                          merge_file=files["merges.txt"], seq_length=config.seq_length)
-    elif "tokenizer.model" in files:
-        data = DataConfig(tokenizer_type="SentencePieceTokenizer",
-                          tokenizer_model=files["tokenizer.model"], seq_length=config.seq_length)
-    else:
-        data = DataConfig(tokenizer_type="NullTokenizer", vocab_size=hf_vocab - 1,
-                          seq_length=config.seq_length)
+    data = _hugging_face_tokenizer(hf_dir, hf_vocab, config.seq_length)
     description = _plain({"model": dataclasses.asdict(config),
                           "parallel": dataclasses.asdict(ParallelConfig()),
                           "optimizer": dataclasses.asdict(OptimizerConfig()),

@@ -295,3 +295,25 @@ def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path, 
     for name, value in result["loaded_params"].items():
         np.testing.assert_array_equal(value, full[name].numpy(), name)
     assert np.isfinite(result["reports"][0]["loss"])
+
+
+def test_hf_import_takes_the_directorys_tokenizer_or_says_it_has_none(built, tmp_path, capsys):
+    """vocab.json + merges.txt, tokenizer.model or tokenizer.json become the
+    checkpoint's tokenizer; with none a notice names the directory (the
+    checkpoint gets a NullTokenizer); half a GPT-2 pair is refused by name."""
+    pytest.importorskip("transformers")
+    from megatron_sr.checkpoint_conversion import import_hugging_face
+    from megatron_sr.checkpointing import CheckpointError
+
+    save_hf_model(_torch(built[0]["llama", "full"]), CONFIGS["llama"], tmp_path)
+    bare = import_hugging_face(str(tmp_path), make_vocab_size_divisible_by=1)
+    assert bare.description["data"]["tokenizer_type"] == "NullTokenizer"
+    assert f"{tmp_path} holds no tokenizer files" in capsys.readouterr().out
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with_json = import_hugging_face(str(tmp_path), make_vocab_size_divisible_by=1)
+    assert with_json.description["data"]["tokenizer_type"] == "HuggingFaceTokenizer"
+    assert with_json.description["data"]["tokenizer_model"].endswith("tokenizer.json")
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="has vocab.json but no merges.txt"):
+        import_hugging_face(str(tmp_path), make_vocab_size_divisible_by=1)
