@@ -197,6 +197,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="A signal that, like SIGTERM, makes every rank save (with --save) "
                             "and exit after the current step, e.g. SIGUSR1 sent by Slurm's "
                             "`#SBATCH --signal=USR1@900` ahead of the time limit.")
+    group.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int,
+                       help="Every this many iterations, hash every parameter on every rank "
+                            "and stop with an error naming the parameter and the ranks when "
+                            "the copies held by data-parallel replicas, or by tensor-parallel "
+                            "ranks of a parameter TP does not split, differ (default: never).")
     group.add_argument("--recompute-granularity", choices=("full", "selective"),
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
@@ -600,7 +605,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
         wandb_save_dir=args.wandb_save_dir, profile=args.profile,
         profile_step_start=args.profile_step_start, profile_step_end=args.profile_step_end,
-        profile_ranks=tuple(args.profile_ranks), exit_signal=args.exit_signal)
+        profile_ranks=tuple(args.profile_ranks), exit_signal=args.exit_signal,
+        check_weight_hash_interval=args.check_weight_hash_across_dp_replicas_interval)
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,
@@ -654,7 +660,7 @@ _INT_MINIMUMS = (
     ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
     ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
     ("lr_wsd_decay_samples", 1), ("num_query_groups", 1), ("kv_channels", 1),
-    ("recompute_num_layers", 1),
+    ("recompute_num_layers", 1), ("check_weight_hash_across_dp_replicas_interval", 1),
 )
 # Float flags that must lie in [0, 1).
 _UNIT_INTERVAL_FLOATS = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")

@@ -31,6 +31,7 @@ from megatron_sr.checkpointing import CheckpointError, load_model_state  # noqa:
 from megatron_sr.config import ParallelConfig  # noqa: E402
 from megatron_sr.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_sr.inference import generate  # noqa: E402
+from megatron_sr.launch_environment import cuda_device_index  # noqa: E402
 from megatron_sr.model import build_model  # noqa: E402
 from megatron_sr.model.state_dict_layout import split_state_dict  # noqa: E402
 
@@ -59,7 +60,7 @@ def _init_process_group() -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cuda_device_index(os.environ, torch.cuda.device_count()))
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
         return
