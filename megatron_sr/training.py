@@ -677,7 +677,8 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 
 class _SigtermFlag:
     """Set by SIGTERM or --exit-signal (`received` names it); the loop checks it
-    (agreed over all ranks) after each step."""
+    (OR-ed over all ranks in the step's grad-norm all-reduce, `exit_conditions`)
+    after each step."""
 
     def __init__(self, exit_signal: str = "SIGTERM"):
         self.received: Optional[str] = None
