@@ -37,8 +37,9 @@ Points (where the job calls `at`):
                          moved aside, before the new one is renamed in
     weight-hash          replica_check.check_replicas, before it hashes this
                          rank's parameters (handed over in model order: on a
-                         GPT's last stage the last is the final norm's, which
-                         every TP and DP rank holds a copy of)
+                         one-stage GPT with tied embeddings the last is the
+                         final norm's, which every TP and DP rank holds a
+                         copy of; with an output layer, its TP-split weight)
 
 NaN gradients: MEGATRON_SR_INJECT_NAN_GRAD_AT="3,4" (1-based iterations, as
 logged) makes the backward of those iterations produce NaN gradients on every

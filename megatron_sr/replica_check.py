@@ -45,10 +45,10 @@ def parameter_hashes(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Two hashes of each tensor's bits: int64 [len(params), 2] on the
     tensors' device (CPU for an empty list). Hash k of a tensor with bits
     b_i (its elements reinterpreted as unsigned integers, row-major) is
-    sum_i (b_i mod p) * w_k(i) mod p, p = 2**31 - 1, with weights
-    w_0(i) = i mod p + 1 and w_1(i) = (i * 40503 + 1) mod p + 1 (never 0 mod
-    p): a change of one element by 2**j changes both by a non-zero amount
-    mod p. Exact integer arithmetic: the same bits give the same hash on any
+    sum_i (b_i mod p) * w_k(i) mod p, p = 2**31 - 1 (a prime), with weights
+    w_0(i) = i mod (p - 1) + 1 and w_1(i) = (i * 40503 + 1) mod (p - 1) + 1,
+    both in [1, p - 1]: a change of one element by 2**j changes both by
+    2**j * w mod p, which is not 0. Exact integer arithmetic: the same bits give the same hash on any
     device and in any order."""
     if not params:
         return torch.zeros(0, 2, dtype=torch.int64)
@@ -63,15 +63,15 @@ def parameter_hashes(params: Sequence[torch.Tensor]) -> torch.Tensor:
                 chunk = chunk & ((1 << (8 * flat.element_size())) - 1)
             chunk = chunk.remainder(_PRIME)  # < 2**31
             index = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=device)
-            for k, weights in enumerate((index.remainder(_PRIME) + 1,
-                                         (index * 40503 + 1).remainder(_PRIME) + 1)):
+            for k, weights in enumerate((index.remainder(_PRIME - 1) + 1,
+                                         (index * 40503 + 1).remainder(_PRIME - 1) + 1)):
                 # products < 2**62; a chunk's sum of residues < 2**53
                 out[row, k] = (out[row, k] + (chunk * weights).remainder(_PRIME).sum()
                                ).remainder(_PRIME)
     return out
 
 
-def _gather(hashes: torch.Tensor, group) -> list[torch.Tensor]:
+def _all_gather_hashes(hashes: torch.Tensor, group) -> list[torch.Tensor]:
     copies = [torch.empty_like(hashes) for _ in range(dist.get_world_size(group))]
     dist.all_gather(copies, hashes, group=group)
     return copies
@@ -109,14 +109,14 @@ def check_replicas(model: Sequence[torch.nn.Module], iteration: int,
     found: list[str] = []
     dp_group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(dp_group) > 1:
-        found += _differences(names, _gather(hashes, dp_group),
+        found += _differences(names, _all_gather_hashes(hashes, dp_group),
                               parallel_state.get_data_parallel_ranks(), "data-parallel")
     tp_group = parallel_state.get_tensor_model_parallel_group()
     replicated = [i for i, (_, p) in enumerate(named) if not p.tensor_model_parallel]
     if dist.get_world_size(tp_group) > 1 and replicated:
         index = torch.tensor(replicated, device=device)
         found += _differences([names[i] for i in replicated],
-                              _gather(hashes.index_select(0, index), tp_group),
+                              _all_gather_hashes(hashes.index_select(0, index), tp_group),
                               parallel_state.get_tensor_model_parallel_ranks(), "tensor-parallel")
     count = torch.tensor([float(len(found))], device=device)
     dist.all_reduce(count)

@@ -537,7 +537,7 @@ _COLLECTIVE_OF_FUNCTION = {
     "_average_over_dp": "loss all-reduce",
     "start_reduction": "loss all-reduce",
     "finish_reduction": "loss all-reduce",
-    "_gather": "weight-hash all-gather",
+    "_all_gather_hashes": "weight-hash all-gather",
 }
 # Gloo's messages do not always name Gloo: a stalled peer's recv timeout can
 # surface as "Application timeout caused pair closure".
