@@ -21,17 +21,25 @@ WORKDIR /workspace/megatron_sr
 
 # The requirements of setup.py that the container lacks, and the test extras
 # (extras_require["test"]: `bash tests/run.sh` runs the suite with this python,
-# MEGATRON_SR_TEST_PYTHON, instead of building a virtualenv). torch and triton
-# stay the container's own CUDA builds: nothing here installs them, megatron_sr
-# is installed with --no-deps, and the container's pip constraints file
-# (/etc/pip/constraint.txt) pins them besides.
+# MEGATRON_SR_TEST_PYTHON, instead of building a virtualenv), installed under
+# the container's pip constraints (/etc/pip/constraint.txt), which pin its torch.
 RUN pip install sentencepiece regex tokenizers tiktoken \
         "pytest>=7" pytest-timeout "transformers>=5" safetensors matplotlib \
         "megatron-core>=0.16" wandb
 
+# torch and Triton at setup.py's floors (tests/test_dockerfile.py checks the pins
+# against them): the container's own (PyTorch 2.8, Triton 3.3 in 25.06) are older
+# than the fused AdamW kernel needs. The CUDA 12.8 build from PyTorch's index,
+# so the image still runs on CUDA 12 drivers; PIP_CONSTRAINT= lifts the
+# container's pins for this install only. The container's apex, torchvision and
+# Transformer Engine were built against its torch and no longer import:
+# megatron_sr then takes its unfused norms and gradient-accumulation paths.
+RUN PIP_CONSTRAINT= pip install --index-url https://download.pytorch.org/whl/cu128 \
+        "torch==2.10.0" "triton==3.6.0"
+
 COPY . /workspace/megatron_sr
 RUN pip install --no-deps --no-build-isolation -e . \
-    && python -c "import megatron_sr.model, megatron_sr.inference, torch; print('megatron_sr on torch', torch.__version__)"
+    && python -c "import megatron_sr.model, megatron_sr.inference, torch, triton; print('megatron_sr on torch', torch.__version__, 'triton', triton.__version__)"
 
 # NVIDIA's entrypoint (the base image's own, restated) prints the container
 # banner (and whether CUDA runs in forward-compatibility mode on this driver)

@@ -63,6 +63,12 @@ launch_pretrain_gpt() {
   fi
   cd "$root"
   mkdir -p "$checkpoint"  # --load of a missing folder is an error; an empty one starts fresh
+  # NCCL errors end the job with the flight recorder's dump in $checkpoint/nccl_flight_recorder/.
+  # shellcheck source=examples/nccl_env.sh
+  source "$root/examples/nccl_env.sh"
+  export_nccl_error_handling "$checkpoint/nccl_flight_recorder"
+  # Several nodes with --async-save (the one Gloo group, for the background checkpoint writes):
+  # export GLOO_SOCKET_IFNAME=<the interface the nodes reach each other by, e.g. ib0 or eth0>.
   echo "[$MODEL_NAME] --precision $precision --lr $lr on $world_size GPUs (TP $tp x PP $pp x" \
        "DP $(( world_size / (tp * pp) ))); checkpoints in $checkpoint"
   exec "${TORCHRUN:-torchrun}" --nproc_per_node "$GPUS_PER_NODE" --nnodes "$nnodes" \

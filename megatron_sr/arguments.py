@@ -208,6 +208,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="A signal that, like SIGTERM, makes every rank save (with --save) "
                             "and exit after the current step, e.g. SIGUSR1 sent by Slurm's "
                             "`#SBATCH --signal=USR1@900` ahead of the time limit.")
+    group.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int,
+                       help="Every this many iterations, hash every parameter on every rank "
+                            "and stop with an error naming the parameter and the ranks when "
+                            "the copies held by data-parallel replicas, or by tensor-parallel "
+                            "ranks of a parameter TP does not split, differ (default: never).")
     group.add_argument("--recompute-granularity", choices=("full", "selective"),
                        help="Activation recomputation: whole layers, or the attention core.")
     group.add_argument("--recompute-activations", action="store_true",
@@ -612,7 +617,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
         wandb_save_dir=args.wandb_save_dir, profile=args.profile,
         profile_step_start=args.profile_step_start, profile_step_end=args.profile_step_end,
-        profile_ranks=tuple(args.profile_ranks), exit_signal=args.exit_signal)
+        profile_ranks=tuple(args.profile_ranks), exit_signal=args.exit_signal,
+        check_weight_hash_interval=args.check_weight_hash_across_dp_replicas_interval)
 
     return JobConfig(model=model, parallel=parallel, optimizer=optimizer, data=data,
                      training=training, world_size=world_size,
@@ -666,7 +672,7 @@ _INT_MINIMUMS = (
     ("eval_interval", 1), ("eval_iters", 0), ("vocab_size", 1), ("num_workers", 0),
     ("log_interval", 1), ("save_interval", 1), ("lr_decay_samples", 1), ("lr_warmup_samples", 0),
     ("lr_wsd_decay_samples", 1), ("num_query_groups", 1), ("kv_channels", 1),
-    ("recompute_num_layers", 1), ("seed", 0),
+    ("recompute_num_layers", 1), ("seed", 0), ("check_weight_hash_across_dp_replicas_interval", 1),
 )
 # (dest, largest allowed value) of the integer flags bounded above.
 _INT_MAXIMUMS = (("seed", 2**32 - 1), ("vocab_size", MAX_VOCAB_SIZE - 1))

@@ -64,14 +64,17 @@ def _virtual_size(description: dict) -> Optional[int]:
     return description["parallel"].get("virtual_pipeline_model_parallel_size")
 
 
-def load_full_checkpoint(path: str) -> FullCheckpoint:
+def load_full_checkpoint(path: str, *, with_optimizer: bool = True) -> FullCheckpoint:
     """Reads and merges every rank file of the checkpoint at `path` (a --save
     directory or an iter_XXXXXXX directory). CheckpointError on a missing,
-    partial or corrupted checkpoint, naming the file."""
+    partial or corrupted checkpoint, naming the file. Without `with_optimizer`
+    the result has none: a torch_dist checkpoint is then read without its
+    optimizer entries; the legacy format's files hold both in one pickle and
+    are read whole."""
     directory = resolve_checkpoint_dir(path)
     manifest = read_manifest(directory)
     if manifest.get("format") == "torch_dist":
-        return _load_full_torch_dist(directory, manifest)
+        return _load_full_torch_dist(directory, manifest, with_optimizer)
     directory, manifest, states = read_all_rank_states(path)
     first = states[(0, 0)]
     description = first.get("args")
@@ -83,7 +86,7 @@ def load_full_checkpoint(path: str) -> FullCheckpoint:
     except ValueError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
     optimizer = None
-    if first.get("optimizer") is not None:
+    if with_optimizer and first.get("optimizer") is not None:
         kinds = sorted({kind for s in states.values()
                         for per_param in s["optimizer"]["params"].values() for kind in per_param})
         optimizer = {key: first["optimizer"][key] for key in ("strategy", "step", "skipped_steps")}
@@ -108,10 +111,11 @@ def _from_logical(tensor: torch.Tensor, name: str, config: ModelConfig) -> torch
     return tensor.reshape(*tensor.shape[:dim], -1, *tensor.shape[dim + 2:])
 
 
-def _load_full_torch_dist(directory: str, manifest: dict) -> FullCheckpoint:
+def _load_full_torch_dist(directory: str, manifest: dict, with_optimizer: bool
+                          ) -> FullCheckpoint:
     from megatron_sr.checkpointing import torch_dist
 
-    common, tensors, _ = torch_dist.read_full(directory, manifest)
+    common, tensors, _ = torch_dist.read_full(directory, manifest, optimizer=with_optimizer)
     description = common.get("args")
     config = model_config_from_description(description, directory)
     names = global_parameter_names(config)

@@ -200,6 +200,9 @@ class TrainingConfig:
     profile_step_end: int = 12
     profile_ranks: tuple[int, ...] = (0,)
     exit_signal: str = "SIGTERM"  # also saves and exits, besides SIGTERM
+    # Every this many iterations, check that DP and TP replicas are bitwise equal
+    # (megatron_sr.replica_check); None: never.
+    check_weight_hash_interval: Optional[int] = None
 
 
 def global_batch_size_at(training: TrainingConfig, consumed_samples: int) -> int:

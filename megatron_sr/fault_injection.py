@@ -17,6 +17,8 @@ Actions:
               restored first, so the launcher's teardown ends it
     enospc    raise OSError(ENOSPC) (a full disk)
     eio       raise OSError(EIO) (a failing disk)
+    bitflip   flip the lowest bit of the first element of the last tensor the
+              point hands over (a silently corrupted replica)
 
 Points (where the job calls `at`):
     setup                training.pretrain, after the process groups exist and
@@ -33,6 +35,11 @@ Points (where the job calls `at`):
     checkpoint-replace   checkpointing's publish step on rank 0, re-saving an
                          iteration that exists: after the old directory is
                          moved aside, before the new one is renamed in
+    weight-hash          replica_check.check_replicas, before it hashes this
+                         rank's parameters (handed over in model order: on a
+                         one-stage GPT with tied embeddings the last is the
+                         final norm's, which every TP and DP rank holds a
+                         copy of; with an output layer, its TP-split weight)
 
 NaN gradients: MEGATRON_SR_INJECT_NAN_GRAD_AT="3,4" (1-based iterations, as
 logged) makes the backward of those iterations produce NaN gradients on every
@@ -50,11 +57,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 FAULT_ENV = "MEGATRON_SR_FAULT"
-ACTIONS = ("kill", "sigterm", "stall", "enospc", "eio")
-POINTS = ("setup", "train-step", "checkpoint-write", "checkpoint-commit", "checkpoint-replace")
+ACTIONS = ("kill", "sigterm", "stall", "enospc", "eio", "bitflip")
+POINTS = ("setup", "train-step", "checkpoint-write", "checkpoint-commit", "checkpoint-replace",
+          "weight-hash")
 STALL_SECONDS = 3600
 
 
@@ -88,24 +99,31 @@ _FAULT: Optional[Fault] = (parse_fault(os.environ[FAULT_ENV])
                            if os.environ.get(FAULT_ENV) else None)
 
 
-def at(point: str, iteration: Optional[int] = None) -> None:
+def at(point: str, iteration: Optional[int] = None,
+       tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
     """Fires the configured fault if it names `point` (and this iteration and
-    rank). Called by the job at the points listed in the module doc."""
+    rank). Called by the job at the points listed in the module doc;
+    `tensors`: (name, tensor) pairs that `bitflip` may corrupt."""
     if _FAULT is None:
         return
-    _fire(_FAULT, point, iteration)
+    _fire(_FAULT, point, iteration, tensors)
 
 
-def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
+def _fire(fault: Fault, point: str, iteration: Optional[int],
+          tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
     if fault.fired or fault.point != point:
         return
     if fault.iteration is not None and fault.iteration != iteration:
         return
     if fault.rank is not None and fault.rank != _rank():
         return
+    if fault.action == "bitflip" and not tensors:
+        raise ValueError(f"${FAULT_ENV}: bitflip needs a point that hands over tensors "
+                         f"(weight-hash), not {point}")
     fault.fired = True
     where = f"{point} (iteration {iteration}, rank {_rank()})"
-    print(f"[fault-injection] {fault.action} at {where}", flush=True)
+    target = f": {tensors[-1][0]}" if fault.action == "bitflip" else ""
+    print(f"[fault-injection] {fault.action} at {where}{target}", flush=True)
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action == "sigterm":
@@ -117,6 +135,18 @@ def _fire(fault: Fault, point: str, iteration: Optional[int]) -> None:
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {where})")
     elif fault.action == "eio":
         raise OSError(errno.EIO, f"Input/output error (injected at {where})")
+    elif fault.action == "bitflip":
+        _flip_lowest_bit(tensors[-1][1])
+
+
+def _flip_lowest_bit(tensor: torch.Tensor) -> None:
+    """XORs bit 0 of `tensor`'s first element, in place (any dtype)."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                      8: torch.int64}[flat.element_size()])
+    bits[:1] ^= 1
 
 
 def _rank() -> int:

@@ -44,12 +44,14 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.arguments import JobConfig, parse_args
-from megatron_sr.config import global_batch_size_at
+from megatron_sr.config import TrainingConfig, global_batch_size_at
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.document_masks import document_inputs
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.data.tokenizers import build_tokenizer
+from megatron_sr.launch_environment import (cuda_device_index, flight_recorder_dir,
+                                            nccl_error_handling)
 from megatron_sr.model import build_model, flops_per_token, param_is_unique_in_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.lr_schedules import LRScheduler, learning_rate_at
@@ -57,6 +59,7 @@ from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo
 from megatron_sr.pipeline_parallel import get_forward_backward_func
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy, with_grad_buffer
 from megatron_sr.random import model_parallel_seed
+from megatron_sr.replica_check import ReplicaMismatch, check_replicas
 from megatron_sr.tensor_parallel.grad_accumulation_fusion import fusion_notice
 from megatron_sr.training_log import (MetricsWriter, PhaseTimers, StepProfiler, format_log_line,
                                       open_metrics_writer)
@@ -102,11 +105,16 @@ def print_rank_last(message: str) -> None:
 
 def initialize_distributed(job: JobConfig) -> torch.device:
     """Joins the process group torchrun describes (or a 1-rank one), builds the
-    model-parallel groups and seeds every stream. Returns the device."""
+    model-parallel groups and seeds every stream. Returns the device. On NCCL:
+    the GPU is LOCAL_RANK modulo the visible devices, and torch's NCCL error
+    handling and flight recorder are switched on where the environment leaves
+    them unset (`launch_environment`)."""
     parallel = job.parallel
     backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cuda_device_index(os.environ, torch.cuda.device_count()))
+        nccl_error_handling(os.environ, parallel.distributed_timeout_minutes,
+                            flight_recorder_dir(job.training.save, job.training.tensorboard_dir))
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
         if "RANK" in os.environ:
@@ -440,6 +448,7 @@ class StepReport:
     grad_norm: float
     skipped: bool
     update_absorption: Optional[float]
+    exit_flags: tuple[bool, ...] = ()  # train_step's `exit_flags`, OR-ed over all ranks
 
 
 class LossAccumulator:
@@ -529,7 +538,7 @@ _COLLECTIVE_OF_FUNCTION = {
     "_average_over_dp": "loss all-reduce",
     "start_reduction": "loss all-reduce",
     "finish_reduction": "loss all-reduce",
-    "_agree": "exit-condition all-reduce",
+    "_all_gather_hashes": "weight-hash all-gather",
 }
 # Gloo's messages do not always name Gloo: a stalled peer's recv timeout can
 # surface as "Application timeout caused pair closure".
@@ -553,7 +562,7 @@ def communication_phase(job: JobConfig, phase: str, iteration: Optional[int] = N
     backend trace. Other exceptions pass through unchanged."""
     try:
         yield
-    except (CommunicationError, checkpointing.CheckpointError, TrainingStopped):
+    except (CommunicationError, checkpointing.CheckpointError, TrainingStopped, ReplicaMismatch):
         raise
     except Exception as exc:
         if not _is_communication_failure(exc):
@@ -582,7 +591,8 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
                reduce_loss: Optional[bool] = None,
                decoupled_lr: Optional[float] = None,
                timers: Optional[PhaseTimers] = None,
-               num_microbatches: Optional[int] = None) -> StepReport:
+               num_microbatches: Optional[int] = None,
+               exit_flags: Optional[Callable[[], Sequence[bool]]] = None) -> StepReport:
     """One optimizer step on every rank: forward-backward over the step's
     micro-batches (each bucket's DP reduction starts from the backward hooks
     with --overlap-grad-reduce), then the optimizer: the DP reduction's end,
@@ -599,7 +609,10 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     `decoupled_lr` (--decoupled-lr) is the embedding and output layer's
     learning rate; `timers` (--log-timers-to-tensorboard) time the phases;
     `num_microbatches` per data-parallel rank (default the job's;
-    --rampup-batch-size and --step-batch-size-schedule vary it)."""
+    --rampup-batch-size and --step-batch-size-schedule vary it).
+    `exit_flags`: called on this rank after the forward-backward, its
+    booleans ride in the optimizer's grad-norm all-reduce and come back OR-ed
+    over all ranks in `StepReport.exit_flags` (no collective of their own)."""
     timers = timers or PhaseTimers(False, torch.device("cpu"))
     num_microbatches = num_microbatches or job.num_microbatches
     device = optimizer.buffer.param_buffer.device
@@ -627,7 +640,8 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
             accumulator.start_reduction(local_loss)
     with communication_phase(job, "optimizer step", iteration), timers.phase("optimizer"):
         result = optimizer.step(lr, measure_update_absorption=measure_update_absorption,
-                                decoupled_lr=decoupled_lr)
+                                decoupled_lr=decoupled_lr,
+                                host_flags=exit_flags() if exit_flags is not None else ())
     if loss_accumulator is not None and local_loss is not None and not result.skipped:
         loss_accumulator.add(local_loss)
     loss = None
@@ -637,7 +651,8 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
         elif result.skipped:
             loss = _average_over_dp(losses, device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
-                      skipped=result.skipped, update_absorption=result.update_absorption)
+                      skipped=result.skipped, update_absorption=result.update_absorption,
+                      exit_flags=result.host_flags)
 
 
 @torch.no_grad()
@@ -663,7 +678,8 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 
 class _SigtermFlag:
     """Set by SIGTERM or --exit-signal (`received` names it); the loop checks it
-    (agreed over all ranks) after each step."""
+    (OR-ed over all ranks in the step's grad-norm all-reduce, `exit_conditions`)
+    after each step."""
 
     def __init__(self, exit_signal: str = "SIGTERM"):
         self.received: Optional[str] = None
@@ -730,22 +746,15 @@ def decoupled_lr_at(job: JobConfig, iteration: int) -> Optional[float]:
     return learning_rate_at(iteration, decoupled, job.training.train_iters)
 
 
-def host_group(timeout: datetime.timedelta) -> Optional[dist.ProcessGroup]:
-    """A Gloo group over the whole world for host-side decisions (None: the
-    world group, already Gloo). Its all-reduce runs on CPU tensors, so it
-    never waits for the device's queue (the step's last all-gathers).
-    Collective: every rank calls it, once per job."""
-    if dist.get_backend() == "gloo":
-        return None
-    return dist.new_group(backend="gloo", timeout=timeout)
-
-
-def _agree(flags: Sequence[bool], group: Optional[dist.ProcessGroup]) -> list[bool]:
-    """Each flag OR-ed over all ranks: one all-reduce of a CPU tensor over
-    `group` (`host_group`), no device synchronization."""
-    tensor = torch.tensor([float(f) for f in flags])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return [bool(v) for v in tensor.tolist()]
+def exit_conditions(received: Optional[str], training: TrainingConfig,
+                    start_time: float) -> list[bool]:
+    """This rank's exit flags, in the order the loop reads them back: SIGTERM
+    received, another --exit-signal received, --exit-duration-in-mins passed
+    since `start_time` (time.time()). `received`: the signal `_SigtermFlag`
+    recorded, or None."""
+    elapsed_min = (time.time() - start_time) / 60
+    return [received == "SIGTERM", received not in (None, "SIGTERM"),
+            bool(training.exit_duration_in_mins and elapsed_min > training.exit_duration_in_mins)]
 
 
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
@@ -788,8 +797,6 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     nan_iterations = 0
     interval_time, interval_steps, interval_samples = 0.0, 0, 0
     losses = LossAccumulator()
-    agreement_group = host_group(
-        datetime.timedelta(minutes=job.parallel.distributed_timeout_minutes))
     try:
         while iteration < training.train_iters:
             lr = scheduler.get_lr()
@@ -804,7 +811,9 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                                 reduce_loss=log_now,
                                 decoupled_lr=decoupled_lr_at(job, scheduler.iteration),
                                 timers=timers,
-                                num_microbatches=batch_size // samples_per_microbatch_step)
+                                num_microbatches=batch_size // samples_per_microbatch_step,
+                                exit_flags=lambda: exit_conditions(sigterm.received, training,
+                                                                   start_time))
             profiler.after_step(iteration + 1)
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
@@ -865,16 +874,15 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
                     and data.valid is not None:
                 run_evaluation(job, model, data, forward_step, iteration, metrics,
                                consumed_samples)
+            if training.check_weight_hash_interval \
+                    and iteration % training.check_weight_hash_interval == 0:
+                optimizer.buffer.wait_param_gather()
+                with communication_phase(job, "replica check", iteration):
+                    check_replicas(model, iteration)
             if training.save and training.save_interval and iteration % training.save_interval == 0:
                 save(job, iteration, consumed_samples, model, optimizer, scheduler)
-            elapsed_min = (time.time() - start_time) / 60
-            with communication_phase(job, "exit-condition agreement", iteration):
-                got_sigterm, got_exit_signal, out_of_time = _agree(
-                    [sigterm.received == "SIGTERM",
-                     sigterm.received not in (None, "SIGTERM"),
-                     bool(training.exit_duration_in_mins
-                          and elapsed_min > training.exit_duration_in_mins)],
-                    agreement_group)
+            # Agreed in this step's grad-norm all-reduce (see exit_conditions).
+            got_sigterm, got_exit_signal, out_of_time = report.exit_flags
             stop_signal = got_sigterm or got_exit_signal
             exit_interval = bool(training.exit_interval and iteration % training.exit_interval == 0)
             if stop_signal or out_of_time or exit_interval:
@@ -1043,7 +1051,7 @@ def exit_on_job_error():
     try:
         yield
     except (ValueError, checkpointing.CheckpointError, TrainingStopped,
-            CommunicationError) as exc:
+            CommunicationError, ReplicaMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

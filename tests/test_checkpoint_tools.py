@@ -144,6 +144,74 @@ def test_generation_is_the_same_for_every_layout(trained, merged):
                           nproc=2) == sampled
 
 
+def _generate_counting_reads(rank, world_size, args):
+    """`_generate_on_rank`, recording what this rank reads from the checkpoint's
+    shard files: {entry name: bytes} of every stored chunk DCP reads."""
+    from megatron_sr.checkpointing.dcp_metadata import CheckpointReader
+
+    reads = {}
+    read_data = CheckpointReader.read_data
+
+    def counting(self, plan, planner):
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            key = (item.storage_index.fqn, info.relative_path, info.offset)
+            reads[key] = info.length
+        return read_data(self, plan, planner)
+
+    CheckpointReader.read_data = counting
+    try:
+        returncode, stdout = _generate_on_rank(rank, world_size, args)
+    finally:
+        CheckpointReader.read_data = read_data
+    totals = {}
+    for (fqn, _, _), length in reads.items():
+        totals[fqn] = totals.get(fqn, 0) + length
+    return returncode, stdout, totals
+
+
+def test_generation_reads_only_its_own_blocks_of_the_weights(trained):
+    """Each of 2 TP ranks reads the checkpoint's `common` entry and its half of
+    the TP-split weights (all of the replicated ones): no optimizer state, no
+    RNG state, about half the weights' bytes."""
+    from megatron_sr.checkpointing import read_manifest, resolve_checkpoint_dir, torch_dist
+
+    directory = resolve_checkpoint_dir(str(trained))
+    stored = torch_dist.reader(directory, read_manifest(directory)).read_metadata()
+    model_bytes = sum(info.length for index, info in stored.storage_data.items()
+                      if index.fqn.startswith("model/"))
+    assert any(index.fqn.startswith("optimizer/") for index in stored.storage_data)
+    ranks = run_ranks(_generate_counting_reads, 2, _generation_args(trained, "--greedy"),
+                      timeout=240)
+    assert [code for code, _, _ in ranks] == [0, 0]
+    for _, _, totals in ranks:
+        assert all(key == "common" or key.startswith("model/") for key in totals), sorted(totals)
+        weights = sum(n for key, n in totals.items() if key.startswith("model/"))
+        assert 0.4 * model_bytes < weights < 0.7 * model_bytes, (weights, model_bytes)
+    assert {key for _, _, totals in ranks for key in totals if key.startswith("model/")} == {
+        index.fqn for index in stored.storage_data if index.fqn.startswith("model/")}
+
+
+def test_model_only_conversions_read_no_optimizer_state(trained):
+    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.dcp_metadata import CheckpointReader
+
+    requested = []
+    read_data = CheckpointReader.read_data
+
+    def recording(self, plan, planner):
+        requested.extend(item.storage_index.fqn for item in plan.items)
+        return read_data(self, plan, planner)
+
+    CheckpointReader.read_data = recording
+    try:
+        checkpoint = load_full_checkpoint(str(trained), with_optimizer=False)
+    finally:
+        CheckpointReader.read_data = read_data
+    assert checkpoint.optimizer is None and checkpoint.model
+    assert requested and all(k == "common" or k.startswith("model/") for k in requested)
+
+
 def test_hugging_face_export_loads_in_transformers(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"

@@ -257,3 +257,63 @@ def test_the_checks_catch_broken_dockerfiles():
     assert copied_sources(broken) == [(6, "no_such_file.txt")]
     pinned = parse_dockerfile("FROM x\nRUN pip install torch==2.13.0 && pip install --no-deps .\n")
     assert pip_problems(pinned) == []
+
+
+def pinned_versions(instructions: list[Instruction]) -> dict[str, str]:
+    """{name: version} of every `name==version` the pip installs give for
+    torch and triton (a local label such as +cu128 dropped)."""
+    pins = {}
+    for _, arguments in pip_installs(instructions):
+        for argument in arguments:
+            name, separator, version = argument.partition("==")
+            if separator and requirement_name(name) in ("torch", "triton"):
+                pins[requirement_name(name)] = version.split("+")[0]
+    return pins
+
+
+def pin_problems(instructions: list[Instruction], setup_py: Path = REPO / "setup.py") -> list[str]:
+    """Where the Dockerfile's torch and triton pins miss setup.py's requirement
+    (its floor and, for triton, its upper bound), or are missing."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tree = ast.parse(setup_py.read_text())
+    specifiers = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "install_requires":
+            for item in node.value.elts:
+                requirement = Requirement(ast.literal_eval(item))
+                specifiers[requirement.name] = requirement.specifier
+    pins = pinned_versions(instructions)
+    problems = []
+    for name in ("torch", "triton"):
+        if name not in pins:
+            problems.append(f"{name} is not pinned: the container's own is older than setup.py's "
+                            f"floor")
+        elif Version(pins[name]) not in specifiers[name]:
+            problems.append(f"{name}=={pins[name]} does not meet setup.py's {name}"
+                            f"{specifiers[name]}")
+    return problems
+
+
+def test_torch_and_triton_are_pinned_at_or_above_setup_floors(dockerfile):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_floors", REPO / "tools" / "check_floors.py")
+    check_floors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_floors)
+    assert pin_problems(dockerfile) == []
+    pins = pinned_versions(dockerfile)
+    floors = check_floors.floors()
+    for name in ("torch", "triton"):  # the floors tools/check_floors.py tests are what is pinned
+        assert pins[name].split(".")[:2] == floors[name].split(".")[:2], (pins, floors)
+
+
+def test_the_pin_check_catches_old_and_missing_pins():
+    old = parse_dockerfile('FROM x\nRUN pip install "torch==2.8.0" "triton==3.3.1"\n')
+    assert any("torch==2.8.0 does not meet" in p for p in pin_problems(old))
+    assert any("triton==3.3.1 does not meet" in p for p in pin_problems(old))
+    too_new = parse_dockerfile("FROM x\nRUN pip install torch==2.13.0+cu128 triton==3.10.0\n")
+    assert [p.split(" does")[0] for p in pin_problems(too_new)] == ["triton==3.10.0"]
+    unpinned = parse_dockerfile("FROM x\nRUN pip install numpy\n")
+    assert len(pin_problems(unpinned)) == 2

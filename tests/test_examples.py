@@ -115,3 +115,25 @@ def test_llama_script_names_a_missing_tokenizer():
     result = subprocess.run(["bash", os.path.join(ROOT, "examples", "llama3_8b.sh")],
                             env=environment, capture_output=True, text=True)
     assert result.returncode != 0 and "TOKENIZER" in result.stderr
+
+
+def test_the_launch_hands_torchrun_nccl_error_handling_and_the_flight_recorder(tmp_path):
+    """examples/launch_common.sh exports torch's NCCL error handling and the
+    flight recorder's dump folder (under CHECKPOINT) to the ranks, keeping
+    what the user set (here the older spelling of the buffer size)."""
+    torchrun = tmp_path / "torchrun"
+    torchrun.write_text('#!/usr/bin/env bash\nenv | grep ^TORCH_ | sort > "$OUT"\n')
+    torchrun.chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_")}
+    environment.update(GPUS_PER_NODE="1", DATA_PATH="/data/pile_text_document",
+                       VOCAB="/data/gpt2-vocab.json", MERGES="/data/gpt2-merges.txt",
+                       CHECKPOINT=str(tmp_path / "ckpt"), TORCHRUN=str(torchrun),
+                       OUT=str(tmp_path / "env"), TORCH_NCCL_TRACE_BUFFER_SIZE="500")
+    subprocess.run(["bash", os.path.join(ROOT, "examples", "gpt_350m.sh")], env=environment,
+                   capture_output=True, text=True, check=True)
+    seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines())
+    assert seen == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                    "TORCH_NCCL_TRACE_BUFFER_SIZE": "500",
+                    "TORCH_FR_DUMP_TEMP_FILE": f"{tmp_path}/ckpt/nccl_flight_recorder/rank_"}
+    assert (tmp_path / "ckpt" / "nccl_flight_recorder").is_dir()
+

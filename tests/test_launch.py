@@ -282,3 +282,28 @@ def test_the_slurm_script_mounts_checkout_checkpoints_and_data_into_the_containe
     mounts = [a for a in srun_args if a.startswith("--container-mounts=")]
     assert mounts == ["--container-mounts=" + ",".join(
         f"{folder}:{folder}" for folder in (REPO, checkpoints, data))]
+
+
+NCCL_VARIABLES = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_FR_BUFFER_SIZE",
+                  "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE",
+                  "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def test_the_slurm_script_hands_the_ranks_nccl_error_handling_and_the_flight_recorder(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    shims, script, env = _slurm_job_without_training(
+        tmp_path, job_argv(str(checkpoints)) + ["--mock-data"],
+        srun='#!/usr/bin/env bash\nenv | grep ^TORCH_ | sort > "$SHIM_DIR/srun_env"\n')
+    for name in NCCL_VARIABLES:
+        env.pop(name, None)
+    env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "0"  # what the user set is kept
+    run = subprocess.run(["bash", SBATCH, script], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    seen = dict(line.split("=", 1) for line in (shims / "srun_env").read_text().splitlines())
+    assert {k: v for k, v in seen.items() if k in NCCL_VARIABLES} == {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{checkpoints}/nccl_flight_recorder/rank_"}
+    assert (checkpoints / "nccl_flight_recorder").is_dir()
+

@@ -88,3 +88,46 @@ def test_bad_parameters_are_named():
         AdamW([torch.nn.Parameter(torch.zeros(2))], strategy="fp16")
     with pytest.raises(ValueError, match="lr"):
         AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], lr=-1.0)
+
+
+def test_segment_tables_are_built_and_uploaded_at_the_first_step_only(monkeypatch):
+    """One table per parameter, made at its first step; later steps build and
+    upload none (a table's device form is a host-to-device copy)."""
+    from megatron_sr.precision import adamw as precision_adamw
+
+    built = []
+    table_class = precision_adamw.SegmentTable
+    init, device_table, native_table = (table_class.__init__, table_class.device_table,
+                                        table_class.native_table)
+
+    def counting_init(self, *args, **kwargs):
+        built.append("table")
+        init(self, *args, **kwargs)
+
+    def counting_device_table(self, device):
+        if torch.device(device) not in self._device_tables:
+            built.append("device upload")
+        return device_table(self, device)
+
+    def counting_native_table(self):
+        if self._native_table is None:
+            built.append("native table")
+        return native_table(self)
+
+    monkeypatch.setattr(table_class, "__init__", counting_init)
+    monkeypatch.setattr(table_class, "device_table", counting_device_table)
+    monkeypatch.setattr(table_class, "native_table", counting_native_table)
+    inputs, targets, start = regression_problem()
+    model = torch.nn.Sequential(torch.nn.Linear(start.shape[1], start.shape[0]),
+                                torch.nn.Linear(start.shape[0], 3)).to(torch.bfloat16)
+    optimizer = AdamW(model.parameters(), lr=1e-2, strategy="bf16-sr")
+    per_step = []
+    for _ in range(4):
+        built.clear()
+        optimizer.zero_grad()
+        model(inputs.bfloat16()).float().square().mean().backward()
+        optimizer.step()
+        per_step.append(len([b for b in built if b == "table"]))
+        later = list(built)
+    assert per_step == [4, 0, 0, 0]  # 2 weights and 2 biases
+    assert later == []

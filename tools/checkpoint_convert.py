@@ -154,7 +154,9 @@ def main(argv=None) -> int:
         elif args.from_megatron:
             checkpoint = import_megatron_lm(args.load)
         else:
-            checkpoint = load_full_checkpoint(args.load)
+            # The weights alone for an export; a reshaped checkpoint keeps the optimizer state.
+            checkpoint = load_full_checkpoint(args.load,
+                                              with_optimizer=not (args.to_hf or args.to_megatron))
         print(f"loaded {checkpoint.directory}: {describe(checkpoint)}")
         if args.to_hf:
             dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else None

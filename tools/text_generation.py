@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 tools/text_generation.py --load CKPT --prompt ...   # TP=2
 
 The model and tokenizer flags are read from the checkpoint, whatever TP/PP
-layout it was saved with: its ranks' files are merged and the model is run
-with tensor parallelism over the ranks of this launch (one rank without
-torchrun), on the GPU when there is one. Sampling: --greedy, or --temperature,
+layout it was saved with, and the model is run with tensor parallelism over
+the ranks of this launch (one rank without torchrun), on the GPU when there
+is one. No optimizer state is read: from a torch_dist checkpoint (the
+default format) each rank reads only its own blocks of the weights; a
+legacy one is merged in each process. Sampling: --greedy, or --temperature,
 --top-k, --top-p with --seed (the same tokens on every rank); a KV cache keeps
 generation linear in length (--no-kv-cache recomputes the prefix, for checks).
 Prints each prompt followed by its continuation.
@@ -26,11 +28,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_sr import parallel_state  # noqa: E402
-from megatron_sr.checkpoint_conversion import load_full_checkpoint  # noqa: E402
-from megatron_sr.checkpointing import CheckpointError, load_model_state  # noqa: E402
+from megatron_sr.checkpoint_conversion import (load_full_checkpoint,  # noqa: E402
+                                               model_config_from_description)
+from megatron_sr.checkpointing import (CheckpointError, load_model_state,  # noqa: E402
+                                       read_manifest, resolve_checkpoint_dir, torch_dist)
 from megatron_sr.config import ParallelConfig  # noqa: E402
 from megatron_sr.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_sr.inference import generate  # noqa: E402
+from megatron_sr.launch_environment import cuda_device_index  # noqa: E402
 from megatron_sr.model import build_model  # noqa: E402
 from megatron_sr.model.state_dict_layout import split_state_dict  # noqa: E402
 
@@ -59,7 +64,7 @@ def _init_process_group() -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cuda_device_index(os.environ, torch.cuda.device_count()))
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
         return
@@ -69,10 +74,47 @@ def _init_process_group() -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def _load_model(path: str):
+    """The checkpoint's model at TP = the world size on this rank, reading no
+    optimizer state: a torch_dist checkpoint through a DCP partial load of this
+    rank's blocks of the weights (`torch_dist.load_model`); a legacy one (one
+    pickle per rank, weights and optimizer together) merged whole and split.
+    Returns (model chunks, the checkpoint's description). Every rank calls it."""
+    directory = resolve_checkpoint_dir(path)
+    manifest = read_manifest(directory)
+    if manifest.get("format") == torch_dist.FORMAT:
+        _init_process_group()
+        parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+        checkpoint_reader, common = torch_dist.open_for_model(directory, manifest)
+        description = common.get("args")
+        config = model_config_from_description(description, directory)
+        model = build_model(config,
+                            ParallelConfig(tensor_model_parallel_size=dist.get_world_size()))
+        torch_dist.load_model(checkpoint_reader, directory, model)
+        return model, description
+    checkpoint = load_full_checkpoint(path, with_optimizer=False)
+    _init_process_group()
+    tp = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tp, 1)
+    model = build_model(checkpoint.config, ParallelConfig(tensor_model_parallel_size=tp))
+    shards = split_state_dict(checkpoint.model, checkpoint.config, tensor_parallel_size=tp,
+                              pipeline_parallel_size=1)
+    load_model_state(model, shards[(parallel_state.get_tensor_model_parallel_rank(), 0)],
+                     checkpoint.directory)
+    return model, checkpoint.description
+
+
 def run(args) -> list[str]:
     """Generates on every rank; returns the texts (prompt + continuation)."""
-    checkpoint = load_full_checkpoint(args.load)
-    data = checkpoint.description["data"]
+    try:
+        model, description = _load_model(args.load)
+        return _generate(args, model, description)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _generate(args, model, description: dict) -> list[str]:
+    data = description["data"]
     tokenizer = build_tokenizer(data["tokenizer_type"],
                                 vocab_file=args.vocab_file or data.get("vocab_file"),
                                 merge_file=args.merge_file or data.get("merge_file"),
@@ -81,27 +123,16 @@ def run(args) -> list[str]:
                                 tiktoken_pattern=data.get("tiktoken_pattern", "v2"),
                                 tiktoken_num_special_tokens=data.get(
                                     "tiktoken_num_special_tokens", 1000))
-    _init_process_group()
-    tp = dist.get_world_size()
-    parallel_state.initialize_model_parallel(tp, 1)
-    try:
-        model = build_model(checkpoint.config, ParallelConfig(tensor_model_parallel_size=tp))
-        shards = split_state_dict(checkpoint.model, checkpoint.config, tensor_parallel_size=tp,
-                                  pipeline_parallel_size=1)
-        load_model_state(model, shards[(parallel_state.get_tensor_model_parallel_rank(), 0)],
-                         checkpoint.directory)
-        for chunk in model:
-            chunk.eval()
-        prompts = [tokenizer.tokenize(text) for text in args.prompt]
-        if any(not p for p in prompts):
-            raise ValueError("--prompt must not be empty")
-        outputs = generate(model, prompts, args.max_new_tokens, greedy=args.greedy,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, eod=tokenizer.eod, use_cache=not args.no_kv_cache,
-                           vocab_size=tokenizer.vocab_size)
-        return [tokenizer.detokenize(tokens) for tokens in outputs]
-    finally:
-        parallel_state.destroy_model_parallel()
+    for chunk in model:
+        chunk.eval()
+    prompts = [tokenizer.tokenize(text) for text in args.prompt]
+    if any(not p for p in prompts):
+        raise ValueError("--prompt must not be empty")
+    outputs = generate(model, prompts, args.max_new_tokens, greedy=args.greedy,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, eod=tokenizer.eod, use_cache=not args.no_kv_cache,
+                       vocab_size=tokenizer.vocab_size)
+    return [tokenizer.detokenize(tokens) for tokens in outputs]
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,10 @@
 #   srun ... bash examples/slurm/rank_env.sh python pretrain_gpt.py [flags]
 #
 # RANK = SLURM_PROCID (global task id), WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK =
-# SLURM_LOCALID (the task's index on its node: its GPU, so every task must see
-# all GPUs of its node). MASTER_ADDR / MASTER_PORT: the rendezvous on rank 0's
-# node, exported by the batch script (examples/slurm/pretrain_gpt.sbatch).
+# SLURM_LOCALID (the task's index on its node: its GPU is LOCAL_RANK modulo the
+# GPUs the task sees, so a launcher that binds one GPU per task works too).
+# MASTER_ADDR / MASTER_PORT: the rendezvous on rank 0's node, exported by the
+# batch script (examples/slurm/pretrain_gpt.sbatch).
 set -euo pipefail
 : "${SLURM_PROCID:?run under srun (SLURM_PROCID is not set)}"
 : "${MASTER_ADDR:?export MASTER_ADDR (the first node of the job) before srun}"

@@ -120,12 +120,7 @@ def tensor_state(model, optimizer, *, writing: bool) -> dict[str, GlobalBlocks]:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    state: dict[str, GlobalBlocks] = {}
-    for name, param in named_parameters_global(model):
-        if writing and (dp_rank != 0 or not param_is_unique_in_model(param)):
-            continue
-        _add(state, f"model/{name}", global_blocks.global_logical_shape(param, tp_size),
-             param.dtype, _param_blocks(param, tp_rank))
+    state = model_state(model, writing=writing)
     replicated_state = not optimizer.buffer.distributed
     for param, kind, offset, view in optimizer.state_segments():
         if writing and ((replicated_state and dp_rank != 0) or not param_is_unique_in_model(param)):
@@ -133,6 +128,25 @@ def tensor_state(model, optimizer, *, writing: bool) -> dict[str, GlobalBlocks]:
         _add(state, f"optimizer/{kind}/{param.global_name}",
              global_blocks.global_logical_shape(param, tp_size), view.dtype,
              _state_blocks(param, offset, view, tp_rank))
+    return state
+
+
+def model_state(model, *, writing: bool = False) -> dict[str, GlobalBlocks]:
+    """The `model/<name>` part of `tensor_state`: this rank's parameters as
+    `GlobalBlocks` views (no copy)."""
+    from megatron_sr import parallel_state
+    from megatron_sr.model import named_parameters_global
+    from megatron_sr.model.parallel_layout import param_is_unique_in_model
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    state: dict[str, GlobalBlocks] = {}
+    for name, param in named_parameters_global(model):
+        if writing and (dp_rank != 0 or not param_is_unique_in_model(param)):
+            continue
+        _add(state, f"model/{name}", global_blocks.global_logical_shape(param, tp_size),
+             param.dtype, _param_blocks(param, tp_rank))
     return state
 
 
@@ -406,10 +420,50 @@ def load(job, directory: str, manifest: dict, model, optimizer, *, load_optim: b
     return common
 
 
-def read_full(directory: str, manifest: dict) -> tuple[dict, dict[str, torch.Tensor], dict]:
+def open_for_model(directory: str, manifest: dict) -> tuple[CheckpointReader, dict]:
+    """(reader, `common` entry) of a torch_dist checkpoint, after verifying its
+    files (split over the ranks): what a tool that loads only the weights
+    (`load_model`) reads first, to learn the model. Every rank calls it."""
+    from megatron_sr.checkpointing import CheckpointError
+
+    verify(directory, manifest)
+    checkpoint_reader = reader(directory, manifest)
+    if COMMON_KEY not in checkpoint_reader.read_metadata().state_dict_metadata:
+        raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
+                              f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
+    return checkpoint_reader, _read_common(checkpoint_reader, directory)
+
+
+def load_model(checkpoint_reader: CheckpointReader, directory: str, model) -> None:
+    """Reads this rank's blocks of the `model/` entries into `model` (its
+    parameters at this run's layout): no optimizer state, no RNG state, no
+    other rank's blocks (DCP reads only the stored chunks that overlap
+    them). Strict as `load`. Every rank calls it (after `open_for_model`)."""
+    from megatron_sr.checkpointing import CheckpointError
+
+    saved = checkpoint_reader.read_metadata().state_dict_metadata
+    wanted = model_state(model)
+    _check_same_model(wanted, saved, directory)
+    state = {}
+    for key, blocks in wanted.items():
+        if key not in saved:
+            raise CheckpointError(f"{directory} has no parameter {key[len('model/'):]}: the "
+                                  f"checkpoint was saved from a different model")
+        state[key] = _fit(key, blocks, saved[key].size, directory)
+    try:
+        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
+                 no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
+
+
+def read_full(directory: str, manifest: dict, *, optimizer: bool = True
+              ) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """Reads a whole torch_dist checkpoint in one process (offline tools, tests),
     after verifying its files: (common, {key: full tensor in its stored
-    (logical) shape}, {rng key: RNG state}). Holds the whole model in memory."""
+    (logical) shape}, {rng key: RNG state}). Holds the whole model in memory.
+    Without `optimizer` only `common` and the `model/` entries are read (no
+    optimizer state, no RNG states: the last dict is empty)."""
     from megatron_sr.checkpointing import CheckpointError
 
     verify(directory, manifest)
@@ -419,7 +473,8 @@ def read_full(directory: str, manifest: dict) -> tuple[dict, dict[str, torch.Ten
         raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
                               f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
     state = {key: (torch.empty(md.size, dtype=md.properties.dtype) if hasattr(md, "size")
-                   else None) for key, md in metadata.items()}
+                   else None) for key, md in metadata.items()
+             if optimizer or key == COMMON_KEY or key.startswith("model/")}
     try:
         dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
                  no_dist=True)

@@ -1,8 +1,9 @@
 """A standalone AdamW for any PyTorch training loop, in every precision strategy.
 
 `AdamW(params, lr, betas, eps, weight_decay, strategy="bf16-sr", seed=0)` is a
-`torch.optim.Optimizer` that runs `megatron_sr.precision.adamw.adamw_step`
-on each parameter, so a plain PyTorch user gets bf16 weights updated with
+`torch.optim.Optimizer` that runs `megatron_sr.precision.adamw.adamw_shard_step`
+on each parameter (one segment: the whole tensor; its table is built once and
+its device copy uploaded at the first step only), so a plain PyTorch user gets bf16 weights updated with
 stochastic rounding without the rest of megatron_sr:
 
     model = model.to(torch.bfloat16)
@@ -26,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sr.precision.adamw import adamw_step
+from megatron_sr.precision.adamw import SegmentTable, adamw_shard_step
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
 from megatron_sr.random import sr_key
 
@@ -55,6 +56,9 @@ class AdamW(torch.optim.Optimizer):
         self.backend = backend
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed)
         super().__init__(params, defaults)
+        # Per parameter, its one-segment table: built once, so that its device form
+        # (`SegmentTable.device_table`) is uploaded at the first step only.
+        self._segment_tables: dict[torch.Tensor, SegmentTable] = {}
         for index, param in enumerate(self._all_params()):
             if param.dtype != self.strategy.param_dtype:
                 raise TypeError(f"AdamW: parameter {index} has dtype {param.dtype}, strategy "
@@ -98,11 +102,18 @@ class AdamW(torch.optim.Optimizer):
                 if not param.is_contiguous():
                     raise ValueError(f"AdamW: parameter {param_index} must be contiguous")
                 grad = param.grad.to(self.strategy.grad_dtype).contiguous()
-                adamw_step(self.strategy, param.data, grad, state["exp_avg"], state["exp_avg_sq"],
-                           master=state.get("master"), kahan=state.get("kahan"), lr=group["lr"],
-                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                           step=state["step"], sr_key=sr_key(group["seed"], state["step"], f"param{param_index}"),
-                           backend=self.backend)
+                table = self._segment_tables.get(param)
+                if table is None:
+                    table = self._segment_tables[param] = SegmentTable([0], [param.numel()], [0], [True])
+                master, kahan = state.get("master"), state.get("kahan")
+                adamw_shard_step(self.strategy, param.data.view(-1), grad.view(-1), state["exp_avg"].view(-1),
+                                 state["exp_avg_sq"].view(-1),
+                                 master=master.view(-1) if master is not None else None,
+                                 kahan=kahan.view(-1) if kahan is not None else None,
+                                 segments=table, lr=group["lr"],
+                                 sr_keys=[sr_key(group["seed"], state["step"], f"param{param_index}")],
+                                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                 step=state["step"], backend=self.backend)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -7,9 +7,10 @@ dtypes of the precision strategy. One `step`:
 1. finishes the gradient reduction (reduce-scatter over DP with the
    distributed optimizer, all-reduce without it);
 2. computes the global grad norm from the shards, on the device in fp32,
-   with one all-reduce over the world, counting every model element once;
-   from it, still on the device, the gradients' factor: the clip coefficient,
-   or NaN when the norm is NaN/Inf;
+   with one all-reduce over the world, counting every model element once
+   (the training loop's exit flags ride in the same all-reduce); from it,
+   still on the device, the gradients' factor: the clip coefficient, or NaN
+   when the norm is NaN/Inf;
 3. runs the fused `adamw_shard_step` once per bucket shard (one kernel launch
    on a GPU), bucket by bucket in forward order (the bucket of the first
    layers first), over the shard's table of parameter segments, with each
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,11 +53,13 @@ DECOUPLED_LR_PARAMETERS = frozenset({"embedding.word_embeddings.weight", "output
 @dataclass
 class StepResult:
     """What one optimizer step did. grad_norm is before clipping;
-    update_absorption is None unless measured (see `step`)."""
+    update_absorption is None unless measured (see `step`); host_flags: the
+    step's `host_flags`, each OR-ed over all ranks."""
 
     grad_norm: float
     skipped: bool
     update_absorption: Optional[float] = None
+    host_flags: tuple[bool, ...] = ()
 
 
 class DistributedOptimizer:
@@ -146,12 +149,15 @@ class DistributedOptimizer:
         return sizes
 
     # ----- the step --------------------------------------------------------------------
-    def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the reduced grads: a 0-d fp32 tensor on the grads'
-        device (NaN/Inf propagate; a norm beyond ~1.8e19 overflows to Inf).
-        fp32 norms of the counted segments (`torch._foreach_norm`: a few
-        multi-tensor kernels on CUDA, no fp64 copies), their squares summed,
-        one all-reduce over the world. No host sync."""
+    def _grad_norm(self, host_flags: Sequence[bool] = ()) -> torch.Tensor:
+        """Global L2 norm of the reduced grads and the world's `host_flags`: an
+        fp32 tensor [1 + len(host_flags)] on the grads' device, the norm first
+        (NaN/Inf propagate; a norm beyond ~1.8e19 overflows to Inf), then per
+        flag the number of ranks that set it. fp32 norms of the counted
+        segments (`torch._foreach_norm`: a few multi-tensor kernels on CUDA, no
+        fp64 copies), their squares summed, one all-reduce over the world that
+        carries the flags too (a sum of 0/1 is exact in fp32 up to 2**24
+        ranks). No host sync."""
         grads = self.buffer.grad_buffer
         if self._counted_grads_of is not grads:
             self._counted_grads = [grads[segment.buffer_start:segment.buffer_end]
@@ -162,9 +168,13 @@ class DistributedOptimizer:
             squares = torch.stack(norms).square().sum()
         else:
             squares = torch.zeros((), dtype=torch.float32, device=grads.device)
+        reduced = squares.reshape(1)
+        if host_flags:
+            flags = torch.tensor([float(bool(f)) for f in host_flags], dtype=torch.float32)
+            reduced = torch.cat([reduced, flags.to(grads.device, non_blocking=True)])
         if dist.is_initialized():
-            dist.all_reduce(squares, group=self._norm_group)
-        return squares.sqrt()
+            dist.all_reduce(reduced, group=self._norm_group)
+        return torch.cat([reduced[:1].sqrt(), reduced[1:]])
 
     def _grad_scale(self, grad_norm: torch.Tensor) -> torch.Tensor:
         """The gradients' factor, on the device: clip_grad / (norm + 1e-6) when
@@ -212,8 +222,14 @@ class DistributedOptimizer:
         return self._decoupled_group_cache[bucket]
 
     def step(self, lr: float, measure_update_absorption: bool = False,
-             decoupled_lr: Optional[float] = None) -> StepResult:
+             decoupled_lr: Optional[float] = None,
+             host_flags: Sequence[bool] = ()) -> StepResult:
         """One AdamW step at learning rate `lr` on the reduced grads.
+
+        `host_flags`: this rank's booleans for the training loop's exit
+        decisions; they travel in the grad-norm all-reduce and come back
+        OR-ed over the world in `StepResult.host_flags` (read at the same host
+        sync as the norm: no collective of their own).
 
         `decoupled_lr` (--decoupled-lr): the learning rate of the word
         embedding and the output layer instead of `lr`.
@@ -224,7 +240,8 @@ class DistributedOptimizer:
         (this measurement syncs with the host once more).
         """
         self.buffer.finish_grad_sync()
-        grad_norm = self._grad_norm()
+        norm_and_flags = self._grad_norm(host_flags)
+        grad_norm = norm_and_flags[0]
         grad_scale = self._grad_scale(grad_norm)
         cfg = self.config
         grads = self.buffer.grad_buffer
@@ -261,16 +278,18 @@ class DistributedOptimizer:
                 # Before the parameter all-gathers, so that reading it never waits for them.
                 dist.all_reduce(counts, group=self._norm_group)
             self.buffer.gather_params()
-        norm = grad_norm.item()
+        norm, *flag_counts = norm_and_flags.tolist()  # the step's host sync
+        flags = tuple(count > 0 for count in flag_counts)
         if not math.isfinite(norm):
             self.step_count -= 1
             self.skipped_steps += 1
-            return StepResult(grad_norm=float("nan"), skipped=True)
+            return StepResult(grad_norm=float("nan"), skipped=True, host_flags=flags)
         absorption = None
         if measure_update_absorption:
             absorbed, updated = counts.tolist()  # one host sync
             absorption = absorbed / updated if updated > 0 else 0.0
-        return StepResult(grad_norm=norm, skipped=False, update_absorption=absorption)
+        return StepResult(grad_norm=norm, skipped=False, update_absorption=absorption,
+                          host_flags=flags)
 
     def _absorption_counts(self, bucket: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """(absorbed, updated) element counts of one bucket shard's counted

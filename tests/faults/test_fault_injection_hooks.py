@@ -126,13 +126,14 @@ def test_collective_names_follow_the_code():
     """The functions `communication_phase` reads off a failing stack still exist."""
     import inspect
 
+    from megatron_sr import replica_check
     from megatron_sr.optimizer import distributed_optimizer, param_buffer
     from megatron_sr.model import parallel_layout
     from megatron_sr.pipeline_parallel import p2p_communication
 
     sources = "".join(inspect.getsource(m) for m in (training, distributed_optimizer,
                                                      param_buffer, parallel_layout,
-                                                     p2p_communication,
+                                                     p2p_communication, replica_check,
                                                      training.checkpointing))
     for function in training._COLLECTIVE_OF_FUNCTION:
         assert f"def {function}(" in sources, function
