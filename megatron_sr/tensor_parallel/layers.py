@@ -184,12 +184,14 @@ class _SequenceParallelLinear(torch.autograd.Function):
     weight gradient goes into `main_grad`: same values, to the bit, as an
     all-gather followed by those linears. Under `torch.autocast` the inputs are
     cast to the autocast dtype first (as autocast casts F.linear's), and the
-    gradients come back in the inputs' dtypes.
+    gradients come back in the inputs' dtypes (the input gradient is cast
+    before the reduce-scatter, so that it sums in the input's dtype).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fused):
         device = x.device.type
+        ctx.input_dtype = x.dtype
         if _autocast_on(device):
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
@@ -214,7 +216,7 @@ class _SequenceParallelLinear(torch.autograd.Function):
         with _autocast_off(grad_y.device.type):
             if ctx.needs_input_grad[0]:
                 grad_total = (fused_input_grad if ctx.parameter is not None
-                              else linear_input_grad)(grad_y, weight)
+                              else linear_input_grad)(grad_y, weight).to(ctx.input_dtype)
                 grad_x, scatter = reduce_scatter_sequence(grad_total, async_op=True)
             if gather is not None:
                 gather.wait()
