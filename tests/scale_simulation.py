@@ -18,6 +18,10 @@ code paths in about a second and shows, at the job's real sizes:
   (layers, buffers, the optimizer) and can count ops and bytes per group for
   any layout the fake group can take (1,024 ranks included).
 
+The first `meta` operation of a process imports torch's reference kernels
+(`torch._refs`, several seconds); the simulation itself takes about a second
+per rank.
+
 Which code path runs on `meta` tensors: the GPU's. The CPU-BF16 emulation of
 `megatron_sr.cpu_bf16` (FP32 products of BF16 inputs, with FP32 copies saved:
 a test-bench path) is for CPU tensors only; `simulated_rank` also sets
@@ -267,6 +271,14 @@ class CollectiveCensus(TorchDispatchMode):
     def on_group(self, ranks) -> list[Collective]:
         ranks = tuple(ranks)
         return [c for c in self.calls if c.group == ranks]
+
+    def totals_by_group(self) -> dict[tuple[int, ...], tuple[int, int]]:
+        """{group's global ranks: (collectives issued, bytes)}."""
+        totals: dict[tuple[int, ...], tuple[int, int]] = {}
+        for call in self.calls:
+            count, nbytes = totals.get(call.group, (0, 0))
+            totals[call.group] = (count + 1, nbytes + call.nbytes)
+        return totals
 
 
 def _tensors(value) -> list[torch.Tensor]:

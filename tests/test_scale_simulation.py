@@ -15,7 +15,9 @@ Checked, for one micro-batch's forward and backward of the rank's chunk
   the all-gathered [s, b, h] input;
 - with --overlap-grad-reduce the data-parallel reduce-scatters are issued one
   per bucket, in bucket order (bucket 0, the last layers, first), each over
-  the whole bucket.
+  the whole bucket;
+- the TP group sees 6 all-gathers and 4 reduce-scatters per layer (with
+  sequence parallelism), counted per group as a collective census does.
 """
 import pytest
 import torch
@@ -42,11 +44,13 @@ def simulation(request):
         with SavedTensorCensus(simulated.model) as saved, CollectiveCensus() as collectives:
             simulated.forward_backward()
         dp_ranks = tuple(parallel_state.get_data_parallel_ranks())
+        tp_ranks = tuple(parallel_state.get_tensor_model_parallel_ranks())
         pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
         bucket_bytes = [(end - start) * simulated.buffer.grad_buffer.element_size()
                         for start, end in simulated.buffer.layout.bucket_ranges]
     yield dict(job=job, saved=saved, collectives=collectives, dp_ranks=dp_ranks,
-               pipeline_rank=pipeline_rank, bucket_bytes=bucket_bytes, model=simulated.model)
+               tp_ranks=tp_ranks, pipeline_rank=pipeline_rank, bucket_bytes=bucket_bytes,
+               model=simulated.model)
 
 
 def _strategy(job):
@@ -102,3 +106,23 @@ def test_grad_reduce_scatters_follow_bucket_order(simulation):
              if c.op == "_reduce_scatter_base_"]
     assert [c.nbytes for c in calls] == simulation["bucket_bytes"]
     assert len(calls) > 1
+
+
+def test_tensor_parallel_collectives_per_layer(simulation):
+    """Per layer and micro-batch on the TP group: forward all-gathers before qkv
+    and fc1 and reduce-scatters after proj and fc2; backward all-gathers qkv's
+    and fc1's input shards again, reduce-scatters their input gradients and
+    all-gathers proj's and fc2's output gradients: 6 all-gathers and 4
+    reduce-scatters per layer, plus the embedding's and the output layer's."""
+    layers = sum(len(chunk.decoder.layers) for chunk in simulation["model"])
+    counts = {}
+    for call in simulation["collectives"].on_group(simulation["tp_ranks"]):
+        counts[call.op] = counts.get(call.op, 0) + 1
+    chunk = simulation["model"][0]
+    # First stage: the embedding output's scatter to sequence shards (backward: an
+    # all-gather). Last stage: the output layer's input all-gathered in forward and
+    # again in backward, its input gradient reduce-scattered.
+    extra_gathers = (1 if chunk.pre_process else 0) + (2 if chunk.post_process else 0)
+    extra_scatters = 1 if chunk.post_process else 0
+    assert counts["_allgather_base_"] == 6 * layers + extra_gathers
+    assert counts["_reduce_scatter_base_"] == 4 * layers + extra_scatters
