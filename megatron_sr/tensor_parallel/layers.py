@@ -209,7 +209,7 @@ class _SequenceParallelLinear(torch.autograd.Function):
         grad_y = grad_y.to(weight.dtype)
         need_weight = ctx.needs_input_grad[1]
         need_bias = ctx.has_bias and ctx.needs_input_grad[2]
-        total = gather = None
+        total, gather = x, None  # the shard stands in for dtype checks when W needs no grad
         if need_weight:
             total, gather = all_gather_sequence(x, async_op=True)
         grad_x = scatter = None
