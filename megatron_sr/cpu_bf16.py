@@ -113,17 +113,43 @@ class _LinearInFp32(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad = grad_y.float()
-        grad_x = grad_weight = grad_bias = None
-        with _no_autocast():
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad @ weight.float()).to(torch.bfloat16)
-            rows = grad.reshape(-1, grad.shape[-1])
-            if ctx.needs_input_grad[1]:
-                grad_weight = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = rows.sum(0).to(torch.bfloat16)
+        grad_x = linear_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
+        grad_weight, grad_bias = linear_weight_and_bias_grads(
+            grad_y, x, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias
+
+
+def linear_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d(x W^T + b)/dx for output gradient grad_y [..., out] and W [out, in] (one
+    dtype, autocast off): grad_y W [..., in], bit-identical to what autograd
+    gives `linear` (emulated: the FP32 product rounded to BF16 once; else the
+    product of F.linear's backward)."""
+    if emulates_bf16_products(grad_y, weight):
+        with _no_autocast():
+            return (grad_y.float() @ weight.float()).to(torch.bfloat16)
+    return grad_y.matmul(weight)
+
+
+def linear_weight_and_bias_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: bool, bias: bool
+                                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_y^T x [out, in] if `weight`, the row sum of grad_y [out] if `bias`) for
+    `linear(x, W, b)`, x [..., in] and grad_y [..., out] of one dtype, autocast
+    off; bit-identical to autograd's, as `linear_input_grad`."""
+    grad_weight = grad_bias = None
+    if emulates_bf16_products(grad_y, x):
+        with _no_autocast():
+            rows = grad_y.float().reshape(-1, grad_y.shape[-1])
+            if weight:
+                grad_weight = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
+            if bias:
+                grad_bias = rows.sum(0).to(torch.bfloat16)
+        return grad_weight, grad_bias
+    rows = grad_y.reshape(-1, grad_y.shape[-1])
+    if weight:
+        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
+    if bias:
+        grad_bias = rows.sum(0)
+    return grad_weight, grad_bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,

@@ -39,29 +39,34 @@ also under amp's autocast), 4 for the fp32 strategy; r the params dtype's
 bytes (the residual stream: 4 for fp32 and amp); d = 1 if --hidden-dropout > 0
 else 0; k the bytes of a dropout mask element: 1 on CUDA (torch's fused
 kernel keeps a bool mask), m elsewhere (the CPU keeps it in the activation dtype)):
-  norms (x2)       LayerNorm: its fp32 input 4Sbh + mean, rstd 8Sb;
-                   RMSNorm: fp32 input and normalized product 8Sbh + rstd 4Sb
-  attention        qkv input m sbh, qkv output m sbq'/t (q, k, v saved by the
+  norms (x2)       the input in the residual dtype r Sbh + fp32 statistics
+                   (LayerNorm: mean, rstd 8Sb; RMSNorm: rstd 4Sb)
+  attention        qkv input m Sbh (under --sequence-parallel the shard: the
+                   column-parallel linear all-gathers it again in backward),
+                   qkv output m sbq'/t (q, k, v saved by the
                    attention kernel; q' = (heads + 2 groups) x head dim, 3h without
                    GQA; + m sb(heads + groups) x head dim/t for RoPE's rotated q, k),
                    attention output m sb(heads x head dim)/t (the kernel writes it in q's layout, so
                    it is also proj's input) + log-sum-exp 4 a/t sb
-  MLP              fc1 input m sbh; GELU: fc1 output + activation 2m sbf/t;
+  MLP              fc1 input m Sbh (the shard, as qkv's); GELU: fc1 output + activation 2m sbf/t;
                    SwiGLU: fc1 output 2m sbf/t, silu(gate) and product 2m sbf/t
   dropout masks    2dk Sbh (the two residual dropouts)
   --recompute-granularity selective drops the log-sum-exp (the core attention
   is recomputed from q, k, v, kept as the checkpoint's inputs); full keeps
   only each layer's input, r Sbh.
-The first stage adds token ids and the embedding's dropout mask, the last
-the final norm, the output layer's input m sbh and the fp32 softmax of the
-cross entropy 4 sbV/t. Attention is the memory-efficient kernel (no s^2
+Each chunk with RoPE adds its fp32 cos and sin tables, 8 s rotary_dim bytes
+(shared by its layers). The first stage adds token ids and the embedding's
+dropout mask, the last the final norm, the output layer's input m Sbh and
+the fp32 softmax of the cross entropy 4 sbV/t (the cross entropy's only fp32
+logits-sized tensor). tests/test_scale_simulation.py measures these figures
+at full size (7B and 70B-class layers, one rank of 64 and 512) and finds
+them exact. Attention is the memory-efficient kernel (no s^2
 matrix; what a GPU runs, and the CPU with --attention-dropout 0). The
 pipeline schedule also holds each micro-batch's received input and its output
 (r Sbh each) until its backward. Not modelled: transient working memory of
 forward and backward (e.g. the logits before the cross entropy), allocator
 fragmentation, CUDA context and communication buffers, autocast's bf16 weight
-copies under amp, and apex's fused norms (which keep a 2-byte input: the
-estimate is then high by 4Sbh per layer).
+copies under amp.
 
 In flight: the schedule's peak of micro-batches whose forward ran but whose
 backward did not, simulated per stage: 1 without pipelining, PP - p on stage
@@ -273,11 +278,10 @@ def _matmul_bytes(strategy: PrecisionStrategy) -> int:
     return 2 if strategy.autocast else strategy.param_dtype.itemsize
 
 
-def _norm_saved_bytes(model: ModelConfig, tokens: int) -> int:
-    h = model.hidden_size
-    if model.normalization == "RMSNorm":
-        return 8 * tokens * h + 4 * tokens
-    return 4 * tokens * h + 8 * tokens
+def _norm_saved_bytes(model: ModelConfig, strategy: PrecisionStrategy, tokens: int) -> int:
+    """A norm keeps its input (the residual stream's dtype) and fp32 row statistics."""
+    statistics = 4 if model.normalization == "RMSNorm" else 8
+    return strategy.param_dtype.itemsize * tokens * model.hidden_size + statistics * tokens
 
 
 def _dropout_mask_bytes(strategy: PrecisionStrategy, device: str) -> int:
@@ -300,12 +304,12 @@ def layer_saved_bytes(model: ModelConfig, parallel: ParallelConfig, strategy: Pr
     log_sum_exp = 4 * tokens * model.num_attention_heads // tp
     if model.recompute_granularity == "selective":
         log_sum_exp = 0
-    attention = m * tokens * h + qkv_output + m * tokens * query // tp + log_sum_exp
+    attention = m * local_tokens * h + qkv_output + m * tokens * query // tp + log_sum_exp
     mlp_matrices = 4 if model.activation == "swiglu" else 2
-    mlp = m * tokens * h + mlp_matrices * m * tokens * f // tp
+    mlp = m * local_tokens * h + mlp_matrices * m * tokens * f // tp
     mask_bytes = _dropout_mask_bytes(strategy, device)
     dropout_masks = 2 * mask_bytes * local_tokens * h if model.hidden_dropout > 0 else 0
-    return 2 * _norm_saved_bytes(model, local_tokens) + attention + mlp + dropout_masks
+    return 2 * _norm_saved_bytes(model, strategy, local_tokens) + attention + mlp + dropout_masks
 
 
 def chunk_activation_bytes(model: ModelConfig, parallel: ParallelConfig,
@@ -319,19 +323,19 @@ def chunk_activation_bytes(model: ModelConfig, parallel: ParallelConfig,
     m, residual = _matmul_bytes(strategy), strategy.param_dtype.itemsize
     saved = chunk.num_layers * layer_saved_bytes(model, parallel, strategy, micro_batch_size,
                                                  device)
+    if model.position_embedding_type == "rope" and chunk.num_layers > 0:
+        saved += 2 * 4 * s * model.rotary_dim  # cos, sin [s, 1, 1, rotary_dim] fp32
     if chunk.pre_process:
-        saved += 8 * tokens + (9 * tokens if tp > 1 else 0)  # token ids (+ local ids, mask)
+        saved += 9 * tokens if tp > 1 else 8 * tokens  # token ids (TP: local ids and mask)
         if model.hidden_dropout > 0:
             saved += _dropout_mask_bytes(strategy, device) * local_tokens * h
     if chunk.post_process:
-        saved += _norm_saved_bytes(model, local_tokens) + m * tokens * h
+        saved += _norm_saved_bytes(model, strategy, local_tokens) + m * local_tokens * h
         saved += 4 * tokens * model.vocab_size // tp + 9 * tokens  # softmax, target, mask
     stage_tensor = residual * local_tokens * h
     # A received input is also a saved tensor when the first layer keeps it itself:
-    # the checkpoint of full recomputation, or an fp32 LayerNorm saving its input.
-    input_saved = chunk.num_layers > 0 and (
-        model.recompute_granularity == "full"
-        or (residual == 4 and model.normalization == "LayerNorm"))
+    # its norm does (and so does full recomputation's checkpoint).
+    input_saved = chunk.num_layers > 0
     pipeline = 0
     if not chunk.pre_process and not input_saved:
         pipeline += stage_tensor

@@ -2,7 +2,16 @@
 
 Both compute in fp32 whatever the activation dtype and return the input's
 dtype. On CUDA tensors apex's fused kernels are used when apex is importable;
-torch otherwise (same math). Under --sequence-parallel each rank normalizes
+torch otherwise (same math, `_LayerNormFunction` / `_RMSNormFunction`).
+
+Saved for backward (both paths): the input in its own dtype (2 bytes per
+element for bf16) and fp32 per-row statistics (LayerNorm: mean and 1/std;
+RMSNorm: 1/rms), as apex and Megatron keep them. The torch path does not
+let autograd save its fp32 upcast (4 bytes per element, 8 for RMSNorm's
+normalized product too): its backward upcasts the saved input again and
+runs the same fp32 operations autograd ran through the upcast before, so
+forward and backward values are bit-identical to autograd through
+`x.float()` (tests/test_norms.py checks it). Under --sequence-parallel each rank normalizes
 its own sequence shard, so the parameters carry `sequence_parallel=True` and
 the optimizer's buffer (or `finalize_model_grads`) sums their gradients over TP.
 
@@ -52,8 +61,7 @@ class LayerNorm(nn.Module):
         weight = self.weight + 1 if self.one_plus else self.weight
         if x.is_cuda and fused_layer_norm_affine is not None:
             return fused_layer_norm_affine(x, weight, self.bias, self.shape, self.eps)
-        y = F.layer_norm(x.float(), self.shape, weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        return _LayerNormFunction.apply(x, weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +76,64 @@ class RMSNorm(nn.Module):
         weight = self.weight + 1 if self.one_plus else self.weight
         if x.is_cuda and fused_rms_norm_affine is not None:
             return fused_rms_norm_affine(x, weight, self.shape, self.eps)
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * weight.float()
+        return _RMSNormFunction.apply(x, weight, self.eps)
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """y = (x - mean) * rstd * weight + bias over the last dim, in fp32, returned in
+    x's dtype. x [..., h] any float dtype; weight, bias [h]. Saves x (its own dtype),
+    weight, bias and the fp32 mean and rstd [..., 1] (torch's `native_layer_norm`
+    statistics); backward is `native_layer_norm_backward` on the fp32 upcast of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(
+            x.float(), [x.shape[-1]], weight.float(), bias.float(), eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_y.float(), x.float(), [x.shape[-1]], mean, rstd, weight.float(), bias.float(),
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return (None if grad_x is None else grad_x.to(x.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * rstd * weight over the last dim with rstd = 1 / sqrt(mean(x^2) + eps),
+    in fp32, returned in x's dtype. x [..., h] any float dtype; weight [h]. Saves x
+    (its own dtype), weight and the fp32 rstd [..., 1]. Backward repeats, on the
+    fp32 upcast of x, the operations autograd derives for the forward's expression
+    (x32 * rsqrt(x32.pow(2).mean(-1) + eps) * w32), in the same order, so the
+    gradients are bit-identical to autograd's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        x32, w32, grad = x.float(), weight.float(), grad_y.float()
+        normalized = x32 * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normalized).sum_to_size(w32.shape).to(weight.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None
+        grad_normalized = grad * w32
+        grad_rstd = (grad_normalized * x32).sum_to_size(rstd.shape)
+        grad_mean_square = -0.5 * grad_rstd * rstd.pow(3)  # d rsqrt(u) / du = -u^-3/2 / 2
+        grad_square = grad_mean_square.expand(x32.shape) / x32.shape[-1]
+        grad_x = grad_normalized * rstd + grad_square * (2.0 * x32)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 def build_norm(config, *, sequence_parallel: bool, device=None, size: Optional[int] = None,

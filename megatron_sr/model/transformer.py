@@ -9,7 +9,16 @@ between the TP regions under --sequence-parallel. Inside a layer:
 Each TP rank owns num_attention_heads / tp heads and ffn_hidden_size / tp MLP
 features; the only communication is inside the parallel linears (an
 all-reduce per block, or all-gather + reduce-scatter with sequence
-parallelism). Dropout on TP-sharded activations draws from the per-TP-rank
+parallelism). Under sequence parallelism qkv and fc1 keep only their
+[s / tp, b, h] input shard for backward and all-gather it again there,
+overlapped with their input-gradient GEMM (`ColumnParallelLinear`).
+
+Kept for backward per layer (what `megatron_sr.estimate.layer_saved_bytes`
+counts and tests/test_scale_simulation.py measures at full size): each
+norm's input in the residual dtype and its fp32 per-row statistics; the
+[s / tp, b, h] (or [s, b, h]) inputs of qkv and fc1; the qkv output (q, k, v)
+and RoPE's rotated q, k; the attention output (proj's input) and the
+attention kernel's log-sum-exp; the MLP's hidden activations. Dropout on TP-sharded activations draws from the per-TP-rank
 stream (`megatron_sr.random.get_rng_tracker().fork()`), on replicated ones
 from the default stream, so replicated activations stay identical.
 

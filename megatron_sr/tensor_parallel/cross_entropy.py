@@ -7,6 +7,12 @@ fp32, identical on every TP rank. Communication: three
 fp32 all-reduces over the TP group in forward (max, target logit, sum of
 exponentials), none in backward (which runs once: it reuses the saved
 softmax in place). The full [..., V] logits never exist.
+
+Memory: one fp32 [..., V / tp] tensor besides the caller's logits. The fp32
+copy of the logits is shifted, exponentiated and normalized in place into the
+softmax that is saved for backward, and backward writes the gradient into it
+(then casts it to the logits' dtype); the values are those of the
+out-of-place formulation, to the bit.
 """
 from __future__ import annotations
 
@@ -22,21 +28,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         ctx.logits_dtype = logits.dtype
-        logits = logits.float()
-        per_rank = logits.shape[-1]
+        work = logits.to(torch.float32, copy=True)  # the one fp32 [..., V / tp] tensor
+        per_rank = work.shape[-1]
         start = parallel_state.get_tensor_model_parallel_rank() * per_rank
 
-        logits_max = logits.max(dim=-1).values
+        logits_max = work.max(dim=-1).values
         if tp > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
+        shifted = work.sub_(logits_max.unsqueeze(-1))
 
         outside = (target < start) | (target >= start + per_rank)
         local_target = (target - start).masked_fill(outside, 0)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = target_logit.masked_fill(outside, 0.0)
 
-        exp = shifted.exp()
+        exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if tp > 1:
             both = torch.stack([target_logit, sum_exp])

@@ -121,19 +121,38 @@ class _LinearWithGradAccumulation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = linear(grad_y, weight.t())
-        if ctx.needs_input_grad[1]:
-            next_key = getattr(ctx.parameter, "grad_accumulation_key", None)
-            accumulate_weight_grad(ctx.parameter.main_grad, grad_y, x,
-                                   next_key() if next_key is not None else None)
-            ctx.parameter.grad_added_to_main_grad = True
-            grad_weight = torch.empty_like(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32) \
-                .to(grad_y.dtype)
+        grad_x = fused_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
+        grad_weight, grad_bias = fused_weight_and_bias_grads(
+            ctx.parameter, grad_y, x, ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_weight, grad_bias
+
+
+def fused_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient grad_y W [..., in] of the fused linear's backward."""
+    return linear(grad_y, weight.t())
+
+
+def fused_weight_and_bias_grads(parameter: torch.nn.Parameter, grad_y: torch.Tensor,
+                                x: torch.Tensor, weight: bool, bias: bool):
+    """The fused linear's backward for its weight and bias: with `weight`, adds
+    grad_y^T x into `parameter.main_grad` (`accumulate_weight_grad`, with the
+    parameter's next accumulation key under stochastic accumulation rounding),
+    marks `grad_added_to_main_grad` and returns an uninitialized placeholder of
+    the weight's shape as its gradient (module docstring); with `bias`, the row
+    sum of grad_y summed in FP32, in grad_y's dtype. Returns (weight placeholder
+    or None, bias gradient or None)."""
+    grad_weight = grad_bias = None
+    if weight:
+        next_key = getattr(parameter, "grad_accumulation_key", None)
+        accumulate_weight_grad(parameter.main_grad, grad_y, x,
+                               next_key() if next_key is not None else None)
+        parameter.grad_added_to_main_grad = True
+        grad_weight = torch.empty_like(parameter)
+    if bias:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32) \
+            .to(grad_y.dtype)
+    return grad_weight, grad_bias
 
 
 def linear_with_grad_accumulation(x: torch.Tensor, weight: torch.Tensor,

@@ -32,6 +32,7 @@ test fills it. Every TP rank of a group calls forward and backward together.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Optional
 
@@ -40,14 +41,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_sr import parallel_state
-from megatron_sr.cpu_bf16 import linear
+from megatron_sr.cpu_bf16 import linear, linear_input_grad, linear_weight_and_bias_grads
 from megatron_sr.random import philox_normal
-from megatron_sr.tensor_parallel.grad_accumulation_fusion import linear_with_grad_accumulation
+from megatron_sr.tensor_parallel.grad_accumulation_fusion import (
+    fused_input_grad,
+    fused_weight_and_bias_grads,
+    linear_with_grad_accumulation,
+)
 from megatron_sr.tensor_parallel.mappings import (
+    all_gather_sequence,
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_sequence,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -143,11 +149,95 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` (never for `meta`)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str):
+    return (torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type) else nullcontext())
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """y = gather(x) W^T + b for a sequence-parallel column-parallel linear: x
+    [s / tp, b, in] is this rank's sequence shard, W [out / tp, in] this rank's
+    rows, y [s, b, out / tp]. Keeps only the shard for backward, not the
+    gathered [s, b, in] (tp times smaller), and all-gathers it again there.
+
+    Communication (all ranks of the TP group call forward and backward together):
+    - forward: one all-gather of x over the TP group, before the GEMM;
+    - backward: (1) the all-gather of the saved shard is launched
+      asynchronously; (2) the input-gradient GEMM grad_y W runs meanwhile (it
+      needs only W); (3) its [s, b, in] result, partial on each rank, is
+      reduce-scattered asynchronously to the [s / tp, b, in] input gradient;
+      (4) after waiting for the all-gather, the weight-gradient GEMM
+      grad_y^T gather(x) (and the bias's row sum) runs while the
+      reduce-scatter is in flight; (5) backward waits for the reduce-scatter
+      and returns. Without a weight gradient to compute there is no re-gather.
+    The gathered input is alive only within forward and from (4) to the end of
+    backward.
+
+    The products are those of `megatron_sr.cpu_bf16.linear` (emulated BF16 on
+    CPUs without native BF16, else `F.linear`), or, with `fused` (the weight
+    has a `main_grad`), of the gradient-accumulation-fused linear, whose
+    weight gradient goes into `main_grad`: same values, to the bit, as an
+    all-gather followed by those linears. Under `torch.autocast` the inputs are
+    cast to the autocast dtype first (as autocast casts F.linear's), and the
+    gradients come back in the inputs' dtypes (the input gradient is cast
+    before the reduce-scatter, so that it sums in the input's dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fused):
+        device = x.device.type
+        ctx.input_dtype = x.dtype
+        if _autocast_on(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.parameter = weight if fused else None
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        total, _ = all_gather_sequence(x)
+        with _autocast_off(device):
+            return linear(total, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.to(weight.dtype)
+        need_weight = ctx.needs_input_grad[1]
+        need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        total, gather = x, None  # the shard stands in for dtype checks when W needs no grad
+        if need_weight:
+            total, gather = all_gather_sequence(x, async_op=True)
+        grad_x = scatter = None
+        with _autocast_off(grad_y.device.type):
+            if ctx.needs_input_grad[0]:
+                grad_total = (fused_input_grad if ctx.parameter is not None
+                              else linear_input_grad)(grad_y, weight).to(ctx.input_dtype)
+                grad_x, scatter = reduce_scatter_sequence(grad_total, async_op=True)
+            if gather is not None:
+                gather.wait()
+            if ctx.parameter is not None:
+                grad_weight, grad_bias = fused_weight_and_bias_grads(
+                    ctx.parameter, grad_y, total, need_weight, need_bias)
+            else:
+                grad_weight, grad_bias = linear_weight_and_bias_grads(grad_y, total, need_weight,
+                                                                      need_bias)
+        if scatter is not None:
+            scatter.wait()
+        return grad_x, grad_weight, grad_bias, None
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's rows (output features) split over TP ranks.
 
     Input: [s, b, in] replicated, or [s / tp, b, in] when sequence_parallel
-    (all-gathered here; backward reduce-scatters the input gradient).
+    (all-gathered here, and again in backward: only the shard is kept for
+    backward, see `_SequenceParallelLinear`; backward reduce-scatters the
+    input gradient).
     Output: [s, b, out / tp] on each rank (or [s, b, out] with gather_output).
     `forward(x, weight=...)` takes an external weight of the local shape
     instead of the own one: the tied output layer uses the word embedding's
@@ -185,11 +275,13 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
+        fused = (self.gradient_accumulation_fusion and weight is self.weight
+                 and getattr(weight, "main_grad", None) is not None
+                 and not _autocast_on(x.device.type))
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, grad_is_partial=True)
-        else:
-            x = copy_to_tensor_model_parallel_region(x)
-        if self.gradient_accumulation_fusion and weight is self.weight:
+            return _SequenceParallelLinear.apply(x, weight, self.bias, fused)
+        x = copy_to_tensor_model_parallel_region(x)
+        if fused:
             y = linear_with_grad_accumulation(x, weight, self.bias)
         else:
             y = linear(x, weight, self.bias)

@@ -73,27 +73,44 @@ def _split_first(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[0]} not divisible by TP size {size} "
                          f"(--sequence-parallel needs --seq-length divisible by "
                          f"--tensor-model-parallel-size)")
-    return x.chunk(size, dim=0)[parallel_state.get_tensor_model_parallel_rank()].contiguous()
+    # A copy, not a view: a view would keep the whole [s, b, h] storage alive for
+    # as long as autograd keeps the shard.
+    return x.chunk(size, dim=0)[parallel_state.get_tensor_model_parallel_rank()].clone(
+        memory_format=torch.contiguous_format)
 
 
-def _gather_first(x: torch.Tensor) -> torch.Tensor:
+def all_gather_sequence(x: torch.Tensor, async_op: bool = False):
+    """[s / tp, b, ...] shards of the TP group -> (the full [s, b, ...], the
+    collective's Work when `async_op`, else None). Every rank of the TP group
+    calls it with the same shape; with `async_op` the output may be read only
+    after `work.wait()`. Not autograd-aware (the building block of the
+    functions below and of the sequence-parallel linear)."""
     size, group = _tp()
     if size == 1:
-        return x
+        return x, None
     out = torch.empty((x.shape[0] * size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_flat(out, x.contiguous(), group=group)
-    return out
+    return out, _all_gather_flat(out, x.contiguous(), group=group, async_op=async_op)
 
 
-def _reduce_scatter_first(x: torch.Tensor) -> torch.Tensor:
+def reduce_scatter_sequence(x: torch.Tensor, async_op: bool = False):
+    """Partial [s, b, ...] on each rank of the TP group -> (this rank's summed
+    [s / tp, b, ...] shard, the Work when `async_op`, else None); as
+    `all_gather_sequence`."""
     size, group = _tp()
     if size == 1:
-        return x
+        return x, None
     if x.shape[0] % size:
         raise ValueError(f"sequence length {x.shape[0]} not divisible by TP size {size}")
     out = torch.empty((x.shape[0] // size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_flat(out, x.contiguous(), group=group)
-    return out
+    return out, _reduce_scatter_flat(out, x.contiguous(), group=group, async_op=async_op)
+
+
+def _gather_first(x: torch.Tensor) -> torch.Tensor:
+    return all_gather_sequence(x)[0]
+
+
+def _reduce_scatter_first(x: torch.Tensor) -> torch.Tensor:
+    return reduce_scatter_sequence(x)[0]
 
 
 class _Copy(torch.autograd.Function):
