@@ -170,7 +170,10 @@ class DistributedOptimizer:
             squares = torch.zeros((), dtype=torch.float32, device=grads.device)
         reduced = squares.reshape(1)
         if host_flags:
-            flags = torch.tensor([float(bool(f)) for f in host_flags], dtype=torch.float32)
+            # Pinned on a GPU: a copy from pageable memory would wait for the stream
+            # (backward's kernels), a host sync before the step's one.
+            flags = torch.tensor([float(bool(f)) for f in host_flags], dtype=torch.float32,
+                                 pin_memory=grads.is_cuda)
             reduced = torch.cat([reduced, flags.to(grads.device, non_blocking=True)])
         if dist.is_initialized():
             dist.all_reduce(reduced, group=self._norm_group)
