@@ -78,6 +78,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from megatron_sr.cpu_bf16 import cpu_has_native_bf16  # noqa: E402
 from megatron_sr.files import sha256_file  # noqa: E402
 
 SCAN_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
@@ -347,7 +348,8 @@ def finish_run(job: RunningJob, store: ResultStore, shape: Shape, commit: bool) 
               "final_valid_loss": loss,
               "wall_minutes": round(minutes, 2), "attempts": job.attempt,
               "code_commit": job.commit,
-              "flags": job.flags, "host_cpu_threads": os.cpu_count()}
+              "flags": job.flags, "host_cpu_threads": os.cpu_count(),
+              "cpu_bf16_gemm": "native" if cpu_has_native_bf16() else "fp32"}
     final = store.publish(job.spec, record)
     print(f"[sweep] {time.strftime('%H:%M:%S')} finished {job.spec.name}: validation loss "
           f"{loss:.4f} ({math.exp(loss):.1f} ppl) in {minutes:.1f} min", flush=True)
