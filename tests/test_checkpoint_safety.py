@@ -29,7 +29,7 @@ import torch
 
 from job_harness import checkpoint_files, run_pretrain, tiny_gpt_argv
 from megatron_sr import checkpointing
-from megatron_sr.checkpoint_conversion import tokenizer_export_files
+from megatron_sr.checkpointing.conversion import tokenizer_export_files
 from megatron_sr.config import TrainingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -85,7 +85,7 @@ def rank_files(save):
 
 
 def test_reshape_round_trip_is_bit_exact(trained, merged, tmp_path):
-    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
 
     back = tmp_path / "tp2pp2"
     assert rank_files(merged) == [Path("iter_0000003/mp_rank_00/model_optim_rng.pt")]
@@ -193,7 +193,7 @@ def test_generation_reads_only_its_own_blocks_of_the_weights(trained):
 
 
 def test_model_only_conversions_read_no_optimizer_state(trained):
-    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
     from megatron_sr.checkpointing.dcp_metadata import CheckpointReader
 
     requested = []

@@ -150,9 +150,10 @@ _DYING_SAVE = textwrap.dedent("""
     # pretrain_gpt.py whose rank 0 (the writer with DP = 2) is SIGKILLed
     # halfway through writing its state file of iteration {crash_iteration}.
     import os, signal
-    from megatron_sr import checkpointing, training
+    from megatron_sr import training
+    from megatron_sr.checkpointing import legacy
 
-    write_state_file = checkpointing._write_state_file
+    write_state_file = legacy._write_state_file
 
     def dying_write(path, state):
         if os.environ["RANK"] == "0" and "iter_{crash_iteration:07d}" in path:
@@ -163,7 +164,7 @@ _DYING_SAVE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return write_state_file(path, state)
 
-    checkpointing._write_state_file = dying_write
+    legacy._write_state_file = dying_write
     training.main()
 """)
 

@@ -274,7 +274,7 @@ def test_continued_pretraining_starts_from_imported_hf_weights(built, tmp_path, 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
     import checkpoint_convert
 
-    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
 
     full = _torch(built[0]["llama", "full"])
     save_hf_model(full, CONFIGS["llama"], tmp_path / "hf")
@@ -302,7 +302,7 @@ def test_hf_import_takes_the_directorys_tokenizer_or_says_it_has_none(built, tmp
     checkpoint's tokenizer; with none a notice names the directory (the
     checkpoint gets a NullTokenizer); half a GPT-2 pair is refused by name."""
     pytest.importorskip("transformers")
-    from megatron_sr.checkpoint_conversion import import_hugging_face
+    from megatron_sr.checkpointing.conversion import import_hugging_face
     from megatron_sr.checkpointing import CheckpointError
 
     save_hf_model(_torch(built[0]["llama", "full"]), CONFIGS["llama"], tmp_path)

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from megatron_sr.checkpoint_conversion import FullCheckpoint, load_full_checkpoint
+from megatron_sr.checkpointing.conversion import FullCheckpoint, load_full_checkpoint
 from megatron_sr.checkpointing import megatron_lm
 from megatron_sr.config import ModelConfig
 from megatron_sr.model.state_dict_layout import global_parameter_names, split_state_dict
@@ -61,7 +61,7 @@ def random_full_state(config: ModelConfig) -> dict[str, torch.Tensor]:
 def _checkpoint(config: ModelConfig) -> FullCheckpoint:
     import dataclasses
 
-    from megatron_sr.checkpointing import _plain
+    from megatron_sr.checkpointing.description import plain_data as _plain
 
     description = {"model": _plain(dataclasses.asdict(config)),
                    "parallel": {"tensor_model_parallel_size": 1,
@@ -116,7 +116,7 @@ def test_the_files_are_megatron_lms(tmp_path):
 def test_the_converter_round_trips_through_megatron_lm(tmp_path):
     checkpoint = _checkpoint(CONFIGS["llama"])
     ours = str(tmp_path / "ours")
-    from megatron_sr.checkpoint_conversion import write_reshaped
+    from megatron_sr.checkpointing.conversion import write_reshaped
     os.makedirs(ours)
     write_reshaped(checkpoint, ours, 1, 1)
     exported, back = tmp_path / "megatron", tmp_path / "back"

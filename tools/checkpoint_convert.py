@@ -32,12 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_sr.checkpoint_conversion import (describe, export_hugging_face,  # noqa: E402
-                                               export_megatron_lm, import_hugging_face,
-                                               import_megatron_lm, load_full_checkpoint,
-                                               model_flags, write_reshaped)
 from megatron_sr.checkpointing import (CheckpointError,  # noqa: E402
-                                      unusable_output_directory)
+                                       unusable_output_directory)
+from megatron_sr.checkpointing.conversion import (describe, export_hugging_face,  # noqa: E402
+                                                  export_megatron_lm, import_hugging_face,
+                                                  import_megatron_lm, load_full_checkpoint,
+                                                  model_flags, write_reshaped)
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
 
 

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_sr import parallel_state  # noqa: E402
-from megatron_sr.checkpoint_conversion import (load_full_checkpoint,  # noqa: E402
-                                               model_config_from_description)
 from megatron_sr.checkpointing import (CheckpointError, load_model_state,  # noqa: E402
                                        read_manifest, resolve_checkpoint_dir, torch_dist)
+from megatron_sr.checkpointing.conversion import (load_full_checkpoint,  # noqa: E402
+                                                  model_config_from_description)
 from megatron_sr.config import ParallelConfig  # noqa: E402
 from megatron_sr.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_sr.inference import generate  # noqa: E402

@@ -28,6 +28,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from megatron_sr.checkpointing.manifest import CheckpointError
+
 _METADATA_CLASSES = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                      "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "StorageMeta",
                      "_MEM_FORMAT_ENCODING")
@@ -77,12 +79,6 @@ class MetadataUnpickler(pickle.Unpickler):
             raise RefusedGlobal(module, name) from None
 
 
-def _error(message: str):
-    from megatron_sr.checkpointing import CheckpointError
-
-    return CheckpointError(message)
-
-
 def read_metadata_file(path: str, data_files: frozenset[str]) -> dcp_metadata.Metadata:
     """The DCP `Metadata` in the file at `path`, unpickled by
     `MetadataUnpickler` and checked: its storage entries name only files of
@@ -93,20 +89,22 @@ def read_metadata_file(path: str, data_files: frozenset[str]) -> dcp_metadata.Me
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
     except RefusedGlobal as exc:
-        raise _error(f"{path} names {exc.qualified_name}, which is not part of DCP metadata: "
-                     f"refused without running it (a crafted or foreign file)") from None
+        raise CheckpointError(f"{path} names {exc.qualified_name}, which is not part of DCP "
+                              f"metadata: refused without running it (a crafted or foreign "
+                              f"file)") from None
     except OSError as exc:
-        raise _error(f"{path} could not be read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path} could not be read: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - any malformed pickle (truncated, wrong opcodes)
-        raise _error(f"{path} is not a readable DCP metadata file ({type(exc).__name__}: "
-                     f"{str(exc)[:120]}): truncated or corrupted") from None
+        raise CheckpointError(f"{path} is not a readable DCP metadata file "
+                              f"({type(exc).__name__}: {str(exc)[:120]}): truncated or "
+                              f"corrupted") from None
     _check_metadata(path, metadata, data_files)
     return metadata
 
 
 def _check_metadata(path: str, metadata, data_files: frozenset[str]) -> None:
     def bad(what: str):
-        return _error(f"{path} is not valid DCP metadata: {what}")
+        return CheckpointError(f"{path} is not valid DCP metadata: {what}")
 
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise bad(f"it holds a {type(metadata).__name__}, not a Metadata")
@@ -131,8 +129,9 @@ def _check_metadata(path: str, metadata, data_files: frozenset[str]) -> None:
             raise bad("a storage entry is not a (MetadataIndex, _StorageInfo) pair of a file "
                       "name, offset and length")
         if info.relative_path not in data_files:
-            raise _error(f"{path} stores {index.fqn} in {info.relative_path!r}, which is not a "
-                         f"file of this checkpoint's manifest: refused (a crafted path?)")
+            raise CheckpointError(f"{path} stores {index.fqn} in {info.relative_path!r}, which "
+                                  f"is not a file of this checkpoint's manifest: refused (a "
+                                  f"crafted path?)")
 
 
 class CheckpointReader(FileSystemReader):
@@ -149,8 +148,8 @@ class CheckpointReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
         if kwargs.get("rank") is not None:
-            raise _error(f"{self._metadata_path}: a per-rank DCP metadata file was asked for; "
-                         f"megatron_sr checkpoints have one metadata file")
+            raise CheckpointError(f"{self._metadata_path}: a per-rank DCP metadata file was "
+                                  f"asked for; megatron_sr checkpoints have one metadata file")
         if self._metadata is None:
             metadata = read_metadata_file(self._metadata_path, self._data_files)
             if hasattr(dcp_metadata, "StorageMeta") and hasattr(self, "load_id"):

@@ -190,7 +190,7 @@ def import_megatron_lm(path: str) -> tuple[argparse.Namespace, ModelConfig, int,
 def description_from_megatron_args(args: argparse.Namespace, config: ModelConfig) -> dict:
     """Our checkpoint "args" (`checkpointing.job_description`'s shape) for an
     imported Megatron-LM checkpoint."""
-    from megatron_sr.checkpointing import _plain
+    from megatron_sr.checkpointing.description import plain_data as _plain
     from megatron_sr.config import DataConfig, OptimizerConfig, ParallelConfig
 
     tokenizer_type = getattr(args, "tokenizer_type", None) or "NullTokenizer"

@@ -1,7 +1,7 @@
 """`--ckpt-format torch_dist`: sharded checkpoints on torch.distributed.checkpoint (DCP).
 
-Layout under `--save` (the tracker and the atomic publish are the legacy
-format's, see `megatron_sr.checkpointing`):
+Layout under `--save` (the tracker, the manifest and the atomic publish are
+both formats', see `checkpointing.manifest` and `checkpointing.publish`):
 
     latest_checkpointed_iteration.txt       written last
     iter_0000100/
@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import re
-import shutil
 from typing import Optional
 
 import torch
@@ -55,21 +53,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_sr import fault_injection
+from megatron_sr import fault_injection, parallel_state
 from megatron_sr.checkpointing import global_blocks
 from megatron_sr.checkpointing.dcp_metadata import CheckpointReader
 from megatron_sr.checkpointing.global_blocks import GlobalBlocks
+from megatron_sr.checkpointing.manifest import (METADATA_FILENAME, CheckpointError, file_entry,
+                                                is_data_file_name, verify_file)
+from megatron_sr.checkpointing.publish import all_gather_objects, publish_written
+from megatron_sr.checkpointing.rng import set_rng_state
+from megatron_sr.checkpointing.strict_load import check_vocabulary, extra_parameters_message
+from megatron_sr.model import named_parameters_global
+from megatron_sr.model.parallel_layout import param_is_unique_in_model
 
 FORMAT = "torch_dist"
 COMMON_KEY = "common"
-METADATA_FILENAME = ".metadata"
-_DATA_FILE = re.compile(r"__[0-9]+_[0-9]+\.distcp")
-
-
-def is_data_file_name(name: str) -> bool:
-    """Whether `name` is one of the data files DCP writes (`__<rank>_<n>.distcp`)."""
-    return _DATA_FILE.fullmatch(name) is not None
-
 
 def reader(directory: str, manifest: dict) -> CheckpointReader:
     """The DCP reader of a verified checkpoint: metadata through the
@@ -113,10 +110,6 @@ def tensor_state(model, optimizer, *, writing: bool) -> dict[str, GlobalBlocks]:
     """The model and optimizer tensors of this rank as `GlobalBlocks` views of
     its own storage (no copy). `writing`: only what this rank writes (see the
     module doc); otherwise everything it holds (a load fills all of it)."""
-    from megatron_sr import parallel_state
-    from megatron_sr.model import named_parameters_global
-    from megatron_sr.model.parallel_layout import param_is_unique_in_model
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -134,10 +127,6 @@ def tensor_state(model, optimizer, *, writing: bool) -> dict[str, GlobalBlocks]:
 def model_state(model, *, writing: bool = False) -> dict[str, GlobalBlocks]:
     """The `model/<name>` part of `tensor_state`: this rank's parameters as
     `GlobalBlocks` views (no copy)."""
-    from megatron_sr import parallel_state
-    from megatron_sr.model import named_parameters_global
-    from megatron_sr.model.parallel_layout import param_is_unique_in_model
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -172,13 +161,11 @@ def _write(state: dict, tmp_dir: str, iteration: int, group) -> tuple[Optional[s
         writer = dcp.FileSystemWriter(tmp_dir, single_file_per_rank=True, sync_files=True)
         dcp.save(state, storage_writer=writer, planner=global_blocks.SavePlanner(),
                  process_group=group, no_dist=not dist.is_initialized())
-        from megatron_sr.checkpointing import file_entry
-
         mine = sorted(f for f in os.listdir(tmp_dir) if f.startswith(f"__{rank}_"))
         if rank == 0:
             mine.append(METADATA_FILENAME)
         return None, [file_entry(tmp_dir, f) for f in mine]
-    except (Exception, CheckpointException) as exc:  # reported to every rank by `_finish`
+    except (Exception, CheckpointException) as exc:  # reported to every rank by `publish_written`
         return f"rank {rank} could not write its part of {tmp_dir}: {exc}", []
 
 
@@ -209,30 +196,6 @@ def _async_group():
     return _ASYNC_GROUP[1]
 
 
-def _finish(save_dir: str, tmp_dir: str, iteration: int, layout: tuple,
-            result: tuple[Optional[str], list]) -> str:
-    """Publishes a written checkpoint: every rank reports, rank 0 writes the
-    manifest, renames and updates the tracker. Collective over the world."""
-    from megatron_sr.checkpointing import (CheckpointError, _all_gather_objects, _publish,
-                                           iteration_dir_name, rank0)
-
-    reports = _all_gather_objects(result)
-    failures = [error for error, _ in reports if error]
-    if rank0() and not failures:
-        try:
-            _publish(save_dir, tmp_dir, iteration, [e for _, entries in reports for e in entries],
-                     *layout, checkpoint_format=FORMAT)
-        except OSError as exc:
-            failures.append(f"rank 0 could not finalize the checkpoint: {exc}")
-    if rank0() and failures:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    failures = _all_gather_objects(failures)[0]
-    if failures:
-        raise CheckpointError(f"checkpoint save of iteration {iteration} to {save_dir} failed "
-                              f"(previous checkpoint left intact): {'; '.join(failures)}")
-    return os.path.join(save_dir, iteration_dir_name(iteration))
-
-
 def wait_for_pending_save() -> Optional[str]:
     """Waits for the async save in flight (if any) and publishes it; returns its
     directory. Every rank calls it (the next save does, and the end of
@@ -241,8 +204,8 @@ def wait_for_pending_save() -> Optional[str]:
     pending, _PENDING = _PENDING, None
     if pending is None:
         return None
-    path = _finish(pending.save_dir, pending.tmp_dir, pending.iteration, pending.layout,
-                   pending.future.result())
+    path = publish_written(pending.save_dir, pending.tmp_dir, pending.iteration,
+                           pending.layout, FORMAT, pending.future.result())
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"[checkpoint] saved iteration {pending.iteration} to {path} (async)", flush=True)
     return path
@@ -254,8 +217,6 @@ def save(job, iteration: int, common: dict, model, optimizer, tmp_dir: str,
     (created by rank 0) and publishes it, or, with --async-save, starts the
     write in the background and returns None. Every rank calls it."""
     global _PENDING, _EXECUTOR
-    from megatron_sr import parallel_state
-
     training = job.training
     state = tensor_state(model, optimizer, writing=True)
     if dist.get_rank() == 0:
@@ -266,8 +227,8 @@ def save(job, iteration: int, common: dict, model, optimizer, tmp_dir: str,
     layout = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size())
     if not training.async_save:
-        return _finish(training.save, tmp_dir, iteration, layout,
-                       _write(state, tmp_dir, iteration, None))
+        return publish_written(training.save, tmp_dir, iteration, layout, FORMAT,
+                               _write(state, tmp_dir, iteration, None))
     group = _async_group()
     staged = _staged(state)
     if _EXECUTOR is None:
@@ -282,8 +243,6 @@ def verify(directory: str, manifest: dict) -> None:
     """Checks size and sha256 of the checkpoint's files, split over the ranks
     (rank r checks every world_size-th file); CheckpointError on every rank
     naming the first bad file. Collective over the world."""
-    from megatron_sr.checkpointing import CheckpointError, _all_gather_objects, verify_file
-
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = None
     for relpath in sorted(manifest["files"])[rank::world]:
@@ -292,14 +251,12 @@ def verify(directory: str, manifest: dict) -> None:
         except CheckpointError as exc:
             error = str(exc)
             break
-    errors = [e for e in _all_gather_objects(error) if e]
+    errors = [e for e in all_gather_objects(error) if e]
     if errors:
         raise CheckpointError(errors[0])
 
 
 def _fit(key: str, wanted: GlobalBlocks, saved_shape: torch.Size, directory: str) -> GlobalBlocks:
-    from megatron_sr.checkpointing import CheckpointError
-
     if wanted.shape == saved_shape:
         return wanted
     vocab = key.endswith(("word_embeddings.weight", "output_layer.weight"))
@@ -326,8 +283,6 @@ def _first_line(exc: BaseException) -> str:
 def _read_common(checkpoint_reader: CheckpointReader, directory: str) -> dict:
     """The checkpoint's `common` entry (rank 0's plain values, read with
     weights_only); collective over the world like every `dcp.load`."""
-    from megatron_sr.checkpointing import CheckpointError
-
     state: dict = {COMMON_KEY: None}
     try:
         dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
@@ -343,11 +298,8 @@ def _check_same_model(wanted: dict, saved: dict, directory: str) -> None:
     """CheckpointError on every rank when the checkpoint holds a parameter no
     rank of this model has (the load is strict; a missing one is refused per
     rank by `load`). Collective over the world: gathers the model's names."""
-    from megatron_sr.checkpointing import (CheckpointError, _all_gather_objects,
-                                           extra_parameters_message)
-
     mine = sorted(key for key in wanted if key.startswith("model/"))
-    held = {key for names in _all_gather_objects(mine) for key in names}
+    held = {key for names in all_gather_objects(mine) for key in names}
     extra = sorted(key[len("model/"):] for key in saved
                    if key.startswith("model/") and key not in held)
     if extra:
@@ -361,9 +313,6 @@ def load(job, directory: str, manifest: dict, model, optimizer, *, load_optim: b
     calls it; CheckpointError names the file or parameter at fault. Strict:
     every saved parameter must be one of the model's with its shape, and the
     vocabulary the same up to padding; nothing is loaded otherwise."""
-    from megatron_sr import parallel_state
-    from megatron_sr.checkpointing import CheckpointError, check_vocabulary, set_rng_state
-
     verify(directory, manifest)
     checkpoint_reader = reader(directory, manifest)
     saved = checkpoint_reader.read_metadata().state_dict_metadata
@@ -424,8 +373,6 @@ def open_for_model(directory: str, manifest: dict) -> tuple[CheckpointReader, di
     """(reader, `common` entry) of a torch_dist checkpoint, after verifying its
     files (split over the ranks): what a tool that loads only the weights
     (`load_model`) reads first, to learn the model. Every rank calls it."""
-    from megatron_sr.checkpointing import CheckpointError
-
     verify(directory, manifest)
     checkpoint_reader = reader(directory, manifest)
     if COMMON_KEY not in checkpoint_reader.read_metadata().state_dict_metadata:
@@ -439,8 +386,6 @@ def load_model(checkpoint_reader: CheckpointReader, directory: str, model) -> No
     parameters at this run's layout): no optimizer state, no RNG state, no
     other rank's blocks (DCP reads only the stored chunks that overlap
     them). Strict as `load`. Every rank calls it (after `open_for_model`)."""
-    from megatron_sr.checkpointing import CheckpointError
-
     saved = checkpoint_reader.read_metadata().state_dict_metadata
     wanted = model_state(model)
     _check_same_model(wanted, saved, directory)
@@ -464,8 +409,6 @@ def read_full(directory: str, manifest: dict, *, optimizer: bool = True
     (logical) shape}, {rng key: RNG state}). Holds the whole model in memory.
     Without `optimizer` only `common` and the `model/` entries are read (no
     optimizer state, no RNG states: the last dict is empty)."""
-    from megatron_sr.checkpointing import CheckpointError
-
     verify(directory, manifest)
     checkpoint_reader = reader(directory, manifest)
     metadata = checkpoint_reader.read_metadata().state_dict_metadata

@@ -39,7 +39,7 @@ import pytest
 from fault_harness import REPO
 from job_harness import run_pretrain, tiny_gpt_argv
 from megatron_sr import checkpointing
-from megatron_sr.checkpoint_conversion import load_full_checkpoint
+from megatron_sr.checkpointing.conversion import load_full_checkpoint
 from megatron_sr.checkpointing import CheckpointError
 from megatron_sr.config import TrainingConfig
 from megatron_sr.files import sha256_file

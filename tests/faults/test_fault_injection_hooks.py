@@ -127,6 +127,7 @@ def test_collective_names_follow_the_code():
     import inspect
 
     from megatron_sr import replica_check
+    from megatron_sr.checkpointing import publish, training_checkpoint
     from megatron_sr.optimizer import distributed_optimizer, param_buffer
     from megatron_sr.model import parallel_layout
     from megatron_sr.pipeline_parallel import p2p_communication
@@ -134,6 +135,6 @@ def test_collective_names_follow_the_code():
     sources = "".join(inspect.getsource(m) for m in (training, distributed_optimizer,
                                                      param_buffer, parallel_layout,
                                                      p2p_communication, replica_check,
-                                                     training.checkpointing))
+                                                     publish, training_checkpoint))
     for function in training._COLLECTIVE_OF_FUNCTION:
         assert f"def {function}(" in sources, function

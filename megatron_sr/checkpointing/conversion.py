@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
-from megatron_sr.checkpointing import (CheckpointError, read_all_rank_states, read_manifest,
-                                      resolve_checkpoint_dir, write_checkpoint)
+from megatron_sr.checkpointing.description import plain_data
+from megatron_sr.checkpointing.legacy import read_all_rank_states, write_checkpoint
+from megatron_sr.checkpointing.manifest import (CheckpointError, read_manifest,
+                                                resolve_checkpoint_dir)
 from megatron_sr.config import ModelConfig
 from megatron_sr.model.state_dict_layout import (global_parameter_names, merge_state_dicts,
                                                 split_state_dict, tensor_parallel_split)
@@ -31,8 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def model_config_from_description(description: dict, source: str = "the checkpoint"
                                   ) -> ModelConfig:
     """The ModelConfig stored in a checkpoint's "args" (see
-    `checkpointing.job_description`); CheckpointError naming `source` when
-    they do not describe one."""
+    `checkpointing.description.job_description`); CheckpointError naming
+    `source` when they do not describe one."""
     try:
         fields = dict(description["model"])
         fields["params_dtype"] = _DTYPES[fields["params_dtype"]]
@@ -299,7 +301,6 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
     the directory's (`_hugging_face_tokenizer`).
     CheckpointError naming `hf_dir` when its files cannot be read or do not
     fit its config.json (a truncated safetensors file, shapes that differ)."""
-    from megatron_sr.checkpointing import _plain
     from megatron_sr.config import OptimizerConfig, ParallelConfig
     from megatron_sr.model.hf_conversion import load_hf_model
 
@@ -316,12 +317,12 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
         raise CheckpointError(f"the Hugging Face model {hf_dir} could not be read: "
                               f"{type(exc).__name__}: {lines[0][:300] if lines else ''}") from exc
     data = _hugging_face_tokenizer(hf_dir, hf_vocab, config.seq_length)
-    description = _plain({"model": dataclasses.asdict(config),
-                          "parallel": dataclasses.asdict(ParallelConfig()),
-                          "optimizer": dataclasses.asdict(OptimizerConfig()),
-                          "data": dataclasses.asdict(data), "unpadded_vocab_size": hf_vocab,
-                          "imported_from": {"hugging_face": os.path.realpath(hf_dir),
-                                            "family": family}})
+    description = plain_data({"model": dataclasses.asdict(config),
+                              "parallel": dataclasses.asdict(ParallelConfig()),
+                              "optimizer": dataclasses.asdict(OptimizerConfig()),
+                              "data": dataclasses.asdict(data), "unpadded_vocab_size": hf_vocab,
+                              "imported_from": {"hugging_face": os.path.realpath(hf_dir),
+                                                "family": family}})
     return FullCheckpoint(directory=hf_dir, iteration=0, description=description, config=config,
                           model=model, optimizer=None, lr_scheduler=None,
                           consumed_train_samples=0)
