@@ -25,14 +25,15 @@ Points (where the job calls `at`):
                          before the model is built and the checkpoint loaded
     train-step           training.train_step, after the forward-backward and
                          before the gradient syncs (mid-iteration)
-    checkpoint-write     checkpointing.save_checkpoint, where a rank writes its
-                         state file (into the temporary directory); with
-                         --ckpt-format torch_dist where a rank starts writing
-                         its shard (the background thread with --async-save)
-    checkpoint-commit    checkpointing.save_checkpoint on rank 0, after the
+    checkpoint-write     checkpointing.legacy.save_checkpoint, where a rank
+                         writes its state file (into the temporary directory);
+                         with --ckpt-format torch_dist where a rank starts
+                         writing its shard (the background thread with
+                         --async-save)
+    checkpoint-commit    checkpointing.publish.publish on rank 0, after the
                          checkpoint directory is in place and before the
                          tracker file names it
-    checkpoint-replace   checkpointing's publish step on rank 0, re-saving an
+    checkpoint-replace   checkpointing.publish.publish on rank 0, re-saving an
                          iteration that exists: after the old directory is
                          moved aside, before the new one is renamed in
     weight-hash          replica_check.check_replicas, before it hashes this

@@ -1,22 +1,22 @@
 """Checkpoints in Megatron-LM's layout, written atomically and verified on load.
 
-The modules, from the bottom up:
+The modules, each importing only those above it:
 
     manifest.py             what a published checkpoint is (tracker, iter_XXXXXXX,
                             manifest, each format's files) and the checks of a reader
     publish.py              the atomic publish both formats share (temporary directory,
                             manifest, rename, tracker last, recovery) and its collectives
+    rng.py                  a rank's RNG states
+    description.py          the run a checkpoint describes (its "args")
+    strict_load.py          loads are strict: a checkpoint's model must be this run's
     legacy.py               --ckpt-format torch: one torch file per (TP, PP) position
     torch_dist.py           --ckpt-format torch_dist (the default): sharded on
                             torch.distributed.checkpoint, loads at any TP/PP/DP;
-                            global_blocks.py, dcp_metadata.py are its helpers
-    rng.py                  a rank's RNG states
-    description.py          the run a checkpoint describes (its "args")
-    strict_load.py          a checkpoint's model must be this run's
+                            global_blocks.py and dcp_metadata.py are its helpers
     directory_checks.py     no run writes into a checkpoint or over another run's
     training_checkpoint.py  the training job's save and load, dispatching on the format
-    conversion.py           whole models: merge, reshape TP/PP, export (offline tools)
     megatron_lm.py          Megatron-LM's own files, imported and exported
+    conversion.py           whole models: merge, reshape TP/PP, export (offline tools)
 
 This file only re-exports what the rest of the project imports.
 """
