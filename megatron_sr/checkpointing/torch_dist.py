@@ -68,6 +68,7 @@ from megatron_sr.model.parallel_layout import param_is_unique_in_model
 FORMAT = "torch_dist"
 COMMON_KEY = "common"
 
+
 def reader(directory: str, manifest: dict) -> CheckpointReader:
     """The DCP reader of a verified checkpoint: metadata through the
     restricted unpickler, data only from the manifest's files (see
