@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-ARGUMENTS_PY = "megatron/training/arguments.py"
+ARGUMENTS_PY = ("megatron/training/arguments.py", "megatron/arguments.py")  # core 0.8+, older
 MODELOPT_ARGUMENTS_PY = "megatron/post_training/arguments.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_MODULE = os.path.join(ROOT, "megatron_sr", "config", "megatron_flag_table.py")
@@ -307,11 +307,11 @@ def megatron_flags(source: Optional[MegatronSource] = None,
     """Every flag of Megatron-LM's GPT parser in `source` (or only the plain
     add_argument flags of the file `arguments_py`), by option string."""
     if source is not None:
-        text = source.read(ARGUMENTS_PY)
-        if text is None:
-            raise SystemExit(f"{source.describe()} has no {ARGUMENTS_PY}: not a Megatron-LM "
-                             f"checkout (core 0.10 or newer)?")
-        filename = ARGUMENTS_PY
+        filename = next((path for path in ARGUMENTS_PY if source.read(path) is not None), None)
+        if filename is None:
+            raise SystemExit(f"{source.describe()} has none of {', '.join(ARGUMENTS_PY)}: not a "
+                             f"Megatron-LM checkout?")
+        text = source.read(filename)
     else:
         with open(arguments_py, encoding="utf-8") as f:
             text = f.read()
@@ -341,6 +341,7 @@ def _load_table_module():
     neither torch nor the rest of the package."""
     spec = importlib.util.spec_from_file_location("megatron_flag_table", TABLE_MODULE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -371,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         record = records.get(flag.flag)
         if record is None:
             problems.append(f"missing: {flag.flag} (arity {flag.arity}, {flag.where})")
-        elif record.arity != flag.arity:
+        elif flag.arity not in record.arities:
             problems.append(f"arity: {flag.flag} takes {flag.arity} value(s) in Megatron "
                             f"({flag.where}), the table says {record.arity}")
     print("\n".join(problems) if problems else
