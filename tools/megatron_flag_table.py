@@ -29,6 +29,7 @@ import argparse
 import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -191,24 +192,30 @@ class _ClassIndex:
 
     def __init__(self, source: MegatronSource):
         self.source = source
-        self._by_name: Optional[dict[str, list[tuple[str, ast.ClassDef]]]] = None
+        self._found: dict[str, ast.ClassDef] = {}
+
+    def _files_defining(self, name: str) -> list[str]:
+        pattern = rf"class {name}[(:]"  # candidates; the AST picks the definitions
+        if self.source.ref is not None:
+            result = subprocess.run(["git", "-C", self.source.path, "grep", "-l", "-E", pattern,
+                                     self.source.ref, "--", "megatron"],
+                                    capture_output=True, text=True)
+            return [line.split(":", 1)[1] for line in result.stdout.split()
+                    if line.endswith(".py")]
+        return [path for path in self.source.python_files()
+                if re.search(pattern, self.source.read(path) or "")]
 
     def find(self, name: str) -> ast.ClassDef:
-        if self._by_name is None:
-            self._by_name = {}
-            for relpath in self.source.python_files():
-                text = self.source.read(relpath) or ""
-                if "class " not in text:
-                    continue
-                for node in ast.parse(text, filename=relpath).body:
-                    if isinstance(node, ast.ClassDef):
-                        self._by_name.setdefault(node.name, []).append((relpath, node))
-        found = self._by_name.get(name, [])
-        if len(found) != 1:
-            where = ", ".join(path for path, _ in found) or "nowhere"
-            raise ValueError(f"class {name} is defined {len(found)} times under megatron/ "
-                             f"({where}): cannot tell which dataclass the factory reads")
-        return found[0][1]
+        if name not in self._found:
+            found = [(path, node) for path in self._files_defining(name)
+                     for node in ast.parse(self.source.read(path), filename=path).body
+                     if isinstance(node, ast.ClassDef) and node.name == name]
+            if len(found) != 1:
+                where = ", ".join(path for path, _ in found) or "nowhere"
+                raise ValueError(f"class {name} is defined {len(found)} times under megatron/ "
+                                 f"({where}): cannot tell which dataclass the factory reads")
+            self._found[name] = found[0][1]
+        return self._found[name]
 
 
 def _unwrap_optional(annotation: ast.expr) -> ast.expr:
