@@ -6,22 +6,28 @@
 
 Reads Megatron-LM's source and never imports it (nor torch): the option strings
 are those of every `*.add_argument("--...")` call in
-`megatron/training/arguments.py`, plus the flags its `ArgumentGroupFactory(
-SomeConfig, exclude=[...]).build_group(...)` calls generate from the fields of
-those dataclasses (found by class name anywhere under `megatron/`), with the
-factory's naming rules: `--field-name`; a bool field that defaults to False is
-a store_true flag, any other bool field the store_false pair `--no-field-name`
-/ `--disable-field-name`; a list field takes `nargs='+'`; a field's
-`metadata={"argparse_meta": {...}}` overrides all of these. pretrain_gpt.py's
-optional `add_modelopt_args` (megatron/post_training/arguments.py, present when
-nvidia-modelopt is installed) is read too when the source has it.
+`megatron/training/arguments.py` (`megatron/arguments.py` before core 0.8; an
+`action=argparse.BooleanOptionalAction` adds `--no-X` too), plus the flags its
+`ArgumentGroupFactory(SomeConfig, exclude=[...]).build_group(...)` calls
+generate from the fields of those dataclasses (found by class name anywhere
+under `megatron/`), with the factory's naming rules: `--field-name`; a bool
+field that defaults to False is a store_true flag, any other bool field the
+store_false pair `--no-field-name` / `--disable-field-name`; a list field takes
+`nargs='+'`; a field's `metadata={"argparse_meta": {...}}` overrides all of
+these. pretrain_gpt.py's optional `add_modelopt_args`
+(megatron/post_training/arguments.py, present when nvidia-modelopt is
+installed) is read too when the source has it. For core_v0.16.1 this gives the
+option strings and arities of the parser Megatron builds when imported
+(besides -h/--help).
 
 `--arguments-py` alone has no dataclasses to read: it lists the flags of the
 plain add_argument calls and names the factory groups it could not expand.
 
 Prints one line per missing flag (and per flag whose value arity differs from
 the table's) and exits 1 when there is any: the table is then out of date with
-that Megatron-LM version. `--dump` prints `flag,arity` of every flag found.
+that Megatron-LM version. The table's arities are core 0.16's and main's, so
+an older release reports the few flags whose nargs changed since. `--dump`
+prints `flag,arity,where` of every flag found.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ class SourceFlag:
 
     flag: str
     arity: str
-    where: str  # "arguments.py:LINE" or "ClassName.field"
+    where: str  # "path/arguments.py:LINE" or "ClassName.field"
 
 
 class MegatronSource:
