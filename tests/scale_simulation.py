@@ -18,9 +18,25 @@ code paths in about a second and shows, at the job's real sizes:
   (layers, buffers, the optimizer) and can count ops and bytes per group for
   any layout the fake group can take (1,024 ranks included).
 
+Whole training steps (`simulated_training`): the model and the
+DistributedOptimizer come from the training job's `setup_model_and_optimizer`
+on `meta` (`parallel_state`'s default device while the simulation is open),
+and `SimulatedTraining.step` runs `train_step` as the training loop calls it:
+the pipeline schedule's sends and receives (the fake group completes them at
+once), every collective, the optimizer in the torch reference
+(`_meta_code_paths`). The step's host read of a `meta` tensor reads zeros
+(`MetaHostReads`). `census_step` records one rank's collectives of a step
+between log lines and of a log step; tests/test_collective_census.py checks
+them at 1,024 ranks against `megatron_sr.estimate`, and
+
+    python tests/scale_simulation.py --census
+
+prints the table docs/SCALING.md quotes.
+
 The first `meta` operation of a process imports torch's reference kernels
-(`torch._refs`, several seconds); the simulation itself takes about a second
-per rank.
+(`torch._refs`, several seconds); the forward and backward of one
+micro-batch take about a second per rank, a whole 70B-class step of 4
+micro-batches on a rank of 20 layers about 5 s.
 
 Which code path runs on `meta` tensors: the GPU's. The CPU-BF16 emulation of
 `megatron_sr.cpu_bf16` (FP32 products of BF16 inputs, with FP32 copies saved:
@@ -54,6 +70,7 @@ from megatron_sr import parallel_state
 from megatron_sr.arguments import JobConfig, build_parser
 from megatron_sr.estimate import add_estimate_args, jobs_from_args
 from megatron_sr.model import build_model
+from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
 from megatron_sr.precision.strategies import get_strategy
 from megatron_sr.training import (LossAccumulator, exit_conditions, grad_dtype, make_forward_step,
@@ -206,7 +223,7 @@ class SimulatedTraining:
 
     job: JobConfig
     model: list
-    optimizer: object  # megatron_sr.optimizer.DistributedOptimizer
+    optimizer: DistributedOptimizer
 
     def step(self, log_step: bool = False) -> None:
         """One `train_step` as the training loop calls it (`training.train`):
@@ -551,7 +568,7 @@ def format_census(job: JobConfig, censuses: list[StepCensus], estimates) -> str:
                 shown.add(row.group)
             lines.append(f"| {census.pipeline_rank} | {row.group} ({row.size}) | `{row.op}` | "
                          f"{row.count} | {_mib(row.nbytes)} | {_mib(row.sent)} | {figure} |")
-    lines += ["", "A log step adds (same columns, bytes):", "",
+    lines += ["", "What a log step adds, in message bytes:", "",
               "| stage | group (ranks) | operator | count | message bytes |", "|---|---|---|---|---|"]
     for census in censuses:
         plain = {(r.group, r.op): r for r in census.rows()}

@@ -23,13 +23,17 @@ Checked:
   step sums only those inside the rank's DP shard (here none);
 - the counts: per micro-batch and layer 6 all-gathers and 4 reduce-scatters
   on TP, one reduce-scatter and one all-gather per bucket on DP, one send and
-  one receive per micro-batch and pipeline neighbour.
+  one receive per micro-batch and pipeline neighbour;
+- docs/SCALING.md's census table holds these stages' rows as
+  `python tests/scale_simulation.py --census` prints them.
 """
+from pathlib import Path
+
 import pytest
 
 from megatron_sr.estimate import estimate_job
-from scale_simulation import (SEVENTY_B_1K_ARGV, census_step, estimated_sent, job_config,
-                              sent_by_group, stage_rank)
+from scale_simulation import (SEVENTY_B_1K_ARGV, census_step, estimated_sent, format_census,
+                              job_config, sent_by_group, stage_rank)
 
 pytestmark = pytest.mark.slow  # three ranks' two steps at full size on meta: ~50 CPU-s
 
@@ -113,3 +117,10 @@ def test_collective_counts(censuses, job, stage):
     assert counts[("data", "_allgather_base_")] == buckets > 1
     neighbours = (not first) + (not last)
     assert counts[("pipeline", "send")] == counts[("pipeline", "recv_")] == m * neighbours
+
+
+def test_scaling_doc_quotes_the_census(censuses, job, estimate):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "SCALING.md").read_text()
+    table = format_census(job, [censuses[stage] for stage in STAGES], estimate)
+    missing = [line for line in table.splitlines() if line not in doc]
+    assert not missing, missing
