@@ -68,7 +68,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_sr import parallel_state
 from megatron_sr.arguments import JobConfig, build_parser
-from megatron_sr.estimate import add_estimate_args, jobs_from_args
+from megatron_sr.estimate import (JobEstimate, StageEstimate, add_estimate_args, estimate_job,
+                                  jobs_from_args)
 from megatron_sr.model import build_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
@@ -97,9 +98,9 @@ SEVENTY_B_ARGV = ("--num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672 "
 groups) at TP 8 x PP 8 x DP 8 (512 ranks)."""
 
 
-def job_config(argv: list[str], **overrides: str) -> JobConfig:
-    """The validated JobConfig `pretrain_gpt.py` (and tools/estimate.py) make of
-    `argv`; `overrides` replace flags: num_layers=\"2\" -> --num-layers 2."""
+def with_flags(argv: list[str], **overrides: str) -> list[str]:
+    """A copy of `argv` whose flags `overrides` replace (or add):
+    num_layers=\"2\" -> --num-layers 2."""
     argv = list(argv)
     for name, value in overrides.items():
         flag = "--" + name.replace("_", "-")
@@ -107,6 +108,13 @@ def job_config(argv: list[str], **overrides: str) -> JobConfig:
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
+    return argv
+
+
+def job_config(argv: list[str], **overrides: str) -> JobConfig:
+    """The validated JobConfig `pretrain_gpt.py` (and tools/estimate.py) make of
+    `argv`, its flags replaced by `overrides` (`with_flags`)."""
+    argv = with_flags(argv, **overrides)
     args = build_parser(extra_args_provider=add_estimate_args).parse_args(argv)
     (job,) = jobs_from_args(args)
     return job
@@ -435,10 +443,8 @@ def _describe(func, args) -> Collective:
 
 # ----- the per-step collective census --------------------------------------------------------
 
-SEVENTY_B_1K_ARGV = list(SEVENTY_B_ARGV)
-for _flag, _value in (("--pipeline-model-parallel-size", "4"), ("--world-size", "1024"),
-                      ("--global-batch-size", "128")):
-    SEVENTY_B_1K_ARGV[SEVENTY_B_1K_ARGV.index(_flag) + 1] = _value
+SEVENTY_B_1K_ARGV = with_flags(SEVENTY_B_ARGV, pipeline_model_parallel_size="4",
+                               world_size="1024", global_batch_size="128")
 """The 70B-class model of SEVENTY_B_ARGV at TP 8 x PP 4 x DP 32 (1,024 ranks),
 a global batch of 128 sequences: 4 micro-batches per step and DP rank, as
 many as stages, so that 1F1B reaches its steady state (a step's traffic per
@@ -502,9 +508,9 @@ def sent_by_group(rows: list[CensusRow]) -> dict[str, float]:
     return sent
 
 
-def estimated_sent(stage) -> dict[str, float]:
-    """`megatron_sr.estimate`'s bytes sent per step by a rank of `stage` (a
-    `StageEstimate`), by census group: "data" (reduce-scatter and all-gather,
+def estimated_sent(stage: StageEstimate) -> dict[str, float]:
+    """`megatron_sr.estimate`'s bytes sent per step by a rank of `stage`, by
+    census group: "data" (reduce-scatter and all-gather,
     or all-reduce), "tensor", and "pipeline" with "embedding" (the estimate's
     pipeline figure holds the tied embedding's all-reduce)."""
     return {"data": (stage.sent_grad_reduce_scatter + stage.sent_param_all_gather
@@ -551,7 +557,7 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes:.0f} B" if nbytes < 10 * 2 ** 10 else f"{nbytes / 2 ** 20:,.2f}"
 
 
-def format_census(job: JobConfig, censuses: list[StepCensus], estimates) -> str:
+def format_census(censuses: list[StepCensus], estimate: JobEstimate) -> str:
     """The census of one rank per stage as a Markdown table (docs/SCALING.md):
     per stage, group and operator the collectives of a step between log
     lines, their message and ring-sent MiB, and per group the estimate's
@@ -559,12 +565,12 @@ def format_census(job: JobConfig, censuses: list[StepCensus], estimates) -> str:
     lines = ["| stage | group (ranks) | operator | count | message MiB | sent MiB | "
              "estimate sent MiB |", "|---|---|---|---|---|---|---|"]
     for census in censuses:
-        estimate = estimated_sent(estimates.stages[census.pipeline_rank])
+        estimated = estimated_sent(estimate.stages[census.pipeline_rank])
         shown = set()
         for row in census.rows():
             figure = ""
-            if row.group in estimate and row.group not in shown:
-                figure = _mib(estimate[row.group])
+            if row.group in estimated and row.group not in shown:
+                figure = _mib(estimated[row.group])
                 shown.add(row.group)
             lines.append(f"| {census.pipeline_rank} | {row.group} ({row.size}) | `{row.op}` | "
                          f"{row.count} | {_mib(row.nbytes)} | {_mib(row.sent)} | {figure} |")
@@ -584,7 +590,6 @@ def format_census(job: JobConfig, censuses: list[StepCensus], estimates) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     import argparse
-    from megatron_sr.estimate import estimate_job
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--census", action="store_true", required=True,
                         help="Print the per-step collective census of one rank per pipeline "
@@ -593,7 +598,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     job = job_config(SEVENTY_B_1K_ARGV)
     censuses = [census_step(job, stage_rank(job, stage))
                 for stage in range(job.parallel.pipeline_model_parallel_size)]
-    print(format_census(job, censuses, estimate_job(job)))
+    print(format_census(censuses, estimate_job(job)))
 
 
 if __name__ == "__main__":

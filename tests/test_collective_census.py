@@ -95,7 +95,8 @@ def test_bytes_per_group_equal_the_estimate(censuses, estimate, stage):
     sent = sent_by_group(censuses[stage].rows())
     expected = estimated_sent(estimate.stages[stage])
     assert sent["data"] == expected["data"]
-    assert sent["pipeline"] == expected["pipeline"]
+    # The estimate's pipeline figure holds the tied embedding's all-reduce (none here: untied).
+    assert sent["pipeline"] + sent.get("embedding", 0.0) == expected["pipeline"]
     assert sent["tensor"] <= expected["tensor"]
     assert sent["tensor"] == pytest.approx(expected["tensor"], rel=1e-4)
 
@@ -119,8 +120,8 @@ def test_collective_counts(censuses, job, stage):
     assert counts[("pipeline", "send")] == counts[("pipeline", "recv_")] == m * neighbours
 
 
-def test_scaling_doc_quotes_the_census(censuses, job, estimate):
+def test_scaling_doc_quotes_the_census(censuses, estimate):
     doc = (Path(__file__).resolve().parents[1] / "docs" / "SCALING.md").read_text()
-    table = format_census(job, [censuses[stage] for stage in STAGES], estimate)
+    table = format_census([censuses[stage] for stage in STAGES], estimate)
     missing = [line for line in table.splitlines() if line not in doc]
     assert not missing, missing
