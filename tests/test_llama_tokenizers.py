@@ -33,15 +33,6 @@ def _first_document(sample_slice) -> str:
         return json.loads(f.readline())["text"]
 
 
-def _run_preprocess(sample_slice, prefix, *tokenizer_args):
-    result = subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", sample_slice, "--output-prefix",
-         str(prefix), "--append-eod", "--workers", "2", *tokenizer_args],
-        capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return IndexedDataset(f"{prefix}_text_document")
-
-
 def _documents(sample_slice) -> list[str]:
     with open(sample_slice, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
@@ -105,17 +96,6 @@ def test_llama2_bad_model_names_the_file(tmp_path):
         build_tokenizer("Llama2Tokenizer", tokenizer_model=str(tmp_path / "bad.model"))
     with pytest.raises(ValueError, match="Llama2Tokenizer needs --tokenizer-model"):
         build_tokenizer("Llama2Tokenizer")
-
-
-def test_preprocess_data_with_llama2_tokenizer(llama2_model, sample_slice, tmp_path):
-    dataset = _run_preprocess(sample_slice, tmp_path / "l2", "--tokenizer-type", "Llama2Tokenizer",
-                              "--tokenizer-model", llama2_model)
-    tokenizer = build_tokenizer("Llama2Tokenizer", tokenizer_model=llama2_model)
-    documents = _documents(sample_slice)
-    assert len(dataset) == len(documents)
-    for i, text in enumerate(documents):
-        assert dataset[i].tolist() == tokenizer.tokenize(text) + [tokenizer.eod]
-    assert dataset[0][0] == tokenizer.bos and dataset[0].dtype == np.uint16
 
 
 # ----- Llama3Tokenizer ------------------------------------------------------------------------
@@ -241,13 +221,23 @@ def test_llama3_reads_only_a_local_file(tmp_path):
         build_tokenizer("Llama3Tokenizer", tokenizer_model=str(tmp_path / "tokenizer.model"))
 
 
-def test_preprocess_data_with_llama3_tokenizer(llama3_file, sample_slice, tmp_path):
-    dataset = _run_preprocess(sample_slice, tmp_path / "l3", "--tokenizer-type", "Llama3Tokenizer",
-                              "--tokenizer-model", llama3_file)
-    tokenizer = build_tokenizer("Llama3Tokenizer", tokenizer_model=llama3_file)
+# ----- tools/preprocess_data.py -----------------------------------------------------------
+
+@pytest.mark.parametrize("kind, model_fixture, bos, eod", [
+    ("Llama2Tokenizer", "llama2_model", 1, 2), ("Llama3Tokenizer", "llama3_file", 50256, 50257)])
+def test_preprocess_data_end_to_end(kind, model_fixture, bos, eod, request, sample_slice,
+                                    tmp_path):
+    model = request.getfixturevalue(model_fixture)
+    result = subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", "--input", sample_slice, "--output-prefix",
+         str(tmp_path / "out"), "--append-eod", "--workers", "2", "--tokenizer-type", kind,
+         "--tokenizer-model", model], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    tokenizer = build_tokenizer(kind, tokenizer_model=model)
     documents = _documents(sample_slice)
     assert len(dataset) == len(documents)
     for i, text in enumerate(documents):
-        assert dataset[i].tolist() == tokenizer.tokenize(text) + [tokenizer.eod]
-    assert dataset[0][:1].tolist() == [50256] and dataset[0][-1] == 50257
-    assert dataset[0].dtype == np.uint16  # 50,512 ids, below Megatron's 65,500
+        assert dataset[i].tolist() == tokenizer.tokenize(text) + [eod]
+        assert dataset[i][0] == bos
+    assert dataset[0].dtype == np.uint16  # under 65,500 ids (Megatron's choice)
