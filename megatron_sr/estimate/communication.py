@@ -6,14 +6,21 @@ a reduce-scatter or an all-gather (g-1)/g N.
 - Data parallel: reduce-scatter of the grad buffer and all-gather of the
   param buffer with the distributed optimizer, else an all-reduce of the
   grad buffer.
-- Tensor parallel, per micro-batch and layer: 4 all-reduces of [s, b, h] in
-  the matmul dtype (forward and backward of attention and MLP; under
-  --sequence-parallel an all-gather plus a reduce-scatter each, the same
-  bytes), 6 with full recomputation; the embedding (forward all-reduce, + the
-  backward all-gather with SP), the output layer (backward all-reduce, or
-  all-gather + reduce-scatter with SP) and the cross entropy (3 fp32 [s, b]
-  all-reduces); per step the grads of the sequence-parallel parameters
-  (norms, row-parallel biases).
+- Tensor parallel, per micro-batch and layer, of [s, b, h] in the matmul
+  dtype: 4 all-reduces (forward: proj's and fc2's outputs; backward: qkv's
+  and fc1's input gradients), 5 with full recomputation (whose recomputed
+  forward stops at the last saved tensor, fc2's input: proj's all-reduce
+  once more); under --sequence-parallel each all-reduce is an all-gather
+  plus a reduce-scatter (the same bytes) and backward all-gathers qkv's and
+  fc1's inputs again (the linears keep the sequence shard): 6 all-gathers
+  and 4 reduce-scatters, 8 and 5 with full recomputation. Also the embedding
+  (forward all-reduce, + the backward all-gather with SP), the output layer
+  (backward all-reduce, or with SP its input all-gathered in forward and
+  again in backward and its input gradient reduce-scattered) and the cross
+  entropy (3 fp32 [s, b] all-reduces); per step the grads of the
+  sequence-parallel parameters (norms, row-parallel biases).
+  tests/test_collective_census.py counts these collectives in a whole step
+  at 1,024 ranks.
 - Pipeline: each chunk sends its output forward (except the model's last)
   and its input gradient backward (except the model's first), r Sbh per
   micro-batch; per step the tied embedding's gradient all-reduce between the
@@ -89,8 +96,11 @@ def tensor_parallel_sent(job: JobConfig, strategy: PrecisionStrategy,
     s, b, h = model.seq_length, job.training.micro_batch_size, model.hidden_size
     activation = s * b * h * matmul_bytes(strategy)
     residual_activation = s * b * h * strategy.param_dtype.itemsize
-    all_reduces_per_layer = 6 if model.recompute_granularity == "full" else 4
-    per_layer = all_reduces_per_layer * ring_all_reduce(activation, tp)
+    full = model.recompute_granularity == "full"
+    if parallel.sequence_parallel:
+        per_layer = (13 if full else 10) * ring_gather_or_scatter(activation, tp)
+    else:
+        per_layer = (5 if full else 4) * ring_all_reduce(activation, tp)
     per_microbatch = 0.0
     for chunk in chunks:
         per_microbatch += chunk.num_layers * per_layer
@@ -99,7 +109,8 @@ def tensor_parallel_sent(job: JobConfig, strategy: PrecisionStrategy,
             if parallel.sequence_parallel:
                 per_microbatch += ring_gather_or_scatter(residual_activation, tp)
         if chunk.post_process:
-            per_microbatch += ring_all_reduce(activation, tp)
+            per_microbatch += (3 * ring_gather_or_scatter(activation, tp)
+                               if parallel.sequence_parallel else ring_all_reduce(activation, tp))
             per_microbatch += ring_all_reduce(3 * 4 * s * b, tp)  # cross entropy, fp32
     per_step = 0.0
     if parallel.sequence_parallel:
