@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_sr", "megatron_sr.*"]),
     # The native CPU kernels are compiled from source on first use.
-    package_data={"megatron_sr.precision": ["native_kernel.c"]},
+    package_data={"megatron_sr.precision": ["native_kernel.c"],
+                  "megatron_sr.config": ["megatron_flags.csv"]},  # the Megatron-LM flag table
     install_requires=[
         # CPU installs: `pip install torch==2.13.0` first (tools/install.sh does);
         # an unpinned torch pulls a multi-GB CUDA build.

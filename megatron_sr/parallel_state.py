@@ -48,16 +48,21 @@ _EMBEDDING_RANKS: Optional[list[int]] = None
 _VIRTUAL_PP_SIZE: Optional[int] = None
 _VIRTUAL_PP_RANK: Optional[int] = None
 
+_DEVICE: Optional[torch.device] = None  # initialize_model_parallel's `device`
+
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
-                              timeout: Optional[datetime.timedelta] = None) -> None:
+                              timeout: Optional[datetime.timedelta] = None,
+                              device: Optional[torch.device] = None) -> None:
     """Builds the TP, PP, DP, model-parallel and embedding groups.
 
     `timeout` bounds every collective of these groups (pass the world group's,
     i.e. --distributed-timeout-minutes: torch does not inherit it; None is
-    torch's default of 30 minutes).
+    torch's default of 30 minutes). `device`: what `get_default_device`
+    returns until `destroy_model_parallel` (None: its rule; the scale
+    simulation of tests/scale_simulation.py passes `meta`).
 
     The data-parallel size is world_size / (TP x PP). Raises ValueError naming
     the flag when the sizes do not divide the world, RuntimeError when
@@ -65,6 +70,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     """
     global _TP_GROUP, _PP_GROUP, _DP_GROUP, _MODEL_PARALLEL_GROUP, _EMBEDDING_GROUP
     global _TP_RANKS, _PP_RANKS, _DP_RANKS, _EMBEDDING_RANKS, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
+    global _DEVICE
 
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel: call torch.distributed.init_process_group "
@@ -121,12 +127,16 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
 
     _VIRTUAL_PP_SIZE = vp
     _VIRTUAL_PP_RANK = 0 if vp is not None else None
+    _DEVICE = None if device is None else torch.device(device)
 
 
 def get_default_device() -> torch.device:
     """Where model parameters, activations and communication buffers live:
     the current CUDA device under NCCL, else the CPU (Gloo runs on the CPU even
-    on a machine with GPUs; one code path for both)."""
+    on a machine with GPUs; one code path for both); the `device` given to
+    `initialize_model_parallel` instead, when it was given one."""
+    if _DEVICE is not None:
+        return _DEVICE
     backend = dist.get_backend() if dist.is_initialized() else None
     if torch.cuda.is_available() and backend != "gloo":
         return torch.device("cuda", torch.cuda.current_device())
@@ -142,12 +152,14 @@ def destroy_model_parallel() -> None:
     tool can re-initialize with another layout."""
     global _TP_GROUP, _PP_GROUP, _DP_GROUP, _MODEL_PARALLEL_GROUP, _EMBEDDING_GROUP
     global _TP_RANKS, _PP_RANKS, _DP_RANKS, _EMBEDDING_RANKS, _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
+    global _DEVICE
     for group in {_TP_GROUP, _PP_GROUP, _DP_GROUP, _MODEL_PARALLEL_GROUP, _EMBEDDING_GROUP}:
         if group is not None:
             dist.destroy_process_group(group)
     _TP_GROUP = _PP_GROUP = _DP_GROUP = _MODEL_PARALLEL_GROUP = _EMBEDDING_GROUP = None
     _TP_RANKS = _PP_RANKS = _DP_RANKS = _EMBEDDING_RANKS = None
     _VIRTUAL_PP_SIZE = _VIRTUAL_PP_RANK = None
+    _DEVICE = None
 
 
 def _checked(value, what: str):

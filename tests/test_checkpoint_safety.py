@@ -184,6 +184,10 @@ def test_the_export_copies_only_the_files_the_tokenizer_reads(tmp_path, gpt2_fil
     # NullTokenizer reads no file: a tokenizer_model in its metadata is ignored.
     assert tokenizer_export_files(_description(tmp_path, "NullTokenizer",
                                                tokenizer_model=str(secret))) == []
+    # A tiktoken file (TikTokenizer, Llama3Tokenizer) is no transformers tokenizer file.
+    for kind in ("TikTokenizer", "Llama3Tokenizer"):
+        assert tokenizer_export_files(_description(tmp_path, kind,
+                                                   tokenizer_model=str(secret))) == []
     # A file named for a tokenizer that cannot read it is refused, through symlinks too.
     link = tmp_path / "vocab.json"
     link.symlink_to(secret)

@@ -139,3 +139,18 @@ def test_getters_before_initialization_fail_clearly():
         ps.get_tensor_model_parallel_world_size()
     with pytest.raises(RuntimeError, match="init_process_group"):
         ps.initialize_model_parallel(1, 1)
+
+
+def test_default_device_given_to_initialize_until_destroyed():
+    """`initialize_model_parallel(device=...)` (the scale simulation's `meta`)
+    is what `get_default_device` returns until `destroy_model_parallel`."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+    try:
+        before = ps.get_default_device()
+        ps.initialize_model_parallel(2, 2, device="meta")
+        assert ps.get_default_device() == torch.device("meta")
+        ps.destroy_model_parallel()
+        assert ps.get_default_device() == before
+    finally:
+        dist.destroy_process_group()

@@ -126,3 +126,32 @@ def test_tensor_parallel_collectives_per_layer(simulation):
     extra_scatters = 1 if chunk.post_process else 0
     assert counts["_allgather_base_"] == 6 * layers + extra_gathers
     assert counts["_reduce_scatter_base_"] == 4 * layers + extra_scatters
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_full_recomputation_tensor_parallel_collectives(sequence_parallel):
+    """Full recomputation repeats a layer's forward in backward only up to fc2's
+    input, the last tensor backward needs (torch's non-reentrant checkpoint
+    stops early): qkv's and fc1's all-gathers and proj's reduce-scatter again
+    with sequence parallelism (8 all-gathers and 5 reduce-scatters per layer),
+    proj's all-reduce again without (5 all-reduces), as `megatron_sr.estimate`
+    counts them. Two 7B layers, TP 8, first and last stage."""
+    argv = [a for a in SEVEN_B_ARGV if sequence_parallel or a != "--sequence-parallel"]
+    job = job_config(argv, num_layers="2", recompute_granularity="full")
+    with simulated_rank(job, 5, 64) as simulated:
+        with CollectiveCensus() as collectives:
+            simulated.forward_backward()
+        tp_ranks = tuple(parallel_state.get_tensor_model_parallel_ranks())
+    counts = {}
+    for call in collectives.on_group(tp_ranks):
+        counts[call.op] = counts.get(call.op, 0) + 1
+    if sequence_parallel:
+        # + the embedding's forward all-reduce and backward all-gather, the output layer's
+        # 2 all-gathers and 1 reduce-scatter, the cross entropy's 2 all-reduces and the
+        # sequence-parallel grads' all-reduce
+        assert counts == {"_allgather_base_": 8 * 2 + 3, "_reduce_scatter_base_": 5 * 2 + 1,
+                          "allreduce_": 4}
+    else:
+        # + the embedding's forward and the output layer's backward all-reduce, the cross
+        # entropy's 2
+        assert counts == {"allreduce_": 5 * 2 + 4}

@@ -42,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--vocab-file", default=None, help="GPT-2 encoder.json / vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe / merges.txt")
     group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece model file; HuggingFaceTokenizer: tokenizer.json or a "
-                            "local folder holding it; TikTokenizer: a local BPE ranks file")
+                       help="SentencePiece model file (the SentencePiece types, Llama2Tokenizer); "
+                            "HuggingFaceTokenizer: tokenizer.json or a local folder holding it; "
+                            "TikTokenizer, Llama3Tokenizer: a local tiktoken BPE ranks file")
     group.add_argument("--tiktoken-pattern", choices=("v1", "v2"), default="v2",
                        help="TikTokenizer pre-tokenization regex")
     group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,

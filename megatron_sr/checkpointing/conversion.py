@@ -183,7 +183,8 @@ def tokenizer_export_files(description: dict) -> list[tuple[str, str]]:
     checkpoint's --tokenizer-type reads, and only those: GPT2BPETokenizer its
     --vocab-file and --merge-file, the SentencePiece types their
     --tokenizer-model, HuggingFaceTokenizer its tokenizer.json (--tokenizer-model
-    or the tokenizer.json in that folder), NullTokenizer and TikTokenizer none.
+    or the tokenizer.json in that folder), NullTokenizer, TikTokenizer and
+    Llama3Tokenizer none.
     Empty when a file the type needs is not named or does not exist (the
     export then carries no tokenizer).
 
@@ -198,7 +199,7 @@ def tokenizer_export_files(description: dict) -> list[tuple[str, str]]:
     kind = data["tokenizer_type"]
     if kind not in TOKENIZER_FLAGS:
         raise ValueError(f"checkpoint names an unknown --tokenizer-type {kind!r}")
-    if kind == "TikTokenizer":  # tiktoken ranks have no transformers tokenizer file
+    if kind in ("TikTokenizer", "Llama3Tokenizer"):  # tiktoken ranks: no transformers file
         return []
     export_names = (dict(_EXPORT_NAMES, tokenizer_model="tokenizer.json")
                     if kind == "HuggingFaceTokenizer" else _EXPORT_NAMES)

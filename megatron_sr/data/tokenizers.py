@@ -34,6 +34,16 @@ Every tokenizer offers the same small interface (`Tokenizer`):
 ``SentencePieceTokenizer``,   a SentencePiece model from ``--tokenizer-model``; eod
 ``GPTSentencePieceTokenizer`` is the model's end-of-sentence piece (``</s>``), as in
                               Megatron's GPT SentencePiece tokenizer.
+``Llama2Tokenizer``           a SentencePiece model (Llama 2's ``tokenizer.model``)
+                              from ``--tokenizer-model`` with Megatron-LM's Llama-2
+                              conventions: each text starts with the model's bos
+                              (``<s>``), eod is its eos (``</s>``).
+``Llama3Tokenizer``           Llama 3's tiktoken BPE file (``tokenizer.model``:
+                              "base64-token rank" lines) from ``--tokenizer-model``
+                              with Llama 3's pattern and 256 special tokens after
+                              the N ranks; each text starts with
+                              ``<|begin_of_text|>`` (N), eod is ``<|end_of_text|>``
+                              (N+1), as in Megatron-LM's Llama3Tokenizer.
 ``NullTokenizer``             text is space-separated ids below ``--vocab-size``; eod
                               is ``--vocab-size`` itself, so ``vocab_size`` is one more.
 ============================  =====================================================
@@ -43,11 +53,13 @@ Nothing here imports torch: the preprocessing workers load this module alone.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from functools import lru_cache
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 
 class Tokenizer(ABC):
@@ -69,7 +81,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; ``detokenize(tokenize(t)) == t`` for the lossless tokenizers."""
+        """Text of `ids`; ``detokenize(tokenize(t)) == t`` for the lossless tokenizers
+        (Llama3Tokenizer and HuggingFaceTokenizer write a bos they add as its text)."""
 
 
 @lru_cache(maxsize=None)
@@ -325,6 +338,31 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor.DecodeIds([int(i) for i in ids])
 
 
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's Llama-2 conventions on a SentencePiece model (Meta's
+    ``tokenizer.model``): each text starts with the model's bos piece (``<s>``),
+    as Megatron-LM's Llama2Tokenizer tokenizes for text completion, and no eos
+    follows; eod is the model's eos piece (``</s>``). `detokenize` drops bos and
+    eos (SentencePiece decodes control pieces to nothing), so
+    ``detokenize(tokenize(t)) == t`` wherever the model is lossless."""
+
+    def __init__(self, tokenizer_model: str):
+        super().__init__(tokenizer_model)
+        self._bos = self._processor.bos_id()
+        if self._bos < 0:
+            raise ValueError(f"--tokenizer-model {tokenizer_model}: the model has no "
+                             f"beginning-of-sentence piece, which Llama2Tokenizer puts before "
+                             f"each text (trained with bos_id=-1; use SentencePieceTokenizer)")
+
+    @property
+    def bos(self) -> int:
+        """Id put before every text."""
+        return self._bos
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._bos] + super().tokenize(text)
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` through the `tokenizers` library (module docstring)."""
 
@@ -392,42 +430,99 @@ MAX_SPECIAL_TOKENS = 2**20  # Megatron reserves 1000
 TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
 
 
+_RANKS_RULE = "each token once, with distinct integer ranks in [0, {})"
+
+
 def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
-    """BPE ranks from Megatron's JSON list or a .tiktoken "base64 rank" file."""
+    """BPE ranks (token bytes -> rank) from a local file in either tiktoken
+    format: Megatron's JSON list of {rank, token_bytes, token_str}, or lines of
+    "base64-token rank" (OpenAI's .tiktoken files, Llama 3's tokenizer.model).
+    The file is parsed as data, nothing in it runs. Each token must appear once
+    and the ranks be distinct integers in [0, MAX_VOCAB_SIZE); otherwise a
+    ValueError naming the file and the line (or JSON entry) at fault."""
     import base64
+    import binascii
 
     if not os.path.exists(path):
-        raise ValueError(f"--tokenizer-model {path}: no such file (TikTokenizer reads its BPE "
-                         f"ranks from a local file; nothing is downloaded)")
+        raise ValueError(f"--tokenizer-model {path}: no such file (tiktoken BPE ranks are read "
+                         f"from a local file; nothing is downloaded)")
     content = _read_text_file("--tokenizer-model", path, "rb")
-    try:
-        if content.lstrip()[:1] == b"[":
-            pairs = [(base64.b64decode(e["token_bytes"], validate=True), e["rank"])
-                     for e in json.loads(content)]
-        else:
-            pairs = []
-            for line in content.splitlines():
-                if line.strip():
-                    token, rank = line.split()
-                    pairs.append((base64.b64decode(token, validate=True), int(rank)))
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ValueError(f"--tokenizer-model {path}: not a tiktoken BPE ranks file (a JSON list "
-                         f"of {{rank, token_bytes, token_str}} or 'base64 rank' lines): {e}"
-                         ) from None
-    ranks = dict(pairs)
-    if not ranks or len(ranks) != len(pairs) or len(set(ranks.values())) != len(pairs) or any(
-            type(r) is not int or not 0 <= r < MAX_VOCAB_SIZE for r in ranks.values()):
-        raise ValueError(f"--tokenizer-model {path}: its {len(pairs)} entries must give each token "
-                         f"once, with distinct integer ranks in [0, {MAX_VOCAB_SIZE})")
+    entries: list[tuple[str, bytes, object]] = []  # (where, token, rank)
+    if content.lstrip()[:1] == b"[":
+        try:
+            listed = json.loads(content)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"--tokenizer-model {path}: not a tiktoken BPE ranks file (a JSON "
+                             f"list of {{rank, token_bytes, token_str}}): {e}") from None
+        for index, entry in enumerate(listed):
+            where = f"--tokenizer-model {path}: JSON entry {index}"
+            try:
+                entries.append((where, base64.b64decode(entry["token_bytes"], validate=True),
+                                entry["rank"]))
+            except (binascii.Error, KeyError, TypeError, ValueError):
+                raise ValueError(f"{where}: not a tiktoken BPE ranks file: expected {{rank, "
+                                 f"token_bytes (base64), token_str}}, got {str(entry)[:80]}"
+                                 ) from None
+    else:
+        for line_number, line in enumerate(content.split(b"\n"), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"--tokenizer-model {path}:{line_number}"
+            try:
+                if len(fields) != 2:
+                    raise ValueError(f"{len(fields)} fields")
+                entries.append((where, base64.b64decode(fields[0], validate=True),
+                                int(fields[1])))
+            except ValueError:  # binascii.Error is one
+                raise ValueError(f"{where}: not a tiktoken BPE ranks file: expected a "
+                                 f"'base64-token rank' line, got {line[:80]!r}") from None
+    if not entries:
+        raise ValueError(f"--tokenizer-model {path}: holds no token (a tiktoken BPE ranks file "
+                         f"gives {_RANKS_RULE.format(MAX_VOCAB_SIZE)})")
+    ranks: dict[bytes, int] = {}
+    used_ranks: set[int] = set()
+    for where, token, rank in entries:
+        fault = (f"rank {rank!r} is out of range" if type(rank) is not int
+                 or not 0 <= rank < MAX_VOCAB_SIZE else
+                 f"token {token!r} again" if token in ranks else
+                 f"rank {rank} again" if rank in used_ranks else None)
+        if fault is not None:
+            raise ValueError(f"{where}: {fault}: the file must give "
+                             f"{_RANKS_RULE.format(MAX_VOCAB_SIZE)}")
+        ranks[token] = rank
+        used_ranks.add(rank)
     return ranks
 
 
-class TikTokenizer(Tokenizer):
+class _TiktokenEncoding(Tokenizer):
+    """A ``tiktoken.Encoding`` of BPE `ranks` and `special_tokens` (name -> id):
+    the text of a special token inside a document becomes its id (as in
+    Megatron-LM); ``vocab_size`` is the largest id plus one."""
+
+    def __init__(self, tokenizer_model: str, pattern: str, ranks: Mapping[bytes, int],
+                 special_tokens: Mapping[str, int]):
+        import tiktoken
+
+        self._encoding = tiktoken.Encoding(
+            name=os.path.basename(tokenizer_model), pat_str=pattern,
+            mergeable_ranks=dict(ranks), special_tokens=dict(special_tokens))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._encoding.n_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoding.encode(text, allowed_special="all")
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._encoding.decode([int(i) for i in ids])
+
+
+class TikTokenizer(_TiktokenEncoding):
     """tiktoken BPE with Megatron's special-token layout (module docstring)."""
 
     def __init__(self, tokenizer_model: str, pattern: str = "v2", num_special_tokens: int = 1000):
-        import tiktoken
-
         if pattern not in TIKTOKEN_PATTERNS:
             raise ValueError(f"--tiktoken-pattern must be v1 or v2, got {pattern!r}")
         if not len(TIKTOKEN_SPECIAL_TOKENS) <= num_special_tokens <= MAX_SPECIAL_TOKENS:
@@ -435,28 +530,88 @@ class TikTokenizer(Tokenizer):
                              f"[{len(TIKTOKEN_SPECIAL_TOKENS)}, {MAX_SPECIAL_TOKENS}] (each is a "
                              f"named token held in memory), got {num_special_tokens}")
         ranks = _read_tiktoken_ranks(tokenizer_model)
-        self._num_special = num_special_tokens
         shifted = {token: rank + num_special_tokens for token, rank in ranks.items()}
         specials = list(TIKTOKEN_SPECIAL_TOKENS) + [
             f"<SPECIAL_{i}>" for i in range(len(TIKTOKEN_SPECIAL_TOKENS), num_special_tokens)]
-        self._encoding = tiktoken.Encoding(
-            name=os.path.basename(tokenizer_model), pat_str=TIKTOKEN_PATTERNS[pattern],
-            mergeable_ranks=shifted, special_tokens={t: i for i, t in enumerate(specials)})
-        self._vocab_size = num_special_tokens + max(ranks.values()) + 1
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
+        super().__init__(tokenizer_model, TIKTOKEN_PATTERNS[pattern], shifted,
+                         {t: i for i, t in enumerate(specials)})
 
     @property
     def eod(self) -> int:
         return TIKTOKEN_SPECIAL_TOKENS.index("</s>")
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._encoding.encode(text, allowed_special="all")
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._encoding.decode([int(i) for i in ids])
+# Meta's Llama 3 tokenizer (github.com/meta-llama/llama3, llama/tokenizer.py), which
+# Megatron-LM's Llama3Tokenizer wraps: its pre-tokenization pattern, and 256 special tokens
+# numbered right after the N BPE ranks: the named ones at these offsets from N, every other
+# offset <|reserved_special_token_K|> with K counting up from 0 (offset 255 is K = 250).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+LLAMA3_NAMED_SPECIAL_TOKENS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>",
+                               6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+# Meta's encoder cuts a text into pieces of 400,000 characters, cuts each run of more than
+# 25,000 whitespace (str.isspace) or non-whitespace characters of a piece after every 25,000,
+# and encodes the pieces one by one; cutting alike gives its ids on long documents too.
+LLAMA3_PIECE_CHARS = 400_000
+LLAMA3_RUN_CHARS = 25_000
+# A run of more than LLAMA3_RUN_CHARS, matched from its first character only (the
+# lookbehinds), so that finding them is linear in the text; re's \s is str.isspace.
+_LLAMA3_LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}"
+                              % (LLAMA3_RUN_CHARS + 1, LLAMA3_RUN_CHARS + 1))
+
+
+def _llama3_pieces(text: str) -> Iterator[str]:
+    """The consecutive pieces of `text` that Meta's Llama 3 encoder encodes one by one."""
+    for start in range(0, len(text), LLAMA3_PIECE_CHARS):
+        piece = text[start:start + LLAMA3_PIECE_CHARS]
+        cut = 0
+        if len(piece) > LLAMA3_RUN_CHARS:
+            for run in _LLAMA3_LONG_RUN.finditer(piece):
+                for at in range(run.start() + LLAMA3_RUN_CHARS, run.end(), LLAMA3_RUN_CHARS):
+                    yield piece[cut:at]
+                    cut = at
+        yield piece[cut:]
+
+
+class Llama3Tokenizer(_TiktokenEncoding):
+    """Megatron-LM's Llama3Tokenizer: Meta's Llama 3 tiktoken BPE file
+    (``tokenizer.model``: "base64-token rank" lines, ranks 0..N-1), Llama 3's
+    pre-tokenization pattern and its 256 special tokens at ids N..N+255
+    (`LLAMA3_NAMED_SPECIAL_TOKENS`). Each text starts with bos
+    ``<|begin_of_text|>`` (N) and no eos follows, as Megatron-LM tokenizes for
+    text completion; eod is ``<|end_of_text|>`` (N+1); ``vocab_size`` is N + 256
+    (128,256 for Llama 3's file). `detokenize` writes special tokens as their
+    text, so ``detokenize(tokenize(t))`` is ``"<|begin_of_text|>" + t``."""
+
+    def __init__(self, tokenizer_model: str):
+        ranks = _read_tiktoken_ranks(tokenizer_model)
+        largest = max(ranks.values())
+        if largest != len(ranks) - 1:
+            raise ValueError(f"--tokenizer-model {tokenizer_model}: the ranks of its {len(ranks)} "
+                             f"tokens must be 0..{len(ranks) - 1}, as in Meta's file (Llama 3's "
+                             f"special tokens take the ids after them), but one is {largest}")
+        reserved = (f"<|reserved_special_token_{k}|>" for k in itertools.count())
+        specials = {LLAMA3_NAMED_SPECIAL_TOKENS.get(offset) or next(reserved): len(ranks) + offset
+                    for offset in range(LLAMA3_NUM_SPECIAL_TOKENS)}
+        super().__init__(tokenizer_model, LLAMA3_PATTERN, ranks, specials)
+        self._bos = specials["<|begin_of_text|>"]
+        self._eod = specials["<|end_of_text|>"]
+
+    @property
+    def bos(self) -> int:
+        """Id put before every text."""
+        return self._bos
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = [self._bos]
+        for piece in _llama3_pieces(text):
+            ids.extend(super().tokenize(piece))
+        return ids
 
 
 MAX_VOCAB_SIZE = 2**31 - 1  # ids of every tokenizer fit int32, the widest .bin dtype written
@@ -503,6 +658,8 @@ TOKENIZER_FLAGS = {
     "NullTokenizer": ("vocab_size",),
     "HuggingFaceTokenizer": ("tokenizer_model",),
     "TikTokenizer": ("tokenizer_model",),
+    "Llama2Tokenizer": ("tokenizer_model",),
+    "Llama3Tokenizer": ("tokenizer_model",),
 }
 """The flags (argparse dests) each ``--tokenizer-type`` reads its vocabulary from."""
 
@@ -540,6 +697,10 @@ def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "TikTokenizer":
         return TikTokenizer(tokenizer_model, tiktoken_pattern, tiktoken_num_special_tokens)
+    if tokenizer_type == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
+    if tokenizer_type == "Llama3Tokenizer":
+        return Llama3Tokenizer(tokenizer_model)
     return SentencePieceTokenizer(tokenizer_model)
 
 

@@ -36,6 +36,7 @@ from megatron_sr.model.transformer import (AttentionMask, KVCache, RotaryEmbeddi
                                           dropout)
 from megatron_sr.tensor_parallel import (
     ColumnParallelLinear,
+    TensorParallelRank,
     VocabParallelEmbedding,
     normal_init,
     scatter_to_sequence_parallel_region,
@@ -49,13 +50,14 @@ WORD_EMBEDDING_NAME = "embedding.word_embeddings.weight"
 class GPTEmbedding(nn.Module):
     """tokens [b, s] -> [s, b, h] (or this rank's [s / tp, b, h] shard)."""
 
-    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None):
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.dropout_p = config.hidden_dropout
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=normal_init(config.init_method_std),
-            params_dtype=config.params_dtype, device=device)
+            params_dtype=config.params_dtype, device=device, tp=tp)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings,
@@ -89,11 +91,14 @@ class GPTModel(nn.Module):
     `attention_mask` (replaces the causal mask; see `SelfAttention.core_attention`)
     to every chunk.
     Every parameter has `global_name`, its name in the unsplit model.
+    `tp`: the TP slice to hold (default: this rank's in its TP group; a
+    shape-only build on `meta` passes one, `megatron_sr.model.parameter_specs`).
     """
 
     def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
                  layer_offset: int = 0, num_layers: Optional[int] = None,
-                 sequence_parallel: bool = False, device=None):
+                 sequence_parallel: bool = False, device=None,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
         if config.recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"--recompute-granularity must be 'full' or 'selective', "
@@ -109,18 +114,19 @@ class GPTModel(nn.Module):
         num_layers = config.num_layers if num_layers is None else num_layers
 
         if pre_process:
-            self.embedding = GPTEmbedding(config, sequence_parallel=sequence_parallel, device=device)
+            self.embedding = GPTEmbedding(config, sequence_parallel=sequence_parallel, device=device,
+                                          tp=tp)
         self.rotary_pos_emb = (RotaryEmbedding(config, device)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, num_layers, final_norm=post_process,
-                                        sequence_parallel=sequence_parallel, device=device)
+                                        sequence_parallel=sequence_parallel, device=device, tp=tp)
         if post_process:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, bias=False,
                 init_method=normal_init(config.init_method_std), params_dtype=config.params_dtype,
                 device=device, sequence_parallel=sequence_parallel,
                 skip_weight_param=self.tied and pre_process,
-                gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+                gradient_accumulation_fusion=config.gradient_accumulation_fusion, tp=tp)
         if self.tied and pre_process:
             self.embedding.word_embeddings.weight.shared_embedding = True
         if self.tied and post_process and not pre_process:

@@ -15,6 +15,7 @@ Both copies of a tied word embedding are named "embedding.word_embeddings.weight
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -57,23 +58,54 @@ def build_model(model_config: ModelConfig, parallel_config: ParallelConfig, *, s
                          f"virtual) sizes {state}, but the parallel config asks for {wanted}")
     device = parallel_state.get_default_device() if device is None else device
 
-    pp, vp = state[1], state[2]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
-    for v, layers in enumerate(chunk_layers(model_config.num_layers, pp, vp, pp_rank)):
-        parallel_state.set_virtual_pipeline_model_parallel_rank(v)
-        pre_process = parallel_state.is_pipeline_first_stage()
-        post_process = parallel_state.is_pipeline_last_stage()
+    for placement in chunk_placements(model_config, parallel_config, pp_rank):
+        parallel_state.set_virtual_pipeline_model_parallel_rank(placement.virtual_rank)
         if model_provider is None:
-            chunk = GPTModel(model_config, pre_process=pre_process, post_process=post_process,
-                             layer_offset=layers.start, num_layers=len(layers),
+            chunk = GPTModel(model_config, pre_process=placement.pre_process,
+                             post_process=placement.post_process,
+                             layer_offset=placement.layer_offset, num_layers=placement.num_layers,
                              sequence_parallel=parallel_config.sequence_parallel, device=device)
         else:
-            chunk = model_provider(pre_process, post_process, layers=layers, device=device)
+            chunk = model_provider(placement.pre_process, placement.post_process,
+                                   layers=placement.layers, device=device)
         initialize_parameters(chunk, seed)
         chunks.append(chunk)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
+
+
+@dataclass(frozen=True)
+class ChunkPlacement:
+    """Model chunk `virtual_rank` of pipeline rank `pipeline_rank`: which layers it holds
+    and whether it holds the embedding (pre_process) or the output layer (post_process)."""
+
+    pipeline_rank: int
+    virtual_rank: int
+    layer_offset: int
+    num_layers: int
+    pre_process: bool
+    post_process: bool
+
+    @property
+    def layers(self) -> range:
+        """Its global layer numbers."""
+        return range(self.layer_offset, self.layer_offset + self.num_layers)
+
+
+def chunk_placements(model: ModelConfig, parallel: ParallelConfig, pipeline_rank: int
+                     ) -> list[ChunkPlacement]:
+    """The chunks `build_model` builds on `pipeline_rank`, in order (Megatron's
+    interleaving: chunk v of rank p holds model chunk v * PP + p; the first
+    chunk of the model holds the embedding, the last one the output layer)."""
+    pp = parallel.pipeline_model_parallel_size
+    layers = chunk_layers(model.num_layers, pp, parallel.virtual_pipeline_model_parallel_size,
+                          pipeline_rank)
+    return [ChunkPlacement(pipeline_rank, v, chunk.start, len(chunk),
+                           pre_process=v == 0 and pipeline_rank == 0,
+                           post_process=v == len(layers) - 1 and pipeline_rank == pp - 1)
+            for v, chunk in enumerate(layers)]
 
 
 def chunk_layers(num_layers: int, pipeline_size: int, virtual_size: Optional[int],

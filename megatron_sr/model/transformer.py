@@ -51,13 +51,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_sr import parallel_state
 from megatron_sr.config import ModelConfig
 from megatron_sr.cpu_bf16 import scaled_dot_product_attention
 from megatron_sr.data.document_masks import DocumentMask
 from megatron_sr.model.norms import build_norm
 from megatron_sr.random import get_rng_tracker
-from megatron_sr.tensor_parallel import ColumnParallelLinear, RowParallelLinear, normal_init
+from megatron_sr.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                         TensorParallelRank, normal_init, tensor_parallel_rank)
 
 # What may replace the causal mask: see SelfAttention.core_attention.
 AttentionMask = Union[torch.Tensor, DocumentMask]
@@ -221,16 +221,17 @@ class SelfAttention(nn.Module):
     With one head per group this is the per-head (q, k, v) layout.
     """
 
-    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None):
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.num_heads = config.num_attention_heads // tp
-        self.num_groups = config.num_query_groups // tp
+        tp_size = tensor_parallel_rank(tp).size
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_groups = config.num_query_groups // tp_size
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         self.recompute_core = config.recompute_granularity == "selective"
         h, kw = config.hidden_size, dict(
-            params_dtype=config.params_dtype, device=device,
+            params_dtype=config.params_dtype, device=device, tp=tp,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_qkv = ColumnParallelLinear(
             h, config.qkv_size, bias=config.add_bias_linear,
@@ -322,14 +323,15 @@ class MLP(nn.Module):
     rows) and each TP rank holds its slice of both (partition_stride=2).
     """
 
-    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None):
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
         if config.activation not in ("gelu", "swiglu"):
             raise ValueError(f"activation must be 'gelu' or 'swiglu' (--swiglu), "
                              f"got {config.activation!r}")
         self.swiglu = config.activation == "swiglu"
         h, f = config.hidden_size, config.ffn_hidden_size
-        kw = dict(params_dtype=config.params_dtype, device=device,
+        kw = dict(params_dtype=config.params_dtype, device=device, tp=tp,
                   gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_fc1 = ColumnParallelLinear(
             h, 2 * f if self.swiglu else f, bias=config.add_bias_linear,
@@ -350,15 +352,16 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None):
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.sequence_parallel = sequence_parallel
         kw = dict(sequence_parallel=sequence_parallel, device=device)
         self.input_layernorm = build_norm(config, **kw)
-        self.self_attention = SelfAttention(config, **kw)
+        self.self_attention = SelfAttention(config, **kw, tp=tp)
         self.pre_mlp_layernorm = build_norm(config, **kw)
-        self.mlp = MLP(config, **kw)
+        self.mlp = MLP(config, **kw, tp=tp)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
                 kv_cache: Optional[KVCache] = None,
@@ -384,13 +387,13 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, num_layers: int, *, final_norm: bool,
-                 sequence_parallel: bool, device=None):
+                 sequence_parallel: bool, device=None, tp: Optional[TensorParallelRank] = None):
         super().__init__()
         self.recompute_layers = config.recompute_granularity == "full"
         self.recompute_method = config.recompute_method or "uniform"
         self.recompute_num_layers = config.recompute_num_layers or 1
         self.layers = nn.ModuleList(
-            TransformerLayer(config, sequence_parallel=sequence_parallel, device=device)
+            TransformerLayer(config, sequence_parallel=sequence_parallel, device=device, tp=tp)
             for _ in range(num_layers))
         self.final_layernorm = (
             build_norm(config, sequence_parallel=sequence_parallel, device=device)

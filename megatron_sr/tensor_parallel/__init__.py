@@ -5,6 +5,7 @@ from megatron_sr.tensor_parallel.cross_entropy import vocab_parallel_cross_entro
 from megatron_sr.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    TensorParallelRank,
     VocabParallelEmbedding,
     constant_init,
     full_shape,
@@ -13,6 +14,7 @@ from megatron_sr.tensor_parallel.layers import (
     set_parallel_attributes,
     shard_element_index,
     shard_full_tensor,
+    tensor_parallel_rank,
 )
 from megatron_sr.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,

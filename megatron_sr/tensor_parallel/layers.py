@@ -33,6 +33,7 @@ test fills it. Every TP rank of a group calls forward and backward together.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
@@ -59,6 +60,25 @@ from megatron_sr.tensor_parallel.mappings import (
 )
 
 InitMethod = Callable[[torch.Tensor, torch.Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class TensorParallelRank:
+    """The slice a layer holds: TP rank `rank` of `size`. Layers built with
+    `tp=None` take the TP group's (`parallel_state`, after
+    `initialize_model_parallel`); a shape-only build on `meta` without process
+    groups (`megatron_sr.model.parameter_specs`) passes its own."""
+
+    rank: int
+    size: int
+
+
+def tensor_parallel_rank(tp: Optional[TensorParallelRank] = None) -> TensorParallelRank:
+    """`tp`, or when None this rank's place in its TP group."""
+    if tp is not None:
+        return tp
+    return TensorParallelRank(parallel_state.get_tensor_model_parallel_rank(),
+                              parallel_state.get_tensor_model_parallel_world_size())
 
 
 def normal_init(std: float) -> InitMethod:
@@ -247,13 +267,14 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
                  params_dtype: torch.dtype, device=None, gather_output: bool = False,
                  sequence_parallel: bool = False, partition_stride: int = 1,
-                 skip_weight_param: bool = False, gradient_accumulation_fusion: bool = False):
+                 skip_weight_param: bool = False, gradient_accumulation_fusion: bool = False,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp_size = tensor_parallel_rank(tp).size
         if gather_output and (sequence_parallel or partition_stride != 1):
             raise ValueError("ColumnParallelLinear: gather_output needs partition_stride=1 "
                              "and no sequence parallelism")
-        self.output_size_per_partition = _divide(output_size, tp, "output features")
+        self.output_size_per_partition = _divide(output_size, tp_size, "output features")
         _divide(self.output_size_per_partition, partition_stride, "output features per stride")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
@@ -299,12 +320,13 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool, init_method: InitMethod,
                  params_dtype: torch.dtype, device=None, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, gradient_accumulation_fusion: bool = False):
+                 sequence_parallel: bool = False, gradient_accumulation_fusion: bool = False,
+                 tp: Optional[TensorParallelRank] = None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp_size = tensor_parallel_rank(tp).size
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel")
-        self.input_size_per_partition = _divide(input_size, tp, "input features")
+        self.input_size_per_partition = _divide(input_size, tp_size, "input features")
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
@@ -341,13 +363,13 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod,
-                 params_dtype: torch.dtype, device=None):
+                 params_dtype: torch.dtype, device=None, tp: Optional[TensorParallelRank] = None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        per_rank = _divide(num_embeddings, tp, "padded vocab size")
-        self.vocab_start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        tp = tensor_parallel_rank(tp)
+        per_rank = _divide(num_embeddings, tp.size, "padded vocab size")
+        self.vocab_start = tp.rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.tp_size = tp
+        self.tp_size = tp.size
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, dtype=params_dtype,
                                                device=device))
         set_parallel_attributes(self.weight, tensor_model_parallel=True, partition_dim=0,

@@ -235,7 +235,8 @@ TOKENIZER_CASES = [
     *[(f"{kind.lower()}-model-{name}", files, ("--tokenizer-type", kind, "--tokenizer-model",
                                                "{d}/" + target), ["--tokenizer-model {d}/" + target,
                                                                   message])
-      for kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer")
+      for kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer",
+                   "Llama2Tokenizer", "Llama3Tokenizer")
       for name, files, target, message in [
           ("missing", {}, "none.model", "no"),
           ("a-folder", {"f/": b""}, "f", "tokenizer.json" if kind == "HuggingFaceTokenizer"
@@ -250,6 +251,12 @@ TOKENIZER_CASES = [
     ("tiktoken-bad-base64", {"r.tiktoken": b"@@@ 0\n"},
      ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", "{d}/r.tiktoken"),
      ["--tokenizer-model {d}/r.tiktoken", "not a tiktoken BPE ranks file"]),
+    ("llama3-bad-line", {"t.model": _ranks([(b"a", 0)]) + b"%%% 1\n"},
+     ("--tokenizer-type", "Llama3Tokenizer", "--tokenizer-model", "{d}/t.model"),
+     ["--tokenizer-model {d}/t.model:2", "not a tiktoken BPE ranks file"]),
+    ("llama3-ranks-with-a-gap", {"t.model": _ranks([(b"a", 0), (b"b", 2)])},
+     ("--tokenizer-type", "Llama3Tokenizer", "--tokenizer-model", "{d}/t.model"),
+     ["--tokenizer-model {d}/t.model", "must be 0..1"]),
     ("tiktoken-json-without-rank", {"r.json": b'[{"token_bytes": "YQ=="}]'},
      ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", "{d}/r.json"),
      ["--tokenizer-model {d}/r.json", "not a tiktoken BPE ranks file"]),
