@@ -124,7 +124,7 @@ from megatron_sr.model.parallel_layout import (INIT_BYTES_PER_ELEMENT, INIT_CHUN
                                                chunk_layers)
 from megatron_sr.optimizer.param_buffer import DEFAULT_BUCKET_SIZE, compute_buffer_layout
 from megatron_sr.precision.strategies import STRATEGIES, PrecisionStrategy, get_strategy
-from megatron_sr.training import grad_dtype
+from megatron_sr.precision.strategies import grad_dtype
 
 # ----- parameters ----------------------------------------------------------------------------
 

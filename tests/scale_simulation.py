@@ -54,7 +54,8 @@ from megatron_sr.estimate import add_estimate_args, jobs_from_args
 from megatron_sr.model import build_model
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
 from megatron_sr.precision.strategies import get_strategy
-from megatron_sr.training import grad_dtype, param_infos
+from megatron_sr.optimizer.param_buffer import param_infos
+from megatron_sr.precision.strategies import grad_dtype
 
 _LLAMA = ("--normalization RMSNorm --position-embedding-type rope --swiglu "
           "--disable-bias-linear --untie-embeddings-and-output-weights "
