@@ -298,7 +298,7 @@ class _TrainingRun:
 
     def run(self, iteration: int, consumed_samples: int) -> tuple[int, bool]:
         """Steps from `iteration` to --train-iters or an exit (see `train`)."""
-        job, training, policy = self.job, self.job.training, self.policy
+        training, policy = self.job.training, self.policy
         iterators = self.data.train_iterators(consumed_samples)
         while iteration < training.train_iters:
             batch_size = global_batch_size_at(training, consumed_samples)
