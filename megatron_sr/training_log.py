@@ -23,8 +23,9 @@ TensorBoard (`MetricsWriter`): Megatron's tags `learning-rate`, `batch-size`,
 `throughput/tflops-per-device`, `update-absorption`, `skipped-iterations`,
 `nan-iterations`, `consumed-samples`, `memory/peak-bytes`. With
 --wandb-project every scalar also goes to Weights & Biases (`wandb` is an
-optional dependency; WANDB_MODE=offline works without a network). The tag strings live in the
-torch-free `megatron_sr.metric_names`, which tools/compare_runs.py reads too.
+optional dependency; WANDB_MODE=offline works without a network). The tag
+strings live in the torch-free `megatron_sr.metric_names`, which
+tools/compare_runs.py reads too.
 
 A log step's values travel as one `StepMetrics` (the log line and the
 scalars); `LogInterval` measures the steps since the last log line; the run's
