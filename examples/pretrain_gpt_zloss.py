@@ -6,7 +6,8 @@
 The loss of a micro-batch is the mean cross entropy plus
 `z_loss_weight * mean(logsumexp(logits)^2)` over its tokens (PaLM's auxiliary
 z-loss: it keeps the softmax normalizer log Z near 0, which steadies the
-logits in low precision). The model and the data are pretrain_gpt.py's; only
+logits in low precision). The model and the data are the GPT recipe's
+(`megatron_sr.recipes.gpt`, as pretrain_gpt.py trains); only
 `forward_step` and `loss_func` change: the chunk is asked for its logits (no
 labels), and the loss is computed here from this tensor-parallel rank's slice
 of the vocabulary [b, s, V / tp], with the normalizer summed over the TP group
@@ -22,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pretrain_gpt import model_provider, train_valid_test_datasets_provider  # noqa: E402
-
 from megatron_sr import parallel_state  # noqa: E402
+from megatron_sr.recipes.gpt import (get_batch, model_provider,  # noqa: E402
+                                     train_valid_test_datasets_provider)
 from megatron_sr.tensor_parallel import (reduce_from_tensor_model_parallel_region,  # noqa: E402
                                          vocab_parallel_cross_entropy)
-from megatron_sr.training import exit_on_job_error, get_batch, pretrain  # noqa: E402
+from megatron_sr.training import exit_on_job_error, pretrain  # noqa: E402
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,18 @@ TensorBoard (`MetricsWriter`): Megatron's tags `learning-rate`, `batch-size`,
 `throughput/tflops-per-device`, `update-absorption`, `skipped-iterations`,
 `nan-iterations`, `consumed-samples`, `memory/peak-bytes`. With
 --wandb-project every scalar also goes to Weights & Biases (`wandb` is an
-optional dependency; WANDB_MODE=offline works without a network).
+optional dependency; WANDB_MODE=offline works without a network). The tag
+strings live in the torch-free `megatron_sr.metric_names`, which
+tools/compare_runs.py reads too.
+
+A log step's values travel as one `StepMetrics` (the log line and the
+scalars); `LogInterval` measures the steps since the last log line; the run's
+description and training-state sizes are written once (`write_run_summary`,
+`memory_report`).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -34,6 +42,8 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+
+from megatron_sr import metric_names as tags
 
 
 def format_log_line(*, iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
@@ -60,9 +70,132 @@ def format_log_line(*, iteration: int, train_iters: int, consumed_samples: int, 
     return " | ".join(parts) + " |"
 
 
-# Scalars Megatron also writes against consumed samples ("<tag> vs samples").
-VS_SAMPLES_TAGS = frozenset({"learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
-                             "grad-norm", "lm loss validation", "lm loss validation ppl"})
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """What the logging rank reports at a log step (module docstring): the
+    log line (`log_line`) and the same values as scalars (`scalars`).
+    `step_seconds` and `phase_seconds` are means per step over the interval
+    since the last log line; `phase_seconds` is None without
+    --log-timers-to-tensorboard. `loss` and `update_absorption` may be None
+    (no last stage on this rank; absorption not measured)."""
+
+    iteration: int
+    train_iters: int
+    consumed_samples: int
+    step_seconds: float
+    tflops_per_device: float
+    tokens_per_s: float
+    lr: float
+    global_batch_size: int
+    world_size: int
+    loss: Optional[float]
+    grad_norm: float
+    skipped_iterations: int
+    nan_iterations: int
+    update_absorption: Optional[float]
+    peak_memory_bytes: int
+    phase_seconds: Optional[dict[str, float]] = None
+
+    def log_line(self, now: Optional[datetime.datetime] = None) -> str:
+        return format_log_line(
+            iteration=self.iteration, train_iters=self.train_iters,
+            consumed_samples=self.consumed_samples, elapsed_ms=self.step_seconds * 1000,
+            tflops_per_device=self.tflops_per_device, lr=self.lr,
+            global_batch_size=self.global_batch_size, loss=self.loss, grad_norm=self.grad_norm,
+            skipped=self.skipped_iterations, nan_iterations=self.nan_iterations,
+            tokens_per_s=self.tokens_per_s, update_absorption=self.update_absorption, now=now)
+
+    def scalars(self) -> dict[str, float]:
+        """{tag: value} of this step, the tags of `megatron_sr.metric_names`."""
+        scalars = {tags.LEARNING_RATE: self.lr, tags.BATCH_SIZE: self.global_batch_size,
+                   tags.LOSS_SCALE: 1.0, tags.WORLD_SIZE: self.world_size,
+                   tags.GRAD_NORM: self.grad_norm, tags.TOKENS_PER_S: self.tokens_per_s,
+                   tags.TFLOPS_PER_DEVICE: self.tflops_per_device,
+                   tags.SKIPPED_ITERATIONS: self.skipped_iterations,
+                   tags.NAN_ITERATIONS: self.nan_iterations,
+                   tags.CONSUMED_SAMPLES: self.consumed_samples,
+                   tags.PEAK_BYTES: self.peak_memory_bytes}
+        if self.loss is not None:
+            scalars[tags.TRAIN_LOSS] = self.loss
+        if self.update_absorption is not None:
+            scalars[tags.ABSORPTION] = self.update_absorption
+        if self.phase_seconds is not None:
+            scalars[tags.ITERATION_TIME] = self.step_seconds
+            scalars[tags.THROUGHPUT] = self.tflops_per_device
+            scalars.update({tags.timer_tag(name): seconds
+                            for name, seconds in self.phase_seconds.items()})
+        return scalars
+
+
+class LogInterval:
+    """The steps since the last log line: their wall time and samples.
+    `add(seconds, samples)` after each step; `take()` at a log step returns
+    (steps, samples, seconds) and starts the next interval."""
+
+    def __init__(self):
+        self.seconds, self.steps, self.samples = 0.0, 0, 0
+
+    def add(self, seconds: float, samples: int) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        self.samples += samples
+
+    def take(self) -> tuple[int, int, float]:
+        taken = (self.steps, self.samples, self.seconds)
+        self.seconds, self.steps, self.samples = 0.0, 0, 0
+        return taken
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: torch.cuda.max_memory_allocated on
+    CUDA, else the peak resident set size (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def memory_report(optimizer) -> dict[str, int]:
+    """This rank's training-state bytes of `optimizer` (a DistributedOptimizer):
+    params, grads, master, optimizer, total."""
+    sizes = optimizer.memory_bytes()
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def format_memory_report(precision: str, reports: list[dict[str, int]]) -> str:
+    """The set-up line of the largest of the ranks' `memory_report`s."""
+    worst = max(reports, key=lambda r: r["total"])
+    mib = 1 << 20
+    fields = " | ".join(f"{k}: {worst[k] / mib:.2f} MiB" for k in
+                        ("params", "grads", "master", "optimizer", "total"))
+    return (f"[memory] training state per rank (max over {len(reports)} ranks), "
+            f"--precision {precision}: {fields}")
+
+
+def write_run_summary(writer, job, optimizer) -> None:
+    """TensorBoard records of what the run `job` (a JobConfig) is, written once
+    at start by the logging rank: text "run/config" (precision, LR schedule,
+    sizes, layout) and scalars "memory/<kind>-bytes" of this rank's training
+    state (`memory_report` of `optimizer`), so that tools/compare_runs.py can
+    label and tabulate runs from the event files."""
+    opt, model, training = job.optimizer, job.model, job.training
+    rows = {"precision": opt.precision, "lr": opt.lr, "min-lr": opt.min_lr,
+            "lr-decay-style": opt.lr_decay_style, "lr-warmup-iters": opt.lr_warmup_iters,
+            "weight-decay": opt.weight_decay, "train-iters": training.train_iters,
+            "global-batch-size": training.global_batch_size,
+            "micro-batch-size": training.micro_batch_size, "seed": training.seed,
+            "grad-reduce-dtype": opt.grad_reduce_dtype or "strategy default",
+            "grad-accumulation-rounding": opt.grad_accumulation_rounding,
+            "seq-length": model.seq_length,
+            "num-layers": model.num_layers, "hidden-size": model.hidden_size,
+            "world-size": job.world_size,
+            "tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
+            "pipeline-model-parallel-size": job.parallel.pipeline_model_parallel_size}
+    writer.add_text(tags.CONFIG_TEXT, "\n".join(f"{k}: {v}" for k, v in rows.items()), 0)
+    for kind, size in memory_report(optimizer).items():
+        writer.add_scalar(tags.memory_tag(kind), size, 0)
 
 
 class MetricsWriter:
@@ -70,7 +203,7 @@ class MetricsWriter:
     scalars of the logging rank; a no-op where neither is configured.
 
     `scalar(tag, value, iteration, consumed_samples)` writes `tag` at step
-    `iteration`, and for the tags of `VS_SAMPLES_TAGS` also "<tag> vs
+    `iteration`, and for the tags of `metric_names.VS_SAMPLES_TAGS` also "<tag> vs
     samples" at step `consumed_samples`. `writer` is the SummaryWriter (None
     without --tensorboard-dir), for the records other than scalars.
     """
@@ -83,7 +216,7 @@ class MetricsWriter:
                consumed_samples: Optional[int] = None) -> None:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, iteration)
-            if consumed_samples is not None and tag in VS_SAMPLES_TAGS:
+            if consumed_samples is not None and tag in tags.VS_SAMPLES_TAGS:
                 self.writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
         if self.wandb_run is not None:
             self.wandb_run.log({tag: value}, step=iteration)
@@ -93,6 +226,11 @@ class MetricsWriter:
             self.writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+    def step(self, values: StepMetrics) -> None:
+        """The scalars of a log step, at its iteration and consumed samples."""
+        for tag, value in values.scalars().items():
+            self.scalar(tag, value, values.iteration, values.consumed_samples)
 
 
 def open_metrics_writer(training, is_logging_rank: bool, run_config: Optional[dict] = None

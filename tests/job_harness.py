@@ -54,9 +54,10 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
 
     from megatron_sr import training
     from megatron_sr.model import named_parameters_global
+    from megatron_sr.training import loop
 
     reports, loaded = [], {}
-    train_step, load = training.train_step, checkpointing.load_training_checkpoint
+    train_step, load = loop.train_step, checkpointing.load_training_checkpoint
 
     def recording_train_step(*args, **kwargs):
         # Every step's DP-mean loss (the loop itself reduces losses only at log steps).
@@ -72,7 +73,7 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
             loaded["optimizer"] = as_numpy(optimizer.state_dict())
         return progress
 
-    training.train_step = recording_train_step
+    loop.train_step = recording_train_step
     checkpointing.load_training_checkpoint = recording_load
     stdout, error, last = io.StringIO(), None, None
     try:
@@ -90,7 +91,7 @@ def pretrain_worker(rank: int, world_size: int, argv: list[str], expect_error: b
             raise
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        training.train_step, checkpointing.load_training_checkpoint = train_step, load
+        loop.train_step, checkpointing.load_training_checkpoint = train_step, load
     return {"last_iteration": last, "reports": reports, "stdout": stdout.getvalue(),
             "loaded_params": loaded.get("params"), "loaded_optimizer": loaded.get("optimizer"),
             "error": error}

@@ -74,8 +74,11 @@ from megatron_sr.model import build_model
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
 from megatron_sr.precision.strategies import get_strategy
-from megatron_sr.training import (LossAccumulator, exit_conditions, grad_dtype, make_forward_step,
-                                  param_infos, setup_model_and_optimizer, train_step)
+from megatron_sr.optimizer.param_buffer import param_infos
+from megatron_sr.precision.strategies import grad_dtype
+from megatron_sr.training import (LossAccumulator, make_forward_step, setup_model_and_optimizer,
+                                  train_step)
+from megatron_sr.training.policy import exit_conditions
 
 _LLAMA = ("--normalization RMSNorm --position-embedding-type rope --swiglu "
           "--disable-bias-linear --untie-embeddings-and-output-weights "

@@ -36,12 +36,13 @@ def _record_steps(rank: int, world_size: int, argv: list[str]) -> dict:
     from megatron_sr.arguments import parse_args
     from megatron_sr.model import named_parameters_global
     from megatron_sr.optimizer import param_buffer
+    from megatron_sr.training import loop
 
     events: list[tuple] = []
     buffer_cls = param_buffer.ParamAndGradBuffer
     originals = {name: getattr(buffer_cls, name) for name in
                  ("_accumulate_grad", "_launch_grad_reduce", "wait_param_gather")}
-    all_gather, get_schedule = param_buffer.all_gather_into, training.get_forward_backward_func
+    all_gather, get_schedule = param_buffer.all_gather_into, loop.get_forward_backward_func
 
     def accumulate_grad(self, param):
         events.append(("grad", self._bucket_of_param[id(param)], param.grad_added_to_main_grad))
@@ -78,7 +79,7 @@ def _record_steps(rank: int, world_size: int, argv: list[str]) -> dict:
     buffer_cls._launch_grad_reduce = launch_grad_reduce
     buffer_cls.wait_param_gather = wait_param_gather
     param_buffer.all_gather_into = gather
-    training.get_forward_backward_func = schedule
+    loop.get_forward_backward_func = schedule
     job = parse_args(argv, world_size).with_vocab_size(VOCAB + 1)
     device = training.initialize_distributed(job)
     try:
@@ -120,7 +121,7 @@ def _record_steps(rank: int, world_size: int, argv: list[str]) -> dict:
         for name, function in originals.items():
             setattr(buffer_cls, name, function)
         param_buffer.all_gather_into = all_gather
-        training.get_forward_backward_func = get_schedule
+        loop.get_forward_backward_func = get_schedule
         parallel_state.destroy_model_parallel()
 
 
@@ -241,10 +242,11 @@ def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
     from megatron_sr import training
     from megatron_sr.optimizer import param_buffer
     from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
+    from megatron_sr.training import loop
 
     events, local_losses = [], []
     world_reductions = collections.Counter()
-    originals = dict(average=training._average_over_dp, add=training.LossAccumulator.add,
+    originals = dict(average=loop._average_over_dp, add=training.LossAccumulator.add,
                      start=training.LossAccumulator.start_reduction, all_reduce=dist.all_reduce,
                      step=DistributedOptimizer.step, gather=param_buffer.all_gather_into)
 
@@ -273,7 +275,7 @@ def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
         events.append(("gather",))
         return originals["gather"](*args, **kwargs)
 
-    training._average_over_dp = counting_average
+    loop._average_over_dp = counting_average
     training.LossAccumulator.add = recording_add
     training.LossAccumulator.start_reduction = recording_start
     dist.all_reduce = recording_all_reduce
@@ -284,7 +286,7 @@ def _count_loss_reductions(rank: int, world_size: int, argv: list[str]) -> dict:
         with contextlib.redirect_stdout(stdout):
             training.pretrain(argv=argv)
     finally:
-        training._average_over_dp, training.LossAccumulator.add = (originals["average"],
+        loop._average_over_dp, training.LossAccumulator.add = (originals["average"],
                                                                    originals["add"])
         training.LossAccumulator.start_reduction = originals["start"]
         dist.all_reduce, DistributedOptimizer.step = originals["all_reduce"], originals["step"]

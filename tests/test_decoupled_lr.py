@@ -32,7 +32,7 @@ def test_decoupled_schedule_has_the_same_shape():
 
 
 def _one_step(rank, world_size):
-    from megatron_sr import training
+    from megatron_sr import parallel_state, training
     from megatron_sr.model import named_parameters_global
 
     job = parse_args(_argv(decoupled_lr=1e-2), world_size).with_vocab_size(VOCAB + 1)
@@ -48,7 +48,7 @@ def _one_step(rank, world_size):
         return {n: float((p.detach() - before[n]).abs().max())
                 for n, p in named_parameters_global(model)}
     finally:
-        training.parallel_state.destroy_model_parallel()
+        parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
 
 

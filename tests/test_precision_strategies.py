@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_sr.precision.names import STRATEGY_NAMES
 from megatron_sr.precision.strategies import STRATEGIES, get_strategy
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -55,3 +56,8 @@ def test_bad_names_name_the_flag():
 def test_strategies_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_strategy("bf16-sr").param_dtype = F32
+
+
+def test_torch_free_names_list_the_table_in_order():
+    """tools/compare_runs.py orders and labels runs by `names.STRATEGY_NAMES`, without torch."""
+    assert STRATEGY_NAMES == tuple(STRATEGIES)

@@ -121,7 +121,8 @@ def reference_worker(rank: int, world_size: int, argv: list[str]):
     from megatron_sr.data.tokenizers import build_tokenizer
     from megatron_sr.model import build_model, named_parameters_global
     from megatron_sr.random import model_parallel_seed
-    from megatron_sr.training import gpt_datasets_provider, train_valid_test_num_samples
+    from megatron_sr.recipes.gpt import train_valid_test_datasets_provider as gpt_datasets_provider
+    from megatron_sr.training import train_valid_test_num_samples
 
     job = parse_args(argv, 1)
     tokenizer = build_tokenizer(job.data.tokenizer_type, vocab_size=job.data.vocab_size)

@@ -1,6 +1,7 @@
 """What a Megatron user reads: the log line, TensorBoard tags (with "vs
 samples"), Weights & Biases in offline mode, per-phase timers, and the
 profiler's trace; end to end through pretrain() on one rank."""
+import dataclasses
 import datetime
 import glob
 import io
@@ -34,6 +35,36 @@ def test_log_line_is_megatrons_then_ours():
         update_absorption=0.01234, now=datetime.datetime(2026, 11, 30, 2, 30, 0, 123456))
     assert line == MEGATRON_LINE + " throughput (tokens/s): 1234.6 | update absorption: 0.0123 |"
 
+
+
+def test_a_log_step_is_one_object_line_and_scalars():
+    """StepMetrics gives the log line above and the scalars under the tags of
+    the torch-free megatron_sr.metric_names (what tools/compare_runs.py reads)."""
+    from megatron_sr import metric_names as tags
+    from megatron_sr.training_log import StepMetrics
+
+    values = StepMetrics(
+        iteration=10, train_iters=100, consumed_samples=80, step_seconds=0.51234,
+        tflops_per_device=123.45, tokens_per_s=1234.56, lr=1e-4, global_batch_size=8,
+        world_size=2, loss=5.1234567, grad_norm=0.8123, skipped_iterations=0, nan_iterations=0,
+        update_absorption=0.01234, peak_memory_bytes=3 << 20, phase_seconds={"optimizer": 0.25})
+    line = values.log_line(now=datetime.datetime(2026, 11, 30, 2, 30, 0, 123456))
+    assert line == MEGATRON_LINE + " throughput (tokens/s): 1234.6 | update absorption: 0.0123 |"
+    scalars = values.scalars()
+    assert scalars[tags.TRAIN_LOSS] == 5.1234567 and scalars[tags.ABSORPTION] == 0.01234
+    assert scalars[tags.ITERATION_TIME] == 0.51234 and scalars["optimizer-time"] == 0.25
+    assert scalars[tags.PEAK_BYTES] == 3 << 20 and scalars[tags.WORLD_SIZE] == 2
+    quiet = dataclasses.replace(values, loss=None, update_absorption=None, phase_seconds=None)
+    assert not {tags.TRAIN_LOSS, tags.ABSORPTION, tags.ITERATION_TIME} & set(quiet.scalars())
+
+
+def test_metric_names_import_without_torch():
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None; "
+            "import megatron_sr.metric_names, megatron_sr.precision.names")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 def _scalars(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -4,7 +4,7 @@
 
 Each RUN_DIR is a run's --tensorboard-dir (all event files in it are read, so
 a resumed run counts as one). A run is labelled by the precision strategy and
-peak learning rate that `megatron_sr.training.write_run_summary` records in
+peak learning rate that `megatron_sr.training_log.write_run_summary` records in
 the text summary "run/config"; event files without it (e.g. from Megatron-LM)
 fall back to the folder name, or to `--label`.
 
@@ -48,18 +48,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-TRAIN_LOSS = "lm loss"
-VALID_LOSS = "lm loss validation"
-VALID_PPL = "lm loss validation ppl"
-TOKENS_PER_S = "throughput/tokens-per-s"
-ABSORPTION = "update-absorption"
-STATE_BYTES = "memory/total-bytes"
-PEAK_BYTES = "memory/peak-bytes"
-GRAD_NORM = "grad-norm"
-CONFIG_TEXT = "run/config"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The tags training writes and the strategies' order: torch-free modules of the library.
+from megatron_sr.metric_names import (ABSORPTION, CONFIG_TEXT, GRAD_NORM, PEAK_BYTES,  # noqa: E402
+                                      STATE_BYTES, TOKENS_PER_S, TRAIN_LOSS, VALID_LOSS,
+                                      VALID_PPL)
+from megatron_sr.precision.names import STRATEGY_NAMES as STRATEGY_ORDER  # noqa: E402
 
-# Strategy order and colours of the plot (others get the next colour of the cycle).
-STRATEGY_ORDER = ("fp32", "amp", "bf16-mixed", "bf16", "bf16-sr", "bf16-kahan")
+# Colours of the plot per strategy (others get the next colour of the cycle).
 STRATEGY_COLORS = {"fp32": "black", "amp": "tab:purple", "bf16-mixed": "tab:blue",
                    "bf16": "tab:red", "bf16-sr": "tab:green", "bf16-kahan": "tab:orange"}
 # Line style per learning rate (ascending); VARIANT_STYLE marks the variants of --aggregate.

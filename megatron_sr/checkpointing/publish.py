@@ -43,7 +43,7 @@ def rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _all_gather_objects(value: Any) -> list[Any]:
+def all_gather_objects(value: Any) -> list[Any]:
     """Every rank's `value`, in rank order: one all_gather_object over the
     world ([value] without process groups). Every rank calls it."""
     if not dist.is_initialized():
@@ -51,12 +51,6 @@ def _all_gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-# The public name. The function keeps its own name, `_all_gather_objects`: the training
-# loop's communication errors name the collective by the function names on a failing
-# stack, and this one reads "all-gather of the ranks' write results".
-all_gather_objects = _all_gather_objects
 
 
 def collective_on_rank0(function: Callable[[], T]) -> T:
@@ -144,7 +138,7 @@ def publish_written(save_dir: str, tmp_dir: str, iteration: int, layout: tuple[i
     size). Rank 0 publishes when no rank failed and removes `tmp_dir` when any
     did. Returns the final directory; CheckpointError on every rank, naming
     each failure, otherwise. Collective over the world (two all-gathers)."""
-    reports = _all_gather_objects(result)
+    reports = all_gather_objects(result)
     failures = [error for error, _ in reports if error]
     final_dir = os.path.join(save_dir, iteration_dir_name(iteration))
     if rank0() and not failures:
@@ -155,7 +149,7 @@ def publish_written(save_dir: str, tmp_dir: str, iteration: int, layout: tuple[i
             failures.append(f"rank 0 could not finalize {final_dir}: {exc}")
     if rank0() and failures:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    failures = _all_gather_objects(failures)[0]
+    failures = all_gather_objects(failures)[0]
     if failures:
         raise CheckpointError(f"checkpoint save of iteration {iteration} to {save_dir} failed "
                               f"(previous checkpoint left intact): {'; '.join(failures)}")

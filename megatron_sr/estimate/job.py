@@ -14,7 +14,7 @@ from megatron_sr.model.parallel_layout import chunk_placements
 from megatron_sr.model.parameter_specs import rank_parameters
 from megatron_sr.optimizer.param_buffer import DEFAULT_BUCKET_SIZE
 from megatron_sr.precision.strategies import PrecisionStrategy, get_strategy
-from megatron_sr.training import grad_dtype
+from megatron_sr.precision.strategies import grad_dtype
 
 
 @dataclass(frozen=True)

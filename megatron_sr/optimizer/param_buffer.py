@@ -61,6 +61,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sr import parallel_state
+from megatron_sr.model.parallel_layout import param_is_unique_in_model
 from megatron_sr.precision.grad_accumulation import stochastic_add_, stochastic_round_into_
 from megatron_sr.random import grad_accumulation_key
 
@@ -106,6 +108,21 @@ class ParamInfo:
     count_in_grad_norm: bool
     sequence_parallel_grad: bool = False
     tied_embedding: bool = False
+
+
+def param_infos(params: Sequence[torch.nn.Parameter]) -> list[ParamInfo]:
+    """The `ParamInfo` of each of this rank's parameters, read off the
+    attributes the model's layers set: global name, TP sharding, weight decay
+    (not for biases and norms, i.e. 1-D tensors), counting in the grad norm,
+    model-parallel grad sums. Called after the model-parallel groups exist."""
+    return [ParamInfo(name=p.global_name,
+                      sr_tp_rank=(parallel_state.get_tensor_model_parallel_rank()
+                                  if p.tensor_model_parallel else None),
+                      weight_decay=p.dim() > 1,
+                      count_in_grad_norm=param_is_unique_in_model(p),
+                      sequence_parallel_grad=bool(getattr(p, "sequence_parallel", False)),
+                      tied_embedding=bool(getattr(p, "shared_embedding", False)))
+            for p in params]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ from typing import Optional
 
 import torch
 
+# DEFAULT_STRATEGY is read from here by the flags (`--precision`'s default).
+from megatron_sr.precision.names import DEFAULT_STRATEGY  # noqa: F401
+
 _STATE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GRAD_ROUNDINGS = ("nearest", "stochastic")
 
@@ -98,8 +101,6 @@ STRATEGIES = {
     )
 }
 
-DEFAULT_STRATEGY = "bf16-sr"
-
 
 def get_strategy(name: str, optimizer_state_dtype: Optional[str] = None) -> PrecisionStrategy:
     """The strategy called `name` (a `--precision` value), with m and v
@@ -143,3 +144,11 @@ def with_grad_buffer(strategy: PrecisionStrategy, grad_reduce_dtype: Optional[st
                          f"but {cause} accumulates in fp32: drop the flag, or use a pure-bf16 strategy "
                          f"with the bf16 buffer")
     return dataclasses.replace(strategy, grad_rounding=grad_accumulation_rounding)
+
+
+def grad_dtype(job, strategy: PrecisionStrategy) -> torch.dtype:
+    """The grad buffer's dtype of the run `job` (a JobConfig): its
+    --grad-reduce-dtype, else `strategy`'s."""
+    if job.optimizer.grad_reduce_dtype is None:
+        return strategy.grad_dtype
+    return _STATE_DTYPES[job.optimizer.grad_reduce_dtype]

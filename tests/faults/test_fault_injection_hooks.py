@@ -6,7 +6,8 @@ import errno
 
 import pytest
 
-from megatron_sr import fault_injection, training
+from megatron_sr import fault_injection
+from megatron_sr.training import communication as training, loop
 from megatron_sr.arguments import parse_args
 from megatron_sr.fault_injection import Fault, parse_fault
 
@@ -132,7 +133,7 @@ def test_collective_names_follow_the_code():
     from megatron_sr.model import parallel_layout
     from megatron_sr.pipeline_parallel import p2p_communication
 
-    sources = "".join(inspect.getsource(m) for m in (training, distributed_optimizer,
+    sources = "".join(inspect.getsource(m) for m in (training, loop, distributed_optimizer,
                                                      param_buffer, parallel_layout,
                                                      p2p_communication, replica_check,
                                                      publish, training_checkpoint))
