@@ -8,7 +8,7 @@ parallelism, checkpoints, logging; `python pretrain_gpt.py --help` for the
 flags). Change the model, the loss or the data here: the three providers
 below are the library's defaults spelled out (the same bits), and
 `pretrain`'s docstring gives their contracts. `job` is the run's typed
-configuration (`megatron_sr.arguments.JobConfig`): what Megatron's providers
+configuration (`megatron_sr.config.JobConfig`): what Megatron's providers
 read from `get_args()`. Own flags: parse them before `pretrain` and hand it
 the rest (examples/pretrain_gpt_zloss.py does, with a custom loss).
 """

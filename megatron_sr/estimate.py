@@ -116,7 +116,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sr.arguments import JobConfig, build_parser, job_config_from_args
+from megatron_sr.config import JobConfig, build_parser, job_config_from_args
 from megatron_sr.config import ModelConfig, ParallelConfig
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.model.gpt_model import WORD_EMBEDDING_NAME, flops_per_token

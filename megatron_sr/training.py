@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
-from megatron_sr.arguments import JobConfig, parse_args
+from megatron_sr.config import JobConfig, parse_args
 from megatron_sr.config import TrainingConfig, global_batch_size_at
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.document_masks import document_inputs

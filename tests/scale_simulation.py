@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_sr import parallel_state
-from megatron_sr.arguments import JobConfig, build_parser
+from megatron_sr.config import JobConfig, build_parser
 from megatron_sr.estimate import add_estimate_args, jobs_from_args
 from megatron_sr.model import build_model
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer

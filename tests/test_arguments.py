@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from megatron_sr import arguments
-from megatron_sr.arguments import build_parser, job_config_from_args, parse_args
+from megatron_sr.config import arguments
+from megatron_sr.config import build_parser, job_config_from_args, parse_args
 
 # A minimal valid command line, as (flag, value) pairs so cases can drop flags.
 BASE = [("--num-layers", "4"), ("--hidden-size", "64"), ("--num-attention-heads", "4"),

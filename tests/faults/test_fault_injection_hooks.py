@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from megatron_sr import fault_injection, training
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 from megatron_sr.fault_injection import Fault, parse_fault
 
 
