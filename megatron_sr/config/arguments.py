@@ -56,9 +56,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-from megatron_sr.config import megatron_compat
 from megatron_sr.config.batch_size import (check_micro_batches_per_step, derive_global_batch_size,
                                            derive_rampup_batch_size,
                                            derive_step_batch_size_schedule, derive_train_iters)
@@ -69,6 +68,8 @@ from megatron_sr.config.derived import (DerivationFlags, check_gradient_accumula
                                         derive_sequence_parallel, derive_virtual_pipeline_size)
 from megatron_sr.config.flags import add_flags, check_value, flag_fields
 from megatron_sr.config.job import JobConfig
+from megatron_sr.config.megatron_compat import (MEGATRON_FLAGS, MegatronFlag, add_megatron_flags,
+                                                apply_megatron_flags)
 from megatron_sr.config.model import ModelConfig
 from megatron_sr.config.optimizer import OptimizerConfig
 from megatron_sr.config.parallel import ParallelConfig, validate_parallel_layout
@@ -82,8 +83,9 @@ from megatron_sr.precision.strategies import get_strategy, with_grad_buffer
 CONFIGS = (TrainingConfig, ModelConfig, ParallelConfig, OptimizerConfig, DataConfig, JobConfig,
            DerivationFlags)
 _FLAG_FIELDS = [(field, spec) for cls in CONFIGS for field, spec in flag_fields(cls)]
-_DESTS = {name: field.name for field, spec in _FLAG_FIELDS for name in spec.names}
-_DEFAULTS = {name: field.default for field, spec in _FLAG_FIELDS for name in spec.names}
+# Our flags' dests (field names) and defaults (field defaults), by flag name.
+FLAG_DESTS = {name: field.name for field, spec in _FLAG_FIELDS for name in spec.names}
+FLAG_DEFAULTS = {name: field.default for field, spec in _FLAG_FIELDS for name in spec.names}
 # (dest of the flag, smallest allowed value) of the integer flags bounded below.
 _INT_MINIMUMS = tuple((spec.name[2:].replace("-", "_"), spec.minimum)
                       for _, spec in _FLAG_FIELDS if spec.minimum is not None)
@@ -92,14 +94,16 @@ _FLOAT_RANGES = tuple((spec.name[2:].replace("-", "_"), *spec.bounds)
                       for _, spec in _FLAG_FIELDS if spec.interval is not None)
 
 
-def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None
+def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 megatron_flags: Sequence[MegatronFlag] = MEGATRON_FLAGS
                  ) -> argparse.ArgumentParser:
-    """The parser of every megatron_sr flag; `extra_args_provider(parser)` adds a
-    tool's own flags. Abbreviated flags are not accepted (--lr is not --lr-decay-style)."""
+    """The parser of every megatron_sr flag and of the Megatron-LM flags of the table
+    `megatron_flags`; `extra_args_provider(parser)` adds a tool's own flags.
+    Abbreviated flags are not accepted (--lr is not --lr-decay-style)."""
     parser = argparse.ArgumentParser(description="megatron_sr: GPT pretraining in pure BF16 with "
                                                  "stochastic rounding", allow_abbrev=False)
     groups, flags = add_flags(parser, CONFIGS)
-    megatron_compat.add_megatron_flags(parser, groups, flags)
+    add_megatron_flags(parser, groups, flags, megatron_flags)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
@@ -117,15 +121,17 @@ def _config(cls: type, args: argparse.Namespace, **derived: Any) -> Any:
     return cls(**{**values, **derived})
 
 
-def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
-    """Validates parsed flags for `world_size` ranks and maps them to typed configs.
+def job_config_from_args(args: argparse.Namespace, world_size: int,
+                         megatron_flags: Sequence[MegatronFlag] = MEGATRON_FLAGS) -> JobConfig:
+    """Validates parsed flags for `world_size` ranks and maps them to typed configs
+    (`megatron_flags`: the table the parser was built with).
 
     Raises ValueError naming the flag(s) at fault. The model/layout checks are
     `validate_parallel_layout`'s; the schedule checks are `LRSchedule.from_config`'s;
     the precision checks are `get_strategy`'s. `args` is left unchanged.
     """
     args = copy.copy(args)
-    notices = megatron_compat.apply(args, _DEFAULTS, _DESTS)
+    notices = apply_megatron_flags(args, FLAG_DEFAULTS, FLAG_DESTS, megatron_flags)
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:
         raise ValueError("--decoupled-min-lr needs --decoupled-lr")
     if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":

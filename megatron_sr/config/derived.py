@@ -12,8 +12,9 @@ flag leaves unset, and its flags that count in another unit.
 The global batch size, its ramp and the run length are `batch_size`'s.
 
 Each function reads parsed flags (an argparse Namespace whose Megatron aliases
-`megatron_compat.apply` has resolved) and raises ValueError naming the flags at
-fault. The flags that are no config field, only read here, are `DerivationFlags`.
+`megatron_compat.apply_megatron_flags` has resolved) and raises ValueError naming
+the flags at fault. The flags that are no config field, only read here, are
+`DerivationFlags`.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def check_recompute(args: argparse.Namespace) -> None:
                          "--recompute-granularity full only")
 
 
-def check_gradient_accumulation_fusion(args: argparse.Namespace, strategy: PrecisionStrategy) -> bool:
+def check_gradient_accumulation_fusion(args: argparse.Namespace,
+                                       strategy: PrecisionStrategy) -> bool:
     if args.gradient_accumulation_fusion and strategy.autocast:
         raise ValueError(f"--gradient-accumulation-fusion does not apply to --precision "
                          f"{strategy.name} (autocast computes the products in BF16 from FP32 "

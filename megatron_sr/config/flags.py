@@ -127,13 +127,16 @@ def _argparse_keywords(field: dataclasses.Field, spec: FlagSpec, hint: Any) -> d
     return keywords
 
 
+Flags = dict[str, tuple[argparse.Action, str]]  # flag name -> (its action, its help section)
+
+
 def add_flags(parser: argparse.ArgumentParser, configs: Sequence[type]
-              ) -> tuple[dict[str, argparse._ArgumentGroup], dict[str, tuple[argparse.Action, str]]]:
+              ) -> tuple[dict[str, argparse._ArgumentGroup], Flags]:
     """Adds the flag of every field of the dataclasses `configs` to `parser`, in the
     help sections of GROUPS (within one, in the order of `configs` and their fields).
     Returns the sections by title, and every flag name -> (its action, its section)."""
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
-    flags: dict[str, tuple[argparse.Action, str]] = {}
+    flags: Flags = {}
     for cls in configs:
         hints = typing.get_type_hints(cls)
         for field, spec in flag_fields(cls):

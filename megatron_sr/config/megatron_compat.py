@@ -17,8 +17,8 @@ of MEGATRON_FLAGS, a `MegatronFlag` with one of four decisions:
   other values are refused (Megatron's default changes nothing).
 
 `add_megatron_flags` adds the rows to the parser `build_parser` generates;
-`apply` resolves them on the parsed flags (refusals first, then aliases,
-then notices). A larger table of the same rows (e.g. loaded from a data file
+`apply_megatron_flags` resolves them on the parsed flags (refusals first, then
+aliases, then notices). A larger table of the same rows (e.g. loaded from a data file
 through `MegatronFlag.from_row`) plugs in as the `table` argument of both.
 """
 from __future__ import annotations
@@ -160,7 +160,7 @@ def add_megatron_flags(parser: argparse.ArgumentParser,
                                  f"megatron_sr flag")
             target, group = flags[target_name]
             if value:
-                target.default = None  # None: not given, so `apply` sees a conflict
+                target.default = None  # None: not given (a conflict needs to know)
                 groups[group].add_argument(row.name, action="store_true",
                                            help=f"Megatron's flag: same as {row.target}.")
             else:
@@ -228,8 +228,9 @@ def _resolve_aliases(args: argparse.Namespace, defaults: Mapping[str, Any],
         setattr(args, dest, given[0][1] if given else defaults[target])
 
 
-def apply(args: argparse.Namespace, defaults: Mapping[str, Any], flags: Mapping[str, str],
-          table: Sequence[MegatronFlag] = MEGATRON_FLAGS) -> list[str]:
+def apply_megatron_flags(args: argparse.Namespace, defaults: Mapping[str, Any],
+                         flags: Mapping[str, str],
+                         table: Sequence[MegatronFlag] = MEGATRON_FLAGS) -> list[str]:
     """Resolves the rows of `table` on `args` (parsed by a parser that
     `add_megatron_flags` completed; changed in place): raises ValueError for a
     refused flag given, sets what aliases stand for, and returns one notice per
