@@ -9,8 +9,9 @@ of MEGATRON_FLAGS, a `MegatronFlag` with one of four decisions:
   differently (None: our flag of the same name); a row with no flag of ours is
   accepted as a switch whose `message` says how it is implemented here.
 - alias: `target` is our flag it stands for. "--flag": another spelling, its
-  value passes through; "--flag VALUE": a switch meaning that value, which
-  conflicts with the flag given another value or another alias of it.
+  value passes through; "--flag VALUE": a switch meaning that value (one of the
+  flag's choices, as written), which conflicts with the flag given another value
+  or another alias of it.
 - notice: accepted and ignored; a one-line notice says `message` (what happens
   instead). `pretrain` prints the notices on rank 0.
 - refused: an error giving `message`, the reason; with `accepted_value`, only
@@ -139,7 +140,8 @@ def _help(row: MegatronFlag) -> str:
         return f"Ignored: {row.message}."
     if row.decision == "refused":
         unless = "" if row.accepted_value is None else f" unless {row.accepted_value}"
-        return f"Refused{unless}: {row.message}."
+        completes = row.message.startswith(("is ", "are "))
+        return f"Refused{unless}: {_sentence(row.name, row.message) if completes else row.message}."
     return row.message
 
 
@@ -182,10 +184,9 @@ def _add_spelling(group: argparse._ArgumentGroup, name: str, target: argparse.Ac
     """`name` as another spelling of `target`: same dest and values; the default
     stays `target`'s."""
     help = f"Megatron's spelling of {target.option_strings[0]}."
-    if isinstance(target, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        action = "store_true" if isinstance(target, argparse._StoreTrueAction) else "store_false"
-        group.add_argument(name, dest=target.dest, action=action, default=argparse.SUPPRESS,
-                           help=help)
+    if target.nargs == 0:  # a switch (store_true, store_false, store_const)
+        group.add_argument(name, dest=target.dest, action="store_const", const=target.const,
+                           default=argparse.SUPPRESS, help=help)
     else:
         group.add_argument(name, dest=target.dest, type=target.type, nargs=target.nargs,
                            choices=target.choices, metavar=target.metavar,
@@ -203,8 +204,14 @@ def _refusal(args: argparse.Namespace, table: Sequence[MegatronFlag]) -> Optiona
     if not given:
         return None
     names = ", ".join(shown for shown, message in given if message == given[0][1])
-    separator = " " if given[0][1].startswith(("is ", "are ")) else ": "
-    return f"{names}{separator}{given[0][1]}"
+    return _sentence(names, given[0][1])
+
+
+def _sentence(names: str, message: str) -> str:
+    """A refusal: `message` completes the sentence after the flags ("is not
+    supported: ...") or, after a colon, gives the reason."""
+    completes = message.startswith(("is ", "are "))
+    return f"{names} {message}" if completes else f"{names}: {message}"
 
 
 def _resolve_aliases(args: argparse.Namespace, defaults: Mapping[str, Any],
