@@ -66,6 +66,8 @@ ROWS = [
      "message": "FP8 training is not supported"},
     {"name": "--num-layers", "decision": "implemented", "takes_value": True, "target": None,
      "message": ""},
+    {"name": "--train-data-path", "decision": "notice", "takes_value": True, "nargs": "*",
+     "message": "give --data-path and --split"},
 ]
 TABLE = MEGATRON_FLAGS + tuple(MegatronFlag.from_row(row) for row in ROWS)
 
@@ -85,6 +87,8 @@ def test_flag_table_rows_given_as_data_plug_in():
         _job("--use-rotary-position-embeddings", "--position-embedding-type", "learned_absolute")
     assert any("--no-bias-dropout-fusion is accepted and ignored: dropout and the bias" in notice
                for notice in _job("--no-bias-dropout-fusion").notices)
+    assert any("--train-data-path a b is accepted and ignored: give --data-path" in notice
+               for notice in _job("--train-data-path", "a", "b").notices)
     with pytest.raises(ValueError, match="--fp8-wgrad: FP8 training is not supported"):
         _job("--fp8-wgrad")
 
@@ -98,8 +102,10 @@ def test_a_row_naming_a_flag_megatron_sr_lacks_is_an_error(row):
         build_parser(megatron_flags=(MegatronFlag.from_row(row),))
 
 
-def test_a_row_with_an_unknown_decision_or_no_message_is_an_error():
+def test_a_row_with_an_unknown_decision_column_or_no_message_is_an_error():
     with pytest.raises(ValueError, match="decision 'maybe'"):
         MegatronFlag("--x", "maybe")
     with pytest.raises(ValueError, match="a refused needs its message"):
         MegatronFlag("--x", "refused")
+    with pytest.raises(ValueError, match="unknown column.*alias_to"):
+        MegatronFlag.from_row({"name": "--x", "decision": "alias", "alias_to": "--lr"})

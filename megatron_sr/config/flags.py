@@ -136,21 +136,22 @@ def add_flags(parser: argparse.ArgumentParser, configs: Sequence[type]
     help sections of GROUPS (within one, in the order of `configs` and their fields).
     Returns the sections by title, and every flag name -> (its action, its section)."""
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    fields = [(field, spec, hints) for cls in configs for hints in [typing.get_type_hints(cls)]
+              for field, spec in flag_fields(cls)]
+    fields.sort(key=lambda entry: GROUPS.index(entry[1].group))  # usage line in section order
     flags: Flags = {}
-    for cls in configs:
-        hints = typing.get_type_hints(cls)
-        for field, spec in flag_fields(cls):
-            group = groups[spec.group]
-            if spec.negative is not None:
-                group = group.add_mutually_exclusive_group()
-            action = group.add_argument(*spec.names, **_argparse_keywords(field, spec,
-                                                                          hints[field.name]))
-            flags.update((name, (action, spec.group)) for name in spec.names)
-            if spec.negative is not None:
-                negative = group.add_argument(spec.negative, dest=field.name,
-                                              action="store_false", default=False,
-                                              help=spec.negative_help)
-                flags[spec.negative] = (negative, spec.group)
+    for field, spec, hints in fields:
+        group = groups[spec.group]
+        if spec.negative is not None:
+            group = group.add_mutually_exclusive_group()
+        action = group.add_argument(*spec.names, **_argparse_keywords(field, spec,
+                                                                      hints[field.name]))
+        flags.update((name, (action, spec.group)) for name in spec.names)
+        if spec.negative is not None:
+            negative = group.add_argument(spec.negative, dest=field.name,
+                                          action="store_false", default=False,
+                                          help=spec.negative_help)
+            flags[spec.negative] = (negative, spec.group)
     return groups, flags
 
 

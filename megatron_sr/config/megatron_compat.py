@@ -19,8 +19,9 @@ of MEGATRON_FLAGS, a `MegatronFlag` with one of four decisions:
 
 `add_megatron_flags` adds the rows to the parser `build_parser` generates;
 `apply_megatron_flags` resolves them on the parsed flags (refusals first, then
-aliases, then notices). A larger table of the same rows (e.g. loaded from a data file
-through `MegatronFlag.from_row`) plugs in as the `table` argument of both.
+aliases, then notices). A larger table of the same rows (e.g. loaded from a data
+file through `MegatronFlag.from_row`) plugs in as their `table` argument, which
+`build_parser` and `job_config_from_args` pass on as `megatron_flags`.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ DECISIONS = ("implemented", "alias", "notice", "refused")
 @dataclass(frozen=True)
 class MegatronFlag:
     """One Megatron-LM flag and what megatron_sr does with it (see the module
-    docstring). `takes_value`: the flag is followed by one value (`type`,
-    `choices` constrain it); `group`: its help section."""
+    docstring). `takes_value`: the flag is followed by a value (`type`, `choices`
+    constrain it; `nargs`: argparse's, for a flag that takes several); `group`:
+    its help section."""
 
     name: str
     decision: str
@@ -45,6 +47,7 @@ class MegatronFlag:
     message: str = ""
     type: Optional[Callable[[str], Any]] = None
     choices: Optional[tuple] = None
+    nargs: Optional[Any] = None
     accepted_value: Any = None
     group: str = COMPAT_GROUP
 
@@ -60,8 +63,12 @@ class MegatronFlag:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "MegatronFlag":
         """A row of a flag table as data: name, decision, takes_value, target (or
-        alias_of), message; the other fields optional."""
+        alias_of), message; the other fields optional. An unknown column is an error."""
         fields = dict(row)
+        unknown = set(fields) - set(cls.__dataclass_fields__) - {"alias_of"}
+        if unknown:
+            raise ValueError(f"Megatron flag table row {fields.get('name')}: unknown column(s) "
+                             f"{', '.join(sorted(unknown))}")
         if "alias_of" in fields:
             fields["target"] = fields.pop("alias_of")
         if fields.get("choices") is not None:
@@ -173,9 +180,8 @@ def add_megatron_flags(parser: argparse.ArgumentParser,
                              f"has no such flag")
         group = groups.get(row.group) or parser.add_argument_group(row.group)
         if row.takes_value:
-            default = row.accepted_value
-            group.add_argument(row.name, type=row.type, choices=row.choices, default=default,
-                               help=_help(row))
+            group.add_argument(row.name, type=row.type, choices=row.choices, nargs=row.nargs,
+                               default=row.accepted_value, help=_help(row))
         else:
             group.add_argument(row.name, action="store_true", help=_help(row))
 
@@ -251,6 +257,7 @@ def apply_megatron_flags(args: argparse.Namespace, defaults: Mapping[str, Any],
     for row in table:
         value = getattr(args, row.dest, None)
         if row.decision == "notice" and value not in (None, False):
-            shown = "" if value is True else f" {value}"
+            words = value if isinstance(value, list) else [value]
+            shown = "" if value is True else " " + " ".join(str(word) for word in words)
             notices.append(f"[flags] {row.name}{shown} is accepted and ignored: {row.message}")
     return notices
