@@ -14,8 +14,8 @@ Megatron-LM-style command line that fills them.
 - `arguments`: `build_parser`, `parse_args`, `job_config_from_args`.
 
 Tests and library users build the dataclasses directly; `parse_args` builds them
-from flags. The dataclass modules come first below: `data.gpt_dataset`, which
-`job` and `arguments` import, imports DataConfig from this package.
+from flags. Modules this package imports (`data.gpt_dataset`,
+`optimizer.lr_schedules`) import its configs for annotations only.
 """
 from megatron_sr.config.model import ModelConfig
 from megatron_sr.config.parallel import ParallelConfig, validate_parallel_layout
