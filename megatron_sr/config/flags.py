@@ -20,10 +20,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+COMPAT_GROUP = "accepted for Megatron-LM launch scripts"  # megatron_compat's flags
 # The help sections of `pretrain_gpt.py --help`, in order.
 GROUPS = ("network size", "regularization", "training", "initialization", "learning rate",
           "checkpointing", "mixed precision", "distributed", "validation", "data", "logging",
-          "accepted for Megatron-LM launch scripts")
+          COMPAT_GROUP)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-COMPAT_GROUP = "accepted for Megatron-LM launch scripts"
+from megatron_sr.config.flags import COMPAT_GROUP
+
 DECISIONS = ("implemented", "alias", "notice", "refused")
 
 
