@@ -11,7 +11,9 @@ train_valid_test_datasets_provider) are the library's defaults, and
 `pretrain`'s docstring gives their contracts. To change the model, the loss or
 the data, pass your own providers: examples/pretrain_gpt_zloss.py keeps the
 recipe's model and data and replaces the loss, with a flag of its own parsed
-before `pretrain`.
+before `pretrain`. `job`, which the providers receive, is the run's typed
+configuration (`megatron_sr.config.JobConfig`): what Megatron's providers read
+from `get_args()`.
 """
 from megatron_sr.recipes.gpt import forward_step, model_provider, train_valid_test_datasets_provider
 from megatron_sr.training import exit_on_job_error, pretrain

@@ -126,7 +126,7 @@ def _worker(strategy: str, megatron_args: list[str], rank: int, world_size: int,
 
         torch.set_num_threads(threads)
         from megatron_sr import parallel_state
-        from megatron_sr.arguments import parse_args
+        from megatron_sr.config import parse_args
         from megatron_sr.model import flops_per_token
         from megatron_sr.training import (initialize_distributed, make_forward_step, memory_report,
                                           setup_model_and_optimizer, train_step)
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
     from megatron_sr.precision.strategies import STRATEGIES
 
     strategies = args.strategies.split(",")

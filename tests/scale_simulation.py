@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_sr import parallel_state
-from megatron_sr.arguments import JobConfig, build_parser
+from megatron_sr.config import JobConfig, build_parser
 from megatron_sr.estimate import (JobEstimate, StageEstimate, add_estimate_args, estimate_job,
                                   jobs_from_args)
 from megatron_sr.model import build_model

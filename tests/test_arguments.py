@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from megatron_sr import arguments
-from megatron_sr.arguments import build_parser, job_config_from_args, parse_args
+from megatron_sr.config import arguments
+from megatron_sr.config import build_parser, job_config_from_args, parse_args
 
 # A minimal valid command line, as (flag, value) pairs so cases can drop flags.
 BASE = [("--num-layers", "4"), ("--hidden-size", "64"), ("--num-attention-heads", "4"),
@@ -361,7 +361,7 @@ def _raising_line(error: BaseException) -> tuple[str, int]:
 
 
 def test_every_check_of_arguments_py_has_an_invalid_case():
-    """Each `raise ValueError` of megatron_sr/arguments.py is what fails some
+    """Each `raise ValueError` of megatron_sr/config/arguments.py is what fails some
     command line of INVALID (or `with_vocab_size` of 0 or 10**12), so a check without a
     case, or a case that fails for another reason, is noticed."""
     source = inspect.getsource(arguments)

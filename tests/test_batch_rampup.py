@@ -8,7 +8,7 @@ import pytest
 from job_harness import pretrain_worker, tiny_gpt_argv
 from multiprocess import run_ranks
 
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 from megatron_sr.config import TrainingConfig, global_batch_size_at
 
 

@@ -33,7 +33,7 @@ BUCKET = 2000  # elements: several buckets in the tiny GPT
 
 def _record_steps(rank: int, world_size: int, argv: list[str]) -> dict:
     from megatron_sr import parallel_state, training
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
     from megatron_sr.model import named_parameters_global
     from megatron_sr.optimizer import param_buffer
     from megatron_sr.training import loop

@@ -86,7 +86,7 @@ def test_reads_what_training_writes(tmp_path):
     """write_run_summary (megatron_sr.training) -> load_run: the contract between them."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
     from megatron_sr.training import write_run_summary
 
     class FakeOptimizer:

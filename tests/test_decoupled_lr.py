@@ -8,7 +8,7 @@ import torch
 from job_harness import VOCAB, tiny_gpt_argv
 from multiprocess import run_ranks
 
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 from megatron_sr.optimizer.distributed_optimizer import DECOUPLED_LR_PARAMETERS
 from megatron_sr.optimizer.lr_schedules import learning_rate_at
 

@@ -81,7 +81,7 @@ def _train_config(world_size: int, argv: list[str], steps: int, data: str,
 def _train(world_size: int, argv: list[str], steps: int, data: str,
            bucket_size: int | None) -> dict:
     from megatron_sr import parallel_state, training
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
     from megatron_sr.model import named_parameters_global
 
     job = parse_args(argv, world_size).with_vocab_size(VOCAB + 1)

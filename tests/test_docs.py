@@ -17,7 +17,7 @@ def test_flag_reference_is_current(capsys):
 
 
 def test_flag_reference_lists_every_flag():
-    from megatron_sr.arguments import build_parser
+    from megatron_sr.config import build_parser
 
     reference = (ROOT / "docs" / "FLAGS.md").read_text()
     for action in build_parser()._actions:

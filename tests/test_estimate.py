@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from megatron_sr import parallel_state
-from megatron_sr.arguments import build_parser, parse_args
+from megatron_sr.config import build_parser, parse_args
 from megatron_sr.estimate import (add_estimate_args, buffer_layout, chunk_placements, estimate_job,
                                   in_flight_chunk_counts, jobs_from_args, rank_parameters,
                                   report_from_argv)

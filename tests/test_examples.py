@@ -1,5 +1,5 @@
 """The GPU launch scripts examples/gpt_*.sh: their pretrain_gpt.py flags parse
-and validate (megatron_sr.arguments.parse_args) for the world size they would
+and validate (megatron_sr.config.parse_args) for the world size they would
 launch, under each precision strategy and with the layout overrides. No GPU:
 DRY_RUN=1 makes a script print WORLD_SIZE=<n> and its flags instead of running."""
 import os
@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["gpt_350m.sh", "gpt_1.3b.sh", "gpt_2.7b.sh", "gpt_6.7b.sh"]

@@ -25,7 +25,7 @@ import torch
 
 from job_harness import (assert_states_equal, checkpoint_files, copy_checkpoint, losses,
                          run_pretrain, tiny_gpt_argv)
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 from megatron_sr.config import OptimizerConfig
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer, ParamInfo

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from megatron_sr.arguments import build_parser
+from megatron_sr.config import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

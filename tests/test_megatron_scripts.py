@@ -15,7 +15,7 @@ import shlex
 
 import pytest
 
-from megatron_sr.arguments import build_parser, job_config_from_args
+from megatron_sr.config import build_parser, job_config_from_args
 
 GPT3_175B = """
     --num-layers 96

@@ -10,7 +10,7 @@ import torch
 from job_harness import VOCAB, tiny_gpt_argv
 from multiprocess import run_ranks
 
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 
 SAMPLES, SEQ = 8, 16
 

@@ -117,7 +117,7 @@ def reference_worker(rank: int, world_size: int, argv: list[str]):
     import torch
 
     from megatron_sr import parallel_state
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
     from megatron_sr.data.tokenizers import build_tokenizer
     from megatron_sr.model import build_model, named_parameters_global
     from megatron_sr.random import model_parallel_seed

@@ -27,7 +27,7 @@ sr_sweep = _load("sr_sweep", "examples/sr_sweep.py")
 
 
 def test_every_run_parses_to_the_intended_job():
-    from megatron_sr.arguments import parse_args
+    from megatron_sr.config import parse_args
 
     shape = sr_sweep.Shape()
     runs = sr_sweep.grid_runs(2e-3, [1, 2, 3]) + sr_sweep.scan_runs(1e-3)[:1]

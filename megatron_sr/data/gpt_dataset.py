@@ -44,13 +44,15 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
-from megatron_sr.config import DataConfig
 from megatron_sr.data.indexed_dataset import IndexedDataset
+
+if TYPE_CHECKING:  # megatron_sr.config imports this module's parsers
+    from megatron_sr.config import DataConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_FORMAT_VERSION = 1  # bump when the index construction changes meaning

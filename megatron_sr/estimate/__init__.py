@@ -1,7 +1,7 @@
 """Memory, communication and FLOPs of a training job, per rank, before running it.
 
 `estimate_job(job)` takes the validated `JobConfig` that `pretrain_gpt.py`
-trains (from `megatron_sr.arguments`; its vocabulary already padded by
+trains (from `megatron_sr.config`; its vocabulary already padded by
 `JobConfig.with_vocab_size`) and returns a `JobEstimate`: for every pipeline
 stage (all TP and DP ranks of a stage hold the same sizes) the bytes of
 parameters, gradients, master weights, optimizer state and activations, the

@@ -7,7 +7,7 @@ import argparse
 import copy
 from typing import Optional
 
-from megatron_sr.arguments import JobConfig, build_parser, job_config_from_args
+from megatron_sr.config import JobConfig, build_parser, job_config_from_args
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.estimate.job import JobEstimate, estimate_job
 from megatron_sr.estimate.report import format_comparison, format_estimate

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.estimate.activations import matmul_bytes
 from megatron_sr.model.parallel_layout import ChunkPlacement
 from megatron_sr.model.parameter_specs import chunk_parameters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.estimate.activations import chunk_activation_bytes, in_flight_chunk_counts
 from megatron_sr.estimate.communication import (data_parallel_overlap, data_parallel_sent,
                                                 pipeline_sent, tensor_parallel_sent)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.estimate.job import JobEstimate
 
 GIB = 2 ** 30

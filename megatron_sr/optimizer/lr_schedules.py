@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from megatron_sr.config import OptimizerConfig
+if TYPE_CHECKING:  # megatron_sr.config imports DECAY_STYLES from here
+    from megatron_sr.config import OptimizerConfig
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -67,7 +68,7 @@ class LRSchedule:
     def from_config(cls, config: OptimizerConfig, total_iters: int) -> "LRSchedule":
         """Resolves `config`'s schedule for a run of `total_iters` optimizer steps.
 
-        Raises ValueError naming the flag at fault. `megatron_sr.arguments` calls
+        Raises ValueError naming the flag at fault. `megatron_sr.config.arguments` calls
         this during validation, so a bad schedule fails before training starts.
         """
         if config.override_opt_param_scheduler and config.use_checkpoint_opt_param_scheduler:

@@ -12,7 +12,7 @@ replaces `forward_step` and `loss_func`, keeping the others).
     loss_func            the micro-batch's mean loss over the tokens that count
     train_valid_test_datasets_provider   Megatron GPT datasets of --data-path (or --mock-data)
 
-`job` is the run's typed configuration (`megatron_sr.arguments.JobConfig`):
+`job` is the run's typed configuration (`megatron_sr.config.JobConfig`):
 what Megatron's providers read from `get_args()`.
 """
 from __future__ import annotations

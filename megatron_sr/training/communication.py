@@ -15,7 +15,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_sr import checkpointing
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.replica_check import ReplicaMismatch
 from megatron_sr.training.errors import CommunicationError, TrainingStopped
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from megatron_sr import parallel_state
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.data.micro_batches import micro_batch_loader
 from megatron_sr.recipes import gpt
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
-from megatron_sr.arguments import parse_args
+from megatron_sr.config import parse_args
 from megatron_sr.training.console import write_whole_lines
 from megatron_sr.training.data import DataStreams
 from megatron_sr.training.errors import exit_on_job_error

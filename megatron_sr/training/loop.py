@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, metric_names, parallel_state
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.config import global_batch_size_at
 from megatron_sr.model import flops_per_token
 from megatron_sr.optimizer.distributed_optimizer import DistributedOptimizer

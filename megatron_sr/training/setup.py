@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sr import parallel_state
-from megatron_sr.arguments import JobConfig
+from megatron_sr.config import JobConfig
 from megatron_sr.cpu_bf16 import cpu_bf16_summary
 from megatron_sr.data.tokenizers import build_tokenizer
 from megatron_sr.launch_environment import (cuda_device_index, flight_recorder_dir,

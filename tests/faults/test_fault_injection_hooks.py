@@ -7,8 +7,8 @@ import errno
 import pytest
 
 from megatron_sr import fault_injection
+from megatron_sr.config import parse_args
 from megatron_sr.training import communication as training, loop
-from megatron_sr.arguments import parse_args
 from megatron_sr.fault_injection import Fault, parse_fault
 
 
