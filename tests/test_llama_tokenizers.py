@@ -103,7 +103,7 @@ def test_llama2_bad_model_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def llama3_file(gpt2_files, tmp_path_factory):
     """GPT-2's BPE (ranks 0..50255) as a Llama 3 tokenizer.model: 'base64 rank' lines."""
-    from megatron_sr.data.tokenizers import _byte_to_printable
+    from megatron_sr.data.tokenizers.gpt2_bpe import _byte_to_printable
 
     byte_of = {c: b for b, c in _byte_to_printable().items()}
     vocab = json.loads(open(gpt2_files[0], encoding="utf-8").read())
@@ -181,7 +181,7 @@ def _meta_pieces(text: str, piece_chars: int = 400_000, run_chars: int = 25_000)
 def test_llama3_long_texts_are_encoded_in_meta_pieces(llama3_file):
     import tiktoken
 
-    from megatron_sr.data.tokenizers import LLAMA3_PATTERN, _read_tiktoken_ranks
+    from megatron_sr.data.tokenizers.tiktoken_bpe import LLAMA3_PATTERN, _read_tiktoken_ranks
 
     tokenizer = build_tokenizer("Llama3Tokenizer", tokenizer_model=llama3_file)
     whole = tiktoken.Encoding("reference", pat_str=META_LLAMA3_PATTERN,

@@ -255,7 +255,7 @@ def test_huggingface_tokenizer_errors_name_the_flag(tmp_path):
 
 def _gpt2_ranks(gpt2_files) -> dict:
     """GPT-2's vocabulary as tiktoken BPE ranks (bytes -> id; r50k_base is exactly this)."""
-    from megatron_sr.data.tokenizers import _byte_to_printable
+    from megatron_sr.data.tokenizers.gpt2_bpe import _byte_to_printable
 
     byte_of = {c: b for b, c in _byte_to_printable().items()}
     vocab = json.loads(open(gpt2_files[0], encoding="utf-8").read())

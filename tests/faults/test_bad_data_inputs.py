@@ -30,7 +30,8 @@ import pytest
 from megatron_sr.config import DataConfig
 from megatron_sr.data.gpt_dataset import build_gpt_datasets
 from megatron_sr.data.indexed_dataset import write_dataset
-from megatron_sr.data.tokenizers import GPT2BPETokenizer, NullTokenizer, _byte_to_printable
+from megatron_sr.data.tokenizers import GPT2BPETokenizer, NullTokenizer
+from megatron_sr.data.tokenizers.gpt2_bpe import _byte_to_printable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
