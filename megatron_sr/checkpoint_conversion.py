@@ -328,8 +328,8 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
 
 
 def import_megatron_lm(path: str) -> FullCheckpoint:
-    """A Megatron-LM legacy checkpoint (megatron-core local-spec names) as a
-    FullCheckpoint of its iteration, weights only (see
+    """A Megatron-LM checkpoint (torch_dist or legacy, local or Transformer
+    Engine names) as a FullCheckpoint of its iteration, weights only (see
     `checkpointing.megatron_lm`)."""
     from megatron_sr.checkpointing import megatron_lm
 
@@ -341,10 +341,15 @@ def import_megatron_lm(path: str) -> FullCheckpoint:
 
 
 def export_megatron_lm(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
-                       pipeline_parallel_size: int) -> str:
-    """Writes `checkpoint`'s weights as a Megatron-LM legacy checkpoint."""
+                       pipeline_parallel_size: int, ckpt_format: str = "torch_dist") -> str:
+    """Writes `checkpoint`'s weights as a Megatron-LM checkpoint: torch_dist
+    (global tensors: the sizes do not matter) or legacy "torch" at the sizes."""
     from megatron_sr.checkpointing import megatron_lm
 
+    if ckpt_format == "torch_dist":
+        return megatron_lm.export_megatron_lm_torch_dist(
+            checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
+            checkpoint.consumed_train_samples, save_dir)
     return megatron_lm.export_megatron_lm(
         checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
         checkpoint.consumed_train_samples, save_dir, tensor_parallel_size,

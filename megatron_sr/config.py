@@ -29,7 +29,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     normalization: str = "LayerNorm"  # or "RMSNorm"
     layernorm_epsilon: float = 1e-5
-    activation: str = "gelu"  # or "swiglu"
+    activation: str = "gelu"  # or "swiglu", "squared_relu"
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1

@@ -278,6 +278,9 @@ def resolve_checkpoint_dir(path: str) -> str:
                 os.path.join(replaced, MANIFEST_FILENAME)):
             return replaced
     if iteration is None:
+        from megatron_sr.checkpointing.megatron_lm import megatron_lm_layout
+        if megatron_lm_layout(path):
+            raise CheckpointError(megatron_lm_layout(path))
         if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).startswith("iter_"):
             read_manifest(path)  # raises: incomplete checkpoint
         raise CheckpointError(f"{path} holds no checkpoint: neither {TRACKER_FILENAME} nor "
@@ -359,6 +362,9 @@ def read_manifest(iteration_dir: str) -> dict:
     if not os.path.isdir(iteration_dir):
         raise CheckpointError(f"checkpoint directory {iteration_dir} does not exist")
     if not os.path.lexists(path):
+        from megatron_sr.checkpointing.megatron_lm import megatron_lm_layout
+        if megatron_lm_layout(iteration_dir):
+            raise CheckpointError(megatron_lm_layout(iteration_dir))
         raise CheckpointError(f"{iteration_dir} is not a complete checkpoint: {MANIFEST_FILENAME} "
                               "is missing (the save was interrupted?)")
     if os.path.islink(path) or not os.path.isfile(path):
