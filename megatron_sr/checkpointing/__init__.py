@@ -759,6 +759,9 @@ def _load_target(load: str) -> tuple[Optional[int], Optional[str]]:
     if iteration is not None:
         return iteration, os.path.join(load, iteration_dir_name(iteration))
     if not is_iteration_directory(load):
+        from megatron_sr.checkpointing.megatron_lm import megatron_lm_layout
+        if megatron_lm_layout(load):  # e.g. Megatron-LM's release/ directory itself
+            raise CheckpointError(megatron_lm_layout(load))
         return None, None
     iteration = read_manifest(load)["iteration"]
     name = os.path.basename(os.path.normpath(load))
