@@ -34,6 +34,7 @@ import re
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint import planner as dcp_planner
 
 from megatron_sr.checkpointing import dcp_metadata
@@ -158,15 +159,16 @@ def export(state: dict[str, torch.Tensor], num_layers: int, common: dict,
     tensors = _stacked(state, num_layers)
     entries: dict = dict(tensors)
     empty = io.BytesIO()
-    torch.save(None, empty)
+    torch.save([None], empty)  # megatron-core stores a list of the shards' objects
     for which in _EXTRA_STATE_SUFFIXES:
         module = "self_attention" if which.startswith("linear_q") or which == "linear_proj" \
             else "mlp"
         for layer in range(num_layers):
             key = f"{_STACKED}{module}.{which}._extra_state/shard_{layer}_{num_layers}"
             entries[key] = io.BytesIO(empty.getvalue())
+    # Flat keys, no planner mappings in the metadata: what megatron-core's loader expects.
     dcp.save(entries, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
-             no_dist=True)
+             planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
     torch.save(common, os.path.join(directory, COMMON_FILE))
     with open(os.path.join(directory, METADATA_JSON), "w", encoding="utf-8") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
