@@ -26,7 +26,6 @@ file, which megatron-core's `dist_checkpointing.load` reads into its GPTModel.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -158,14 +157,14 @@ def export(state: dict[str, torch.Tensor], num_layers: int, common: dict,
     os.makedirs(directory)
     tensors = _stacked(state, num_layers)
     entries: dict = dict(tensors)
-    empty = io.BytesIO()
-    torch.save([None], empty)  # megatron-core stores a list of the shards' objects
     for which in _EXTRA_STATE_SUFFIXES:
         module = "self_attention" if which.startswith("linear_q") or which == "linear_proj" \
             else "mlp"
         for layer in range(num_layers):
             key = f"{_STACKED}{module}.{which}._extra_state/shard_{layer}_{num_layers}"
-            entries[key] = io.BytesIO(empty.getvalue())
+            # A non-tensor value: DCP stores its torch.save; megatron-core stores the list of
+            # the shard's objects (one, None: no FP8 metadata).
+            entries[key] = [None]
     # Flat keys, no planner mappings in the metadata: what megatron-core's loader expects.
     dcp.save(entries, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
              planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
