@@ -369,8 +369,24 @@ def model_flags(config: ModelConfig) -> str:
              f"--norm-epsilon {config.layernorm_epsilon}"]
     if config.position_embedding_type == "rope":
         flags.append(f"--rotary-base {config.rotary_base:g}")
+        if config.rotary_percent != 1.0:
+            flags.append(f"--rotary-percent {config.rotary_percent:g}")
+        if config.rotary_interleaved:
+            flags.append("--rotary-interleaved")
+        if config.use_rope_scaling:
+            flags.append(f"--use-rope-scaling --rope-scaling-factor {config.rope_scaling_factor:g}")
+    if config.num_query_groups != config.num_attention_heads:
+        flags.append(f"--group-query-attention --num-query-groups {config.num_query_groups}")
+    if config.kv_channels is not None:
+        flags.append(f"--kv-channels {config.kv_channels}")
+    if config.qk_layernorm:
+        flags.append("--qk-layernorm")
+    if config.apply_layernorm_1p:
+        flags.append("--apply-layernorm-1p")
     if config.activation == "swiglu":
         flags.append("--swiglu")
+    if config.activation == "squared_relu":
+        flags.append("--squared-relu")
     if not config.add_bias_linear:
         flags.append("--disable-bias-linear")
     if config.untie_embeddings_and_output_weights:

@@ -344,3 +344,20 @@ def test_to_megatron_torch_dist_loads_in_megatron_core(case, tmp_path):
         "common.pt", "metadata.json"]
     theirs = run_ranks(_megatron_core_loads_export, 1, case, exported)[0]
     np.testing.assert_allclose(theirs, logits, rtol=0, atol=1e-5)
+
+
+def test_the_printed_model_flags_build_the_imported_model():
+    from megatron_sr.arguments import parse_args
+    from megatron_sr.checkpoint_conversion import model_flags
+
+    config = megatron_lm.model_config_from_megatron_args(megatron_lm_args("llama_gqa", 1, "torch"))
+    config.rotary_percent, config.qk_layernorm, config.apply_layernorm_1p = 0.5, True, True
+    job = parse_args(model_flags(config).split() + [
+        "--vocab-size", "63", "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "1",
+        "--train-iters", "1", "--mock-data", "--untie-embeddings-and-output-weights",
+        "--lr", "1e-4",
+        ], world_size=1)
+    built = job.model
+    for field in ("num_query_groups", "rotary_percent", "qk_layernorm", "apply_layernorm_1p",
+                  "activation", "ffn_hidden_size", "position_embedding_type", "normalization"):
+        assert getattr(built, field) == getattr(config, field), field
