@@ -361,3 +361,19 @@ def test_the_printed_model_flags_build_the_imported_model():
     for field in ("num_query_groups", "rotary_percent", "qk_layernorm", "apply_layernorm_1p",
                   "activation", "ffn_hidden_size", "position_embedding_type", "normalization"):
         assert getattr(built, field) == getattr(config, field), field
+
+
+def test_our_own_legacy_checkpoint_without_manifest_is_not_taken_for_megatron_lms(tmp_path):
+    from megatron_sr.checkpointing import MANIFEST_FILENAME
+    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from test_megatron_lm_conversion import _checkpoint
+
+    from megatron_sr.checkpoint_conversion import write_reshaped
+
+    save = str(tmp_path / "ours")
+    os.makedirs(save)
+    directory = write_reshaped(_checkpoint(megatron_lm.model_config_from_megatron_args(
+        megatron_lm_args("gpt2", 1, "torch"))), save, 1, 1)
+    os.remove(os.path.join(directory, MANIFEST_FILENAME))
+    with pytest.raises(CheckpointError, match="interrupted"):
+        load_full_checkpoint(save)

@@ -351,10 +351,27 @@ def _import_legacy(path: str):
     return args, config, int(first["iteration"]), merge_state_dicts(ranks, config)
 
 
+def _holds_megatron_args(directory: str) -> bool:
+    """Whether `directory`'s first mp_rank_*/model_optim_rng.pt names
+    argparse.Namespace (Megatron-LM's args; ours are a plain dict). Lists the
+    pickle's globals without running it."""
+    rank_dirs = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_"))
+    path = os.path.join(directory, rank_dirs[0], "model_optim_rng.pt") if rank_dirs else ""
+    if not os.path.isfile(path):
+        return False
+    from megatron_sr.checkpointing.megatron_pickle import named_globals
+
+    try:
+        return "argparse.Namespace" in named_globals(path)
+    except ValueError:  # not a readable torch.save file: not Megatron-LM's
+        return False
+
+
 def megatron_lm_layout(directory: str) -> Optional[str]:
     """One line naming the command that converts `directory` when it is a
     Megatron-LM checkpoint (a --save directory or an iteration directory,
-    torch_dist or legacy); None otherwise. Reads no pickle."""
+    torch_dist or legacy); None otherwise. Runs no pickle (an interrupted
+    legacy save of ours, whose args are a dict, is not taken for one)."""
     from megatron_sr.checkpointing import megatron_torch_dist
 
     candidates = [directory]
@@ -370,7 +387,7 @@ def megatron_lm_layout(directory: str) -> Optional[str]:
             continue
         if megatron_torch_dist.is_torch_dist_directory(candidate):
             kind = "torch_dist"
-        elif any(d.startswith("mp_rank_") for d in os.listdir(candidate)):
+        elif _holds_megatron_args(candidate):
             kind = "legacy (--ckpt-format torch)"
         else:
             continue

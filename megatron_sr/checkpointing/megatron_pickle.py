@@ -7,7 +7,7 @@ whose values include Megatron's enums, e.g. `AttnBackend.auto`, and
 `signal.Signals`), torch dtypes, and numpy arrays in the RNG state.
 
 `read_megatron_pickle` first lists the globals the pickle names (without
-running it, `torch.serialization.get_unsafe_globals_in_checkpoint`) and
+running it, `named_globals`) and
 refuses the file, naming it and the class, unless every one is allowed:
 
 - `argparse.Namespace`, `signal.Signals`, torch dtypes (torch's own list);
@@ -22,6 +22,7 @@ allowed, so no other callable can run even in a crafted file.
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import zipfile
 
@@ -74,12 +75,26 @@ def _is_megatron_enum(qualified_name: str) -> bool:
     return module.startswith("megatron.") and module.endswith(".enums")
 
 
-def _named_globals(path: str) -> list[str]:
+def named_globals(path: str) -> list[str]:
+    """Every global the torch.save file at `path` names that torch's
+    weights_only unpickler does not allow by default, found without running
+    the pickle. Independent of what other code registered with
+    `torch.serialization.add_safe_globals` (megatron-core registers its
+    enums and Namespace when imported). ValueError naming `path` when it is
+    not a torch.save zip file."""
+    from torch import _weights_only_unpickler
+
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(path) as archive:
+            records = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(records) != 1:
+                raise ValueError("no single data.pkl record")
+            found = _weights_only_unpickler.get_globals_in_pkl(
+                io.BytesIO(archive.read(records[0])))
+    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path} is not a readable torch.save file "
                          f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    return sorted(set(found) - set(_weights_only_unpickler._get_allowed_globals()))
 
 
 def read_megatron_pickle(path: str) -> dict:
@@ -87,7 +102,7 @@ def read_megatron_pickle(path: str) -> dict:
     without running foreign code (module docstring). ValueError naming `path`
     when it names a class outside the allowlist, is not a torch.save file, or
     does not hold a dict."""
-    names = _named_globals(path)
+    names = named_globals(path)
     allowed: list = []
     for name in names:
         if name in ALLOWED:
