@@ -223,10 +223,11 @@ def _megatron_checkpoint(tmp_path, case, tp, ckpt_format):
 
 IMPORTS = [("gpt2", 1, "torch_dist"), ("llama", 1, "torch_dist"), ("llama_gqa", 1, "torch_dist"),
            ("features", 1, "torch_dist"), ("gpt2", 2, "torch"), ("llama_gqa", 2, "torch"),
-           pytest.param("gpt2", 2, "torch_dist", marks=pytest.mark.slow),
-           pytest.param("llama_gqa", 2, "torch_dist", marks=pytest.mark.slow)]
+           ("gpt2", 2, "torch_dist"), ("llama_gqa", 2, "torch_dist")]
 
 
+# Every test that runs megatron-core spawns ranks that import it: 20-40 s each.
+@pytest.mark.slow
 @pytest.mark.parametrize("case,tp,ckpt_format", IMPORTS)
 def test_imported_model_computes_megatron_cores_logits(case, tp, ckpt_format, tmp_path):
     from multiprocess import run_ranks
@@ -242,8 +243,36 @@ def test_imported_model_computes_megatron_cores_logits(case, tp, ckpt_format, tm
     assert config.qk_layernorm == args.get("qk_layernorm", False)
     assert ours.shape == theirs.shape == (2, SEQ, VOCAB)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    if ckpt_format == "torch":  # the same files with Transformer Engine's names import the same
+        _, _, _, local = megatron_lm.import_megatron_lm(save)
+        _rename_to_transformer_engine(save)
+        _, _, _, renamed = megatron_lm.import_megatron_lm(save)
+        assert list(renamed) == list(local)
+        assert all(torch.equal(renamed[name], local[name]) for name in local)
 
 
+def _rename_to_transformer_engine(save: str) -> None:
+    """Rewrites each legacy rank file with Transformer Engine's parameter
+    names (the norms fused into linear_qkv and linear_fc1) and an
+    `_extra_state` per linear layer, as Megatron-LM's default spec saves."""
+    from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
+
+    iteration = os.path.join(save, "iter_0000007")
+    for rank_dir in os.listdir(iteration):
+        path = os.path.join(iteration, rank_dir, "model_optim_rng.pt")
+        state = read_megatron_pickle(path)
+        model = {}
+        for name, tensor in state["model"].items():
+            if name.endswith("_extra_state"):
+                continue
+            model[megatron_lm.te_name(name)] = tensor
+            if name.endswith("linear_qkv.weight") or name.endswith("linear_fc1.weight"):
+                model[name.replace(".weight", "._extra_state")] = None
+        assert any("layer_norm_weight" in name for name in model)
+        torch.save({**state, "model": model}, path)
+
+
+@pytest.mark.slow
 def test_a_flag_our_model_lacks_is_refused_by_name(tmp_path, capsys):
     save, _ = _megatron_checkpoint(tmp_path, "openai_gelu", 1, "torch_dist")
     with pytest.raises(ValueError, match="--openai-gelu"):
@@ -285,6 +314,7 @@ def test_a_foreign_class_in_a_pickle_is_refused_naming_the_file(ckpt_format, tmp
     assert path in captured.err and "builtins.print" in captured.err, captured.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_load_of_a_megatron_lm_directory_names_the_converter(ckpt_format, tmp_path):
     from megatron_sr.checkpoint_conversion import load_full_checkpoint
@@ -331,6 +361,7 @@ def _our_checkpoint_and_logits(rank, world_size, case, save_dir):
     return our_logits(config, full)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gpt2", "features"])
 def test_to_megatron_torch_dist_loads_in_megatron_core(case, tmp_path):
     from multiprocess import run_ranks
