@@ -61,6 +61,11 @@ def test_model_config_mapping():
 
 
 @pytest.mark.parametrize("hidden, ffn", [(64, 128), (96, 256), (1024, 2688), (4096, 10880)])
+def test_squared_relu_sets_the_activation_and_keeps_the_4h_mlp():
+    m = job("--squared-relu").model
+    assert (m.activation, m.ffn_hidden_size) == ("squared_relu", 4 * m.hidden_size)
+
+
 def test_swiglu_ffn_default_is_two_thirds_of_4h_rounded_down_to_64(hidden, ffn):
     assert job("--swiglu", "--hidden-size", str(hidden)).model.ffn_hidden_size == ffn
 
@@ -317,6 +322,7 @@ INVALID = [
     (("--weight-decay", "-0.1"), (), 1, ["--weight-decay"]),
     (("--max-position-embeddings", "16"), (), 1, ["--max-position-embeddings", "--seq-length"]),
     (("--swiglu", "--hidden-size", "16"), (), 1, ["--swiglu", "--ffn-hidden-size"]),
+    (("--squared-relu", "--swiglu"), (), 1, ["--squared-relu", "--swiglu"]),
     (("--overlap-param-gather",), (), 1, ["--overlap-param-gather", "--use-distributed-optimizer"]),
     (("--tensor-model-parallel-size", "8"), (), 8, ["--num-attention-heads",
                                                     "--tensor-model-parallel-size"]),

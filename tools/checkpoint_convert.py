@@ -3,7 +3,8 @@
     python tools/checkpoint_convert.py --load CKPT --save OUT \
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
-    python tools/checkpoint_convert.py --load CKPT --save OUT --to-megatron [--target-...]
+    python tools/checkpoint_convert.py --load CKPT --save OUT --to-megatron \
+        [--megatron-ckpt-format torch_dist|torch] [--target-...]
     python tools/checkpoint_convert.py --load MEGATRON_CKPT --save OUT --from-megatron
     python tools/checkpoint_convert.py --load HF_DIR --save OUT --from-hf \
         [--target-tensor-parallel-size 2] [--make-vocab-size-divisible-by 128]
@@ -54,11 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--load is a Hugging Face GPT-2 or Llama model directory: write it "
                              "as a checkpoint of iteration 0 (start from it with --finetune)")
     parser.add_argument("--from-megatron", action="store_true",
-                        help="--load is a Megatron-LM legacy checkpoint (megatron-core, local "
-                             "spec): write its weights as ours (start from it with --finetune)")
+                        help="--load is a Megatron-LM checkpoint (torch_dist or legacy, local or "
+                             "Transformer Engine names): write its weights as ours (start from "
+                             "it with --finetune)")
     parser.add_argument("--to-megatron", action="store_true",
-                        help="write the weights as a Megatron-LM legacy checkpoint "
-                             "(checkpoint version 3.0; load it there with --finetune)")
+                        help="write the weights as a Megatron-LM checkpoint (load it there "
+                             "with --finetune)")
+    parser.add_argument("--megatron-ckpt-format", choices=("torch_dist", "torch"),
+                        default="torch_dist",
+                        help="with --to-megatron: Megatron-LM's default torch_dist (any TP/PP "
+                             "loads it) or the legacy per-rank files at the target sizes")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="with --from-hf: pad the vocabulary to a multiple of this times "
                              "the target TP size, as the training run will")
@@ -170,8 +176,11 @@ def main(argv=None) -> int:
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]
             pp = args.target_pipeline_parallel_size or parallel["pipeline_model_parallel_size"]
             export_to_new_directory(
-                lambda staging: export_megatron_lm(checkpoint, staging, tp, pp), args.save)
-            print(f"wrote a Megatron-LM TP={tp} PP={pp} checkpoint to {args.save}")
+                lambda staging: export_megatron_lm(checkpoint, staging, tp, pp,
+                                                   args.megatron_ckpt_format), args.save)
+            layout = "torch_dist" if args.megatron_ckpt_format == "torch_dist" \
+                else f"legacy TP={tp} PP={pp}"
+            print(f"wrote a Megatron-LM {layout} checkpoint to {args.save}")
         else:
             parallel = checkpoint.description["parallel"]
             tp = args.target_tensor_parallel_size or parallel["tensor_model_parallel_size"]

@@ -330,8 +330,8 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
 
 
 def import_megatron_lm(path: str) -> FullCheckpoint:
-    """A Megatron-LM legacy checkpoint (megatron-core local-spec names) as a
-    FullCheckpoint of its iteration, weights only (see
+    """A Megatron-LM checkpoint (torch_dist or legacy, local or Transformer
+    Engine names) as a FullCheckpoint of its iteration, weights only (see
     `checkpointing.megatron_lm`)."""
     from megatron_sr.checkpointing import megatron_lm
 
@@ -343,10 +343,15 @@ def import_megatron_lm(path: str) -> FullCheckpoint:
 
 
 def export_megatron_lm(checkpoint: FullCheckpoint, save_dir: str, tensor_parallel_size: int,
-                       pipeline_parallel_size: int) -> str:
-    """Writes `checkpoint`'s weights as a Megatron-LM legacy checkpoint."""
+                       pipeline_parallel_size: int, ckpt_format: str = "torch_dist") -> str:
+    """Writes `checkpoint`'s weights as a Megatron-LM checkpoint: torch_dist
+    (global tensors: the sizes do not matter) or legacy "torch" at the sizes."""
     from megatron_sr.checkpointing import megatron_lm
 
+    if ckpt_format == "torch_dist":
+        return megatron_lm.export_megatron_lm_torch_dist(
+            checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
+            checkpoint.consumed_train_samples, save_dir)
     return megatron_lm.export_megatron_lm(
         checkpoint.model, checkpoint.config, checkpoint.description, checkpoint.iteration,
         checkpoint.consumed_train_samples, save_dir, tensor_parallel_size,
@@ -366,8 +371,24 @@ def model_flags(config: ModelConfig) -> str:
              f"--norm-epsilon {config.layernorm_epsilon}"]
     if config.position_embedding_type == "rope":
         flags.append(f"--rotary-base {config.rotary_base:g}")
+        if config.rotary_percent != 1.0:
+            flags.append(f"--rotary-percent {config.rotary_percent:g}")
+        if config.rotary_interleaved:
+            flags.append("--rotary-interleaved")
+        if config.use_rope_scaling:
+            flags.append(f"--use-rope-scaling --rope-scaling-factor {config.rope_scaling_factor:g}")
+    if config.num_query_groups != config.num_attention_heads:
+        flags.append(f"--group-query-attention --num-query-groups {config.num_query_groups}")
+    if config.kv_channels is not None:
+        flags.append(f"--kv-channels {config.kv_channels}")
+    if config.qk_layernorm:
+        flags.append("--qk-layernorm")
+    if config.apply_layernorm_1p:
+        flags.append("--apply-layernorm-1p")
     if config.activation == "swiglu":
         flags.append("--swiglu")
+    if config.activation == "squared_relu":
+        flags.append("--squared-relu")
     if not config.add_bias_linear:
         flags.append("--disable-bias-linear")
     if config.untie_embeddings_and_output_weights:

@@ -124,11 +124,22 @@ def resolve_checkpoint_dir(path: str) -> str:
                 os.path.join(replaced, MANIFEST_FILENAME)):
             return replaced
     if iteration is None:
+        refuse_megatron_lm_layout(path)
         if os.path.isdir(path) and os.path.basename(os.path.normpath(path)).startswith("iter_"):
             read_manifest(path)  # raises: incomplete checkpoint
         raise CheckpointError(f"{path} holds no checkpoint: neither {TRACKER_FILENAME} nor "
                               f"{MANIFEST_FILENAME} is there")
     return os.path.join(path, iteration_dir_name(iteration))
+
+
+def refuse_megatron_lm_layout(directory: str) -> None:
+    """CheckpointError naming the conversion command when `directory` (a save or an
+    iteration directory) is Megatron-LM's own checkpoint rather than ours: such a
+    directory lacks our tracker or manifest by design, it was not interrupted."""
+    from megatron_sr.checkpointing.megatron_lm import megatron_lm_layout  # model imports: error path only
+    message = megatron_lm_layout(directory)
+    if message:
+        raise CheckpointError(message)
 
 
 def read_manifest(iteration_dir: str) -> dict:
@@ -141,6 +152,7 @@ def read_manifest(iteration_dir: str) -> dict:
     if not os.path.isdir(iteration_dir):
         raise CheckpointError(f"checkpoint directory {iteration_dir} does not exist")
     if not os.path.lexists(path):
+        refuse_megatron_lm_layout(iteration_dir)
         raise CheckpointError(f"{iteration_dir} is not a complete checkpoint: {MANIFEST_FILENAME} "
                               "is missing (the save was interrupted?)")
     if os.path.islink(path) or not os.path.isfile(path):

@@ -22,7 +22,8 @@ from megatron_sr.checkpointing.legacy import load_state_file, save_checkpoint
 from megatron_sr.checkpointing.manifest import (CHECKPOINT_VERSION, MANIFEST_FILENAME,
                                                 TRACKER_FILENAME, CheckpointError,
                                                 is_iteration_directory, iteration_dir_name,
-                                                read_manifest, read_tracker)
+                                                read_manifest, read_tracker,
+                                                refuse_megatron_lm_layout)
 from megatron_sr.checkpointing.publish import (collective_on_rank0, log_recovery,
                                                prepare_temporary_directory, rank0,
                                                recover_interrupted_publish)
@@ -128,6 +129,7 @@ def _load_target(load: str) -> tuple[Optional[int], Optional[str]]:
     if iteration is not None:
         return iteration, os.path.join(load, iteration_dir_name(iteration))
     if not is_iteration_directory(load):
+        refuse_megatron_lm_layout(load)  # e.g. Megatron-LM's release/ directory itself
         return None, None
     iteration = read_manifest(load)["iteration"]
     name = os.path.basename(os.path.normpath(load))

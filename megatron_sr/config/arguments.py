@@ -63,7 +63,8 @@ from megatron_sr.config.batch_size import (check_micro_batches_per_step, derive_
                                            derive_step_batch_size_schedule, derive_train_iters)
 from megatron_sr.config.data import DataConfig
 from megatron_sr.config.derived import (DerivationFlags, check_gradient_accumulation_fusion,
-                                        check_recompute, derive_ffn_hidden_size,
+                                        check_recompute, derive_activation,
+                                        derive_ffn_hidden_size,
                                         derive_iters_or_samples, derive_num_query_groups,
                                         derive_sequence_parallel, derive_virtual_pipeline_size)
 from megatron_sr.config.flags import add_flags, check_value, flag_fields
@@ -146,6 +147,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int,
     model = _config(ModelConfig, args, vocab_size=0, ffn_hidden_size=ffn_hidden_size,
                     params_dtype=strategy.param_dtype,
                     num_query_groups=derive_num_query_groups(args),
+                    activation=derive_activation(args),
                     gradient_accumulation_fusion=check_gradient_accumulation_fusion(args, strategy))
     if model.position_embedding_type == "learned_absolute" and \
             model.max_position_embeddings < model.seq_length:

@@ -35,6 +35,9 @@ class DerivationFlags:
         "--num-layers-per-virtual-pipeline-stage", group="distributed", default=None, minimum=1,
         help="Interleaved 1F1B: layers per model chunk; virtual stages = num layers / pipeline "
              "size / this.")
+    squared_relu: bool = flag(
+        "--squared-relu", group="network size", default=False,
+        help="Squared-ReLU MLP (relu(x)^2) instead of GELU.")
     group_query_attention: bool = flag(
         "--group-query-attention", group="network size", default=False,
         help="Grouped-query attention: --num-query-groups key/value heads.")
@@ -78,6 +81,15 @@ def derive_num_query_groups(args: argparse.Namespace) -> Optional[int]:
     if args.num_query_groups is None:
         raise ValueError("--group-query-attention needs --num-query-groups")
     return args.num_query_groups
+
+
+def derive_activation(args: argparse.Namespace) -> str:
+    """The MLP activation: "gelu", "swiglu" (--swiglu) or "squared_relu" (--squared-relu)."""
+    if not args.squared_relu:
+        return args.activation
+    if args.activation == "swiglu":
+        raise ValueError("--squared-relu and --swiglu are exclusive: give one")
+    return "squared_relu"
 
 
 def derive_ffn_hidden_size(args: argparse.Namespace) -> int:

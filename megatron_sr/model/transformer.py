@@ -317,7 +317,7 @@ def _attention_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class MLP(nn.Module):
-    """fc2(act(fc1(x))), act = GeLU, or SwiGLU with fc1 = [gate; up].
+    """fc2(act(fc1(x))), act = GeLU, squared ReLU (relu(x)^2), or SwiGLU with fc1 = [gate; up].
 
     With SwiGLU the full fc1 weight is [2 * ffn, h] (gate rows, then up
     rows) and each TP rank holds its slice of both (partition_stride=2).
@@ -326,9 +326,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
                  tp: Optional[TensorParallelRank] = None):
         super().__init__()
-        if config.activation not in ("gelu", "swiglu"):
-            raise ValueError(f"activation must be 'gelu' or 'swiglu' (--swiglu), "
-                             f"got {config.activation!r}")
+        if config.activation not in ("gelu", "swiglu", "squared_relu"):
+            raise ValueError(f"activation must be 'gelu', 'swiglu' (--swiglu) or "
+                             f"'squared_relu' (--squared-relu), got {config.activation!r}")
+        self.activation = config.activation
         self.swiglu = config.activation == "swiglu"
         h, f = config.hidden_size, config.ffn_hidden_size
         kw = dict(params_dtype=config.params_dtype, device=device, tp=tp,
@@ -346,6 +347,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
+        elif self.activation == "squared_relu":
+            y = F.relu(y).square()
         else:
             y = F.gelu(y)
         return self.linear_fc2(y)
