@@ -60,12 +60,12 @@ def test_model_config_mapping():
     assert m.ffn_hidden_size == 96
 
 
-@pytest.mark.parametrize("hidden, ffn", [(64, 128), (96, 256), (1024, 2688), (4096, 10880)])
 def test_squared_relu_sets_the_activation_and_keeps_the_4h_mlp():
     m = job("--squared-relu").model
     assert (m.activation, m.ffn_hidden_size) == ("squared_relu", 4 * m.hidden_size)
 
 
+@pytest.mark.parametrize("hidden, ffn", [(64, 128), (96, 256), (1024, 2688), (4096, 10880)])
 def test_swiglu_ffn_default_is_two_thirds_of_4h_rounded_down_to_64(hidden, ffn):
     assert job("--swiglu", "--hidden-size", str(hidden)).model.ffn_hidden_size == ffn
 

@@ -317,7 +317,7 @@ def test_a_foreign_class_in_a_pickle_is_refused_naming_the_file(ckpt_format, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_load_of_a_megatron_lm_directory_names_the_converter(ckpt_format, tmp_path):
-    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
 
     save, _ = _megatron_checkpoint(tmp_path, "gpt2", 1, ckpt_format)
     for path in (save, os.path.join(save, "iter_0000007")):
@@ -349,7 +349,7 @@ def _megatron_core_loads_export(rank, world_size, case, save_dir):
 def _our_checkpoint_and_logits(rank, world_size, case, save_dir):
     """Writes our checkpoint of `case` (random weights) to `save_dir`;
     returns our logits on TOKENS."""
-    from megatron_sr.checkpoint_conversion import FullCheckpoint, write_reshaped
+    from megatron_sr.checkpointing.conversion import FullCheckpoint, write_reshaped
 
     args = megatron_lm_args(case, 1, "torch")
     config = megatron_lm.model_config_from_megatron_args(args)
@@ -378,8 +378,8 @@ def test_to_megatron_torch_dist_loads_in_megatron_core(case, tmp_path):
 
 
 def test_the_printed_model_flags_build_the_imported_model():
-    from megatron_sr.arguments import parse_args
-    from megatron_sr.checkpoint_conversion import model_flags
+    from megatron_sr.config import parse_args
+    from megatron_sr.checkpointing.conversion import model_flags
 
     config = megatron_lm.model_config_from_megatron_args(megatron_lm_args("llama_gqa", 1, "torch"))
     config.rotary_percent, config.qk_layernorm, config.apply_layernorm_1p = 0.5, True, True
@@ -396,10 +396,10 @@ def test_the_printed_model_flags_build_the_imported_model():
 
 def test_our_own_legacy_checkpoint_without_manifest_is_not_taken_for_megatron_lms(tmp_path):
     from megatron_sr.checkpointing import MANIFEST_FILENAME
-    from megatron_sr.checkpoint_conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
     from test_megatron_lm_conversion import _checkpoint
 
-    from megatron_sr.checkpoint_conversion import write_reshaped
+    from megatron_sr.checkpointing.conversion import write_reshaped
 
     save = str(tmp_path / "ours")
     os.makedirs(save)
