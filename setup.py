@@ -30,6 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=5", "safetensors", "matplotlib",
                  "megatron-core>=0.16",  # its GPTModel reads our Megatron-LM exports
+                 "psutil",  # megatron-core's dist_checkpointing writer imports it
                  "wandb"],
         "wandb": ["wandb"],  # --wandb-project
         "plot": ["matplotlib"],  # tools/compare_runs.py --plot
