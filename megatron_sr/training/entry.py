@@ -28,11 +28,11 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
              argv: Optional[Sequence[str]] = None) -> int:
     """Parses Megatron-style flags (`argv`; None: sys.argv[1:]) and trains what
     the providers describe, then evaluates (validation unless just done, test);
-    with --skip-train only evaluates the loaded model. Returns the last iteration. Called on every rank
-    (torchrun sets RANK/WORLD_SIZE; one rank without it). Megatron-LM's
-    providers, with the job's typed config passed as keyword arguments where
-    Megatron reads its global args (None: the GPT recipe's,
-    `megatron_sr.recipes.gpt`):
+    with --skip-train only evaluates the loaded model. Returns the last
+    iteration. Called on every rank (torchrun sets RANK/WORLD_SIZE; one rank
+    without it). Megatron-LM's providers, with the job's typed config passed as
+    keyword arguments where Megatron reads its global args (None: the GPT
+    recipe's, `megatron_sr.recipes.gpt`):
 
     - `train_valid_test_datasets_provider(train_val_test_num_samples, *, job,
       tokenizer) -> (train, valid, test)`: map-style datasets whose item i is
