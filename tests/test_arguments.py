@@ -231,6 +231,27 @@ def test_argparse_rejects_unknown_abbreviated_and_malformed_flags(bad, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_data_source_dataloader_and_skip_train_flags():
+    j = job()
+    assert (j.data.dataloader_type, j.training.skip_train) == ("single", False)
+    assert j.data.train_data_path == j.data.valid_data_path == j.data.test_data_path == []
+    j = job("--train-data-path", "0.3", "a", "0.7", "b", "--valid-data-path", "v",
+            "--test-data-path", "t", "--dataloader-type", "cyclic", drop=("--mock-data",))
+    assert (j.data.data_path, j.data.train_data_path, j.data.valid_data_path,
+            j.data.test_data_path) == ([], ["0.3", "a", "0.7", "b"], ["v"], ["t"])
+    assert j.data.dataloader_type == "cyclic"
+    j = job("--valid-data-path", "v", "--skip-train", drop=("--mock-data",))
+    assert j.training.skip_train and j.training.no_load_optim
+    assert any("--skip-train implies --no-load-optim" in n for n in j.notices)
+    assert not any("--no-load-optim" in n for n in job("--skip-train", "--no-load-optim").notices)
+
+
+def test_dataloader_type_external_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        job("--dataloader-type", "external")
+    assert "--dataloader-type" in capsys.readouterr().err
+
+
 def test_extra_args_provider_adds_a_tools_flags():
     parser = build_parser(lambda p: p.add_argument("--world-size", type=int, default=1))
     args = parser.parse_args(argv("--world-size", "4", "--tensor-model-parallel-size", "4"))
@@ -346,6 +367,15 @@ INVALID = [
                                                      "micro-batches per step"]),
     (("--split", "nan"), (), 1, ["--split 'nan'"]),
     (("--data-path", "nan", "a"), ("--mock-data",), 1, ["--data-path nan a", "finite"]),
+    (("--train-data-path", "a"), (), 1, ["--train-data-path", "--mock-data"]),
+    (("--train-data-path", "a", "--data-path", "b"), ("--mock-data",), 1,
+     ["--data-path", "--train-data-path"]),
+    (("--train-data-path", "a", "--valid-data-path", "0.5", "b", "c"), ("--mock-data",), 1,
+     ["--valid-data-path 0.5 b c"]),
+    (("--train-data-path", "a", "--split", "90,10,0"), ("--mock-data",), 1,
+     ["--split", "--train-data-path"]),
+    (("--valid-data-path", "a"), ("--mock-data",), 1,
+     ["--valid-data-path", "--train-data-path", "--skip-train"]),
 ]
 
 

@@ -66,8 +66,8 @@ ROWS = [
      "message": "FP8 training is not supported"},
     {"name": "--num-layers", "decision": "implemented", "takes_value": True, "target": None,
      "message": ""},
-    {"name": "--train-data-path", "decision": "notice", "takes_value": True, "nargs": "*",
-     "message": "give --data-path and --split"},
+    {"name": "--validation-set-names", "decision": "notice", "takes_value": True, "nargs": "+",
+     "message": "one validation set, named by --valid-data-path"},
 ]
 TABLE = MEGATRON_FLAGS + tuple(MegatronFlag.from_row(row) for row in ROWS)
 
@@ -87,8 +87,8 @@ def test_flag_table_rows_given_as_data_plug_in():
         _job("--use-rotary-position-embeddings", "--position-embedding-type", "learned_absolute")
     assert any("--no-bias-dropout-fusion is accepted and ignored: dropout and the bias" in notice
                for notice in _job("--no-bias-dropout-fusion").notices)
-    assert any("--train-data-path a b is accepted and ignored: give --data-path" in notice
-               for notice in _job("--train-data-path", "a", "b").notices)
+    assert any("--validation-set-names a b is accepted and ignored: one validation set" in notice
+               for notice in _job("--validation-set-names", "a", "b").notices)
     with pytest.raises(ValueError, match="--fp8-wgrad: FP8 training is not supported"):
         _job("--fp8-wgrad")
 

@@ -50,6 +50,12 @@ Decisions where Megatron-LM leaves room:
   nearest when not a multiple of the global batch size (with a notice): the
   schedule counts iterations.
 - `--finetune` needs `--load` and implies `--no-load-optim --no-load-rng`.
+- One data source: `--data-path` (divided by `--split`), the separate
+  `--train-data-path` / `--valid-data-path` / `--test-data-path`, or
+  `--mock-data`. `--split` other than its default beside the separate paths is
+  an error (Megatron refuses split with per-split blends); so is a missing
+  `--train-data-path` unless `--skip-train` (Megatron silently skips training).
+- `--skip-train` implies `--no-load-optim` (with a notice), as in Megatron.
 """
 from __future__ import annotations
 
@@ -185,12 +191,16 @@ def job_config_from_args(args: argparse.Namespace, world_size: int,
     with_grad_buffer(strategy, optimizer.grad_reduce_dtype, optimizer.grad_accumulation_rounding)
 
     _check_data(args)
-    data = _config(DataConfig, args, data_path=list(args.data_path or []),
-                   seq_length=args.seq_length)
+    data = _config(DataConfig, args, seq_length=args.seq_length,
+                   **{name: list(getattr(args, name) or []) for name in _DATA_PATHS.values()})
 
     _check_checkpointing(args)
+    if args.skip_train and not (args.no_load_optim or args.finetune):
+        notices.append("[flags] --skip-train implies --no-load-optim: the optimizer state of "
+                       "--load is not read")
     training = _config(TrainingConfig, args, global_batch_size=global_batch_size,
-                       train_iters=train_iters, no_load_optim=args.no_load_optim or args.finetune,
+                       train_iters=train_iters,
+                       no_load_optim=args.no_load_optim or args.finetune or args.skip_train,
                        no_load_rng=args.no_load_rng or args.finetune, rampup_batch_size=rampup,
                        step_batch_size_schedule=schedule)
 
@@ -227,12 +237,31 @@ def _check_flag_values(args: argparse.Namespace) -> None:
                              f"{why})")
 
 
+# The flags that name datasets, and their dests.
+_DATA_PATHS = {"--data-path": "data_path", "--train-data-path": "train_data_path",
+               "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
+
+
 def _check_data(args: argparse.Namespace) -> None:
-    if args.mock_data == bool(args.data_path):
-        raise ValueError("give exactly one of --data-path and --mock-data")
-    if args.data_path:
-        parse_data_path(args.data_path)
+    per_split = [name for name in ("--train-data-path", "--valid-data-path", "--test-data-path")
+                 if getattr(args, _DATA_PATHS[name])]
+    sources = [name for name, given in (("--data-path", bool(args.data_path)),
+                                        (", ".join(per_split), bool(per_split)),
+                                        ("--mock-data", args.mock_data)) if given]
+    if len(sources) != 1:
+        raise ValueError(f"give exactly one data source: --data-path (divided by --split), "
+                         f"--train-data-path with --valid-data-path / --test-data-path, or "
+                         f"--mock-data" + (f"; got {' and '.join(sources)}" if sources else ""))
+    for name, dest in _DATA_PATHS.items():
+        if getattr(args, dest):
+            parse_data_path(getattr(args, dest), name)
     parse_split(args.split)
+    if per_split and args.split != FLAG_DEFAULTS["--split"]:
+        raise ValueError(f"--split {args.split} divides --data-path; {', '.join(per_split)} "
+                         f"name(s) each split's datasets: drop --split")
+    if per_split and not args.train_data_path and not args.skip_train:
+        raise ValueError(f"{', '.join(per_split)} without --train-data-path: give the training "
+                         f"datasets with --train-data-path, or --skip-train to only evaluate")
     check_tokenizer_flags(args.tokenizer_type, vars(args))
 
 

@@ -5,14 +5,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_sr.config.flags import check_fields, flag, unquoted
+from megatron_sr.data.micro_batches import DATALOADER_TYPES
 from megatron_sr.data.tokenizers import MAX_VOCAB_SIZE, TOKENIZER_TYPES
 
 
 @dataclass
 class DataConfig:
     """Where samples come from. `data_path` is Megatron's list: prefixes,
-    optionally each preceded by a weight. `seq_length` has no flag of its own:
-    it is --seq-length, `ModelConfig.seq_length`."""
+    optionally each preceded by a weight, divided into train, valid and test
+    by `split`; `train_data_path`, `valid_data_path` and `test_data_path` are
+    such lists for one split each, instead (an empty one: that split is not
+    read). `seq_length` has no flag of its own: it is --seq-length,
+    `ModelConfig.seq_length`."""
 
     data_path: list[str] = flag(
         "--data-path", group="data", default_factory=list, nargs="*",
@@ -20,6 +24,23 @@ class DataConfig:
              "blending weight: W1 P1 W2 P2 ...")
     split: str = flag("--split", group="data", default="969,30,1", type=unquoted,
                       help="Train,valid,test proportions, e.g. 969,30,1.")
+    train_data_path: list[str] = flag(
+        "--train-data-path", group="data", default_factory=list, nargs="*",
+        help="Training dataset prefixes (weights as in --data-path), instead of --data-path and "
+             "--split; all their documents are training data.")
+    valid_data_path: list[str] = flag(
+        "--valid-data-path", group="data", default_factory=list, nargs="*",
+        help="Validation dataset prefixes (weights as in --data-path), with --train-data-path; "
+             "without it there is no validation.")
+    test_data_path: list[str] = flag(
+        "--test-data-path", group="data", default_factory=list, nargs="*",
+        help="Test dataset prefixes (weights as in --data-path), with --train-data-path: "
+             "--eval-iters batches are evaluated after training (and with --skip-train).")
+    dataloader_type: str = flag(
+        "--dataloader-type", group="data", default="single", choices=DATALOADER_TYPES,
+        help="Sample order: single (the dataset's items in order, a resumed run going on from "
+             "the samples consumed) or cyclic (every pass over a dataset in a fresh "
+             "permutation seeded by --seed and the pass number).")
     data_cache_path: Optional[str] = flag("--data-cache-path", group="data", default=None,
                                           output_folder=True,
                                           help="Where to keep the sample index files.")

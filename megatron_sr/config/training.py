@@ -30,6 +30,11 @@ class TrainingConfig:
     train_samples: Optional[int] = flag("--train-samples", group="training", default=None,
                                         minimum=1,
                                         help="Samples to train on (this or --train-iters).")
+    skip_train: bool = flag(
+        "--skip-train", group="validation", default=False,
+        help="Do not train: evaluate the model of --load (--eval-iters batches of the "
+             "validation set, then of --test-data-path's) and exit; saves nothing; implies "
+             "--no-load-optim.")
     eval_interval: int = flag("--eval-interval", group="validation", default=1000, minimum=1,
                               help="Evaluate every this many iterations.")
     eval_iters: int = flag("--eval-iters", group="validation", default=100, minimum=0,

@@ -34,6 +34,10 @@ Semantics (Megatron-LM's GPT dataset, indices built with numpy):
   due at time ``(j + 1/2) / w_d`` and samples are served in due order, so after
   any n samples prefix d has served within ±(number of prefixes) of ``w_d n``.
   Unweighted prefixes are weighted by their token counts.
+- **Separate splits** (``--train-data-path``, ``--valid-data-path``,
+  ``--test-data-path``, Megatron's per-split blends): each split reads all
+  documents of its own prefixes (weighted as in ``--data-path``); ``--split``
+  plays no part, and a split no flag names is None.
 - **Mock data** (``--mock-data``): seeded uniform random tokens, no files.
 """
 from __future__ import annotations
@@ -89,10 +93,13 @@ def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
 
 
-def parse_data_path(data_path: Sequence[str]) -> list[tuple[Optional[float], str]]:
-    """``["0.3", "A", "0.7", "B"]`` -> [(0.3, "A"), (0.7, "B")]; ``["A", "B"]`` -> weights None."""
+def parse_data_path(data_path: Sequence[str], flag: str = "--data-path"
+                    ) -> list[tuple[Optional[float], str]]:
+    """``["0.3", "A", "0.7", "B"]`` -> [(0.3, "A"), (0.7, "B")]; ``["A", "B"]`` -> weights None.
+    `flag`: the flag that gave the list (--data-path, --train-data-path, ...), which
+    errors name."""
     if not data_path:
-        raise ValueError("--data-path is empty: give one or more dataset prefixes, or --mock-data")
+        raise ValueError(f"{flag} is empty: give one or more dataset prefixes, or --mock-data")
 
     def is_number(text: str) -> bool:  # "nan" and "inf" too: they are no prefixes
         try:
@@ -103,14 +110,14 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[Optional[float], str
 
     if not is_number(data_path[0]):
         if any(is_number(p) for p in data_path):
-            raise ValueError(f"--data-path {' '.join(data_path)}: either weight every prefix "
+            raise ValueError(f"{flag} {' '.join(data_path)}: either weight every prefix "
                              f"or none")
         return [(None, p) for p in data_path]
     if len(data_path) % 2 != 0 or not all(is_number(w) for w in data_path[0::2]):
-        raise ValueError(f"--data-path {' '.join(data_path)}: expected weight-prefix pairs")
+        raise ValueError(f"{flag} {' '.join(data_path)}: expected weight-prefix pairs")
     pairs = [(float(w), p) for w, p in zip(data_path[0::2], data_path[1::2])]
     if not all(0 <= w < math.inf for w, _ in pairs) or not 0 < sum(w for w, _ in pairs) < math.inf:
-        raise ValueError(f"--data-path {' '.join(data_path)}: weights must be finite and "
+        raise ValueError(f"{flag} {' '.join(data_path)}: weights must be finite and "
                          f"non-negative, with a positive finite sum")
     return pairs
 
@@ -330,6 +337,22 @@ class MockGPTDataset(torch.utils.data.Dataset):
         return {"tokens": torch.from_numpy(tokens)}
 
 
+PER_SPLIT_FLAGS = ("--train-data-path", "--valid-data-path", "--test-data-path")
+
+
+def _split_blends(data_config: DataConfig) -> list[Optional[tuple[str, list]]]:
+    """Per split: (the flag naming its datasets, [(weight or None, prefix)]), or
+    None for a split no flag names."""
+    if data_config.data_path:
+        return [("--data-path", parse_data_path(data_config.data_path))] * 3
+    paths = (data_config.train_data_path, data_config.valid_data_path,
+             data_config.test_data_path)
+    if not any(paths):
+        parse_data_path(data_config.data_path)  # the error: no datasets at all
+    return [(flag, parse_data_path(path, flag)) if path else None
+            for flag, path in zip(PER_SPLIT_FLAGS, paths)]
+
+
 def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_samples:
                        Sequence[int], seed: int):
     """(train, valid, test) datasets for `data_config`; see the module doc.
@@ -337,7 +360,8 @@ def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_
     `tokenizer` supplies the vocabulary size (any object with ``vocab_size``, or
     None): the range of ``--mock-data``, and the bound every token id of a
     dataset must lie under (IndexedDatasetError otherwise, checked at build
-    time in one pass over each ``.bin``). A split asked for 0 samples is None.
+    time in one pass over each ``.bin``). A split asked for 0 samples, or that
+    no --train/valid/test-data-path names, is None.
     """
     if len(train_valid_test_num_samples) != 3:
         raise ValueError("train_valid_test_num_samples must hold three counts")
@@ -347,29 +371,41 @@ def build_gpt_datasets(data_config: DataConfig, tokenizer, train_valid_test_num_
     if data_config.mock_data:
         return tuple(MockGPTDataset(n, seq_length, tokenizer.vocab_size, seed, number) if n > 0
                      else None for number, n in enumerate(train_valid_test_num_samples))
-    weighted_prefixes = parse_data_path(data_config.data_path)
-    indexed = [IndexedDataset(prefix) for _, prefix in weighted_prefixes]
-    if tokenizer is not None:  # a wrong tokenizer would train on ids it cannot mean
-        for dataset in indexed:
-            dataset.check_fits_vocabulary(tokenizer.vocab_size, data_config.data_cache_path)
-    if weighted_prefixes[0][0] is None:
-        weights = [float(ds.num_tokens) for ds in indexed]
-    else:
-        weights = [w for w, _ in weighted_prefixes]
-    ranges = [split_document_ranges(data_config.split, len(ds)) for ds in indexed]
+    blends = _split_blends(data_config)
+    opened: dict[str, IndexedDataset] = {}
+
+    def open_dataset(flag: str, prefix: str) -> IndexedDataset:
+        if prefix not in opened:
+            dataset = IndexedDataset(prefix)
+            if tokenizer is not None:  # a wrong tokenizer would train on ids it cannot mean
+                dataset.check_fits_vocabulary(tokenizer.vocab_size, data_config.data_cache_path)
+            if flag != "--data-path" and dataset.num_tokens == 0:
+                raise ValueError(f"{flag} {prefix}: the dataset has no tokens")
+            opened[prefix] = dataset
+        return opened[prefix]
+
     splits = []
     for number, (name, num_samples) in enumerate(zip(SPLIT_NAMES, train_valid_test_num_samples)):
-        if num_samples <= 0:
+        if num_samples <= 0 or blends[number] is None:
             splits.append(None)
             continue
+        flag, weighted_prefixes = blends[number]
+        indexed = [open_dataset(flag, prefix) for _, prefix in weighted_prefixes]
+        if weighted_prefixes[0][0] is None:
+            weights = [float(ds.num_tokens) for ds in indexed]
+        else:
+            weights = [w for w, _ in weighted_prefixes]
+        # --data-path: this split's share of every prefix; a split's own flag: all of it.
+        ranges = [split_document_ranges(data_config.split, len(ds))[number]
+                  if flag == "--data-path" else (0, len(ds)) for ds in indexed]
         if len(indexed) == 1:
-            splits.append(GPTDataset(indexed[0], name, ranges[0][number], num_samples, seq_length,
+            splits.append(GPTDataset(indexed[0], name, ranges[0], num_samples, seq_length,
                                      seed, data_config.data_cache_path))
             continue
         dataset_index, _ = blending_indices(weights, num_samples)
         counts = np.bincount(dataset_index, minlength=len(indexed))
-        parts = [GPTDataset(ds, name, dataset_ranges[number], int(count), seq_length, seed,
+        parts = [GPTDataset(ds, name, document_range, int(count), seq_length, seed,
                             data_config.data_cache_path) if count > 0 else None
-                 for ds, dataset_ranges, count in zip(indexed, ranges, counts)]
+                 for ds, document_range, count in zip(indexed, ranges, counts)]
         splits.append(BlendedDataset(parts, weights, num_samples))
     return tuple(splits)

@@ -84,6 +84,7 @@ def forward_step(data_iterator, model):
 
 def train_valid_test_datasets_provider(train_val_test_num_samples: Sequence[int], *, job,
                                        tokenizer) -> tuple:
-    """Megatron GPT datasets of --data-path (or --mock-data) and --split, see
+    """Megatron GPT datasets of --data-path and --split, of --train-data-path,
+    --valid-data-path and --test-data-path, or of --mock-data, see
     `megatron_sr.data.gpt_dataset`."""
     return build_gpt_datasets(job.data, tokenizer, train_val_test_num_samples, job.training.seed)

@@ -51,22 +51,28 @@ class MicroBatchStream:
 
 
 def train_valid_test_num_samples(job: JobConfig) -> tuple[int, int, int]:
-    """Samples the train and valid splits must provide for the whole run
-    (Megatron's counts); the loop never reads the test split, so it asks none."""
+    """Samples each split must provide for the whole run (Megatron's counts):
+    train --train-iters steps (none with --skip-train), valid every
+    evaluation's --eval-iters steps (one evaluation with --skip-train), test
+    one evaluation's when --test-data-path names a test set (the test share of
+    --split is not read)."""
     training = job.training
     global_batch = training.global_batch_size
+    evaluation = training.eval_iters * global_batch
+    if training.skip_train:
+        return 0, evaluation, evaluation if job.data.test_data_path else 0
     train = training.train_iters * global_batch
     evaluations = training.train_iters // training.eval_interval + 1
-    valid = evaluations * training.eval_iters * global_batch
-    return train, valid, 0
+    return train, evaluations * evaluation, evaluation if job.data.test_data_path else 0
 
 
 class DataStreams:
-    """Per-chunk micro-batch iterators for training and validation.
+    """Per-chunk micro-batch iterators for training, validation and test.
 
     Chunks that take tokens (first stage) or labels (last stage) each get their
     own iterator over the same stream (`micro_batch_loader`: --num-workers
-    reader processes, pinned memory on CUDA; wrapped in a `MicroBatchStream`
+    reader processes, pinned memory on CUDA, --dataloader-type's sample order
+    seeded by --seed; wrapped in a `MicroBatchStream`
     carrying the run's `DocumentSettings`); other chunks get None, unless
     document positions or masks are reset (--reset-position-ids,
     --reset-attention-mask), which every chunk needs. The datasets come from
@@ -78,8 +84,8 @@ class DataStreams:
         self.job = job
         self.model = model
         datasets_provider = datasets_provider or gpt.train_valid_test_datasets_provider
-        self.train, self.valid, _ = datasets_provider(train_valid_test_num_samples(job),
-                                                      job=job, tokenizer=tokenizer)
+        self.train, self.valid, self.test = datasets_provider(
+            train_valid_test_num_samples(job), job=job, tokenizer=tokenizer)
         data = job.data
         self.documents = DocumentSettings(tokenizer.eod, data.eod_mask_loss,
                                           data.reset_position_ids, data.reset_attention_mask)
@@ -94,7 +100,9 @@ class DataStreams:
                                        self.dp_rank, self.dp_size,
                                        num_workers=self.job.data.num_workers,
                                        pin_memory=parallel_state.get_default_device().type
-                                       == "cuda"), self.documents)
+                                       == "cuda",
+                                       dataloader_type=self.job.data.dataloader_type,
+                                       seed=self.job.training.seed), self.documents)
                 if chunk.pre_process or chunk.post_process or self.documents.every_chunk
                 else None for chunk in self.model]
 
@@ -103,3 +111,6 @@ class DataStreams:
 
     def valid_iterators(self, consumed_samples: int = 0):
         return self._iterators(self.valid, consumed_samples)
+
+    def test_iterators(self):
+        return self._iterators(self.test, 0)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron_sr import checkpointing, fault_injection, parallel_state
 from megatron_sr.config import parse_args
-from megatron_sr.training.console import write_whole_lines
+from megatron_sr.training.console import print_rank_0, write_whole_lines
 from megatron_sr.training.data import DataStreams
 from megatron_sr.training.errors import exit_on_job_error
 from megatron_sr.training.forward_step import make_forward_step
@@ -27,17 +27,19 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
              forward_step_func: Optional[Callable] = None, *,
              argv: Optional[Sequence[str]] = None) -> int:
     """Parses Megatron-style flags (`argv`; None: sys.argv[1:]) and trains what
-    the providers describe; returns the last iteration. Called on every rank
-    (torchrun sets RANK/WORLD_SIZE; one rank without it). Megatron-LM's
-    providers, with the job's typed config passed as keyword arguments where
-    Megatron reads its global args (None: the GPT recipe's,
-    `megatron_sr.recipes.gpt`):
+    the providers describe, then evaluates (validation unless just done, test);
+    with --skip-train only evaluates the loaded model. Returns the last
+    iteration. Called on every rank (torchrun sets RANK/WORLD_SIZE; one rank
+    without it). Megatron-LM's providers, with the job's typed config passed as
+    keyword arguments where Megatron reads its global args (None: the GPT
+    recipe's, `megatron_sr.recipes.gpt`):
 
     - `train_valid_test_datasets_provider(train_val_test_num_samples, *, job,
       tokenizer) -> (train, valid, test)`: map-style datasets whose item i is
       {"tokens": int64 tensor [seq_length + 1]}; valid None skips evaluation,
-      test is not read. Called once on every rank; the counts are what the run
-      consumes (train: --train-iters x global batch).
+      test (None: none) is evaluated once after training. Called once on every
+      rank; the counts are what the run consumes (train: --train-iters x global
+      batch, 0 with --skip-train; `train_valid_test_num_samples`).
     - `model_provider(pre_process, post_process, *, job, layers, device) ->
       model chunk`: the global layers `layers` of the model, with the embedding
       when `pre_process` and the output layer and loss when `post_process`,
@@ -81,17 +83,21 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
         data = DataStreams(job, tokenizer, model, train_valid_test_datasets_provider)
         metrics = open_job_metrics(job)  # one TensorBoard writer / wandb run for the whole job
         try:
-            last, stopped_early = train(job, model, optimizer, scheduler, data, iteration,
-                                        consumed, forward_step_func, metrics,
-                                        exit_flag=exit_flag, job_start_time=job_start_time)
-            checkpointing.finish_pending_save()
-            evaluated_last = job.training.eval_interval and last % job.training.eval_interval == 0
-            if not (stopped_early or evaluated_last) and job.training.eval_iters \
-                    and data.valid is not None:
-                run_evaluation(job, model, data,
-                               make_forward_step(optimizer.strategy, device,
-                                                 forward_step_func=forward_step_func),
-                               last, metrics, consumed_after(job, consumed, last - iteration))
+            if job.training.skip_train:
+                print_rank_0(f"[skip-train] no training: evaluating the model of iteration "
+                             f"{iteration}")
+                last, stopped_early, valid_done = iteration, False, False
+            else:
+                last, stopped_early = train(job, model, optimizer, scheduler, data, iteration,
+                                            consumed, forward_step_func, metrics,
+                                            exit_flag=exit_flag, job_start_time=job_start_time)
+                checkpointing.finish_pending_save()
+                valid_done = job.training.eval_interval \
+                    and last % job.training.eval_interval == 0
+            if not stopped_early:
+                _final_evaluations(job, model, data, make_forward_step(
+                    optimizer.strategy, device, forward_step_func=forward_step_func), last,
+                    metrics, consumed_after(job, consumed, last - iteration), valid_done)
         finally:
             metrics.close()
         return last
@@ -99,6 +105,21 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
         exit_flag.restore()
+
+
+def _final_evaluations(job, model, data: DataStreams, forward_step, iteration: int, metrics,
+                       consumed_samples: int, valid_done: bool) -> None:
+    """After training (every rank): the validation split unless `valid_done`
+    (evaluated at this iteration already), then the test split, each when it
+    exists and --eval-iters > 0. --skip-train writes no scalars (as Megatron)."""
+    if not job.training.eval_iters:
+        return
+    written = None if job.training.skip_train else metrics
+    if not valid_done and data.valid is not None:
+        run_evaluation(job, model, data, forward_step, iteration, written, consumed_samples)
+    if data.test is not None:
+        run_evaluation(job, model, data, forward_step, iteration, written, consumed_samples,
+                       split="test")
 
 
 def main() -> None:

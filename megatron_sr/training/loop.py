@@ -219,18 +219,24 @@ def evaluate(job: JobConfig, model, iterators, forward_step) -> Optional[float]:
 
 
 def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, iteration: int,
-                   metrics: MetricsWriter, consumed_samples: Optional[int] = None
-                   ) -> Optional[float]:
-    """Evaluates on the validation split from its start; logs loss and perplexity."""
-    with communication_phase(job, "evaluation", iteration):
-        loss = evaluate(job, model, data.valid_iterators(), forward_step)
+                   metrics: Optional[MetricsWriter], consumed_samples: Optional[int] = None,
+                   split: str = "valid") -> Optional[float]:
+    """Evaluates on the validation split ("valid") or the test split ("test")
+    from its start; prints loss and perplexity and, for the validation split
+    with `metrics` (None: none written), logs them as scalars."""
+    iterators = data.valid_iterators() if split == "valid" else data.test_iterators()
+    with communication_phase(job, "evaluation" if split == "valid" else "test evaluation",
+                             iteration):
+        loss = evaluate(job, model, iterators, forward_step)
     if loss is not None and is_last_rank():
         ppl = math.exp(min(20.0, loss))
-        line = f"validation loss at iteration {iteration} | lm loss value: {loss:.6E} | " \
+        where = "" if split == "valid" else " on test set"
+        line = f"validation loss at iteration {iteration}{where} | lm loss value: {loss:.6E} | " \
                f"lm loss PPL: {ppl:.6E} |"
         print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
-        metrics.scalar(metric_names.VALID_LOSS, loss, iteration, consumed_samples)
-        metrics.scalar(metric_names.VALID_PPL, ppl, iteration, consumed_samples)
+        if metrics is not None and split == "valid":
+            metrics.scalar(metric_names.VALID_LOSS, loss, iteration, consumed_samples)
+            metrics.scalar(metric_names.VALID_PPL, ppl, iteration, consumed_samples)
     return loss
 
 
