@@ -370,6 +370,8 @@ def model_flags(config: ModelConfig) -> str:
         flags.append("--swiglu")
     if not config.add_bias_linear:
         flags.append("--disable-bias-linear")
+        if config.add_qkv_bias:
+            flags.append("--add-qkv-bias")
     if config.untie_embeddings_and_output_weights:
         flags.append("--untie-embeddings-and-output-weights")
     return " ".join(flags)
