@@ -65,6 +65,33 @@ def test_squared_relu_sets_the_activation_and_keeps_the_4h_mlp():
     assert (m.activation, m.ffn_hidden_size) == ("squared_relu", 4 * m.hidden_size)
 
 
+def test_add_qkv_bias_biases_qkv_only_and_is_implied_by_linear_biases():
+    qwen = job("--disable-bias-linear", "--add-qkv-bias").model
+    assert (qwen.add_bias_linear, qwen.add_qkv_bias, qwen.qkv_bias) == (False, True, True)
+    assert not job("--disable-bias-linear").model.qkv_bias
+    assert job().model.qkv_bias and not job().model.add_qkv_bias  # every linear has a bias
+
+
+@pytest.mark.parametrize("given, canonical", [("rmsnorm", "RMSNorm"), ("RMSNORM", "RMSNorm"),
+                                              ("layernorm", "LayerNorm"),
+                                              ("LayerNorm", "LayerNorm")])
+def test_normalization_is_accepted_in_any_case(given, canonical):
+    assert job("--normalization", given).model.normalization == canonical
+    assert job(f"--normalization={given}").model.normalization == canonical
+
+
+def test_unknown_normalization_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        job("--normalization", "batchnorm")
+    err = capsys.readouterr().err
+    assert "--normalization: invalid choice: 'batchnorm'" in err and "RMSNorm" in err
+
+
+def test_no_position_embedding_is_accepted_with_rope():
+    model = job("--no-position-embedding", "--position-embedding-type", "rope").model
+    assert model.position_embedding_type == "rope"
+
+
 @pytest.mark.parametrize("hidden, ffn", [(64, 128), (96, 256), (1024, 2688), (4096, 10880)])
 def test_swiglu_ffn_default_is_two_thirds_of_4h_rounded_down_to_64(hidden, ffn):
     assert job("--swiglu", "--hidden-size", str(hidden)).model.ffn_hidden_size == ffn
@@ -293,6 +320,10 @@ INVALID = [
     (("--context-parallel-size", "2"), (), 1, ["--context-parallel-size"]),
     (("--decoupled-min-lr", "1e-4"), (), 1, ["--decoupled-min-lr", "--decoupled-lr"]),
     (("--rotary-percent", "1.5"), (), 1, ["--rotary-percent"]),
+    (("--no-position-embedding",), (), 1, ["--no-position-embedding",
+                                           "--position-embedding-type rope"]),
+    (("--no-position-embedding", "--position-embedding-type", "learned_absolute"), (), 1,
+     ["--no-position-embedding", "--position-embedding-type learned_absolute"]),
     (("--grad-reduce-in-bf16", "--grad-reduce-dtype", "fp32"), (), 1,
      ["--grad-reduce-in-bf16", "--grad-reduce-dtype"]),
     (("--recompute-method", "block"), (), 1, ["--recompute-method", "--recompute-granularity"]),

@@ -7,10 +7,10 @@ and reads the job's memory report (`training.memory_report`).
 Checked:
 - the analytic parameter list (global names, elements, TP-sliced or not, in
   order) equals every rank's real one, for TP/PP/VP layouts, GELU/SwiGLU,
-  tied/untied embeddings, with and without biases, LayerNorm/RMSNorm,
+  tied/untied embeddings, with and without biases (or on qkv alone), LayerNorm/RMSNorm,
   learned/rotary positions;
 - the estimated params/grads/master/optimizer bytes equal the memory report
-  on every rank, for 8 cases covering every strategy, the distributed
+  on every rank, for 10 cases covering every strategy, the distributed
   optimizer on and off, --grad-reduce-dtype, --optimizer-state-dtype and
   small buckets (so padding and bucket cuts matter);
 - the estimated activation bytes kept for backward are within 15% of the
@@ -84,6 +84,11 @@ STATE_CASES = {  # name: flags; every case runs on 4 ranks
         "--tensor-model-parallel-size 2 --group-query-attention --num-query-groups 2 "
         "--kv-channels 16 --qk-layernorm --swiglu --ffn-hidden-size 48 --normalization RMSNorm "
         "--position-embedding-type rope --use-distributed-optimizer"),
+    # Qwen-style: a bias on linear_qkv alone, as its launch scripts spell the flags.
+    "tp2_dp2_qwen_qkv_bias": (
+        "--tensor-model-parallel-size 2 --group-query-attention --num-query-groups 2 --swiglu "
+        "--ffn-hidden-size 48 --normalization rmsnorm --position-embedding-type rope "
+        "--no-position-embedding --disable-bias-linear --add-qkv-bias"),
 }
 ACTIVATION_FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
                     "--micro-batch-size 2 --vocab-size 250 --make-vocab-size-divisible-by 8 "

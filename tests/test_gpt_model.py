@@ -39,6 +39,11 @@ LLAMA_GQA = tiny_config(position_embedding_type="rope", normalization="RMSNorm",
                         use_rope_scaling=True, rope_scaling_factor=4.0, qk_layernorm=True,
                         apply_layernorm_1p=True, recompute_granularity="full",
                         recompute_method="uniform", recompute_num_layers=2)
+# Qwen2 style: biases on q, k, v only (--disable-bias-linear --add-qkv-bias), with GQA.
+QWEN_STYLE = tiny_config(position_embedding_type="rope", normalization="RMSNorm",
+                         activation="swiglu", ffn_hidden_size=48, add_bias_linear=False,
+                         add_qkv_bias=True, num_query_groups=2,
+                         untie_embeddings_and_output_weights=True)
 FP32_CASES = {
     ("gpt2", "tp2"): (GPT2_STYLE, dict(tp=2)),
     ("gpt2", "pp2"): (GPT2_STYLE, dict(pp=2)),
@@ -52,9 +57,10 @@ FP32_CASES = {
     ("llama", "pp4"): (LLAMA_STYLE, dict(pp=4)),
     ("gqa", "tp2_sp"): (LLAMA_GQA, dict(tp=2, sp=True)),
     ("gqa", "tp2_pp2"): (LLAMA_GQA, dict(tp=2, pp=2)),
+    ("qwen", "tp2_sp"): (QWEN_STYLE, dict(tp=2, sp=True)),
 }
 BF16_CASES = {("gpt2_bf16", "tp2_pp2"): dict(tp=2, pp=2), ("gpt2_bf16", "tp2_sp"): dict(tp=2, sp=True)}
-REFERENCES = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE, "gqa": LLAMA_GQA,
+REFERENCES = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE, "gqa": LLAMA_GQA, "qwen": QWEN_STYLE,
               "gpt2_bf16": with_dtype(GPT2_STYLE, torch.bfloat16)}
 
 
@@ -103,6 +109,10 @@ def test_global_names_are_layout_independent(layouts):
     assert "output_layer.weight" not in names  # tied
     llama = set(layouts[("llama", "reference")]["grads"])
     assert "output_layer.weight" in llama and "embedding.position_embeddings.weight" not in llama
+    qwen = layouts[("qwen", "reference")]
+    biases = {name for name in qwen["grads"] if name.endswith(".bias")}
+    assert biases == {f"decoder.layers.{i}.self_attention.linear_qkv.bias" for i in range(4)}
+    assert all(np.abs(qwen["grads"][name]).max() > 0 for name in biases)  # they do learn
     # Interleaved: pipeline rank 0 holds layers 0 and 2, rank 1 layers 1 and 3.
     per_rank = layouts[("llama", "tp2_pp2_vp2_sp")]["per_rank"]
     layers_of = [{int(n.split(".")[2]) for n in r["grads"] if n.startswith("decoder.layers.")}

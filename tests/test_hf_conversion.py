@@ -6,7 +6,8 @@ reference) and at TP=2 x PP=2, with and without virtual stages, and returns
 what each rank holds. The offline `split_state_dict` must produce exactly
 those rank state dicts (so the name and split tables agree with the model),
 `merge_state_dicts` must invert it bit-exactly, and the exported
-transformers model must compute the same logits as ours.
+transformers model must compute the same logits as ours (whose biases are
+made random first: the model starts them at zero).
 """
 import dataclasses
 import json
@@ -46,6 +47,9 @@ CONFIGS = {
     # RoPE with Llama-3 frequency scaling.
     "llama_gqa": tiny_config(init_method_std=0.2, num_query_groups=2, kv_channels=16,
                              rotary_base=500000.0, use_rope_scaling=True, **LLAMA),
+    # Qwen2 style: biases on q, k, v only (--disable-bias-linear --add-qkv-bias), with GQA.
+    "qwen2_gqa": tiny_config(init_method_std=0.2, num_query_groups=2, add_qkv_bias=True,
+                             rotary_base=1000000.0, **LLAMA),
 }
 LAYOUTS = {"tp2_pp2": (2, 2, None), "tp2_pp2_vp2": (2, 2, 2)}
 TOKENS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(11))
@@ -55,16 +59,27 @@ def _numpy_state(chunks):
     return {name: param.detach().numpy().copy() for name, param in named_parameters_global(chunks)}
 
 
+def _randomize_biases(model):
+    """Biases start at zero; random ones make the export show their order."""
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
 def _build_all(rank, world_size):
     out = {}
     for key, config in CONFIGS.items():
         parallel_state.initialize_model_parallel(1)
         try:
             (model,) = build_model(config, ParallelConfig(), seed=SEED)
+            out[key, "full"] = _numpy_state([model])  # as built: what the TP layouts hold
             model.eval()
+            _randomize_biases(model)
             with torch.no_grad():
                 out[key, "logits"] = model(TOKENS).numpy()
-            out[key, "full"] = _numpy_state([model])
+            out[key, "exported"] = _numpy_state([model])  # random biases, `logits`' weights
         finally:
             parallel_state.destroy_model_parallel()
         for layout, (tp, pp, vp) in LAYOUTS.items():
@@ -166,7 +181,7 @@ def test_reshape_errors_name_the_problem(built):
 def test_hf_export_computes_our_logits(built, key, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = CONFIGS[key]
-    family = save_hf_model(_torch(built[0][key, "full"]), config, tmp_path)
+    family = save_hf_model(_torch(built[0][key, "exported"]), config, tmp_path)
     assert family == key.split("_")[0]
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors"}
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -210,7 +225,7 @@ def test_unsupported_architecture_names_the_flag(overrides, flag):
 _ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                         "ffn_hidden_size", "max_position_embeddings", "position_embedding_type",
                         "rotary_base", "normalization", "layernorm_epsilon", "activation",
-                        "add_bias_linear", "untie_embeddings_and_output_weights")
+                        "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights")
 
 
 @pytest.mark.parametrize("key", CONFIGS)
@@ -221,7 +236,7 @@ def test_hf_import_round_trips_bit_exactly(built, key, tmp_path):
     from megatron_sr.model.hf_conversion import load_hf_model, to_hf_state_dict
 
     config = CONFIGS[key]
-    full = _torch(built[0][key, "full"])
+    full = _torch(built[0][key, "exported"])
     save_hf_model(full, config, tmp_path)
     family, imported_config, imported, hf_vocab = load_hf_model(
         tmp_path, params_dtype=torch.float32, make_vocab_size_divisible_by=1)
@@ -317,3 +332,17 @@ def test_hf_import_takes_the_directorys_tokenizer_or_says_it_has_none(built, tmp
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(CheckpointError, match="has vocab.json but no merges.txt"):
         import_hugging_face(str(tmp_path), make_vocab_size_divisible_by=1)
+
+
+def test_qwen2_import_refuses_sliding_window_attention(built, tmp_path):
+    pytest.importorskip("transformers")
+    from megatron_sr.model.hf_conversion import load_hf_model
+
+    save_hf_model(_torch(built[0]["qwen2_gqa", "exported"]), CONFIGS["qwen2_gqa"], tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["model_type"] == "qwen2"
+    hf_config.update(use_sliding_window=True, sliding_window=4)
+    hf_config["layer_types"][-1] = "sliding_attention"
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(UnsupportedArchitectureError, match="sliding-window"):
+        load_hf_model(tmp_path)

@@ -104,6 +104,8 @@ def test_decisions_agree_with_our_parser():
         action = options.get(option)
         if action is None:
             return False
+        if value is not None and action.type is not None:
+            value = action.type(value)  # argparse converts a value before checking its choices
         return value is None or action.choices is None or value in action.choices
 
     for record in TABLE:

@@ -36,6 +36,11 @@ CONFIGS = {
                          seq_length=8, ffn_hidden_size=48, position_embedding_type="rope",
                          normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
                          untie_embeddings_and_output_weights=True, params_dtype=torch.bfloat16),
+    "qwen": ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                        seq_length=8, ffn_hidden_size=48, position_embedding_type="rope",
+                        normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                        add_qkv_bias=True, untie_embeddings_and_output_weights=True,
+                        params_dtype=torch.float32),
 }
 
 
@@ -176,7 +181,8 @@ def _logits_ours_and_megatron_core(rank, world_size, key, save_dir):
         num_layers=config.num_layers, hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads, ffn_hidden_size=config.ffn_hidden_size,
         use_cpu_initialization=True, params_dtype=torch.float32,
-        add_bias_linear=config.add_bias_linear, gated_linear_unit=swiglu,
+        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.qkv_bias,
+        gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu, normalization=config.normalization,
         layernorm_epsilon=config.layernorm_epsilon, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,

@@ -14,7 +14,8 @@ directory. Reshaping keeps the iteration, weights, optimizer state and LR
 schedule, so `pretrain_gpt.py --load OUT` with the new layout resumes; the RNG
 states belong to the old layout's ranks and are not carried over. The export
 writes a `transformers` model directory (GPT-2 style: learned positions,
-LayerNorm, GeLU; Llama style: RoPE, RMSNorm, SwiGLU) with config.json,
+LayerNorm, GeLU; Llama style: RoPE, RMSNorm, SwiGLU; Qwen2 style: Llama with
+biases on q/k/v alone) with config.json,
 model.safetensors and the tokenizer files when the checkpoint names them.
 Nothing is left at --save when a conversion fails. --save must not exist or
 be an empty directory, and must not be --load or lie inside it (or contain
@@ -52,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interleaved layout of the result (default: none)")
     parser.add_argument("--to-hf", action="store_true", help="export a Hugging Face model")
     parser.add_argument("--from-hf", action="store_true",
-                        help="--load is a Hugging Face GPT-2 or Llama model directory: write it "
-                             "as a checkpoint of iteration 0 (start from it with --finetune)")
+                        help="--load is a Hugging Face GPT-2, Llama or Qwen2 model directory: "
+                             "write it as a checkpoint of iteration 0 (start from it with "
+                             "--finetune)")
     parser.add_argument("--from-megatron", action="store_true",
                         help="--load is a Megatron-LM checkpoint (torch_dist or legacy, local or "
                              "Transformer Engine names): write its weights as ours (start from "

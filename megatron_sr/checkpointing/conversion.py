@@ -295,7 +295,7 @@ def _hugging_face_tokenizer(hf_dir: str, hf_vocab: int, seq_length: int):
 
 def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
                         params_dtype: torch.dtype = torch.bfloat16) -> FullCheckpoint:
-    """A transformers GPT-2 or Llama model directory as a FullCheckpoint of
+    """A transformers GPT-2, Llama or Qwen2 model directory as a FullCheckpoint of
     iteration 0 without optimizer state (start from it with --finetune). The
     vocabulary is padded to a multiple of `make_vocab_size_divisible_by`
     (pass the run's --make-vocab-size-divisible-by x TP size). The tokenizer is
@@ -391,6 +391,8 @@ def model_flags(config: ModelConfig) -> str:
         flags.append("--squared-relu")
     if not config.add_bias_linear:
         flags.append("--disable-bias-linear")
+        if config.add_qkv_bias:
+            flags.append("--add-qkv-bias")
     if config.untie_embeddings_and_output_weights:
         flags.append("--untie-embeddings-and-output-weights")
     return " ".join(flags)

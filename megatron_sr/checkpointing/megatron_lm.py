@@ -78,7 +78,7 @@ def megatron_args(config: ModelConfig, description: dict, tp: int, pp: int,
         apply_layernorm_1p=config.apply_layernorm_1p, normalization=config.normalization,
         norm_epsilon=config.layernorm_epsilon, swiglu=config.activation == "swiglu",
         squared_relu=config.activation == "squared_relu",
-        add_bias_linear=config.add_bias_linear,
+        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.qkv_bias,
         untie_embeddings_and_output_weights=config.untie_embeddings_and_output_weights,
         hidden_dropout=config.hidden_dropout, attention_dropout=config.attention_dropout,
         init_method_std=config.init_method_std, padded_vocab_size=config.vocab_size,
@@ -176,8 +176,6 @@ def model_config_from_megatron_args(args: argparse.Namespace, source: str = "the
     for attribute, flag in _REFUSED_FLAGS:
         if getattr(args, attribute, None):
             raise _refuse(source, flag)
-    if getattr(args, "add_qkv_bias", False) and not getattr(args, "add_bias_linear", True):
-        raise _refuse(source, "--add-qkv-bias with --disable-bias-linear (a bias on QKV only)")
     if getattr(args, "softmax_type", "vanilla") not in (None, "vanilla"):
         raise _refuse(source, f"--softmax-type {args.softmax_type}")
     if getattr(args, "glu_linear_offset", 0.0):
@@ -221,6 +219,7 @@ def model_config_from_megatron_args(args: argparse.Namespace, source: str = "the
         kv_channels=kv if kv and kv * args.num_attention_heads != args.hidden_size else None,
         activation=activation,
         add_bias_linear=getattr(args, "add_bias_linear", True),
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         untie_embeddings_and_output_weights=getattr(args, "untie_embeddings_and_output_weights",
                                                     False),
         hidden_dropout=getattr(args, "hidden_dropout", 0.1),

@@ -69,7 +69,8 @@ from megatron_sr.config.batch_size import (check_micro_batches_per_step, derive_
                                            derive_step_batch_size_schedule, derive_train_iters)
 from megatron_sr.config.data import DataConfig
 from megatron_sr.config.derived import (DerivationFlags, check_gradient_accumulation_fusion,
-                                        check_recompute, derive_activation,
+                                        check_position_embedding, check_recompute,
+                                        derive_activation,
                                         derive_ffn_hidden_size,
                                         derive_iters_or_samples, derive_num_query_groups,
                                         derive_sequence_parallel, derive_virtual_pipeline_size)
@@ -150,6 +151,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int,
 
     ffn_hidden_size = derive_ffn_hidden_size(args)
     check_recompute(args)
+    check_position_embedding(args)
     model = _config(ModelConfig, args, vocab_size=0, ffn_hidden_size=ffn_hidden_size,
                     params_dtype=strategy.param_dtype,
                     num_query_groups=derive_num_query_groups(args),

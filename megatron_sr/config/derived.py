@@ -9,6 +9,8 @@ flag leaves unset, and its flags that count in another unit.
 - `--lr-*-samples` (with `--train-samples`) -> iterations, the nearest when not a
   multiple of the global batch size (with a notice): the schedule counts iterations.
 - `--sequence-parallel` with TP 1 is ignored with a warning, as in Megatron.
+- `--no-position-embedding` is accepted with `--position-embedding-type rope`
+  only, as in Megatron (no model without position information is built).
 The global batch size, its ramp and the run length are `batch_size`'s.
 
 Each function reads parsed flags (an argparse Namespace whose Megatron aliases
@@ -41,6 +43,10 @@ class DerivationFlags:
     group_query_attention: bool = flag(
         "--group-query-attention", group="network size", default=False,
         help="Grouped-query attention: --num-query-groups key/value heads.")
+    add_position_embedding: bool = flag(
+        "--no-position-embedding", group="network size", default=True, action="store_false",
+        help="Megatron's legacy switch: accepted with --position-embedding-type rope (which has "
+             "no learned position table), refused otherwise.")
     lr_decay_samples: Optional[int] = flag(
         "--lr-decay-samples", group="learning rate", default=None, minimum=1,
         help="--lr-decay-iters in samples (with --train-samples).")
@@ -61,6 +67,17 @@ def check_recompute(args: argparse.Namespace) -> None:
             args.recompute_granularity != "full":
         raise ValueError("--recompute-method and --recompute-num-layers apply to "
                          "--recompute-granularity full only")
+
+
+def check_position_embedding(args: argparse.Namespace) -> None:
+    """--no-position-embedding restates rope (Megatron-LM refuses it with any
+    other position embedding too): no model without position information is built."""
+    if not args.add_position_embedding and args.position_embedding_type != "rope":
+        raise ValueError(f"--no-position-embedding with --position-embedding-type "
+                         f"{args.position_embedding_type}: megatron_sr builds no model without "
+                         f"position information; give --position-embedding-type rope (where "
+                         f"the flag only says there is no learned position table), or drop "
+                         f"--no-position-embedding")
 
 
 def check_gradient_accumulation_fusion(args: argparse.Namespace,

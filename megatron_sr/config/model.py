@@ -14,6 +14,15 @@ import torch
 
 from megatron_sr.config.flags import check_fields, flag
 
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+def normalization_name(name: str) -> str:
+    """--normalization's canonical spelling of `name`, matched in any case
+    (Megatron-DeepSpeed scripts write rmsnorm, layernorm); an unknown name is
+    returned as it is, for the parser's list of choices to refuse."""
+    return {known.lower(): known for known in NORMALIZATIONS}.get(name.lower(), name)
+
 
 @dataclass
 class ModelConfig:
@@ -43,7 +52,8 @@ class ModelConfig:
                               interval="(0, inf)",
                               help="Base of the rotary frequencies (rope only).")
     normalization: str = flag("--normalization", group="network size", default="LayerNorm",
-                              choices=("LayerNorm", "RMSNorm"))
+                              choices=NORMALIZATIONS, type=normalization_name,
+                              help="The norms' kind, in any case (rmsnorm is RMSNorm).")
     layernorm_epsilon: float = flag("--norm-epsilon", group="network size", default=1e-5,
                                     interval="(0, inf)", help="Epsilon of the norms.")
     activation: str = flag("--swiglu", group="network size", default="gelu",
@@ -51,6 +61,9 @@ class ModelConfig:
                            help="SwiGLU MLP instead of GELU.")
     add_bias_linear: bool = flag("--disable-bias-linear", group="network size", default=True,
                                  action="store_false", help="No biases in the linear layers.")
+    add_qkv_bias: bool = flag("--add-qkv-bias", group="network size", default=False,
+                              help="A bias on the query/key/value projection even with "
+                                   "--disable-bias-linear (Qwen-style attention).")
     untie_embeddings_and_output_weights: bool = flag(
         "--untie-embeddings-and-output-weights", group="network size", default=False,
         help="Separate input embedding and output layer weights.")
@@ -135,6 +148,11 @@ class ModelConfig:
     def qkv_size(self) -> int:
         """Output features of linear_qkv: queries, then one key and one value per group."""
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """linear_qkv has a bias: every linear has one, or --add-qkv-bias."""
+        return self.add_bias_linear or self.add_qkv_bias
 
     @property
     def rotary_dim(self) -> int:

@@ -5,7 +5,7 @@ Input: the FULL state dict (TP=1, PP=1, keyed by global parameter names; see
 a directory with config.json and model.safetensors that
 `AutoModelForCausalLM.from_pretrained` loads into a model computing the same
 logits as ours (same padded vocabulary size; the tokenizer files are the
-caller's). Two families can express our models:
+caller's). Three families can express our models:
 
 - GPT-2 (`GPT2LMHeadModel`): learned absolute positions, LayerNorm, GeLU
   (exact, erf). HF's Conv1D stores weights [in, out], the transpose of ours;
@@ -21,6 +21,10 @@ caller's). Two families can express our models:
   q and k rows are reordered (even features, then odd), which turns the
   interleaved pairs into halves and leaves q . k unchanged.
   --qk-layernorm and --rotary-percent < 1 have no Llama equivalent.
+- Qwen2 (`Qwen2ForCausalLM`): a Llama whose q/k/v projections alone have
+  biases, i.e. ours with --disable-bias-linear --add-qkv-bias; the same tensor
+  names and conversions as Llama. Its sliding-window attention is not ours
+  (imports refuse it).
 
 Anything else (e.g. RoPE with LayerNorm, GeLU with RoPE) raises
 `UnsupportedArchitectureError` naming the flags that differ from the nearest
@@ -51,14 +55,16 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def hf_family(config: ModelConfig) -> str:
-    """'gpt2' or 'llama'; UnsupportedArchitectureError otherwise."""
+    """'gpt2', 'llama' or 'qwen2' (a Llama with biases on q/k/v only);
+    UnsupportedArchitectureError otherwise."""
     mismatches = {}
     for family, wanted in FAMILIES.items():
         mismatches[family] = [f"{_FLAGS[field]} is {getattr(config, field)!r}, {family} needs "
                               f"{value!r}" for field, value in wanted.items()
                               if getattr(config, field) != value]
         if not mismatches[family]:
-            return family
+            qkv_bias_only = family == "llama" and config.qkv_bias and not config.add_bias_linear
+            return "qwen2" if qkv_bias_only else family
     nearest = min(mismatches, key=lambda family: len(mismatches[family]))
     raise UnsupportedArchitectureError(
         f"cannot export to Hugging Face: the model matches neither GPT-2 (learned_absolute "
@@ -81,6 +87,8 @@ def hf_config_kwargs(config: ModelConfig) -> tuple[str, dict[str, Any]]:
             resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
             attn_pdrop=config.attention_dropout, initializer_range=config.init_method_std,
             tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None)
+    biases = {} if family == "qwen2" else dict(attention_bias=config.add_bias_linear,
+                                               mlp_bias=config.add_bias_linear)
     return family, dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
@@ -88,8 +96,7 @@ def hf_config_kwargs(config: ModelConfig) -> tuple[str, dict[str, Any]]:
         num_key_value_heads=config.num_query_groups, head_dim=config.head_dim,
         hidden_act="silu", max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=tied,
-        rope_parameters=_llama_rope_parameters(config),
-        attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
+        rope_parameters=_llama_rope_parameters(config), **biases,
         attention_dropout=config.attention_dropout, initializer_range=config.init_method_std,
         bos_token_id=None, eos_token_id=None)
 
@@ -175,23 +182,28 @@ def _gpt2_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
     return out
 
 
+def _suffixes(with_bias: bool) -> list[str]:
+    return ["weight", "bias"] if with_bias else ["weight"]
+
+
 def _llama_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig):
+    """Llama's (and Qwen2's: the same names) state dict from ours."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
            "model.norm.weight": _norm_weight(state, "decoder.final_layernorm.weight", config)}
-    suffixes = ["weight", "bias"] if config.add_bias_linear else ["weight"]
     for i in range(config.num_layers):
         ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[theirs + "input_layernorm.weight"] = _norm_weight(
             state, ours + "input_layernorm.weight", config)
         out[theirs + "post_attention_layernorm.weight"] = _norm_weight(
             state, ours + "pre_mlp_layernorm.weight", config)
-        for suffix in suffixes:
+        for suffix in _suffixes(config.qkv_bias):
             q, k, v = _split_qkv(state[ours + "self_attention.linear_qkv." + suffix], config)
+            out.update({theirs + "self_attn.q_proj." + suffix: q,
+                        theirs + "self_attn.k_proj." + suffix: k,
+                        theirs + "self_attn.v_proj." + suffix: v})
+        for suffix in _suffixes(config.add_bias_linear):
             gate, up = state[ours + "mlp.linear_fc1." + suffix].chunk(2, dim=0)
             out.update({
-                theirs + "self_attn.q_proj." + suffix: q,
-                theirs + "self_attn.k_proj." + suffix: k,
-                theirs + "self_attn.v_proj." + suffix: v,
                 theirs + "self_attn.o_proj." + suffix:
                     state[ours + "self_attention.linear_proj." + suffix],
                 theirs + "mlp.gate_proj." + suffix: gate,
@@ -239,7 +251,8 @@ def save_hf_model(full_state: Mapping[str, torch.Tensor], config: ModelConfig,
     hf_state = to_hf_state_dict(full_state, config, dtype)[1]
     config_class, model_class = {
         "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[family]
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
     hf_config = config_class(**{**kwargs, **(extra_config or {})})
     hf_config.dtype = next(iter(hf_state.values())).dtype
     with torch.device("meta"):
@@ -272,12 +285,12 @@ def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat16
                          ) -> tuple[str, ModelConfig]:
-    """(family, ModelConfig) of a transformers GPT-2 or Llama config, with
+    """(family, ModelConfig) of a transformers GPT-2, Llama or Qwen2 config, with
     `vocab_size` the HF one (the caller pads it); num_key_value_heads becomes
     --num-query-groups, a head_dim other than hidden / heads --kv-channels, the
-    llama3 rope type --use-rope-scaling. UnsupportedArchitectureError naming
-    the field for what our model cannot express (other rope scalings,
-    another activation)."""
+    llama3 rope type --use-rope-scaling, Qwen2's q/k/v biases --add-qkv-bias.
+    UnsupportedArchitectureError naming the field for what our model cannot
+    express (other rope scalings, another activation, sliding windows)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "gpt2":
         if hf_config.activation_function not in ("gelu", "gelu_new"):
@@ -294,7 +307,7 @@ def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat1
             untie_embeddings_and_output_weights=not hf_config.tie_word_embeddings,
             hidden_dropout=hf_config.resid_pdrop, attention_dropout=hf_config.attn_pdrop,
             init_method_std=hf_config.initializer_range, params_dtype=params_dtype)
-    if model_type == "llama":
+    if model_type in ("llama", "qwen2"):
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
             hf_config.num_attention_heads
         rope = dict(getattr(hf_config, "rope_parameters", None) or {})
@@ -315,11 +328,9 @@ def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat1
         if hf_config.hidden_act != "silu":
             raise UnsupportedArchitectureError(f"Llama hidden_act {hf_config.hidden_act!r}: "
                                                f"only silu (SwiGLU) is supported")
-        if bool(hf_config.attention_bias) != bool(getattr(hf_config, "mlp_bias", False)):
-            raise UnsupportedArchitectureError("Llama attention_bias != mlp_bias: our "
-                                               "--disable-bias-linear covers both")
+        _check_llama_or_qwen2_biases(hf_config, model_type)
         theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return "llama", ModelConfig(
+        return model_type, ModelConfig(
             num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
             num_attention_heads=hf_config.num_attention_heads,
             vocab_size=hf_config.vocab_size, seq_length=hf_config.max_position_embeddings,
@@ -327,7 +338,8 @@ def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat1
             max_position_embeddings=hf_config.max_position_embeddings,
             position_embedding_type="rope", rotary_base=float(theta), normalization="RMSNorm",
             layernorm_epsilon=hf_config.rms_norm_eps, activation="swiglu",
-            add_bias_linear=bool(hf_config.attention_bias),
+            add_bias_linear=model_type == "llama" and bool(hf_config.attention_bias),
+            add_qkv_bias=model_type == "qwen2",
             untie_embeddings_and_output_weights=not hf_config.tie_word_embeddings,
             hidden_dropout=0.0, attention_dropout=hf_config.attention_dropout,
             init_method_std=hf_config.initializer_range, params_dtype=params_dtype,
@@ -335,7 +347,23 @@ def model_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.bfloat1
             use_rope_scaling=rope_type == "llama3",
             rope_scaling_factor=float(rope.get("factor", ModelConfig.rope_scaling_factor)))
     raise UnsupportedArchitectureError(f"cannot import Hugging Face model_type {model_type!r}: "
-                                       f"only gpt2 and llama are supported")
+                                       f"only gpt2, llama and qwen2 are supported")
+
+
+def _check_llama_or_qwen2_biases(hf_config, model_type: str) -> None:
+    """Llama: attention_bias (q, k, v, o) and mlp_bias must agree (our
+    --disable-bias-linear covers both). Qwen2: q/k/v biases always; its
+    sliding-window layers are refused (our attention is full causal)."""
+    if model_type == "llama":
+        if bool(hf_config.attention_bias) != bool(getattr(hf_config, "mlp_bias", False)):
+            raise UnsupportedArchitectureError("Llama attention_bias != mlp_bias: our "
+                                               "--disable-bias-linear covers both")
+        return
+    layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    if getattr(hf_config, "use_sliding_window", False) or layer_types != {"full_attention"}:
+        raise UnsupportedArchitectureError(
+            f"Qwen2 use_sliding_window / layer_types {sorted(layer_types)}: sliding-window "
+            f"attention is not implemented (only full_attention layers)")
 
 
 def _from_gpt2(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -367,19 +395,20 @@ def _from_gpt2(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 
 def _from_llama(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict from Llama's (or Qwen2's: the same names)."""
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    suffixes = ["weight", "bias"] if config.add_bias_linear else ["weight"]
     for i in range(config.num_layers):
         theirs, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[ours + "input_layernorm.weight"] = hf[theirs + "input_layernorm.weight"]
         out[ours + "pre_mlp_layernorm.weight"] = hf[theirs + "post_attention_layernorm.weight"]
-        for suffix in suffixes:
-            attention, mlp = theirs + "self_attn.", theirs + "mlp."
+        attention, mlp = theirs + "self_attn.", theirs + "mlp."
+        for suffix in _suffixes(config.qkv_bias):
+            out[ours + "self_attention.linear_qkv." + suffix] = _merge_qkv(
+                hf[attention + "q_proj." + suffix], hf[attention + "k_proj." + suffix],
+                hf[attention + "v_proj." + suffix], config)
+        for suffix in _suffixes(config.add_bias_linear):
             out.update({
-                ours + "self_attention.linear_qkv." + suffix: _merge_qkv(
-                    hf[attention + "q_proj." + suffix], hf[attention + "k_proj." + suffix],
-                    hf[attention + "v_proj." + suffix], config),
                 ours + "self_attention.linear_proj." + suffix: hf[attention + "o_proj." + suffix],
                 ours + "mlp.linear_fc1." + suffix: torch.cat(
                     [hf[mlp + "gate_proj." + suffix], hf[mlp + "up_proj." + suffix]]),
@@ -393,7 +422,7 @@ def _from_llama(hf: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str
 def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], family: str, config: ModelConfig,
                        padded_vocab_size: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Our full state dict (global names, `config.params_dtype`, contiguous)
-    from a GPT-2 or Llama HF state dict; inverse of `to_hf_state_dict`. The
+    from a GPT-2, Llama or Qwen2 HF state dict; inverse of `to_hf_state_dict`. The
     vocabulary rows are padded with zeros to `padded_vocab_size` when given.
     KeyError names the HF tensor that is missing."""
     state = (_from_gpt2 if family == "gpt2" else _from_llama)(hf_state, config)

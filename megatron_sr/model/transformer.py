@@ -218,7 +218,9 @@ class SelfAttention(nn.Module):
     [(heads + 2 x groups) x d, h] in Megatron's fused layout: rows grouped per
     query group as (q of its heads/groups heads, k, v) x d, so a contiguous TP
     slice holds whole groups (groups / tp per rank) with their query heads.
-    With one head per group this is the per-head (q, k, v) layout.
+    With one head per group this is the per-head (q, k, v) layout. Its bias
+    (every linear's, or linear_qkv's alone with --add-qkv-bias) has the same
+    row layout and TP slices; it starts at zero.
     """
 
     def __init__(self, config: ModelConfig, *, sequence_parallel: bool, device=None,
@@ -234,7 +236,7 @@ class SelfAttention(nn.Module):
             params_dtype=config.params_dtype, device=device, tp=tp,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_qkv = ColumnParallelLinear(
-            h, config.qkv_size, bias=config.add_bias_linear,
+            h, config.qkv_size, bias=config.qkv_bias,
             init_method=normal_init(config.init_method_std),
             sequence_parallel=sequence_parallel, **kw)
         self.linear_proj = RowParallelLinear(
