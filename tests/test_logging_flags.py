@@ -110,6 +110,25 @@ def test_params_norm_is_the_saved_models_norm(logged):
 
 
 @pytest.mark.slow
+def test_params_norm_counts_replicated_and_tied_parameters_once(tmp_path):
+    """TP 2 x PP 2, bf16-mixed without the distributed optimizer: norm weights
+    are held by both TP ranks and the tied word embedding by the first and the
+    last stage; the logged norm is still the merged model's, of its fp32
+    master copy."""
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
+
+    argv = tiny_gpt_argv(train_iters=2, global_batch_size=4, tensor_model_parallel_size=2,
+                         pipeline_model_parallel_size=2, precision="bf16-mixed",
+                         log_params_norm=True, tensorboard_dir=str(tmp_path / "tb"),
+                         save=str(tmp_path / "ckpt"))
+    run_ranks(pretrain_worker, 4, argv, env={"WORLD_SIZE": "4"}, timeout=240)
+    master = load_full_checkpoint(str(tmp_path / "ckpt")).optimizer["params"]["master"]
+    assert any(name.endswith("layernorm.weight") for name in master)
+    expected = math.sqrt(sum(float((v.double() ** 2).sum()) for v in master.values()))
+    assert _scalars(tmp_path / "tb")["params-norm"][-1] == (2, pytest.approx(expected, rel=1e-5))
+
+
+@pytest.mark.slow
 def test_num_zeros_is_a_direct_count_of_the_reduced_gradients(logged):
     ranks = logged["first"]
     counts = []
