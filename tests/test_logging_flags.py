@@ -162,6 +162,25 @@ def test_memory_and_validation_perplexity_scalars(logged):
         assert value == pytest.approx(math.exp(losses[step]), rel=1e-5)
 
 
+@pytest.mark.gpu
+def test_cuda_memory_scalars_are_the_allocators():
+    import torch
+
+    from megatron_sr.training_log import memory_scalars
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    held = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    scalars = memory_scalars(device)
+    assert set(scalars) == {"mem-reserved-bytes", "mem-allocated-bytes",
+                            "mem-max-allocated-bytes", "mem-allocated-count"}
+    assert scalars["mem-allocated-bytes"] >= held.numel()
+    assert scalars["mem-max-allocated-bytes"] >= scalars["mem-allocated-bytes"]
+    assert scalars["mem-reserved-bytes"] >= scalars["mem-allocated-bytes"]
+    assert scalars["mem-allocated-count"] >= 1
+
+
 PROGRESS_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\tJob ID: (?P<job>\d*)\t# GPUs: 2\t"
     r"(?:Starting job|Saved checkpoint\tIteration: (?P<iteration>\d+)\t"
