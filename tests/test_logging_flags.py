@@ -257,6 +257,20 @@ def test_without_the_flags_none_of_their_records_and_nan_steps_do_not_stop(tmp_p
     assert not os.path.exists(tmp_path / "ckpt" / "progress.txt")
 
 
+def test_log_line_has_megatrons_num_zeros_and_params_norm_after_grad_norm():
+    import datetime
+
+    from megatron_sr.training_log import format_log_line
+
+    line = format_log_line(iteration=1, train_iters=2, consumed_samples=8, elapsed_ms=1.0,
+                           tflops_per_device=0.0, lr=1e-4, global_batch_size=8, loss=2.0,
+                           grad_norm=0.8123, skipped=0, nan_iterations=0, tokens_per_s=1.0,
+                           update_absorption=None, num_zeros_in_grad=1234,
+                           params_norm=31.41592, now=datetime.datetime(2026, 12, 7))
+    assert " grad norm: 0.812 | num zeros: 1234.0 | params norm: 31.416 |" \
+           " number of skipped iterations:   0 |" in line
+
+
 def test_wandb_entity_reaches_wandb_init(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from megatron_sr.config import TrainingConfig
