@@ -16,7 +16,14 @@ GRAD_NORM = "grad-norm"
 ITERATION_TIME = "iteration-time"  # with --log-timers-to-tensorboard
 THROUGHPUT = "throughput"  # TFLOP/s per device, with --log-timers-to-tensorboard
 VALID_LOSS = "lm loss validation"
-VALID_PPL = "lm loss validation ppl"
+VALID_PPL = "lm loss validation ppl"  # with --log-validation-ppl-to-tensorboard
+PARAMS_NORM = "params-norm"  # with --log-params-norm
+NUM_ZEROS = "num-zeros"  # with --log-num-zeros-in-grad
+# With --log-memory-to-tensorboard (the CUDA allocator's; the first two on a CPU too).
+MEM_ALLOCATED = "mem-allocated-bytes"
+MEM_MAX_ALLOCATED = "mem-max-allocated-bytes"
+MEM_RESERVED = "mem-reserved-bytes"
+MEM_ALLOCATED_COUNT = "mem-allocated-count"
 
 # Ours.
 TOKENS_PER_S = "throughput/tokens-per-s"
@@ -43,4 +50,4 @@ def timer_tag(phase: str) -> str:
 STATE_BYTES = memory_tag("total")
 
 VS_SAMPLES_TAGS = frozenset({LEARNING_RATE, BATCH_SIZE, TRAIN_LOSS, LOSS_SCALE, WORLD_SIZE,
-                             GRAD_NORM, VALID_LOSS, VALID_PPL})
+                             GRAD_NORM, VALID_LOSS, VALID_PPL, PARAMS_NORM, NUM_ZEROS})

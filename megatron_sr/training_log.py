@@ -18,12 +18,17 @@ TensorBoard (`MetricsWriter`): Megatron's tags `learning-rate`, `batch-size`,
 `lm loss`, `loss-scale`, `world-size`, `grad-norm`, each also as
 "<tag> vs samples" (x axis: consumed samples); `iteration-time` and
 `throughput` (TFLOP/s per device) and "<timer>-time" with
---log-timers-to-tensorboard; `lm loss validation` and `lm loss validation ppl`
-(and their "vs samples"). Ours beside them: `throughput/tokens-per-s`,
+--log-timers-to-tensorboard; `lm loss validation` (and with
+--log-validation-ppl-to-tensorboard `lm loss validation ppl`), each with its
+"vs samples"; `params-norm` (--log-params-norm) and `num-zeros`
+(--log-num-zeros-in-grad), also in the log line after "grad norm", with
+their "vs samples"; the memory scalars of `memory_scalars`
+(--log-memory-to-tensorboard). Ours beside them: `throughput/tokens-per-s`,
 `throughput/tflops-per-device`, `update-absorption`, `skipped-iterations`,
 `nan-iterations`, `consumed-samples`, `memory/peak-bytes`. With
---wandb-project every scalar also goes to Weights & Biases (`wandb` is an
-optional dependency; WANDB_MODE=offline works without a network). The tag
+--wandb-project (and --wandb-entity) every scalar also goes to Weights &
+Biases (`wandb` is an optional dependency; WANDB_MODE=offline works without a
+network). The tag
 strings live in the torch-free `megatron_sr.metric_names`, which
 tools/compare_runs.py reads too.
 
@@ -50,8 +55,11 @@ def format_log_line(*, iteration: int, train_iters: int, consumed_samples: int, 
                     tflops_per_device: float, lr: float, global_batch_size: int,
                     loss: Optional[float], grad_norm: float, skipped: int, nan_iterations: int,
                     tokens_per_s: float, update_absorption: Optional[float],
+                    num_zeros_in_grad: Optional[int] = None, params_norm: Optional[float] = None,
                     now: Optional[datetime.datetime] = None) -> str:
-    """Megatron's training log line with our fields appended (module docstring)."""
+    """Megatron's training log line with our fields appended (module docstring);
+    "num zeros" (printed as Megatron prints its float count) and "params norm"
+    follow "grad norm" when given."""
     now = now or datetime.datetime.now()
     parts = [f" [{now.strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {iteration:8d}/{train_iters:8d}",
              f"consumed samples: {consumed_samples:12d}",
@@ -61,8 +69,12 @@ def format_log_line(*, iteration: int, train_iters: int, consumed_samples: int, 
              f"global batch size: {global_batch_size:5d}"]
     if loss is not None:
         parts.append(f"lm loss: {loss:.6E}")
-    parts += [f"loss scale: {1.0:.1f}", f"grad norm: {grad_norm:.3f}",
-              f"number of skipped iterations: {skipped:3d}",
+    parts += [f"loss scale: {1.0:.1f}", f"grad norm: {grad_norm:.3f}"]
+    if num_zeros_in_grad is not None:
+        parts.append(f"num zeros: {float(num_zeros_in_grad)}")
+    if params_norm is not None:
+        parts.append(f"params norm: {params_norm:.3f}")
+    parts += [f"number of skipped iterations: {skipped:3d}",
               f"number of nan iterations: {nan_iterations:3d}",
               f"throughput (tokens/s): {tokens_per_s:.1f}"]
     if update_absorption is not None:
@@ -77,7 +89,9 @@ class StepMetrics:
     `step_seconds` and `phase_seconds` are means per step over the interval
     since the last log line; `phase_seconds` is None without
     --log-timers-to-tensorboard. `loss` and `update_absorption` may be None
-    (no last stage on this rank; absorption not measured)."""
+    (no last stage on this rank; absorption not measured); `params_norm`,
+    `num_zeros_in_grad` and `memory` ({tag: value} of `memory_scalars`) are
+    None without their flags."""
 
     iteration: int
     train_iters: int
@@ -95,6 +109,9 @@ class StepMetrics:
     update_absorption: Optional[float]
     peak_memory_bytes: int
     phase_seconds: Optional[dict[str, float]] = None
+    params_norm: Optional[float] = None
+    num_zeros_in_grad: Optional[int] = None
+    memory: Optional[dict[str, int]] = None
 
     def log_line(self, now: Optional[datetime.datetime] = None) -> str:
         return format_log_line(
@@ -103,7 +120,8 @@ class StepMetrics:
             tflops_per_device=self.tflops_per_device, lr=self.lr,
             global_batch_size=self.global_batch_size, loss=self.loss, grad_norm=self.grad_norm,
             skipped=self.skipped_iterations, nan_iterations=self.nan_iterations,
-            tokens_per_s=self.tokens_per_s, update_absorption=self.update_absorption, now=now)
+            tokens_per_s=self.tokens_per_s, update_absorption=self.update_absorption,
+            num_zeros_in_grad=self.num_zeros_in_grad, params_norm=self.params_norm, now=now)
 
     def scalars(self) -> dict[str, float]:
         """{tag: value} of this step, the tags of `megatron_sr.metric_names`."""
@@ -119,6 +137,12 @@ class StepMetrics:
             scalars[tags.TRAIN_LOSS] = self.loss
         if self.update_absorption is not None:
             scalars[tags.ABSORPTION] = self.update_absorption
+        if self.params_norm is not None:
+            scalars[tags.PARAMS_NORM] = self.params_norm
+        if self.num_zeros_in_grad is not None:
+            scalars[tags.NUM_ZEROS] = self.num_zeros_in_grad
+        if self.memory is not None:
+            scalars.update(self.memory)
         if self.phase_seconds is not None:
             scalars[tags.ITERATION_TIME] = self.step_seconds
             scalars[tags.THROUGHPUT] = self.tflops_per_device
@@ -154,6 +178,28 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def memory_scalars(device: torch.device) -> dict[str, int]:
+    """--log-memory-to-tensorboard's {tag: value} for this process now. On
+    CUDA the caching allocator's statistics of `device` (Megatron's four
+    tags: bytes allocated now and at peak, bytes reserved, live allocations);
+    on a CPU, which has no allocator statistics, the resident memory now and
+    at peak (VmRSS and VmHWM of /proc/self/status) as the allocated bytes.
+    Host-side reads only, no device sync."""
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        return {tags.MEM_RESERVED: stats["reserved_bytes.all.current"],
+                tags.MEM_ALLOCATED: stats["allocated_bytes.all.current"],
+                tags.MEM_MAX_ALLOCATED: stats["allocated_bytes.all.peak"],
+                tags.MEM_ALLOCATED_COUNT: stats["allocation.all.current"]}
+    kib = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                kib[name] = int(value.split()[0])
+    return {tags.MEM_ALLOCATED: kib["VmRSS"] * 1024, tags.MEM_MAX_ALLOCATED: kib["VmHWM"] * 1024}
 
 
 def memory_report(optimizer) -> dict[str, int]:
@@ -254,8 +300,9 @@ def open_metrics_writer(training, is_logging_rank: bool, run_config: Optional[di
                 from error
         save_dir = training.wandb_save_dir or os.path.join(training.save or ".", "wandb")
         os.makedirs(save_dir, exist_ok=True)
-        wandb_run = wandb.init(project=training.wandb_project, name=training.wandb_exp_name,
-                               dir=save_dir, config=run_config or {}, reinit="finish_previous")
+        wandb_run = wandb.init(project=training.wandb_project, entity=training.wandb_entity,
+                               name=training.wandb_exp_name, dir=save_dir,
+                               config=run_config or {}, reinit="finish_previous")
     return MetricsWriter(writer, wandb_run)
 
 

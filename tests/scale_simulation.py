@@ -76,8 +76,8 @@ from megatron_sr.optimizer.param_buffer import ParamAndGradBuffer
 from megatron_sr.precision.strategies import get_strategy
 from megatron_sr.optimizer.param_buffer import param_infos
 from megatron_sr.precision.strategies import grad_dtype
-from megatron_sr.training import (LossAccumulator, make_forward_step, setup_model_and_optimizer,
-                                  train_step)
+from megatron_sr.training import (LossAccumulator, StepContext, make_forward_step,
+                                  setup_model_and_optimizer, train_step)
 from megatron_sr.training.policy import exit_conditions
 
 _LLAMA = ("--normalization RMSNorm --position-embedding-type rope --swiglu "
@@ -239,8 +239,9 @@ class SimulatedTraining:
     def step(self, log_step: bool = False) -> None:
         """One `train_step` as the training loop calls it (`training.train`):
         its loss accumulator, its exit flags; a log step (`log_step`) also
-        reduces the loss, measures update absorption and reads the interval's
-        mean loss for the log line. Micro-batches are [b, s + 1] token rows on
+        reduces the loss, measures update absorption (and the params norm and
+        zero gradients with --log-params-norm / --log-num-zeros-in-grad) and
+        reads the interval's mean loss for the log line. Micro-batches are [b, s + 1] token rows on
         `meta`, as the loop's data stream yields them; host reads of `meta`
         tensors read zeros (`MetaHostReads`)."""
         job = self.job
@@ -250,10 +251,13 @@ class SimulatedTraining:
         losses = LossAccumulator()
         start_time = time.time()
         with MetaHostReads():
+            context = StepContext(
+                loss_accumulator=losses, measure_update_absorption=log_step,
+                measure_params_norm=log_step and job.training.log_params_norm,
+                count_zeros_in_grad=log_step and job.training.log_num_zeros_in_grad,
+                exit_flags=lambda: exit_conditions(None, job.training, start_time))
             train_step(job, self.model, self.optimizer, [rows] * len(self.model), 1e-4,
-                       forward_step, measure_update_absorption=log_step, loss_accumulator=losses,
-                       reduce_loss=log_step,
-                       exit_flags=lambda: exit_conditions(None, job.training, start_time))
+                       forward_step, reduce_loss=log_step, context=context)
             if log_step:
                 losses.mean_over_data_parallel()
 

@@ -10,7 +10,8 @@ on a log step, while `CollectiveCensus` records every c10d collective
 Checked:
 - the only world-wide collective of a step is the grad-norm all-reduce, 16
   bytes (the fp32 squared norm and the loop's 3 exit flags); a log step adds
-  one more, the update-absorption counts (16 bytes), and on the last stage
+  one more, the update-absorption counts (16 bytes; 32 with --log-params-norm
+  and --log-num-zeros-in-grad, whose sums ride in it), and on the last stage
   the DP loss all-reduce (8 bytes); nothing else differs;
 - no collective runs on a group other than this rank's TP, DP, PP and world
   groups (no model-parallel or embedding traffic with untied embeddings),
@@ -80,6 +81,19 @@ def test_log_step_adds_only_its_small_reductions(censuses, stage):
     if stage == 3:
         expected[("data", "allreduce_")] = (1, 8)  # the loss: interval sum and step loss, fp32
     assert added == expected
+
+
+def test_params_norm_and_zero_count_ride_in_the_log_steps_reduction(censuses):
+    """--log-params-norm and --log-num-zeros-in-grad add no collective: their
+    two fp64 sums join the update-absorption all-reduce of a log step (16 ->
+    32 bytes); the steps between log lines do not change."""
+    flagged = job_config(SEVENTY_B_1K_ARGV + ["--log-params-norm", "--log-num-zeros-in-grad"])
+    census = census_step(flagged, stage_rank(flagged, 3))
+    plain = censuses[3]
+    assert census.rows() == plain.rows()
+    assert _world(census.log_step) == [("allreduce_", GRAD_NORM_BYTES), ("allreduce_", 32)]
+    others = [row for row in census.rows(log_step=True) if row.group != "world"]
+    assert others == [row for row in plain.rows(log_step=True) if row.group != "world"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

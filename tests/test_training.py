@@ -192,6 +192,7 @@ def e2e(counting_corpus, tmp_path_factory):
                          overlap_param_gather=True, mock_data=False,
                          data_path=counting_corpus, data_cache_path=str(root / "cache"),
                          eval_interval=2, eval_iters=1, tensorboard_dir=str(root / "tb"),
+                         log_validation_ppl_to_tensorboard=True,
                          save=str(root / "checkpoints"))
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run",
                           "--standalone", "--nproc_per_node", "4",

@@ -85,6 +85,13 @@ class TrainingConfig:
     max_skipped_iterations: int = flag(
         "--max-skipped-iterations", group="training", default=10, minimum=1,
         help="Stop after this many consecutive steps skipped for NaN/Inf gradients.")
+    # False: NaN/Inf steps are still skipped and counted, but never stop the job.
+    check_for_nan_in_loss_and_grad: bool = flag(
+        "--no-check-for-nan-in-loss-and-grad", group="training", default=True,
+        action="store_false",
+        help="Do not stop the job for NaN/Inf gradients (or the NaN/Inf loss behind them): "
+             "such steps are still skipped on every rank, so that no weight takes the NaN, and "
+             "counted in the log line, but --max-skipped-iterations no longer applies.")
     # (start, increment, samples): the global batch grows from start by increment
     # up to global_batch_size over the first `samples` samples (Megatron's ramp-up).
     rampup_batch_size: Optional[tuple[int, int, int]] = flag(
@@ -124,6 +131,34 @@ class TrainingConfig:
     wandb_save_dir: Optional[str] = flag(
         "--wandb-save-dir", group="logging", default=None, output_folder=True,
         help="Weights & Biases local folder (default: <--save>/wandb).")
+    wandb_entity: Optional[str] = flag(
+        "--wandb-entity", group="logging", default=None,
+        help="Weights & Biases entity (user or team) the run is logged under (default: the "
+             "account's default entity).")
+    log_params_norm: bool = flag(
+        "--log-params-norm", group="logging", default=False,
+        help="At each --log-interval step, log the L2 norm of all parameters after the update "
+             "(the fp32 master copy where there is one): 'params norm' in the log line, "
+             "'params-norm' in TensorBoard.")
+    log_num_zeros_in_grad: bool = flag(
+        "--log-num-zeros-in-grad", group="logging", default=False,
+        help="At each --log-interval step, log the number of zero elements of the reduced "
+             "gradients: 'num zeros' in the log line, 'num-zeros' in TensorBoard.")
+    log_memory_to_tensorboard: bool = flag(
+        "--log-memory-to-tensorboard", group="logging", default=False,
+        help="At each --log-interval step, write the last rank's memory use as TensorBoard "
+             "scalars: mem-reserved-bytes, mem-allocated-bytes, mem-max-allocated-bytes and "
+             "mem-allocated-count of the CUDA allocator; on a CPU, mem-allocated-bytes and "
+             "mem-max-allocated-bytes are the process's current and peak resident memory.")
+    log_validation_ppl_to_tensorboard: bool = flag(
+        "--log-validation-ppl-to-tensorboard", group="logging", default=False,
+        help="Also write the validation perplexity ('lm loss validation ppl') as a "
+             "TensorBoard scalar beside the validation loss.")
+    log_progress: bool = flag(
+        "--log-progress", group="logging", default=False,
+        help="Append to <--save>/progress.txt a line when the job starts and after each "
+             "checkpoint save: iteration, job and cumulative throughput (TFLOP/s per GPU), "
+             "floating-point operations and tokens so far (Megatron-LM's format).")
     profile: bool = flag("--profile", group="logging", default=False,
                          help="Record steps --profile-step-start .. --profile-step-end with the "
                               "torch profiler; the trace goes to --tensorboard-dir.")

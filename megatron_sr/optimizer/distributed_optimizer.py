@@ -21,11 +21,12 @@ dtypes of the precision strategy. One `step`:
    NaN/Inf grad norm is skipped on every rank, bit-exactly;
 4. all-gathers the updated parameters over DP (distributed optimizer only):
    each bucket's all-gather is launched right after that bucket's update, so
-   it overlaps the next buckets' updates (when update absorption is measured,
-   all of them after its all-reduce instead); then reads the grad norm on the
-   host: the step's only host sync, after every launch is queued (without
-   update-absorption measurement). A skipped step gathers the unchanged
-   shards, which every rank already holds in full.
+   it overlaps the next buckets' updates (on a step that measures log-step
+   statistics, update absorption, params norm or zero gradients, all of them
+   after those statistics' one all-reduce instead); then reads the grad norm
+   (and the statistics) on the host: the step's only host sync, after every
+   launch is queued. A skipped step gathers the unchanged shards, which every
+   rank already holds in full.
 
 All ranks of the world call `step`, `state_dict` and `load_state_dict`
 together (they communicate).
@@ -54,12 +55,15 @@ DECOUPLED_LR_PARAMETERS = frozenset({"embedding.word_embeddings.weight", "output
 class StepResult:
     """What one optimizer step did. grad_norm is before clipping;
     update_absorption is None unless measured (see `step`); host_flags: the
-    step's `host_flags`, each OR-ed over all ranks."""
+    step's `host_flags`, each OR-ed over all ranks; params_norm (after the
+    update) and num_zeros_in_grad are None unless requested (see `step`)."""
 
     grad_norm: float
     skipped: bool
     update_absorption: Optional[float] = None
     host_flags: tuple[bool, ...] = ()
+    params_norm: Optional[float] = None
+    num_zeros_in_grad: Optional[int] = None
 
 
 class DistributedOptimizer:
@@ -226,7 +230,8 @@ class DistributedOptimizer:
 
     def step(self, lr: float, measure_update_absorption: bool = False,
              decoupled_lr: Optional[float] = None,
-             host_flags: Sequence[bool] = ()) -> StepResult:
+             host_flags: Sequence[bool] = (), measure_params_norm: bool = False,
+             count_zeros_in_grad: bool = False) -> StepResult:
         """One AdamW step at learning rate `lr` on the reduced grads.
 
         `host_flags`: this rank's booleans for the training loop's exit
@@ -237,15 +242,25 @@ class DistributedOptimizer:
         `decoupled_lr` (--decoupled-lr): the learning rate of the word
         embedding and the output layer instead of `lr`.
 
-        With `measure_update_absorption`, also returns the fraction of stored
-        elements (the master copy where there is one) whose update was
-        non-zero but whose stored value did not change: RTN stagnation
-        (this measurement syncs with the host once more).
+        The log-step statistics, each measured by every rank on its shard's
+        counted segments (every model element on exactly one rank):
+        `measure_update_absorption`: the fraction of stored elements (the
+        master copy where there is one) whose update was non-zero but whose
+        stored value did not change (RTN stagnation); `measure_params_norm`
+        (--log-params-norm): the L2 norm of the stored values after the
+        update; `count_zeros_in_grad` (--log-num-zeros-in-grad): the number of
+        zero elements of the reduced gradients. With any of them the step has
+        one fp64 all-reduce over the world more, of all of them together
+        (exact counts up to 2**53), issued after the last bucket's update and
+        before the parameter all-gathers (which then no longer overlap the
+        updates); it is read at the step's one host sync.
         """
         self.buffer.finish_grad_sync()
         norm_and_flags = self._grad_norm(host_flags)
         grad_norm = norm_and_flags[0]
         grad_scale = self._grad_scale(grad_norm)
+        zeros = self._zeros_in_grad() if count_zeros_in_grad else None
+        reduce_statistics = measure_update_absorption or measure_params_norm or count_zeros_in_grad
         cfg = self.config
         grads = self.buffer.grad_buffer
         params = self.buffer.param_buffer
@@ -274,25 +289,66 @@ class DistributedOptimizer:
             # At lr = 0 (the first warmup step) no update is non-zero: nothing is absorbed.
             if before is not None and lr > 0:
                 counts += self._absorption_counts(bucket, before, stored)
-            if not measure_update_absorption:
+            if not reduce_statistics:
                 self.buffer.gather_bucket_params(bucket)
-        if measure_update_absorption:
+        read = norm_and_flags
+        if reduce_statistics:
+            parts = ([counts] if measure_update_absorption else []) + (
+                [self._params_norm_squares()] if measure_params_norm else []) + (
+                [zeros] if zeros is not None else [])
+            statistics = torch.cat(parts)
             if dist.is_initialized():
                 # Before the parameter all-gathers, so that reading it never waits for them.
-                dist.all_reduce(counts, group=self._norm_group)
+                dist.all_reduce(statistics, group=self._norm_group)
             self.buffer.gather_params()
-        norm, *flag_counts = norm_and_flags.tolist()  # the step's host sync
-        flags = tuple(count > 0 for count in flag_counts)
+            read = torch.cat([norm_and_flags.double(), statistics])
+        norm, *values = read.tolist()  # the step's host sync
+        flags = tuple(count > 0 for count in values[:len(host_flags)])
+        values = values[len(host_flags):]
+        absorption = None
+        if measure_update_absorption:
+            (absorbed, updated), values = values[:2], values[2:]
+            absorption = absorbed / updated if updated > 0 else 0.0
+        params_norm = math.sqrt(values.pop(0)) if measure_params_norm else None
+        num_zeros = int(values.pop(0)) if count_zeros_in_grad else None
         if not math.isfinite(norm):
             self.step_count -= 1
             self.skipped_steps += 1
-            return StepResult(grad_norm=float("nan"), skipped=True, host_flags=flags)
-        absorption = None
-        if measure_update_absorption:
-            absorbed, updated = counts.tolist()  # one host sync
-            absorption = absorbed / updated if updated > 0 else 0.0
+            return StepResult(grad_norm=float("nan"), skipped=True, host_flags=flags,
+                              params_norm=params_norm, num_zeros_in_grad=num_zeros)
         return StepResult(grad_norm=norm, skipped=False, update_absorption=absorption,
-                          host_flags=flags)
+                          host_flags=flags, params_norm=params_norm, num_zeros_in_grad=num_zeros)
+
+    def _counted_stored(self) -> list[torch.Tensor]:
+        """This rank's counted segments (views) of the stored values: the fp32
+        master copy where the strategy has one, else the parameters."""
+        chosen = [segment for segment, counted in zip(self.buffer.segments, self._counted)
+                  if counted]
+        if "master" in self.state:
+            return [self._segment_state(segment, "master") for segment in chosen]
+        params = self.buffer.param_buffer
+        return [params[segment.buffer_start:segment.buffer_end] for segment in chosen]
+
+    def _params_norm_squares(self) -> torch.Tensor:
+        """The squared L2 norm of this rank's counted stored values, an fp64
+        tensor [1] on the device (fp32 norms per segment; no host sync)."""
+        stored = self._counted_stored()
+        device = self.buffer.param_buffer.device
+        if not stored:
+            return torch.zeros(1, dtype=torch.float64, device=device)
+        norms = torch._foreach_norm(stored, 2, dtype=torch.float32)
+        return torch.stack(norms).double().square().sum().reshape(1)
+
+    def _zeros_in_grad(self) -> torch.Tensor:
+        """The number of zero elements of this rank's counted reduced
+        gradients (`_grad_norm` selected them), an fp64 tensor [1] on the
+        device; one count kernel per segment, no host sync."""
+        grads = self._counted_grads
+        device = self.buffer.grad_buffer.device
+        if not grads:
+            return torch.zeros(1, dtype=torch.float64, device=device)
+        nonzero = torch.stack([torch.count_nonzero(grad) for grad in grads]).sum()
+        return (sum(grad.numel() for grad in grads) - nonzero).double().reshape(1)
 
     def _absorption_counts(self, bucket: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """(absorbed, updated) element counts of one bucket shard's counted

@@ -17,6 +17,7 @@ from megatron_sr.training.errors import exit_on_job_error
 from megatron_sr.training.forward_step import make_forward_step
 from megatron_sr.training.loop import consumed_after, open_job_metrics, run_evaluation, train
 from megatron_sr.training.policy import SignalFlag
+from megatron_sr.training.progress import STARTING_JOB, append_progress
 from megatron_sr.training.setup import (build_job_tokenizer, initialize_distributed,
                                         print_setup, print_training_state,
                                         setup_model_and_optimizer)
@@ -72,6 +73,8 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None,
         raise
     try:
         fault_injection.at("setup")
+        if job.training.log_progress and job.training.save and dist.get_rank() == 0:
+            append_progress(job.training.save, job.world_size, STARTING_JOB)
         tokenizer = build_job_tokenizer(job)
         job = job.with_vocab_size(tokenizer.vocab_size)
         print_setup(job, device)

@@ -34,9 +34,10 @@ from megatron_sr.training.console import is_last_rank, print_rank_0, print_rank_
 from megatron_sr.training.data import DataStreams
 from megatron_sr.training.forward_step import ForwardStep, make_forward_step
 from megatron_sr.training.policy import RunPolicy, SignalFlag
+from megatron_sr.training.progress import ProgressLog
 from megatron_sr.training_log import (LogInterval, MetricsWriter, PhaseTimers, StepMetrics,
-                                      StepProfiler, open_metrics_writer, peak_memory_bytes,
-                                      write_run_summary)
+                                      StepProfiler, memory_scalars, open_metrics_writer,
+                                      peak_memory_bytes, write_run_summary)
 
 
 @dataclasses.dataclass
@@ -46,6 +47,8 @@ class StepReport:
     skipped: bool
     update_absorption: Optional[float]
     exit_flags: tuple[bool, ...] = ()  # the step's `exit_flags`, OR-ed over all ranks
+    params_norm: Optional[float] = None  # when the context measured it
+    num_zeros_in_grad: Optional[int] = None  # when the context counted them
 
 
 class LossAccumulator:
@@ -126,6 +129,10 @@ class StepContext:
     iteration: 1-based, as logged; names the step in errors.
     loss_accumulator: an applied step adds this rank's micro-batch mean to it.
     measure_update_absorption: the optimizer measures it (the loop's log steps).
+    measure_params_norm, count_zeros_in_grad: the optimizer measures the params
+        norm and counts the zero gradient elements (--log-params-norm,
+        --log-num-zeros-in-grad, on the loop's log steps), together with the
+        update absorption (`DistributedOptimizer.step`).
     timers: time the phases (--log-timers-to-tensorboard).
     num_microbatches: per data-parallel rank (None: the job's; --rampup-batch-size
         and --step-batch-size-schedule vary it).
@@ -137,6 +144,8 @@ class StepContext:
     iteration: Optional[int] = None
     loss_accumulator: Optional[LossAccumulator] = None
     measure_update_absorption: bool = False
+    measure_params_norm: bool = False
+    count_zeros_in_grad: bool = False
     timers: Optional[PhaseTimers] = None
     num_microbatches: Optional[int] = None
     exit_flags: Optional[Callable[[], Sequence[bool]]] = None
@@ -185,7 +194,9 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
     with communication_phase(job, "optimizer step", iteration), timers.phase("optimizer"):
         result = optimizer.step(lr, measure_update_absorption=context.measure_update_absorption,
                                 decoupled_lr=decoupled_lr,
-                                host_flags=context.exit_flags() if context.exit_flags else ())
+                                host_flags=context.exit_flags() if context.exit_flags else (),
+                                measure_params_norm=context.measure_params_norm,
+                                count_zeros_in_grad=context.count_zeros_in_grad)
     if accumulated is not None and local_loss is not None and not result.skipped:
         accumulated.add(local_loss)
     loss = None
@@ -196,7 +207,8 @@ def train_step(job: JobConfig, model, optimizer: DistributedOptimizer, iterators
             loss = _average_over_dp(losses, optimizer.buffer.param_buffer.device)
     return StepReport(loss=loss, grad_norm=result.grad_norm,
                       skipped=result.skipped, update_absorption=result.update_absorption,
-                      exit_flags=result.host_flags)
+                      exit_flags=result.host_flags, params_norm=result.params_norm,
+                      num_zeros_in_grad=result.num_zeros_in_grad)
 
 
 @torch.no_grad()
@@ -223,7 +235,8 @@ def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, itera
                    split: str = "valid") -> Optional[float]:
     """Evaluates on the validation split ("valid") or the test split ("test")
     from its start; prints loss and perplexity and, for the validation split
-    with `metrics` (None: none written), logs them as scalars."""
+    with `metrics` (None: none written), writes the loss scalar (and the
+    perplexity's with --log-validation-ppl-to-tensorboard)."""
     iterators = data.valid_iterators() if split == "valid" else data.test_iterators()
     with communication_phase(job, "evaluation" if split == "valid" else "test evaluation",
                              iteration):
@@ -236,7 +249,8 @@ def run_evaluation(job: JobConfig, model, data: DataStreams, forward_step, itera
         print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
         if metrics is not None and split == "valid":
             metrics.scalar(metric_names.VALID_LOSS, loss, iteration, consumed_samples)
-            metrics.scalar(metric_names.VALID_PPL, ppl, iteration, consumed_samples)
+            if job.training.log_validation_ppl_to_tensorboard:
+                metrics.scalar(metric_names.VALID_PPL, ppl, iteration, consumed_samples)
     return loss
 
 
@@ -279,13 +293,15 @@ def open_job_metrics(job: JobConfig) -> MetricsWriter:
 
 class _TrainingRun:
     """The state of one `train` call: the forward steps, the policy, the
-    loss accumulator and log interval, the timers and the profiler."""
+    loss accumulator and log interval, the timers, the profiler and the
+    progress log (--log-progress)."""
 
     def __init__(self, job: JobConfig, model, optimizer: DistributedOptimizer,
                  scheduler: LRScheduler, data: DataStreams, forward_step_func: Optional[Callable],
-                 metrics: MetricsWriter, policy: RunPolicy):
+                 metrics: MetricsWriter, policy: RunPolicy,
+                 progress: Optional[ProgressLog] = None):
         self.job, self.model, self.optimizer, self.scheduler = job, model, optimizer, scheduler
-        self.data, self.metrics, self.policy = data, metrics, policy
+        self.data, self.metrics, self.policy, self.progress = data, metrics, policy, progress
         training = job.training
         self.device = parallel_state.get_default_device()
         self.forward_step, self.nan_grad_step = (
@@ -339,6 +355,8 @@ class _TrainingRun:
         samples_per_microbatch_step = training.micro_batch_size * self.job.data_parallel_size
         context = StepContext(iteration=iteration, loss_accumulator=self.losses,
                               measure_update_absorption=log_now, timers=self.timers,
+                              measure_params_norm=log_now and training.log_params_norm,
+                              count_zeros_in_grad=log_now and training.log_num_zeros_in_grad,
                               num_microbatches=batch_size // samples_per_microbatch_step,
                               exit_flags=self.policy.exit_flags)
         report = train_step(self.job, self.model, self.optimizer, iterators, lr,
@@ -367,7 +385,10 @@ class _TrainingRun:
             loss=loss, grad_norm=report.grad_norm,
             skipped_iterations=self.optimizer.skipped_steps, nan_iterations=self.nan_iterations,
             update_absorption=report.update_absorption,
-            peak_memory_bytes=peak_memory_bytes(self.device), phase_seconds=phases)
+            peak_memory_bytes=peak_memory_bytes(self.device), phase_seconds=phases,
+            params_norm=report.params_norm, num_zeros_in_grad=report.num_zeros_in_grad,
+            memory=(memory_scalars(self.device)
+                    if self.job.training.log_memory_to_tensorboard else None))
         print_rank_last(values.log_line())
         self.metrics.step(values)
 
@@ -389,6 +410,9 @@ class _TrainingRun:
 
     def _save(self, iteration: int, consumed_samples: int) -> None:
         save(self.job, iteration, consumed_samples, self.model, self.optimizer, self.scheduler)
+        if self.progress is not None:
+            self.progress.checkpoint_saved(iteration, consumed_samples,
+                                           self.job.training.async_save)
 
 
 def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRScheduler,
@@ -413,8 +437,15 @@ def train(job: JobConfig, model, optimizer: DistributedOptimizer, scheduler: LRS
     start_time = time.time() if job_start_time is None else job_start_time
     run = None
     try:
+        progress = None
+        if job.training.log_progress and job.training.save:
+            progress = ProgressLog(job.training.save, job.world_size, dist.get_rank(),
+                                   job.model.seq_length,
+                                   flops_per_token(job.model) * job.model.seq_length,
+                                   start_time, consumed_samples)
         run = _TrainingRun(job, model, optimizer, scheduler, data, forward_step_func, metrics,
-                           RunPolicy(job.training, start_iteration, signals, start_time))
+                           RunPolicy(job.training, start_iteration, signals, start_time),
+                           progress)
         return run.run(start_iteration, consumed_samples)
     finally:
         if own_flag:

@@ -9,7 +9,8 @@
 - `RunPolicy`: from those agreed flags and the iteration, whether to save
   (--save-interval, on every exit, at the end) and whether to stop
   (--exit-interval, --exit-duration-in-mins, a signal); and the count of
-  consecutive skipped steps (--max-skipped-iterations).
+  consecutive skipped steps (--max-skipped-iterations; the NaN/Inf check that
+  --no-check-for-nan-in-loss-and-grad switches off).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class RunPolicy:
 
     def after_step(self, iteration: int, skipped: bool, grad_norm: float) -> None:
         """Counts consecutive skipped steps; raises TrainingStopped at
-        --max-skipped-iterations of them."""
+        --max-skipped-iterations of them (not with
+        --no-check-for-nan-in-loss-and-grad)."""
         if not skipped:
             self.consecutive_skips = 0
             return
@@ -79,7 +81,7 @@ class RunPolicy:
         print_rank_0(f"[warning] iteration {iteration}: grad norm is {grad_norm}, "
                      f"step skipped ({self.consecutive_skips} in a row)")
         limit = self.training.max_skipped_iterations
-        if self.consecutive_skips >= limit:
+        if self.training.check_for_nan_in_loss_and_grad and self.consecutive_skips >= limit:
             raise TrainingStopped(
                 f"{self.consecutive_skips} consecutive iterations had NaN/Inf gradients "
                 f"(--max-skipped-iterations {limit}); stopping instead of training on "
