@@ -195,7 +195,7 @@ def test_gpt3_175b_older_script_runs_with_its_rampup():
 
 
 def test_gpt3_175b_fp16_gives_the_reason():
-    with pytest.raises(ValueError, match="--fp16 is not supported: megatron_sr trains in bf16"):
+    with pytest.raises(ValueError, match="--fp16: FP16 is not supported: megatron_sr trains in BF16"):
         job_config_from_args(build_parser().parse_args(_argv(GPT3_175B)), world_size=128 * 12)
 
 
@@ -219,7 +219,9 @@ def test_llama3_8b_runs_without_fp8():
 
 def test_llama3_8b_fp8_gives_the_reason():
     argv = _argv(LLAMA3_8B)
-    with pytest.raises(ValueError, match="--fp8-format.*FP8 training is not supported"):
+    with pytest.raises(ValueError, match="--fp8-format hybrid, --fp8-amax-history-len 1024, "
+                                         "--fp8-amax-compute-algo max, --fp8-param-gather: "
+                                         "FP8/FP4 training is not supported"):
         job_config_from_args(build_parser().parse_args(argv), world_size=8)
 
 
