@@ -199,6 +199,11 @@ def _section_description(table: MegatronTable, flags: Flags) -> str:
             f"message: megatron_sr/config/megatron_flags.csv.")
 
 
+class _Default(str):
+    """A flag's default as the parser stores it when the flag is not given, so
+    that a switch alias tells it apart from the same value given."""
+
+
 def _add_alias(record: FlagRecord, groups: Mapping[str, argparse._ArgumentGroup],
                flags: Flags) -> None:
     target_name, _, value = record.target.partition(" ")
@@ -211,7 +216,11 @@ def _add_alias(record: FlagRecord, groups: Mapping[str, argparse._ArgumentGroup]
         if not _accepts(target, value):
             raise ValueError(f"Megatron flag table line {record.line}: {record.flag}: "
                              f"{target_name} does not take {value}")
-        target.default = None  # None: not given (a conflict needs to know)
+        if not isinstance(target.default, (str, type(None))):
+            raise ValueError(f"Megatron flag table line {record.line}: {record.flag}: "
+                             f"{target_name}'s default is not a string")
+        if target.default is not None:  # a conflict needs to know whether it was given
+            target.default = _Default(target.default)
         groups[group].add_argument(record.flag, dest=record.flag, action="store_true",
                                    default=argparse.SUPPRESS, help=help)
     elif target.nargs == 0:  # a switch (store_true, store_false, store_const)
@@ -230,7 +239,8 @@ def _resolve_aliases(args: argparse.Namespace, defaults: Mapping[str, Any],
     for target, rows in table.switch_aliases.items():
         dest = dests[target]
         direct = getattr(args, dest)
-        given = [] if direct is None else [(f"{target} {direct}", direct)]
+        given = [] if direct is None or isinstance(direct, _Default) else \
+            [(f"{target} {direct}", direct)]
         given += [(row.flag, row.target.partition(" ")[2]) for row in rows
                   if hasattr(args, row.flag)]
         for name, value in given[1:]:
