@@ -66,15 +66,15 @@ class MegatronTable:
 
     @functools.cached_property
     def foreign_actions(self) -> tuple[argparse.Action, ...]:
-        """The argparse actions of the flags that are neither ours nor aliases
-        (built once: they are never changed, so every parser shares them).
-        Requires that no flag row of ours has another decision than implemented."""
-        template = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        """The argparse actions of the flags that are neither ours nor aliases,
+        built once: nothing changes them, so every parser shares them (after
+        `add_megatron_flags` has checked that none of them is ours)."""
+        template = argparse.ArgumentParser(add_help=False).add_argument_group()
         for record in self.flags.values():
             if record.decision not in ("implemented", "alias"):
                 template.add_argument(record.flag, dest=record.flag, default=argparse.SUPPRESS,
                                       help=argparse.SUPPRESS, **_arity_keywords(record.arities))
-        return tuple(template._actions)
+        return tuple(template._group_actions)
 
     def deciding(self, option: str, value: Any) -> FlagRecord:
         """The row that decides `option` given with `value`: its value row, else its flag row."""
