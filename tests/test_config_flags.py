@@ -201,6 +201,7 @@ def test_a_table_given_as_data_plugs_in(tmp_path):
      "--ckpt-format takes torch, but the table says refused"),
     ("--use-rotary-position-embeddings,0.16+main,0,alias,--position-embedding-type yarn,",
      "--position-embedding-type does not take yarn"),
+    ("--lr,0.16+main,1,alias,--min-lr,", "--lr is a megatron_sr flag, but the table says alias"),
 ])
 def test_a_table_that_disagrees_with_our_flags_is_an_error(tmp_path, row, error):
     table = _table(tmp_path, "flag,source,arity,decision,target,message\n" + row + "\n")

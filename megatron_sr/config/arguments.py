@@ -104,7 +104,7 @@ def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser
     parser = argparse.ArgumentParser(description="megatron_sr: GPT pretraining in pure BF16 with "
                                                  "stochastic rounding", allow_abbrev=False)
     groups, flags = add_flags(parser, CONFIGS)
-    add_megatron_flags(parser, groups, flags, megatron_flags)
+    add_megatron_flags(groups, flags, megatron_flags)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser

@@ -168,11 +168,11 @@ def _admit_values(option: str, rows: Mapping[str, FlagRecord], flags: Flags) -> 
             for value, record in rows.items() if record.decision != "implemented"])
 
 
-def add_megatron_flags(parser: argparse.ArgumentParser,
-                       groups: Mapping[str, argparse._ArgumentGroup], flags: Flags,
+def add_megatron_flags(groups: Mapping[str, argparse._ArgumentGroup], flags: Flags,
                        table: Optional[MegatronTable] = None) -> None:
-    """Adds the rows of `table` (default: `megatron_table()`) to `parser`. `groups`:
-    its help sections by title; `flags`: our flags, name -> (action, section title).
+    """Adds the rows of `table` (default: `megatron_table()`) to the parser whose
+    help sections are `groups` (by title); `flags`: our flags, name -> (action,
+    section title), as `flags.add_flags` returns them.
     Raises ValueError for a row that disagrees with our flags (see the module docstring)."""
     table = table or megatron_table()
     section = groups[COMPAT_GROUP]
@@ -180,10 +180,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser,
     for option, rows in table.values.items():  # before the aliases copy our flags' choices
         _admit_values(option, rows, flags)
     for record in table.flags.values():
+        _check_flag_row(record, record.flag in flags)
         if record.decision == "alias":
             _add_alias(record, groups, flags)
-        else:
-            _check_flag_row(record, record.flag in flags)
     for action in table.foreign_actions:
         section._add_action(action)
 
