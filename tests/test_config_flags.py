@@ -154,6 +154,7 @@ TABLE_CSV = """
     --num-layers,0.16+main,1,implemented,,
     --position-embedding-type,0.16+main,1,implemented,,
     --position-embedding-type=none,0.16+main,1,notice,,the default instead
+    --position-embedding-type=yarn,0.16+main,1,implement,,a RoPE variant
     --encoder-num-layers,0.16+main,1,alias,--num-layers,
     --high-priority-stream-groups,0.16+main,*|+,notice,,streams are ours
     --lazy-mpu-init,0.16+main,1|0,refused,,"not supported, launch with torchrun"
@@ -183,6 +184,10 @@ def test_a_table_given_as_data_plugs_in(tmp_path):
     with pytest.raises(ValueError, match=r"^--some-gap 1 2: not implemented in megatron_sr yet "
                                          r"\(a thing to come\)"):
         _job("--some-gap", "1", "2", table=table)
+    with pytest.raises(ValueError, match=r"^--position-embedding-type yarn: not implemented in "
+                                         r"megatron_sr yet \(a RoPE variant\); give "
+                                         r"--position-embedding-type another value$"):
+        _job("--position-embedding-type", "yarn", table=table)
     help = build_parser(megatron_flags=table).format_help()
     assert "--lazy-mpu-init" not in help and "--encoder-num-layers" in help
     assert "1 are ignored with a one-line notice" in " ".join(help.split())

@@ -259,8 +259,9 @@ def _reason(names: str, record: FlagRecord) -> str:
     """One line of a refusal. A message that starts with "is"/"are" completes
     the sentence after the flags; any other gives the reason after a colon."""
     if record.decision == "implement":
-        return (f"{names}: not implemented in megatron_sr yet ({record.message}); leave it out "
-                f"to run without it")
+        instead = "leave it out to run without it" if record.value is None else \
+            f"give {record.option} another value"
+        return f"{names}: not implemented in megatron_sr yet ({record.message}); {instead}"
     if record.message.startswith(("is ", "are ")):
         return f"{names} {record.message}"
     return f"{names}: {record.message}"
