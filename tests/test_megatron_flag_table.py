@@ -1,6 +1,8 @@
 """The Megatron-LM flag table (megatron_sr/config/megatron_flags.csv): its schema,
-that its decisions agree with megatron_sr's parser today, that the flags issue 33
-names are in it with the decisions the issue asks for, and that
+that its decisions agree with megatron_sr's parser today, that no flag in it
+reaches argparse's "unrecognized arguments" (each does what its row decides),
+that the flags issue 33 names are in it with the decisions the issue asks for,
+and that
 tools/megatron_flag_table.py finds the flags a Megatron-LM parser has and the
 table lacks.
 
@@ -12,10 +14,14 @@ import importlib.util
 import os
 import sys
 import textwrap
+import warnings
 
 import pytest
 
-from megatron_sr.config import build_parser
+from megatron_sr.config import build_parser, job_config_from_args
+from megatron_sr.config.arguments import CONFIGS
+from megatron_sr.config.flags import add_flags
+from test_arguments import argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,9 +62,10 @@ SCRIPT_FLAGS = (
 FORK_FLAGS = ("--deepspeed", "--zero-stage", "--num-key-value-heads")
 
 
-def _parser_options() -> dict[str, argparse.Action]:
-    return {option: action for action in build_parser()._actions
-            for option in action.option_strings}
+def _our_flags() -> dict[str, argparse.Action]:
+    """The flags the config fields declare (the parser before the table completes it)."""
+    return {name: action for name, (action, _) in add_flags(argparse.ArgumentParser(),
+                                                             CONFIGS)[1].items()}
 
 
 def test_counts_per_decision():
@@ -95,29 +102,95 @@ def test_fork_rows_are_refused_naming_the_fork():
 
 
 def test_decisions_agree_with_our_parser():
-    """implemented: our parser has the flag (and accepts the value of a value
-    row); implement: it does not yet, so implementing one fails this test
-    until the table says implemented; alias: the target is ours."""
-    options = _parser_options()
+    """implemented: a config field declares the flag (and it takes the value of a
+    value row); implement: none does yet, so implementing one fails this test
+    until the table says implemented; alias: the target is ours. (build_parser
+    refuses a table that disagrees; this names every row that does.)"""
+    ours = _our_flags()
 
     def accepts(option: str, value) -> bool:
-        action = options.get(option)
+        action = ours.get(option)
         if action is None:
             return False
-        if value is not None and action.type is not None:
-            value = action.type(value)  # argparse converts a value before checking its choices
-        return value is None or action.choices is None or value in action.choices
+        if value is None or action.choices is None:
+            return True
+        return (action.type(value) if action.type else value) in action.choices
 
+    wrong = []
     for record in TABLE:
         where = f"line {record.line}: {record.flag}"
-        if record.decision == "implemented":
-            assert accepts(record.option, record.value), f"{where} is not in our parser"
-        elif record.decision == "implement":
-            assert not accepts(record.option, record.value), \
-                f"{where} is in our parser now: mark it implemented"
-        elif record.decision == "alias":
-            target, _, value = record.target.partition(" ")
-            assert accepts(target, value or None), f"{where}: target {record.target} is not ours"
+        target, _, value = record.target.partition(" ")
+        if record.decision == "implemented" and not accepts(record.option, record.value):
+            wrong.append(f"{where} is not in our parser")
+        elif record.decision == "implement" and accepts(record.option, record.value) \
+                and (record.value is None or ours[record.option].choices is not None):
+            wrong.append(f"{where} is in our parser now: mark it implemented")
+        elif record.decision == "alias" and not accepts(target, value or None):
+            wrong.append(f"{where}: target {record.target} is not ours")
+        elif record.decision in ("notice", "refused") and record.value is None \
+                and record.option in ours:
+            wrong.append(f"{where} is ours but marked {record.decision}")
+    assert wrong == []
+
+
+# Values that a flag of arity A takes in the command lines below.
+_ARITY_VALUES = {"0": [[]], "?": [[], ["1"]], "*": [[], ["1", "2"]], "+": [["1"], ["1", "2"]]}
+
+
+def _command_lines(record, parser_actions) -> list[list[str]]:
+    """The flag of `record` with a valid value for each of its arities (a value
+    row: its value), as words to add to a valid command line."""
+    if record.value is not None:
+        return [[record.option, record.value]]
+    action = parser_actions[record.option]
+    if action.choices:
+        return [[record.option, str(next(iter(action.choices)))]]
+    lines = []
+    for arity in record.arities:
+        for values in _ARITY_VALUES.get(arity) or [["1"] * int(arity)]:
+            lines.append([record.option, *values])
+    return lines
+
+
+def test_no_flag_of_the_table_is_unrecognized(capsys):
+    """Every row, given with a valid value for its arity to a valid command line,
+    passes argparse (never "unrecognized arguments" or another usage error);
+    then the job is what the row decides: notice, a notice naming the flag with
+    the row's message; refused, an error naming the flag with the row's message;
+    implement, an error saying it is not implemented yet; implemented and alias,
+    a job config."""
+    parser = build_parser()
+    actions = parser._option_string_actions
+    wrong = []
+    for record in TABLE:
+        for words in _command_lines(record, actions):
+            where = f"line {record.line}: {' '.join(words)}"
+            try:
+                args = parser.parse_args(argv(*words))
+            except SystemExit:
+                wrong.append(f"{where}: argparse: {capsys.readouterr().err.splitlines()[-1]}")
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # --sequence-parallel at TP 1
+                    job = job_config_from_args(args, world_size=1)
+                outcome = "\n".join(job.notices)
+            except ValueError as error:
+                outcome = str(error)
+            shown = " ".join(words)
+            deciding = BY_FLAG.get("=".join(words), record)  # a value with a row of its own
+            if deciding.decision == "notice":
+                expected = f"[flags] {shown} is accepted and ignored: {deciding.message}"
+            elif deciding.decision == "refused":
+                completes = deciding.message.startswith(("is ", "are "))
+                expected = f"{shown}{' ' if completes else ': '}{deciding.message}"
+            elif deciding.decision == "implement":
+                expected = f"{shown}: not implemented in megatron_sr yet ({deciding.message})"
+            else:
+                continue  # implemented / alias: argparse took it; its meaning is tested elsewhere
+            if expected not in outcome:
+                wrong.append(f"{where}: expected {expected!r}, got {outcome!r}")
+    assert wrong == []
 
 
 def _write(path, text: str) -> str:

@@ -9,8 +9,9 @@ Megatron-LM-style command line that fills them.
 - `derived`: values computed from several flags (FFN size, virtual pipeline size,
   --lr-*-samples in iterations, ...); `batch_size`: the global batch size, its
   ramp and schedule, the run length.
-- `megatron_compat`: Megatron-LM's flags that are not ours, one table: aliases,
-  notices (accepted and ignored), refusals with reasons.
+- `megatron_flag_table`: reads megatron_flags.csv, every Megatron-LM flag with its
+  decision; `megatron_compat`: applies it to the parser (aliases, notices, refusals
+  with reasons, not yet implemented).
 - `arguments`: `build_parser`, `parse_args`, `job_config_from_args`.
 
 Tests and library users build the dataclasses directly; `parse_args` builds them

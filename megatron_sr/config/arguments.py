@@ -15,7 +15,8 @@ The flow in `pretrain_gpt.py`:
 
 The parser is generated from the config dataclasses' fields (each declares its
 flag, help and range with `megatron_sr.config.flags.flag`) and completed by the
-Megatron-LM flags of `megatron_sr.config.megatron_compat`; values computed from
+other Megatron-LM flags, as the table megatron_flags.csv decides them
+(`megatron_sr.config.megatron_compat`: aliases, notices, refusals); values computed from
 several flags are `megatron_sr.config.derived`'s and `megatron_sr.config.batch_size`'s.
 
 Tools that take the same flags plus their own (`tools/estimate.py`) reuse the
@@ -62,7 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from megatron_sr.config.batch_size import (check_micro_batches_per_step, derive_global_batch_size,
                                            derive_rampup_batch_size,
@@ -76,7 +77,7 @@ from megatron_sr.config.derived import (DerivationFlags, check_gradient_accumula
                                         derive_sequence_parallel, derive_virtual_pipeline_size)
 from megatron_sr.config.flags import add_flags, check_value, flag_fields
 from megatron_sr.config.job import JobConfig
-from megatron_sr.config.megatron_compat import (MEGATRON_FLAGS, MegatronFlag, add_megatron_flags,
+from megatron_sr.config.megatron_compat import (MegatronTable, add_megatron_flags,
                                                 apply_megatron_flags)
 from megatron_sr.config.model import ModelConfig
 from megatron_sr.config.optimizer import OptimizerConfig
@@ -103,15 +104,15 @@ _FLOAT_RANGES = tuple((spec.name[2:].replace("-", "_"), *spec.bounds)
 
 
 def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
-                 megatron_flags: Sequence[MegatronFlag] = MEGATRON_FLAGS
-                 ) -> argparse.ArgumentParser:
+                 megatron_flags: Optional[MegatronTable] = None) -> argparse.ArgumentParser:
     """The parser of every megatron_sr flag and of the Megatron-LM flags of the table
-    `megatron_flags`; `extra_args_provider(parser)` adds a tool's own flags.
+    `megatron_flags` (default: megatron_flags.csv); `extra_args_provider(parser)` adds a
+    tool's own flags.
     Abbreviated flags are not accepted (--lr is not --lr-decay-style)."""
     parser = argparse.ArgumentParser(description="megatron_sr: GPT pretraining in pure BF16 with "
                                                  "stochastic rounding", allow_abbrev=False)
     groups, flags = add_flags(parser, CONFIGS)
-    add_megatron_flags(parser, groups, flags, megatron_flags)
+    add_megatron_flags(groups, flags, megatron_flags)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
@@ -130,9 +131,9 @@ def _config(cls: type, args: argparse.Namespace, **derived: Any) -> Any:
 
 
 def job_config_from_args(args: argparse.Namespace, world_size: int,
-                         megatron_flags: Sequence[MegatronFlag] = MEGATRON_FLAGS) -> JobConfig:
+                         megatron_flags: Optional[MegatronTable] = None) -> JobConfig:
     """Validates parsed flags for `world_size` ranks and maps them to typed configs
-    (`megatron_flags`: the table the parser was built with).
+    (`megatron_flags`: the table the parser was built with, default megatron_flags.csv).
 
     Raises ValueError naming the flag(s) at fault. The model/layout checks are
     `validate_parallel_layout`'s; the schedule checks are `LRSchedule.from_config`'s;

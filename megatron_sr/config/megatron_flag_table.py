@@ -11,7 +11,8 @@ Columns:
               decision about one value of a flag that has its own row
     source    where the flag comes from: 0.16+main, 0.16, main (Megatron-LM
               core_v0.16 and/or main), legacy (older Megatron-LM releases
-              only), deepspeed (Megatron-DeepSpeed and DeepSpeed's launcher)
+              only), deepspeed (Megatron-DeepSpeed and DeepSpeed's launcher),
+              mlcommons (the fork of MLCommons' GPT-3 reference, run_gpt3.sh)
     arity     values the flag takes in Megatron: 0 (store_true/store_false),
               1, a count, or argparse's ?, + or *; `A|B` when versions differ
     decision  implemented: our parser has it with Megatron's meaning
@@ -39,7 +40,7 @@ from typing import Optional
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_flags.csv")
 COLUMNS = ("flag", "source", "arity", "decision", "target", "message")
 DECISIONS = ("implemented", "alias", "notice", "refused", "implement")
-SOURCES = ("0.16+main", "0.16", "main", "legacy", "deepspeed")
+SOURCES = ("0.16+main", "0.16", "main", "legacy", "deepspeed", "mlcommons")
 _ARITY = re.compile(r"^(0|[1-9][0-9]*|\?|\+|\*)$")
 _FLAG = re.compile(r"^--?[A-Za-z0-9][A-Za-z0-9_-]*(=[^\s=]+)?$")
 _TARGET = re.compile(r"^--[a-z0-9][a-z0-9-]*( [^\s]+)?$")
