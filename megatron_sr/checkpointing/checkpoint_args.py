@@ -122,12 +122,10 @@ def _shown(spec: FlagSpec, value: Any) -> str:
 
 def apply_checkpoint_args(args: argparse.Namespace) -> list[str]:
     """Sets the architecture flags of `args` (parsed, aliases resolved, not yet
-    validated) from the checkpoint --load names, as the module docstring says;
-    with --use-mp-args-from-checkpoint-args the parallel sizes too. Returns
-    the [flags] notice lines. ValueError naming the flag or file otherwise."""
-    if args.load is None:
-        raise ValueError("--use-checkpoint-args needs --load (the checkpoint to take the model's "
-                         "flags from)")
+    validated; `args.load` set) from the checkpoint --load names, as the module
+    docstring says; with --use-mp-args-from-checkpoint-args the parallel sizes
+    too. Returns the [flags] notice lines. ValueError naming --load's
+    checkpoint file and what is wrong with it otherwise."""
     try:
         directory, description = read_checkpoint_description(args.load, args.ckpt_step)
     except CheckpointError as exc:

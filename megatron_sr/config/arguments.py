@@ -136,6 +136,9 @@ def job_config_from_args(args: argparse.Namespace, world_size: int,
     args = copy.copy(args)
     notices = apply_megatron_flags(args, FLAG_DEFAULTS, FLAG_DESTS, megatron_flags)
     if args.use_checkpoint_args:
+        if args.load is None:
+            raise ValueError("--use-checkpoint-args needs --load (the checkpoint to take the "
+                             "model's flags from)")
         # Imported here: the checkpointing package imports the model, which imports config.
         from megatron_sr.checkpointing.checkpoint_args import apply_checkpoint_args
 
@@ -247,7 +250,7 @@ def _check_checkpointing(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save (the directory to save to)")
     if args.finetune and args.load is None:
         raise ValueError("--finetune needs --load (the checkpoint to finetune from)")
-    for name in ("--ckpt-step", "--exit-on-missing-checkpoint", "--use-checkpoint-args"):
+    for name in ("--ckpt-step", "--exit-on-missing-checkpoint"):
         if getattr(args, name[2:].replace("-", "_")) not in (None, False) and args.load is None:
             raise ValueError(f"{name} needs --load (the directory to load from)")
     if args.use_mp_args_from_checkpoint_args and not args.use_checkpoint_args:
