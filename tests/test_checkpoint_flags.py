@@ -129,6 +129,9 @@ def test_ckpt_step_loads_that_iteration(tmp_path):
     assert "--ckpt-step 5" in result["error"] and "its iterations: 1, 2, 3" in result["error"]
     with pytest.raises(ValueError, match="--ckpt-step needs --load"):
         parse_args(_job("torch", ckpt_step=2), 1)
+    job = parse_args(_without_sizes(load=save, ckpt_step=2, use_checkpoint_args=True), 1)
+    assert (job.model.num_layers, job.model.hidden_size) == (2, 32)
+    assert f"from {os.path.join(save, 'iter_0000002')}: --num-layers 2" in job.notices[-1]
 
 
 # The architecture of the checkpoint --use-checkpoint-args reads; the command

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -318,8 +319,10 @@ def read_common_alone(directory: str, manifest: dict) -> dict:
                               f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
     state: dict = {COMMON_KEY: None}
     try:
-        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
-                 no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that no_dist reads in one process: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=checkpoint_reader,
+                     planner=global_blocks.LoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
     if not isinstance(state[COMMON_KEY], dict):
