@@ -56,7 +56,7 @@ _SPECS = {field.name: spec for cls in (ModelConfig, ParallelConfig, DerivationFl
 
 def read_checkpoint_description(load: str, step: Optional[int]
                                 ) -> tuple[Optional[str], Optional[dict]]:
-    """(iteration directory, its description, `job_description`'s dict) of the
+    """(iteration directory, its description: `job_description`'s dict) of the
     checkpoint that --load (and --ckpt-step `step`) name; (None, None) when
     --load holds none. CheckpointError naming the file when the checkpoint is
     incomplete or carries no description. Reads in this process only."""
@@ -69,8 +69,8 @@ def read_checkpoint_description(load: str, step: Optional[int]
 
         description = torch_dist.read_common_alone(directory, manifest).get("args")
     else:
-        path = os.path.join(directory, rank_dir_name(0, 0, manifest["pipeline_model_parallel_size"]),
-                            STATE_FILENAME)
+        rank_dir = rank_dir_name(0, 0, manifest["pipeline_model_parallel_size"])
+        path = os.path.join(directory, rank_dir, STATE_FILENAME)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:

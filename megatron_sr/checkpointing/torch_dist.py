@@ -292,13 +292,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
-def _read_common(checkpoint_reader: CheckpointReader, directory: str) -> dict:
+def _read_common(checkpoint_reader: CheckpointReader, directory: str, *,
+                 alone: bool = False) -> dict:
     """The checkpoint's `common` entry (rank 0's plain values, read with
-    weights_only); collective over the world like every `dcp.load`."""
+    weights_only); collective over the world like every `dcp.load`, unless
+    `alone` (or without process groups): then this process reads it by itself."""
     state: dict = {COMMON_KEY: None}
+    no_dist = alone or not dist.is_initialized()
     try:
-        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
-                 no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that no_dist reads in one process: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=checkpoint_reader,
+                     planner=global_blocks.LoadPlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
     if not isinstance(state[COMMON_KEY], dict):
@@ -317,17 +322,7 @@ def read_common_alone(directory: str, manifest: dict) -> dict:
     if COMMON_KEY not in checkpoint_reader.read_metadata().state_dict_metadata:
         raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
                               f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
-    state: dict = {COMMON_KEY: None}
-    try:
-        with warnings.catch_warnings():  # DCP warns that no_dist reads in one process: meant
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=checkpoint_reader,
-                     planner=global_blocks.LoadPlanner(), no_dist=True)
-    except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
-    if not isinstance(state[COMMON_KEY], dict):
-        raise CheckpointError(f"{directory}: its {COMMON_KEY!r} entry is not a dict")
-    return state[COMMON_KEY]
+    return _read_common(checkpoint_reader, directory, alone=True)
 
 
 def _check_same_model(wanted: dict, saved: dict, directory: str) -> None:
