@@ -71,7 +71,9 @@ def _our_flags() -> dict[str, argparse.Action]:
 def test_counts_per_decision():
     counts = collections.Counter(record.decision for record in TABLE)
     print(dict(counts))
-    assert set(counts) == set(flag_table.DECISIONS), "every decision is used"
+    assert set(counts) <= set(flag_table.DECISIONS)
+    # `implement` marks a known gap: none is left
+    assert set(flag_table.DECISIONS) - {"implement"} <= set(counts), "every decision is used"
     flags = [record for record in TABLE if record.value is None]
     # core 0.16.1 and main together have 928 option strings (help aside)
     assert sum(record.source in ("0.16+main", "0.16", "main") for record in flags) >= 928
@@ -81,7 +83,7 @@ def test_counts_per_decision():
 def test_issue_flags_have_the_decisions_it_asks_for():
     for flag in MUST_IMPLEMENT:
         assert flag in BY_FLAG, f"{flag} is not in the table"
-        assert BY_FLAG[flag].decision in ("implemented", "implement"), \
+        assert BY_FLAG[flag].decision == "implemented", \
             f"{flag} must be implemented, the table says {BY_FLAG[flag].decision}"
     for flag in SCRIPT_FLAGS:
         assert flag in BY_FLAG, f"{flag} is not in the table"

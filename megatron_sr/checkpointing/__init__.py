@@ -15,6 +15,8 @@ The modules, each importing only those above it:
                             global_blocks.py and dcp_metadata.py are its helpers
     directory_checks.py     no run writes into a checkpoint or over another run's
     training_checkpoint.py  the training job's save and load, dispatching on the format
+    checkpoint_args.py      --use-checkpoint-args: the model's flags from a checkpoint's
+                            description, read before the job starts
     megatron_lm.py          Megatron-LM's own files, imported and exported
     conversion.py           whole models: merge, reshape TP/PP, export (offline tools)
 

@@ -4,7 +4,9 @@ The saved parameters are exactly the model's, with its shapes, and the
 vocabulary is this run's up to the padding rows of the embedding. Anything
 else is a `CheckpointError` naming the parameter and the flags that decide
 it. Both formats and the tools that load weights (text generation) check
-through these functions.
+through these functions. A resume also needs what the checkpoint was saved
+without (--no-save-optim, --no-save-rng) to be left out of the load
+(`check_saved_parts`).
 """
 from __future__ import annotations
 
@@ -58,3 +60,26 @@ def extra_parameters_message(source: str, extra: list[str]) -> str:
     return (f"{source} holds parameter {extra[0]}{more}, which this model lacks: the checkpoint "
             f"was saved from a different model (e.g. a larger --num-layers, "
             f"--untie-embeddings-and-output-weights or biases); loads are strict")
+
+
+def check_saved_parts(state: dict, source: str, *, load_optim: bool, load_rng: bool) -> None:
+    """CheckpointError naming the flags to add when the load needs a part the
+    checkpoint lacks. `state`: the legacy file's state or torch_dist's
+    `common` entry; its "optimizer" is None or absent without optimizer state
+    (--no-save-optim, or a conversion that dropped it) and its "omitted" lists
+    the parts the saving run left out on purpose ("optimizer", "rng"). A
+    checkpoint without RNG states that does not list "rng" there (one
+    reshaped by tools/checkpoint_convert.py) loads without them."""
+    omitted = state.get("omitted") or ()
+    missing = []
+    if load_optim and state.get("optimizer") is None:
+        why = "saved with --no-save-optim" if "optimizer" in omitted else "a conversion dropped it"
+        missing.append(("optimizer state", why, "--no-load-optim"))
+    if load_rng and "rng" in omitted:
+        missing.append(("RNG states", "saved with --no-save-rng", "--no-load-rng"))
+    if missing:
+        raise CheckpointError(
+            f"{source} holds no {' and no '.join(what for what, _, _ in missing)} "
+            f"({'; '.join(why for _, why, _ in missing)}): resume from it with "
+            f"{' '.join(flag for _, _, flag in missing)}, or start a new run from its weights "
+            f"with --finetune")

@@ -18,8 +18,12 @@ What a rank writes (keys of the DCP state dict), nothing gathered:
                                         ranges of the flattened TP slice its shard
                                         holds (`global_blocks.flat_range_blocks`)
     common                              rank 0: iteration, consumed samples, args,
-                                        scheduler, optimizer step counters
+                                        scheduler, optimizer step counters, the
+                                        parts left out ("omitted")
     rng_state/ppPPP_tpTT_dpDDDDD        every rank: its RNG states
+
+--no-save-optim leaves out the `optimizer/` entries (and the scheduler and
+step counters of `common`), --no-save-rng the `rng_state/` entries.
 
 Every tensor is described in its global (TP = 1) shape, so a load asks for
 the blocks of the new layout and DCP reads the overlapping pieces: any TP, PP
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -61,7 +66,8 @@ from megatron_sr.checkpointing.manifest import (METADATA_FILENAME, CheckpointErr
                                                 is_data_file_name, verify_file)
 from megatron_sr.checkpointing.publish import all_gather_objects, publish_written
 from megatron_sr.checkpointing.rng import set_rng_state
-from megatron_sr.checkpointing.strict_load import check_vocabulary, extra_parameters_message
+from megatron_sr.checkpointing.strict_load import (check_saved_parts, check_vocabulary,
+                                                   extra_parameters_message)
 from megatron_sr.model import named_parameters_global
 from megatron_sr.model.parallel_layout import param_is_unique_in_model
 
@@ -213,18 +219,23 @@ def wait_for_pending_save() -> Optional[str]:
 
 
 def save(job, iteration: int, common: dict, model, optimizer, tmp_dir: str,
-         rng: dict) -> Optional[str]:
+         rng: Optional[dict]) -> Optional[str]:
     """Writes this rank's part of the checkpoint of `iteration` into `tmp_dir`
     (created by rank 0) and publishes it, or, with --async-save, starts the
-    write in the background and returns None. Every rank calls it."""
+    write in the background and returns None: the model, the optimizer state
+    unless --no-save-optim, and `rng` (None: --no-save-rng). Every rank calls it."""
     global _PENDING, _EXECUTOR
     training = job.training
-    state = tensor_state(model, optimizer, writing=True)
+    if training.no_save_optim:
+        state = model_state(model, writing=True)
+    else:
+        state = tensor_state(model, optimizer, writing=True)
     if dist.get_rank() == 0:
         state[COMMON_KEY] = common
-    state[rng_key(parallel_state.get_pipeline_model_parallel_rank(),
-                  parallel_state.get_tensor_model_parallel_rank(),
-                  parallel_state.get_data_parallel_rank())] = rng
+    if rng is not None:
+        state[rng_key(parallel_state.get_pipeline_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_data_parallel_rank())] = rng
     layout = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size())
     if not training.async_save:
@@ -281,18 +292,37 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
-def _read_common(checkpoint_reader: CheckpointReader, directory: str) -> dict:
+def _read_common(checkpoint_reader: CheckpointReader, directory: str, *,
+                 alone: bool = False) -> dict:
     """The checkpoint's `common` entry (rank 0's plain values, read with
-    weights_only); collective over the world like every `dcp.load`."""
+    weights_only); collective over the world like every `dcp.load`, unless
+    `alone` (or without process groups): then this process reads it by itself."""
     state: dict = {COMMON_KEY: None}
+    no_dist = alone or not dist.is_initialized()
     try:
-        dcp.load(state, storage_reader=checkpoint_reader, planner=global_blocks.LoadPlanner(),
-                 no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that no_dist reads in one process: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=checkpoint_reader,
+                     planner=global_blocks.LoadPlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{directory} could not be read: {_first_line(exc)}") from exc
     if not isinstance(state[COMMON_KEY], dict):
         raise CheckpointError(f"{directory}: its {COMMON_KEY!r} entry is not a dict")
     return state[COMMON_KEY]
+
+
+def read_common_alone(directory: str, manifest: dict) -> dict:
+    """The `common` entry of the torch_dist checkpoint in `directory`, read by
+    the calling process alone (no collective, also when process groups exist)
+    and without checking the files' checksums: the metadata goes through the
+    restricted unpickler and the entry loads with weights_only. For a look at
+    the run's description before the job starts (--use-checkpoint-args); the
+    load verifies every file."""
+    checkpoint_reader = reader(directory, manifest)
+    if COMMON_KEY not in checkpoint_reader.read_metadata().state_dict_metadata:
+        raise CheckpointError(f"{os.path.join(directory, METADATA_FILENAME)} has no "
+                              f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
+    return _read_common(checkpoint_reader, directory, alone=True)
 
 
 def _check_same_model(wanted: dict, saved: dict, directory: str) -> None:
@@ -322,6 +352,7 @@ def load(job, directory: str, manifest: dict, model, optimizer, *, load_optim: b
                               f"{COMMON_KEY!r} entry: not a megatron_sr checkpoint")
     common = _read_common(checkpoint_reader, directory)
     check_vocabulary(job, common.get("args"), directory)
+    check_saved_parts(common, directory, load_optim=load_optim, load_rng=load_rng)
     wanted = tensor_state(model, optimizer, writing=False)
     _check_same_model(wanted, saved, directory)
     state: dict = {}

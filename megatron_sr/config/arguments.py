@@ -57,6 +57,9 @@ Decisions where Megatron-LM leaves room:
   an error (Megatron refuses split with per-split blends); so is a missing
   `--train-data-path` unless `--skip-train` (Megatron silently skips training).
 - `--skip-train` implies `--no-load-optim` (with a notice), as in Megatron.
+- `--use-checkpoint-args` sets the model's flags from the checkpoint at `--load`
+  before anything is validated (`megatron_sr.checkpointing.checkpoint_args`), so
+  the required size flags may be left out.
 """
 from __future__ import annotations
 
@@ -141,6 +144,14 @@ def job_config_from_args(args: argparse.Namespace, world_size: int,
     """
     args = copy.copy(args)
     notices = apply_megatron_flags(args, FLAG_DEFAULTS, FLAG_DESTS, megatron_flags)
+    if args.use_checkpoint_args:
+        if args.load is None:
+            raise ValueError("--use-checkpoint-args needs --load (the checkpoint to take the "
+                             "model's flags from)")
+        # Imported here: the checkpointing package imports the model, which imports config.
+        from megatron_sr.checkpointing.checkpoint_args import apply_checkpoint_args
+
+        notices += apply_checkpoint_args(args)
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:
         raise ValueError("--decoupled-min-lr needs --decoupled-lr")
     if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
@@ -273,5 +284,10 @@ def _check_checkpointing(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save (the directory to save to)")
     if args.finetune and args.load is None:
         raise ValueError("--finetune needs --load (the checkpoint to finetune from)")
+    for name in ("--ckpt-step", "--exit-on-missing-checkpoint"):
+        if getattr(args, name[2:].replace("-", "_")) not in (None, False) and args.load is None:
+            raise ValueError(f"{name} needs --load (the directory to load from)")
+    if args.use_mp_args_from_checkpoint_args and not args.use_checkpoint_args:
+        raise ValueError("--use-mp-args-from-checkpoint-args needs --use-checkpoint-args")
     if args.async_save and args.ckpt_format != "torch_dist":
         raise ValueError("--async-save needs --ckpt-format torch_dist")

@@ -63,6 +63,32 @@ class TrainingConfig:
         "--no-load-rng", group="checkpointing", default=False,
         help="Do not load the RNG states (python, numpy, torch, dropout) from --load; the SR "
              "bits follow the optimizer step, restored with the optimizer state.")
+    no_save_optim: bool = flag(
+        "--no-save-optim", group="checkpointing", default=False,
+        help="Save checkpoints without the optimizer state and the LR scheduler (model, progress "
+             "and RNG states only); resuming from one needs --no-load-optim or --finetune.")
+    no_save_rng: bool = flag(
+        "--no-save-rng", group="checkpointing", default=False,
+        help="Save checkpoints without the RNG states; resuming from one needs --no-load-rng "
+             "or --finetune.")
+    ckpt_step: Optional[int] = flag(
+        "--ckpt-step", group="checkpointing", default=None, minimum=0,
+        help="Load this iteration of --load instead of the one its tracker names (the latest).")
+    exit_on_missing_checkpoint: bool = flag(
+        "--exit-on-missing-checkpoint", group="checkpointing", default=False,
+        help="Stop with an error when --load holds no checkpoint, instead of training from "
+             "scratch.")
+    use_checkpoint_args: bool = flag(
+        "--use-checkpoint-args", group="checkpointing", default=False,
+        help="Take the model's architecture from the checkpoint --load names: its sizes fill "
+             "--num-layers, --hidden-size, --num-attention-heads, --seq-length, "
+             "--ffn-hidden-size, --kv-channels and --max-position-embeddings where the command "
+             "line leaves them out, and its other architecture flags replace the command "
+             "line's (a [flags] line names every value taken).")
+    use_mp_args_from_checkpoint_args: bool = flag(
+        "--use-mp-args-from-checkpoint-args", group="checkpointing", default=False,
+        help="With --use-checkpoint-args: also take the tensor, pipeline and virtual pipeline "
+             "parallel sizes from the checkpoint.")
     finetune: bool = flag("--finetune", group="checkpointing", default=False,
                           help="Load only the model from --load and start at iteration 0 "
                                "(implies --no-load-optim --no-load-rng).")
