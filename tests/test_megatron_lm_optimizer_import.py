@@ -2,7 +2,8 @@
 
 Spec:
 - megatron-core itself trains a bf16 GPT (its DistributedDataParallel and
-  DistributedOptimizer from `get_megatron_optimizer`, its
+  DistributedOptimizer from `get_megatron_optimizer`, or its mixed-precision
+  optimizer without the distributed one; its
   OptimizerParamScheduler; on the CPU with Gloo) for three steps and saves
   iteration 3 with `dist_checkpointing.save` as Megatron-LM's training loop
   does (model, optimizer.sharded_state_dict, scheduler, args).
@@ -62,9 +63,11 @@ def _megatron_args():
     return args
 
 
-def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type):
+def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type,
+                                       distributed=True):
     """Three Adam steps of megatron-core's bf16 GPTModel under its
-    DistributedOptimizer, saved as Megatron-LM saves iteration 3. Returns
+    DistributedOptimizer (`distributed`, its state saved as `sharding_type`)
+    or its mixed-precision optimizer, saved as Megatron-LM saves iteration 3. Returns
     {name: (fp32 main parameter, exp_avg, exp_avg_sq)} read from the live
     optimizer, as numpy arrays (tensors do not outlive the rank's process)."""
     from megatron.core import dist_checkpointing
@@ -82,10 +85,10 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     with _CudaTensorsOnCpu():
         model = _megatron_core_model(args).bfloat16()
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=0.01, bf16=True,
-            use_distributed_optimizer=True), [ddp])
+            use_distributed_optimizer=distributed), [ddp])
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=0,
             lr_decay_steps=TRAIN_ITERS * BATCH, lr_decay_style="constant", start_wd=0.01,
@@ -115,7 +118,9 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     names = {id(param): name for name, param in model.named_parameters()}
     inner = optimizer.chained_optimizers[0]
     expected = {}
-    for group, mains in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
+    groups = (zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups) if distributed
+              else zip(inner.float16_groups, inner.fp32_from_float16_groups))
+    for group, mains in groups:
         for param, main in zip(group, mains):
             adam = inner.optimizer.state[main]
             expected[names[id(param)]] = tuple(t.detach().view(param.shape).numpy().copy()
@@ -125,13 +130,16 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     return expected
 
 
-@pytest.fixture(scope="module")
-def megatron_run(tmp_path_factory):
+# megatron-core's DistributedOptimizer (saved fully_reshardable) and its mixed-precision
+# optimizer without --use-distributed-optimizer (Float16OptimizerWithFloat16Params).
+@pytest.fixture(scope="module", params=["distributed", "mixed_precision"])
+def megatron_run(request, tmp_path_factory):
     from multiprocess import run_ranks
 
     save = str(tmp_path_factory.mktemp("megatron") / "save")
     os.makedirs(save)
-    expected = run_ranks(_train_and_save_with_megatron_core, 1, save, "fully_reshardable")[0]
+    expected = run_ranks(_train_and_save_with_megatron_core, 1, save, "fully_reshardable",
+                         request.param == "distributed")[0]
     return save, {name: tuple(torch.from_numpy(a) for a in arrays)
                   for name, arrays in expected.items()}
 

@@ -25,9 +25,10 @@ layernorm-1p, SwiGLU and squared ReLU carry over; a flag our model lacks
 (`_REFUSED_FLAGS`: MoE, MLA, ...) is refused by name, never loaded as another
 model. A torch_dist checkpoint's optimizer state (fp32 main parameters,
 Adam's moments, its step and learning-rate schedule) is imported too when it
-is in model space (`megatron_lm_optimizer`), so the run resumes; the legacy
-format travels as weights only (start with --finetune). Export writes either format (torch_dist by default in
-tools/checkpoint_convert.py). Virtual pipeline stages in the legacy format
+is in model space (`import_megatron_lm_with_optimizer`, then
+`megatron_lm_optimizer`), so the run resumes; the legacy format travels as
+weights only (start with --finetune). Export writes either format
+(torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline stages in the legacy format
 (`model0`, ...) and the pre-core `language_model` layout are refused.
 """
 from __future__ import annotations

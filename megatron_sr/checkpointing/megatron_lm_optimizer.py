@@ -73,7 +73,8 @@ def check_model_space(source: str, common: dict) -> None:
 
 
 def adam_step(common: dict, iteration: int) -> int:
-    """Adam's step count: the largest `step` of the param groups in
+    """Adam's step count: the largest `step` of the param groups (or the
+    `common_step` megatron-core keeps of torch's per-parameter steps) in
     `common`'s optimizer entry; `iteration` where none is stored."""
     steps = []
 
@@ -83,6 +84,8 @@ def adam_step(common: dict, iteration: int) -> int:
                 if key == "param_groups" and isinstance(value, list):
                     steps.extend(float(g["step"]) for g in value
                                  if isinstance(g, dict) and g.get("step") is not None)
+                elif key == "common_step":  # torch's Adam under megatron-core's sharding
+                    steps.append(float(value))
                 else:
                     walk(value)
         elif isinstance(node, (list, tuple)):
@@ -102,7 +105,8 @@ def lr_scheduler_state(source: str, args: argparse.Namespace, common: dict,
     batch = getattr(args, "global_batch_size", None)
     if not isinstance(saved, dict) or not batch:
         raise ValueError(f"{source} holds no opt_param_scheduler state (or its args no "
-                         f"global_batch_size): the learning-rate schedule cannot resume")
+                         f"global_batch_size): the learning-rate schedule cannot resume; "
+                         f"convert with --no-optimizer and start with --finetune")
     style = saved["lr_decay_style"]
     return {"iteration": iteration, "max_lr": float(saved["max_lr"]),
             "min_lr": float(saved["min_lr"]),
