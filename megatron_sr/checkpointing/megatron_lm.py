@@ -28,8 +28,9 @@ Adam's moments, its step and learning-rate schedule) is imported too when it
 is in model space (`import_megatron_lm_with_optimizer`, then
 `megatron_lm_optimizer`), so the run resumes; the legacy format travels as
 weights only (start with --finetune). Export writes either format
-(torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline stages in the legacy format
-(`model0`, ...) and the pre-core `language_model` layout are refused.
+(torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
+stages in the legacy format (`model0`, ...) and the pre-core
+`language_model` layout are refused.
 """
 from __future__ import annotations
 
