@@ -52,10 +52,10 @@ class _CudaTensorsOnCpu(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _megatron_args():
+def _megatron_args(case: str):
     from test_megatron_lm_import import megatron_lm_args
 
-    args = megatron_lm_args("gpt2", 1, "torch_dist")
+    args = megatron_lm_args(case, 1, "torch_dist")
     args.__dict__.update(bf16=True, params_dtype=torch.bfloat16, seed=SEED,
                          global_batch_size=BATCH, micro_batch_size=BATCH, train_iters=TRAIN_ITERS,
                          consumed_train_samples=ITERATION * BATCH, lr=1e-3, min_lr=0.0,
@@ -64,7 +64,7 @@ def _megatron_args():
 
 
 def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type,
-                                       distributed=True):
+                                       distributed=True, case="gpt2"):
     """Three Adam steps of megatron-core's bf16 GPTModel under its
     DistributedOptimizer (`distributed`, its state saved as `sharding_type`)
     or its mixed-precision optimizer, saved as Megatron-LM saves iteration 3. Returns
@@ -81,7 +81,7 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     _cpu_stand_ins()
     torch.manual_seed(11)
     mcore_parallel_state.initialize_model_parallel(1, 1)
-    args = _megatron_args()
+    args = _megatron_args(case)
     with _CudaTensorsOnCpu():
         model = _megatron_core_model(args).bfloat16()
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -131,15 +131,18 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
 
 
 # megatron-core's DistributedOptimizer (saved fully_reshardable) and its mixed-precision
-# optimizer without --use-distributed-optimizer (Float16OptimizerWithFloat16Params).
-@pytest.fixture(scope="module", params=["distributed", "mixed_precision"])
+# optimizer without --use-distributed-optimizer (Float16OptimizerWithFloat16Params); GPT-2
+# and Llama style (GQA, SwiGLU's fc1 stored as all gates then all ups, untied output).
+@pytest.fixture(scope="module", params=[("gpt2", "distributed"), ("gpt2", "mixed_precision"),
+                                        ("llama_gqa", "distributed")], ids="-".join)
 def megatron_run(request, tmp_path_factory):
     from multiprocess import run_ranks
 
+    case, optimizer = request.param
     save = str(tmp_path_factory.mktemp("megatron") / "save")
     os.makedirs(save)
     expected = run_ranks(_train_and_save_with_megatron_core, 1, save, "fully_reshardable",
-                         request.param == "distributed")[0]
+                         optimizer == "distributed", case)[0]
     return save, {name: tuple(torch.from_numpy(a) for a in arrays)
                   for name, arrays in expected.items()}
 
@@ -204,7 +207,7 @@ def test_bf16_mixed_import_keeps_the_main_params_as_master(megatron_run, tmp_pat
 @pytest.mark.slow
 def test_pretrain_gpt_resumes_the_converted_megatron_run(megatron_run, tmp_path):
     from job_harness import run_pretrain, tiny_gpt_argv
-    from megatron_sr.checkpointing.conversion import load_full_checkpoint
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint, model_flags
 
     save, _ = megatron_run
     ours = str(tmp_path / "ours")
@@ -213,6 +216,7 @@ def test_pretrain_gpt_resumes_the_converted_megatron_run(megatron_run, tmp_path)
     argv = tiny_gpt_argv(load=ours, train_iters=TRAIN_ITERS, seq_length=8,
                          max_position_embeddings=8, ffn_hidden_size=48, vocab_size=63,
                          micro_batch_size=BATCH, precision="bf16-sr", seed=SEED)
+    argv += model_flags(converted.config).split()  # the model Megatron trained
     result = run_pretrain(1, argv)[0]
     assert f"loaded iteration {ITERATION}" in result["stdout"], result["stdout"]
     assert result["last_iteration"] == TRAIN_ITERS
