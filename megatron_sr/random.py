@@ -14,6 +14,10 @@ stochastic` the add of one micro-batch's gradient into a bf16 gradient
 buffer draws from `grad_accumulation_key(seed, step, micro_batch,
 param_name, tp_rank)`, a stream of its own, counter as above.
 
+The import key: `import_rounding_key(seed, iteration, param_name)` rounds a
+Megatron-LM checkpoint's fp32 main parameters to bf16 when it is imported
+with its optimizer state (a stream of its own, counter as above).
+
 Also here: the initial-weight draws (`init_key`, `philox_normal`: the same
 Philox, keyed by parameter name, counter = element index), per-rank seeding (`model_parallel_seed`) and the RNG
 stream tracker that gives dropout inside tensor-parallel regions a different
@@ -65,6 +69,22 @@ def grad_accumulation_key(seed: int, step: int, micro_batch: int, param_name: st
                          f"({micro_batch}) must be >= 0")
     text = (f"grad-accumulation|{seed}|{step}|{micro_batch}|{param_name}|"
             f"{'replicated' if tp_rank is None else tp_rank}")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _KEY_MASK
+
+
+def import_rounding_key(seed: int, iteration: int, param_name: str) -> int:
+    """Philox key (below 2**63) of the stochastic rounding of one imported
+    fp32 main parameter to our bf16 parameter (a Megatron-LM checkpoint
+    resumed under a stochastic-rounding strategy, see
+    `checkpointing.megatron_lm_optimizer`). `iteration`: the checkpoint's;
+    `param_name`: the global parameter name; counter = element index in the
+    unsharded tensor, stream `STREAM_PARAM`. Its hashed text differs from
+    every `sr_key`'s, so the import draws no bits a training step draws."""
+    if seed < 0 or iteration < 0:
+        raise ValueError(f"import_rounding_key: seed ({seed}) and iteration ({iteration}) "
+                         f"must be >= 0")
+    text = f"megatron-lm-import|{seed}|{iteration}|{param_name}"
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & _KEY_MASK
 

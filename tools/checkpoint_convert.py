@@ -5,7 +5,8 @@
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-hf [--hf-dtype bfloat16]
     python tools/checkpoint_convert.py --load CKPT --save OUT --to-megatron \
         [--megatron-ckpt-format torch_dist|torch] [--target-...]
-    python tools/checkpoint_convert.py --load MEGATRON_CKPT --save OUT --from-megatron
+    python tools/checkpoint_convert.py --load MEGATRON_CKPT --save OUT --from-megatron \
+        [--precision bf16-sr] [--no-optimizer]
     python tools/checkpoint_convert.py --load HF_DIR --save OUT --from-hf \
         [--target-tensor-parallel-size 2] [--make-vocab-size-divisible-by 128]
 
@@ -20,6 +21,12 @@ model.safetensors and the tokenizer files when the checkpoint names them.
 Nothing is left at --save when a conversion fails. --save must not exist or
 be an empty directory, and must not be --load or lie inside it (or contain
 it): a conversion never writes over a checkpoint.
+
+--from-megatron imports a Megatron-LM torch_dist checkpoint with its
+optimizer state (model-space layout, see
+`megatron_sr.checkpointing.megatron_lm_optimizer`) as --precision stores it:
+`pretrain_gpt.py --load OUT --precision ...` resumes at its iteration. The
+legacy format, or --no-optimizer, gives the weights only (--finetune).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from megatron_sr.checkpointing.conversion import (describe, export_hugging_face,
                                                   import_megatron_lm, load_full_checkpoint,
                                                   model_flags, write_reshaped)
 from megatron_sr.model.hf_conversion import UnsupportedArchitectureError  # noqa: E402
+from megatron_sr.precision.strategies import DEFAULT_STRATEGY, STRATEGIES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "--finetune)")
     parser.add_argument("--from-megatron", action="store_true",
                         help="--load is a Megatron-LM checkpoint (torch_dist or legacy, local or "
-                             "Transformer Engine names): write its weights as ours (start from "
-                             "it with --finetune)")
+                             "Transformer Engine names): write it as ours; a torch_dist one with "
+                             "its optimizer state in model space resumes (--load), otherwise "
+                             "start from its weights with --finetune")
+    parser.add_argument("--precision", choices=sorted(STRATEGIES), default=DEFAULT_STRATEGY,
+                        help="with --from-megatron: the --precision of the run that resumes; the "
+                             "optimizer state is written as that strategy stores it")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="with --from-megatron: the weights only (start with --finetune)")
     parser.add_argument("--to-megatron", action="store_true",
                         help="write the weights as a Megatron-LM checkpoint (load it there "
                              "with --finetune)")
@@ -160,7 +174,8 @@ def main(argv=None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
                 * (args.target_tensor_parallel_size or 1))
         elif args.from_megatron:
-            checkpoint = import_megatron_lm(args.load)
+            checkpoint = import_megatron_lm(
+                args.load, precision=None if args.no_optimizer else args.precision)
         else:
             # The weights alone for an export; a reshaped checkpoint keeps the optimizer state.
             checkpoint = load_full_checkpoint(args.load,
@@ -195,7 +210,11 @@ def main(argv=None) -> int:
                 args.save)
             path = os.path.join(args.save, os.path.basename(paths[0]))
             print(f"wrote TP={tp} PP={pp}{f' VP={vp}' if vp else ''} checkpoint to {path}")
-            if args.from_hf or args.from_megatron:
+            if checkpoint.optimizer is not None and args.from_megatron:
+                print(f"resume it with: pretrain_gpt.py --load {args.save} --precision "
+                      f"{args.precision} {model_flags(checkpoint.config)} ... (the run's "
+                      f"learning-rate flags as Megatron-LM's)")
+            elif args.from_hf or args.from_megatron:
                 print(f"start from it with: pretrain_gpt.py --load {args.save} --finetune "
                       f"{model_flags(checkpoint.config)} ...")
     except (CheckpointError, UnsupportedArchitectureError, ValueError, ImportError,

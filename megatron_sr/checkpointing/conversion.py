@@ -329,16 +329,42 @@ def import_hugging_face(hf_dir: str, *, make_vocab_size_divisible_by: int = 128,
                           consumed_train_samples=0)
 
 
-def import_megatron_lm(path: str) -> FullCheckpoint:
+def import_megatron_lm(path: str, precision: Optional[str] = None) -> FullCheckpoint:
     """A Megatron-LM checkpoint (torch_dist or legacy, local or Transformer
-    Engine names) as a FullCheckpoint of its iteration, weights only (see
-    `checkpointing.megatron_lm`)."""
+    Engine names) as a FullCheckpoint of its iteration (see
+    `checkpointing.megatron_lm`). With `precision` (a --precision strategy)
+    and a torch_dist checkpoint holding model-space optimizer state, that
+    state comes along as the strategy stores it, with Adam's step and the
+    learning-rate schedule (`checkpointing.megatron_lm_optimizer`; the SR key's
+    seed is the checkpoint's --seed): the result resumes under --precision
+    `precision`. Otherwise weights only (optimizer None: start with
+    --finetune)."""
     from megatron_sr.checkpointing import megatron_lm
+    from megatron_sr.checkpointing import megatron_lm_optimizer as optim
+    from megatron_sr.precision.strategies import get_strategy
 
-    args, config, iteration, model = megatron_lm.import_megatron_lm(path)
-    return FullCheckpoint(directory=path, iteration=iteration,
-                          description=megatron_lm.description_from_megatron_args(args, config),
-                          config=config, model=model, optimizer=None, lr_scheduler=None,
+    if precision is None:
+        args, config, iteration, model = megatron_lm.import_megatron_lm(path)
+        common, kinds = {}, {}
+    else:
+        args, config, iteration, model, common, kinds = \
+            megatron_lm.import_megatron_lm_with_optimizer(path)
+    description = megatron_lm.description_from_megatron_args(args, config)
+    optimizer = lr_scheduler = None
+    if kinds:
+        strategy = get_strategy(precision)
+        model, params = optim.parameter_states(path, model, kinds, strategy,
+                                               int(getattr(args, "seed", 1234)), iteration)
+        step = optim.adam_step(common, iteration)
+        optimizer = {"strategy": strategy.name, "step": step,
+                     "skipped_steps": max(iteration - step, 0), "params": params}
+        lr_scheduler = optim.lr_scheduler_state(path, args, common, iteration)
+        config = optim.with_param_dtype(config, strategy)
+        description = megatron_lm.description_from_megatron_args(args, config)
+        description["optimizer"]["precision"] = strategy.name
+    return FullCheckpoint(directory=path, iteration=iteration, description=description,
+                          config=config, model=model, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler,
                           consumed_train_samples=megatron_lm.consumed_samples(args))
 
 

@@ -23,10 +23,14 @@ allowlist, no foreign code runs). The model comes from the args: GQA,
 --kv-channels, partial and interleaved rotary, RoPE scaling, qk-layernorm,
 layernorm-1p, SwiGLU and squared ReLU carry over; a flag our model lacks
 (`_REFUSED_FLAGS`: MoE, MLA, ...) is refused by name, never loaded as another
-model. Only the weights travel: the optimizer state is not imported (start
-with --finetune). Export writes either format (torch_dist by default in
-tools/checkpoint_convert.py). Virtual pipeline stages in the legacy format
-(`model0`, ...) and the pre-core `language_model` layout are refused.
+model. A torch_dist checkpoint's optimizer state (fp32 main parameters,
+Adam's moments, its step and learning-rate schedule) is imported too when it
+is in model space (`import_megatron_lm_with_optimizer`, then
+`megatron_lm_optimizer`), so the run resumes; the legacy format travels as
+weights only (start with --finetune). Export writes either format
+(torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
+stages in the legacy format (`model0`, ...) and the pre-core
+`language_model` layout are refused.
 """
 from __future__ import annotations
 
@@ -289,10 +293,10 @@ def import_megatron_lm(path: str) -> tuple[argparse.Namespace, ModelConfig, int,
     return _import_legacy(path)
 
 
-def _import_torch_dist(path: str):
+def _import_torch_dist(path: str, optimizer: bool = False):
     from megatron_sr.checkpointing import megatron_torch_dist
 
-    common, tensors = megatron_torch_dist.read(path)
+    common, tensors = megatron_torch_dist.read(path, optimizer=optimizer)
     args = common.get("args")
     if not isinstance(args, argparse.Namespace):
         raise ValueError(f"{os.path.join(path, 'common.pt')} holds no Megatron-LM args "
@@ -301,9 +305,38 @@ def _import_torch_dist(path: str):
             "embedding.word_embeddings.weight" in tensors:
         args.padded_vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
     config = model_config_from_megatron_args(args, path)
-    state = {local_name(k): v for k, v in tensors.items() if not k.endswith("_extra_state")}
+    prefix = megatron_torch_dist.OPTIMIZER_STATE
+    state = {local_name(k): v for k, v in tensors.items()
+             if not k.endswith("_extra_state") and not k.startswith(prefix)}
     iteration = int(common.get("iteration", getattr(args, "iteration", 0)) or 0)
-    return args, config, iteration, _check_names(path, state, config)
+    model = _check_names(path, state, config)
+    if not optimizer:
+        return args, config, iteration, model
+    kinds: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(prefix):
+            kind, name = key[len(prefix):].split(".", 1)
+            if local_name(name) in model:
+                kinds.setdefault(kind, {})[local_name(name)] = tensor
+    return args, config, iteration, model, common, kinds
+
+
+def import_megatron_lm_with_optimizer(path: str):
+    """Like `import_megatron_lm`, plus the optimizer state: (args, ModelConfig,
+    iteration, weights, common state, {Megatron kind: {our global name:
+    tensor}}), kinds empty when the checkpoint holds no model-space optimizer
+    tensors. The legacy format's optimizer state is not read (kinds empty).
+    ValueError as `import_megatron_lm`, and when the distributed optimizer's
+    state is not in model space (`megatron_lm_optimizer.check_model_space`)."""
+    from megatron_sr.checkpointing import megatron_torch_dist
+    from megatron_sr.checkpointing.megatron_lm_optimizer import check_model_space
+
+    path = _resolve(path)
+    if not megatron_torch_dist.is_torch_dist_directory(path):
+        return (*_import_legacy(path), {}, {})
+    imported = _import_torch_dist(path, optimizer=True)
+    check_model_space(path, imported[4])
+    return imported
 
 
 def _import_legacy(path: str):

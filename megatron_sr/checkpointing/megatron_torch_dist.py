@@ -98,12 +98,18 @@ class _Reader(FileSystemReader):
         return self._metadata
 
 
-def read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+OPTIMIZER_STATE = "optimizer.state."
+
+
+def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(common state, {megatron-core key: global tensor}) of a torch_dist
     iteration directory, with the stacked layer tensors unstacked to
     `decoder.layers.<i>.<name>` and every byte entry (`_extra_state`,
-    optimizer and RNG objects) left unread. Only tensors whose key does not
-    start with "optimizer." are read. ValueError naming the file at fault."""
+    optimizer and RNG objects) left unread. Without `optimizer` only tensors
+    whose key does not start with "optimizer." are read; with it also the
+    model-space optimizer tensors `optimizer.state.<kind>.<model key>` (kind:
+    param / fp32_param, the fp32 main parameter; exp_avg; exp_avg_sq), whose
+    model key is unstacked the same way. ValueError naming the file at fault."""
     from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
 
     common_path = os.path.join(directory, COMMON_FILE)
@@ -114,7 +120,8 @@ def read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     metadata = reader.read_metadata().state_dict_metadata
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in metadata.items()
              if isinstance(md, dcp_metadata.dcp_metadata.TensorStorageMetadata)
-             and not key.startswith("optimizer.")}
+             and (not key.startswith("optimizer.")
+                  or (optimizer and key.startswith(OPTIMIZER_STATE)))}
     try:
         dcp.load(state, storage_reader=reader, no_dist=True)
     except Exception as exc:  # noqa: BLE001 - DCP wraps every failure
@@ -123,9 +130,15 @@ def read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
                          f"({type(exc).__name__}: {lines[0][:200] if lines else ''})") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if key.startswith(_STACKED) and not key[len(_STACKED)].isdigit():
+        prefix = ""
+        if key.startswith(OPTIMIZER_STATE):  # optimizer.state.<kind>.<model key>
+            kind = key[len(OPTIMIZER_STATE):].split(".", 1)[0]
+            prefix = f"{OPTIMIZER_STATE}{kind}."
+        model_key = key[len(prefix):]
+        if model_key.startswith(_STACKED) and not model_key[len(_STACKED)].isdigit():
             for layer, per_layer in enumerate(tensor.unbind(0)):
-                tensors[f"{_STACKED}{layer}.{key[len(_STACKED):]}"] = per_layer.clone()
+                tensors[f"{prefix}{_STACKED}{layer}.{model_key[len(_STACKED):]}"] = \
+                    per_layer.clone()
         else:
             tensors[key] = tensor
     return common, tensors
