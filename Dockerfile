@@ -25,7 +25,7 @@ WORKDIR /workspace/megatron_sr
 # the container's pip constraints (/etc/pip/constraint.txt), which pin its torch.
 RUN pip install sentencepiece regex tokenizers tiktoken \
         "pytest>=7" pytest-timeout "transformers>=5" safetensors matplotlib \
-        "megatron-core>=0.16" wandb
+        "megatron-core>=0.16" psutil wandb
 
 # torch and Triton at setup.py's floors (tests/test_dockerfile.py checks the pins
 # against them): the container's own (PyTorch 2.8, Triton 3.3 in 25.06) are older

@@ -223,7 +223,9 @@ def model_config_from_megatron_args(args: argparse.Namespace, source: str = "the
         kv_channels=kv if kv and kv * args.num_attention_heads != args.hidden_size else None,
         activation=activation,
         add_bias_linear=getattr(args, "add_bias_linear", True),
-        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+        # Megatron-LM sets add_qkv_bias whenever every linear has a bias; ours marks the QKV-only case
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False))
+        and not getattr(args, "add_bias_linear", True),
         untie_embeddings_and_output_weights=getattr(args, "untie_embeddings_and_output_weights",
                                                     False),
         hidden_dropout=getattr(args, "hidden_dropout", 0.1),
