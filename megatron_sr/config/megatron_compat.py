@@ -190,12 +190,13 @@ def add_megatron_flags(groups: Mapping[str, argparse._ArgumentGroup], flags: Fla
 def _section_description(table: MegatronTable, flags: Flags) -> str:
     counts = collections.Counter(record.decision for record in table.flags.values()
                                  if record.flag not in flags and record.decision != "alias")
+    gaps = (f" {counts['implement']} are not implemented yet (they stop the job saying so)."
+            if counts["implement"] else "")
     return (f"Megatron-LM's other flags are accepted, so that its launch scripts parse: "
             f"{counts['notice']} are ignored with a one-line notice saying what happens "
             f"instead, {counts['refused']} stop the job with the reason and what to do "
-            f"instead, {counts['implement']} are not implemented yet (they stop the job saying "
-            f"so). Aliases are listed beside the flag they stand for. Every flag's decision and "
-            f"message: megatron_sr/config/megatron_flags.csv.")
+            f"instead.{gaps} Aliases are listed beside the flag they stand for. Every flag's "
+            f"decision and message: megatron_sr/config/megatron_flags.csv.")
 
 
 class _Default(str):
