@@ -99,6 +99,7 @@ class _Reader(FileSystemReader):
 
 
 OPTIMIZER_STATE = "optimizer.state."
+OPTIMIZER_BUCKETS = "optimizer.distributed."
 
 
 def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -109,7 +110,10 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     whose key does not start with "optimizer." are read; with it also the
     model-space optimizer tensors `optimizer.state.<kind>.<model key>` (kind:
     param / fp32_param, the fp32 main parameter; exp_avg; exp_avg_sq), whose
-    model key is unstacked the same way. ValueError naming the file at fault."""
+    model key is unstacked the same way, and the distributed optimizer's flat
+    bucket tensors `optimizer.distributed.<...>.bucket_idx_<i>.<kind>` as they
+    are (`megatron_lm_optimizer.bucket_states`). ValueError naming the file at
+    fault."""
     from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
 
     common_path = os.path.join(directory, COMMON_FILE)
@@ -121,7 +125,7 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in metadata.items()
              if isinstance(md, dcp_metadata.dcp_metadata.TensorStorageMetadata)
              and (not key.startswith("optimizer.")
-                  or (optimizer and key.startswith(OPTIMIZER_STATE)))}
+                  or (optimizer and key.startswith((OPTIMIZER_STATE, OPTIMIZER_BUCKETS))))}
     try:
         dcp.load(state, storage_reader=reader, no_dist=True)
     except Exception as exc:  # noqa: BLE001 - DCP wraps every failure
