@@ -257,11 +257,12 @@ def test_pretrain_gpt_resumes_the_converted_megatron_run(megatron_run, tmp_path)
 
 
 # Megatron-LM's default layout of the distributed optimizer, megatron-core's flat buckets:
-# at DP 1 in one bucket, at DP 2 with --overlap-grad-reduce's buckets, each rank saving its
-# slice of them.
+# GPT-2 style at DP 1 in one bucket; Llama style (untied output, no biases) at DP 2 with
+# --overlap-grad-reduce's buckets, each rank saving its slice of them.
 @pytest.mark.slow
-@pytest.mark.parametrize("dp,bucket_size", [(1, None), (2, 4000)], ids=["dp1", "dp2-buckets"])
-def test_the_distributed_optimizers_bucket_layout_imports(dp, bucket_size, tmp_path):
+@pytest.mark.parametrize("case,dp,bucket_size", [("gpt2", 1, None), ("llama_gqa", 2, 4000)],
+                         ids=["gpt2-dp1", "llama_gqa-dp2-buckets"])
+def test_the_distributed_optimizers_bucket_layout_imports(case, dp, bucket_size, tmp_path):
     from multiprocess import run_ranks
     from megatron_sr.checkpointing import megatron_lm_optimizer, megatron_torch_dist
     from megatron_sr.checkpointing.conversion import load_full_checkpoint
@@ -270,7 +271,7 @@ def test_the_distributed_optimizers_bucket_layout_imports(dp, bucket_size, tmp_p
     save = str(tmp_path / "megatron")
     os.makedirs(save)
     expected = _assemble(run_ranks(_train_and_save_with_megatron_core, dp, save,
-                                   "dp_reshardable", True, "gpt2", bucket_size))
+                                   "dp_reshardable", True, case, bucket_size))
     directory = os.path.join(save, f"iter_{ITERATION:07d}")
     common, tensors = megatron_torch_dist.read(directory, optimizer=True)
     assert megatron_lm_optimizer.sharding_type(common) == "dp_reshardable"
