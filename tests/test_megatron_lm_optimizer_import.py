@@ -73,10 +73,11 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     with `bucket_size` its gradient buffer is cut in buckets of about that many
     elements, reduced while the backward runs, as Megatron-LM's
     --overlap-grad-reduce does) or its mixed-precision optimizer, saved as
-    Megatron-LM saves iteration 3; every rank runs the same batch. Returns {name: (shape, start, (fp32 main parameter,
-    exp_avg, exp_avg_sq))} of the part of each parameter (flat, from `start`)
-    this rank's live optimizer holds, as numpy arrays (tensors do not outlive
-    the rank's process); `_assemble` joins the ranks' parts."""
+    Megatron-LM saves iteration 3; every rank runs the same batch. Returns
+    {name: (shape, start, (fp32 main parameter, exp_avg, exp_avg_sq))} of the
+    part of each parameter (flat, from `start`) this rank's live optimizer
+    holds, as numpy arrays (tensors do not outlive the rank's process);
+    `_assemble` joins the ranks' parts."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mcore_parallel_state
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -275,6 +276,8 @@ def test_the_distributed_optimizers_bucket_layout_imports(case, dp, bucket_size,
     directory = os.path.join(save, f"iter_{ITERATION:07d}")
     common, tensors = megatron_torch_dist.read(directory, optimizer=True)
     assert megatron_lm_optimizer.sharding_type(common) == "dp_reshardable"
+    # Adam's step is read from the saved param groups, not taken from the iteration.
+    assert megatron_lm_optimizer.adam_step(common, iteration=-1) == ITERATION
     buckets = [key for key in tensors
                if key.startswith("optimizer.distributed.") and key.endswith(".param")]
     assert (len(buckets) > 1) == (bucket_size is not None), buckets

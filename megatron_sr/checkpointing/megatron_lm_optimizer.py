@@ -31,10 +31,10 @@ one buffer); the older `dp_zero_gather_scatter` and other layouts are
 refused by name, with the flag that saves model space.
 
 Adam's step count comes from the param groups in `common.pt` (under
-dp_reshardable they are in a pickle that is not read: the iteration);
-the learning-rate scheduler from `opt_param_scheduler`, which Megatron-LM
-counts in samples (our scheduler counts steps: divided by
---global-batch-size).
+dp_reshardable from the distributed optimizer's own state dict, which
+`megatron_torch_dist.read` puts there); the learning-rate scheduler from
+`opt_param_scheduler`, which Megatron-LM counts in samples (our scheduler
+counts steps: divided by --global-batch-size).
 
 What our strategy (`precision.strategies`, `--precision` of the resumed run)
 stores, from the fp32 main parameter w, m and v:
