@@ -15,8 +15,10 @@ Spec:
   consumed samples, Adam's step and the schedule's position carry over.
 - `pretrain_gpt.py --load` of the result resumes: the loaded state is the
   converted one and training continues at iteration 4.
-- The distributed optimizer's default bucket layout (dp_reshardable) is
-  refused by name; --no-optimizer still imports the weights.
+- The distributed optimizer's default bucket layout (dp_reshardable, DP 1 and
+  DP 2 with several buckets) imports the same way, checked against the live
+  optimizer's state; a layout read in the wrong parameter order and the
+  older dp_zero_gather_scatter are refused by name.
 """
 from __future__ import annotations
 
@@ -59,17 +61,23 @@ def _megatron_args(case: str):
     args.__dict__.update(bf16=True, params_dtype=torch.bfloat16, seed=SEED,
                          global_batch_size=BATCH, micro_batch_size=BATCH, train_iters=TRAIN_ITERS,
                          consumed_train_samples=ITERATION * BATCH, lr=1e-3, min_lr=0.0,
-                         lr_decay_style="constant", use_distributed_optimizer=True)
+                         lr_decay_style="constant", use_distributed_optimizer=True,
+                         transformer_impl="local")  # the local layer spec it builds
     return args
 
 
 def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type,
-                                       distributed=True, case="gpt2"):
+                                       distributed=True, case="gpt2", bucket_size=None):
     """Three Adam steps of megatron-core's bf16 GPTModel under its
-    DistributedOptimizer (`distributed`, its state saved as `sharding_type`)
-    or its mixed-precision optimizer, saved as Megatron-LM saves iteration 3. Returns
-    {name: (fp32 main parameter, exp_avg, exp_avg_sq)} read from the live
-    optimizer, as numpy arrays (tensors do not outlive the rank's process)."""
+    DistributedOptimizer (`distributed`, its state saved as `sharding_type`;
+    with `bucket_size` its gradient buffer is cut in buckets of about that many
+    elements, reduced while the backward runs, as Megatron-LM's
+    --overlap-grad-reduce does) or its mixed-precision optimizer, saved as
+    Megatron-LM saves iteration 3; every rank runs the same batch. Returns
+    {name: (shape, start, (fp32 main parameter, exp_avg, exp_avg_sq))} of the
+    part of each parameter (flat, from `start`) this rank's live optimizer
+    holds, as numpy arrays (tensors do not outlive the rank's process);
+    `_assemble` joins the ranks' parts."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mcore_parallel_state
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -85,7 +93,8 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     with _CudaTensorsOnCpu():
         model = _megatron_core_model(args).bfloat16()
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
+            overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size), model)
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=0.01, bf16=True,
             use_distributed_optimizer=distributed), [ddp])
@@ -103,7 +112,7 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
             assert optimizer.step()[0]
             scheduler.step(increment=BATCH)
         directory = os.path.join(save_dir, f"iter_{ITERATION:07d}")
-        os.makedirs(directory)
+        os.makedirs(directory, exist_ok=True)
         state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
                  "model": model.sharded_state_dict(),
                  "num_floating_point_operations_so_far": 0}
@@ -113,8 +122,9 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
         state["opt_param_scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(state, directory, sharded_strategy=TorchDistSaveShardedStrategy(
             "torch_dist", 1, thread_count=1))
-    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-        f.write(f"{ITERATION}\n")
+    if rank == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(f"{ITERATION}\n")
     names = {id(param): name for name, param in model.named_parameters()}
     inner = optimizer.chained_optimizers[0]
     expected = {}
@@ -123,11 +133,31 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
     for group, mains in groups:
         for param, main in zip(group, mains):
             adam = inner.optimizer.state[main]
-            expected[names[id(param)]] = tuple(t.detach().view(param.shape).numpy().copy()
-                                               for t in (main, adam["exp_avg"],
-                                                         adam["exp_avg_sq"]))
+            start = inner._get_model_param_range_map(param)["param"].start if distributed else 0
+            expected[names[id(param)]] = (tuple(param.shape), start, tuple(
+                t.detach().flatten().numpy().copy()
+                for t in (main, adam["exp_avg"], adam["exp_avg_sq"])))
     mcore_parallel_state.destroy_model_parallel()
     return expected
+
+
+def _assemble(per_rank: list[dict]) -> dict[str, tuple]:
+    """{name: (main, exp_avg, exp_avg_sq) tensors of the parameter's shape}
+    from the ranks' parts (`_train_and_save_with_megatron_core`); every
+    element must come from exactly one rank."""
+    full: dict[str, tuple] = {}
+    for parts in per_rank:
+        for name, (shape, start, arrays) in parts.items():
+            numel = int(torch.Size(shape).numel())
+            whole = full.setdefault(name, (shape, torch.zeros(numel, dtype=torch.int32), tuple(
+                torch.zeros(numel) for _ in arrays)))
+            end = start + arrays[0].size
+            whole[1][start:end] += 1
+            for target, array in zip(whole[2], arrays):
+                target[start:end] = torch.from_numpy(array)
+    assert all(bool((covered == 1).all()) for _, covered, _ in full.values())
+    return {name: tuple(t.view(shape) for t in arrays)
+            for name, (shape, _, arrays) in full.items()}
 
 
 # megatron-core's DistributedOptimizer (saved fully_reshardable) and its mixed-precision
@@ -141,10 +171,8 @@ def megatron_run(request, tmp_path_factory):
     case, optimizer = request.param
     save = str(tmp_path_factory.mktemp("megatron") / "save")
     os.makedirs(save)
-    expected = run_ranks(_train_and_save_with_megatron_core, 1, save, "fully_reshardable",
-                         optimizer == "distributed", case)[0]
-    return save, {name: tuple(torch.from_numpy(a) for a in arrays)
-                  for name, arrays in expected.items()}
+    return save, _assemble(run_ranks(_train_and_save_with_megatron_core, 1, save,
+                                     "fully_reshardable", optimizer == "distributed", case))
 
 
 def _documented_import_key(name: str) -> int:
@@ -229,16 +257,56 @@ def test_pretrain_gpt_resumes_the_converted_megatron_run(megatron_run, tmp_path)
         assert (loaded["params"][name]["exp_avg"] == tensor.float().numpy()).all(), name
 
 
+# Megatron-LM's default layout of the distributed optimizer, megatron-core's flat buckets:
+# GPT-2 style at DP 1 in one bucket; Llama style (untied output, no biases) at DP 2 with
+# --overlap-grad-reduce's buckets, each rank saving its slice of them.
 @pytest.mark.slow
-def test_the_distributed_optimizers_bucket_layout_is_refused_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("case,dp,bucket_size", [("gpt2", 1, None), ("llama_gqa", 2, 4000)],
+                         ids=["gpt2-dp1", "llama_gqa-dp2-buckets"])
+def test_the_distributed_optimizers_bucket_layout_imports(case, dp, bucket_size, tmp_path):
     from multiprocess import run_ranks
+    from megatron_sr.checkpointing import megatron_lm_optimizer, megatron_torch_dist
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
+    from megatron_sr.precision.rounding import stochastic_round
 
     save = str(tmp_path / "megatron")
     os.makedirs(save)
-    run_ranks(_train_and_save_with_megatron_core, 1, save, "dp_reshardable")
-    assert checkpoint_convert.main(["--load", save, "--save", str(tmp_path / "out"),
-                                    "--from-megatron"]) == 1
-    error = capsys.readouterr().err
-    assert "dp_reshardable" in error and "--dist-ckpt-optim-fully-reshardable" in error, error
-    assert not os.path.exists(tmp_path / "out")
-    _convert(save, str(tmp_path / "weights"), "--no-optimizer")
+    expected = _assemble(run_ranks(_train_and_save_with_megatron_core, dp, save,
+                                   "dp_reshardable", True, case, bucket_size))
+    directory = os.path.join(save, f"iter_{ITERATION:07d}")
+    common, tensors = megatron_torch_dist.read(directory, optimizer=True)
+    assert megatron_lm_optimizer.sharding_type(common) == "dp_reshardable"
+    # Adam's step is read from the saved param groups, not taken from the iteration.
+    assert megatron_lm_optimizer.adam_step(common, iteration=-1) == ITERATION
+    buckets = [key for key in tensors
+               if key.startswith("optimizer.distributed.") and key.endswith(".param")]
+    assert (len(buckets) > 1) == (bucket_size is not None), buckets
+    _convert(save, str(tmp_path / "sr"))
+    _convert(save, str(tmp_path / "mixed"), "--precision", "bf16-mixed")
+    sr, mixed = (load_full_checkpoint(str(tmp_path / which)) for which in ("sr", "mixed"))
+    assert sr.optimizer["step"] == ITERATION and set(sr.model) == set(expected)
+    for name, (main, exp_avg, exp_avg_sq) in expected.items():
+        rounded = stochastic_round(main, _documented_import_key(name))
+        assert torch.equal(sr.model[name].view(torch.int16), rounded.view(torch.int16)), name
+        assert torch.equal(sr.optimizer["params"]["exp_avg"][name], exp_avg.bfloat16()), name
+        assert torch.equal(sr.optimizer["params"]["exp_avg_sq"][name],
+                           exp_avg_sq.bfloat16()), name
+        assert torch.equal(mixed.optimizer["params"]["master"][name], main), name
+        assert torch.equal(mixed.optimizer["params"]["exp_avg"][name], exp_avg), name
+        assert torch.equal(mixed.optimizer["params"]["exp_avg_sq"][name], exp_avg_sq), name
+    # The layout is checked against the saved weights: read in Transformer Engine's
+    # parameter order (the input norm after linear_proj) it is refused, not loaded shuffled.
+    common["args"].transformer_impl = "transformer_engine"
+    with pytest.raises(ValueError, match="layout"):
+        megatron_lm_optimizer.bucket_states(directory, common["args"], tensors)
+
+
+def test_other_distributed_optimizer_layouts_are_refused_by_name():
+    from megatron_sr.checkpointing.megatron_lm_optimizer import check_model_space
+
+    common = {"optimizer": {"param_state_sharding_type": "dp_zero_gather_scatter"}}
+    with pytest.raises(ValueError, match="dp_zero_gather_scatter.*"
+                                         "--dist-ckpt-optim-fully-reshardable"):
+        check_model_space("ckpt", common)
+    for imported in ("fully_reshardable", "fully_sharded_model_space", "dp_reshardable"):
+        check_model_space("ckpt", {"optimizer": {"param_state_sharding_type": imported}})

@@ -25,7 +25,8 @@ layernorm-1p, SwiGLU and squared ReLU carry over; a flag our model lacks
 (`_REFUSED_FLAGS`: MoE, MLA, ...) is refused by name, never loaded as another
 model. A torch_dist checkpoint's optimizer state (fp32 main parameters,
 Adam's moments, its step and learning-rate schedule) is imported too when it
-is in model space (`import_megatron_lm_with_optimizer`, then
+is in model space or in the distributed optimizer's default bucket layout
+(dp_reshardable, TP = PP = 1) (`import_megatron_lm_with_optimizer`, then
 `megatron_lm_optimizer`), so the run resumes; the legacy format travels as
 weights only (start with --finetune). Export writes either format
 (torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
@@ -309,15 +310,25 @@ def _import_torch_dist(path: str, optimizer: bool = False):
     config = model_config_from_megatron_args(args, path)
     prefix = megatron_torch_dist.OPTIMIZER_STATE
     state = {local_name(k): v for k, v in tensors.items()
-             if not k.endswith("_extra_state") and not k.startswith(prefix)}
+             if not k.endswith("_extra_state") and not k.startswith("optimizer.")}
     iteration = int(common.get("iteration", getattr(args, "iteration", 0)) or 0)
     model = _check_names(path, state, config)
     if not optimizer:
         return args, config, iteration, model
+    from megatron_sr.checkpointing import megatron_lm_optimizer
+
+    megatron_lm_optimizer.check_model_space(path, common)
+    if megatron_lm_optimizer.sharding_type(common) == megatron_lm_optimizer.BUCKET_SPACE:
+        saved = megatron_lm_optimizer.bucket_states(path, args, tensors)
+    else:
+        saved = {}
+        for key, tensor in tensors.items():
+            if key.startswith(prefix):
+                kind, name = key[len(prefix):].split(".", 1)
+                saved.setdefault(kind, {})[name] = tensor
     kinds: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith(prefix):
-            kind, name = key[len(prefix):].split(".", 1)
+    for kind, named in saved.items():
+        for name, tensor in named.items():
             if local_name(name) in model:
                 kinds.setdefault(kind, {})[local_name(name)] = tensor
     return args, config, iteration, model, common, kinds
@@ -329,16 +340,14 @@ def import_megatron_lm_with_optimizer(path: str):
     tensor}}), kinds empty when the checkpoint holds no model-space optimizer
     tensors. The legacy format's optimizer state is not read (kinds empty).
     ValueError as `import_megatron_lm`, and when the distributed optimizer's
-    state is not in model space (`megatron_lm_optimizer.check_model_space`)."""
+    state is neither in model space nor in the bucket layout
+    `megatron_lm_optimizer.bucket_states` reads (`check_model_space`)."""
     from megatron_sr.checkpointing import megatron_torch_dist
-    from megatron_sr.checkpointing.megatron_lm_optimizer import check_model_space
 
     path = _resolve(path)
     if not megatron_torch_dist.is_torch_dist_directory(path):
         return (*_import_legacy(path), {}, {})
-    imported = _import_torch_dist(path, optimizer=True)
-    check_model_space(path, imported[4])
-    return imported
+    return _import_torch_dist(path, optimizer=True)
 
 
 def _import_legacy(path: str):

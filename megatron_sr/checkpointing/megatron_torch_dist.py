@@ -21,11 +21,13 @@ byte entries (pickles), never read here.
 Reading: `common.pt` through `megatron_pickle` (allowlist), `.metadata`
 through an unpickler that resolves only DCP's metadata and plan classes,
 and only the tensor entries through DCP (which reads them with
-weights_only). Writing (`export`) produces the same layout with one data
+weights_only), plus, for the optimizer, the distributed optimizer's param
+groups with torch.load(weights_only=True). Writing (`export`) produces the same layout with one data
 file, which megatron-core's `dist_checkpointing.load` reads into its GPTModel.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -33,7 +35,7 @@ import re
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint import planner as dcp_planner
 
 from megatron_sr.checkpointing import dcp_metadata
@@ -99,17 +101,35 @@ class _Reader(FileSystemReader):
 
 
 OPTIMIZER_STATE = "optimizer.state."
+OPTIMIZER_BUCKETS = "optimizer.distributed."
+# The distributed optimizer's torch state dict (param groups, Adam's step) per DP group.
+_OPTIMIZER_GROUPS = re.compile(r"optimizer\.distributed\.dp_group_idx_\d+\.optimizer/shard_.*")
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """Reads byte entries with torch.load(weights_only=True): plain data only."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False)
+
+    def load_bytes(self, read_item, value):
+        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
 
 
 def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(common state, {megatron-core key: global tensor}) of a torch_dist
     iteration directory, with the stacked layer tensors unstacked to
     `decoder.layers.<i>.<name>` and every byte entry (`_extra_state`,
-    optimizer and RNG objects) left unread. Without `optimizer` only tensors
+    optimizer and RNG objects) left unread (one exception below). Without `optimizer` only tensors
     whose key does not start with "optimizer." are read; with it also the
     model-space optimizer tensors `optimizer.state.<kind>.<model key>` (kind:
     param / fp32_param, the fp32 main parameter; exp_avg; exp_avg_sq), whose
-    model key is unstacked the same way. ValueError naming the file at fault."""
+    model key is unstacked the same way, and the distributed optimizer's flat
+    bucket tensors `optimizer.distributed.<...>.bucket_idx_<i>.<kind>` as they
+    are (`megatron_lm_optimizer.bucket_states`), and its torch state dicts
+    (`optimizer.distributed.<...>.optimizer`: param groups with Adam's step),
+    read as plain data (weights_only) into common["optimizer"] under their
+    keys. ValueError naming the file at fault."""
     from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
 
     common_path = os.path.join(directory, COMMON_FILE)
@@ -121,13 +141,25 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in metadata.items()
              if isinstance(md, dcp_metadata.dcp_metadata.TensorStorageMetadata)
              and (not key.startswith("optimizer.")
-                  or (optimizer and key.startswith(OPTIMIZER_STATE)))}
+                  or (optimizer and key.startswith((OPTIMIZER_STATE, OPTIMIZER_BUCKETS))))}
     try:
         dcp.load(state, storage_reader=reader, no_dist=True)
     except Exception as exc:  # noqa: BLE001 - DCP wraps every failure
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise ValueError(f"{directory}: the tensors could not be read "
                          f"({type(exc).__name__}: {lines[0][:200] if lines else ''})") from None
+    groups = {key: io.BytesIO() for key, md in metadata.items()
+              if optimizer and _OPTIMIZER_GROUPS.fullmatch(key)
+              and isinstance(md, dcp_metadata.dcp_metadata.BytesStorageMetadata)}
+    if groups:
+        try:
+            dcp.load(groups, storage_reader=reader, planner=_WeightsOnlyPlanner(), no_dist=True)
+        except Exception as exc:  # noqa: BLE001 - DCP wraps every failure
+            raise ValueError(f"{directory}: the distributed optimizer's param groups "
+                             f"({sorted(groups)[0]}) are not plain data: refused without "
+                             f"running them ({type(exc).__name__})") from None
+        if isinstance(common.get("optimizer"), dict):
+            common["optimizer"].update(groups)
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         prefix = ""
