@@ -259,8 +259,11 @@ def best_lr(store: ResultStore, base_lr: float) -> Optional[float]:
 
 
 def _git_commit_of_code() -> str:
+    """The last commit that changed anything but the committed results: the runs a
+    sweep commits one by one ran the same code (compare_runs counts these commits)."""
     try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%H", "--", ".",
+                               ":(exclude)docs/results"], capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "megatron_sr",
                                 "pretrain_gpt.py"], capture_output=True, text=True).stdout.strip()
