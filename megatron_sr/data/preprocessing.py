@@ -158,7 +158,8 @@ def _start_worker(tokenizer_spec: TokenizerSpec, json_keys: tuple[str, ...], app
 def _worker_main(connection, worker_args: tuple) -> None:
     """A tokenization process: encodes the batches it receives until None.
     SIGINT and SIGTERM are the parent's to handle (it kills its workers after
-    removing its temporary files); a worker whose parent died exits at once."""
+    removing its temporary files); a worker whose parent died exits at once,
+    also when it finds the pipe closed before its watcher thread fires."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
@@ -167,11 +168,11 @@ def _worker_main(connection, worker_args: tuple) -> None:
     while True:
         try:
             batch = connection.recv()
-        except EOFError:
-            return
-        if batch is None:
-            return
-        connection.send(_encode_batch(batch))
+            if batch is None:
+                return
+            connection.send(_encode_batch(batch))
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            return  # the parent closed its end or died: nothing is left to send to
 
 
 def _exit_with(parent_sentinel: int) -> None:
