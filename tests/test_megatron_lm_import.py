@@ -85,7 +85,8 @@ def _cpu_stand_ins():
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
 
 
-def _megatron_core_model(args: argparse.Namespace):
+def _megatron_core_model(args: argparse.Namespace, pre_process: bool = True,
+                         post_process: bool = True):
     import torch.nn.functional as F
     from megatron.core.activations import squared_relu
     from megatron.core.models.gpt import GPTModel
@@ -106,6 +107,8 @@ def _megatron_core_model(args: argparse.Namespace):
         normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
         qk_layernorm=qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        pipeline_dtype=torch.bfloat16,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
     spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=qk_layernorm)
@@ -113,7 +116,8 @@ def _megatron_core_model(args: argparse.Namespace):
                     position_embedding_type=args.position_embedding_type,
                     share_embeddings_and_output_weights=not
                     args.untie_embeddings_and_output_weights,
-                    rotary_percent=getattr(args, "rotary_percent", 1.0))
+                    rotary_percent=getattr(args, "rotary_percent", 1.0),
+                    pre_process=pre_process, post_process=post_process)
 
 
 def _megatron_core_logits(model, tp: int) -> np.ndarray:

@@ -16,9 +16,13 @@ Spec:
 - `pretrain_gpt.py --load` of the result resumes: the loaded state is the
   converted one and training continues at iteration 4.
 - The distributed optimizer's default bucket layout (dp_reshardable, DP 1 and
-  DP 2 with several buckets) imports the same way, checked against the live
-  optimizer's state; a layout read in the wrong parameter order and the
-  older dp_zero_gather_scatter are refused by name.
+  DP 2 with several buckets) and its gathered layouts (torch_dist's
+  dp_zero_gather_scatter, the legacy format's distrib_optim.pt) import the
+  same way, checked against the live optimizer's state; at TP2 x PP2 and TP2
+  all three give the bits the model-space layout (fully_reshardable) gives.
+- A layout read in the wrong parameter order, a main parameter that is not
+  the saved weight, virtual or uneven pipeline bucket layouts and unknown
+  layouts are refused by name.
 """
 from __future__ import annotations
 
@@ -54,44 +58,98 @@ class _CudaTensorsOnCpu(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _megatron_args(case: str):
+def _megatron_args(case: str, tp: int = 1, pp: int = 1):
     from test_megatron_lm_import import megatron_lm_args
 
-    args = megatron_lm_args(case, 1, "torch_dist")
+    args = megatron_lm_args(case, tp, "torch_dist")
     args.__dict__.update(bf16=True, params_dtype=torch.bfloat16, seed=SEED,
                          global_batch_size=BATCH, micro_batch_size=BATCH, train_iters=TRAIN_ITERS,
                          consumed_train_samples=ITERATION * BATCH, lr=1e-3, min_lr=0.0,
                          lr_decay_style="constant", use_distributed_optimizer=True,
+                         pipeline_model_parallel_size=pp,
                          transformer_impl="local")  # the local layer spec it builds
     return args
 
 
+def _save_iteration(save_dir, args, model, optimizer, scheduler, sharding_type) -> None:
+    """Iteration 3 into `save_dir` as Megatron-LM's training loop writes it:
+    `dist_checkpointing.save` with the distributed optimizer's state as
+    `sharding_type`, or with sharding_type "legacy" `--ckpt-format torch`
+    (per model-parallel rank `model_optim_rng.pt` and `distrib_optim.pt`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as mcore_parallel_state
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    directory = os.path.join(save_dir, f"iter_{ITERATION:07d}")
+    os.makedirs(directory, exist_ok=True)
+    if sharding_type == "legacy":
+        tp_rank = mcore_parallel_state.get_tensor_model_parallel_rank()
+        pp_rank = mcore_parallel_state.get_pipeline_model_parallel_rank()
+        rank_dir = os.path.join(directory, f"mp_rank_{tp_rank:02d}" if args.
+                                pipeline_model_parallel_size == 1 else
+                                f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
+        os.makedirs(rank_dir, exist_ok=True)
+        optimizer.save_parameter_state(os.path.join(rank_dir, "distrib_optim.pt"))
+        if mcore_parallel_state.get_data_parallel_rank() == 0:
+            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+                        "model": model.state_dict_for_save_checkpoint(),
+                        "optimizer": optimizer.state_dict(),
+                        "opt_param_scheduler": scheduler.state_dict()},
+                       os.path.join(rank_dir, "model_optim_rng.pt"))
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(f"{ITERATION}\n")
+        return
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+             "model": model.sharded_state_dict(),
+             "num_floating_point_operations_so_far": 0}
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata={
+        "distrib_optim_sharding_type": sharding_type, "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True})
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, directory, sharded_strategy=TorchDistSaveShardedStrategy(
+        "torch_dist", 1, thread_count=1))
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(f"{ITERATION}\n")
+
+
 def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type,
-                                       distributed=True, case="gpt2", bucket_size=None):
+                                       distributed=True, case="gpt2", bucket_size=None,
+                                       tp=1, pp=1, also_save=None):
     """Three Adam steps of megatron-core's bf16 GPTModel under its
     DistributedOptimizer (`distributed`, its state saved as `sharding_type`;
     with `bucket_size` its gradient buffer is cut in buckets of about that many
     elements, reduced while the backward runs, as Megatron-LM's
-    --overlap-grad-reduce does) or its mixed-precision optimizer, saved as
-    Megatron-LM saves iteration 3; every rank runs the same batch. Returns
-    {name: (shape, start, (fp32 main parameter, exp_avg, exp_avg_sq))} of the
-    part of each parameter (flat, from `start`) this rank's live optimizer
-    holds, as numpy arrays (tensors do not outlive the rank's process);
-    `_assemble` joins the ranks' parts."""
-    from megatron.core import dist_checkpointing
+    --overlap-grad-reduce does) or its mixed-precision optimizer, at tensor
+    and pipeline parallel sizes `tp`, `pp` (data parallel: the rest), saved as
+    Megatron-LM saves iteration 3, and also as each {sharding_type: save
+    directory} of `also_save` (`_save_iteration`). Every data-parallel rank runs the
+    same batch; under pipeline parallelism each stage's loss is its own output's
+    (the last stage's input a fixed tensor), its gradients finalized as
+    Megatron-LM's loop does (the tied embedding's copies reduced together).
+    Returns, at TP = PP = 1, {name: (shape, start, (fp32 main parameter,
+    exp_avg, exp_avg_sq))} of the part of each parameter (flat, from `start`)
+    this rank's live optimizer holds, as numpy arrays (tensors do not outlive
+    the rank's process); `_assemble` joins the ranks' parts. None otherwise."""
     from megatron.core import parallel_state as mcore_parallel_state
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from test_megatron_lm_import import SEQ, TOKENS, _cpu_stand_ins, _megatron_core_model
 
     _cpu_stand_ins()
     torch.manual_seed(11)
-    mcore_parallel_state.initialize_model_parallel(1, 1)
-    args = _megatron_args(case)
+    mcore_parallel_state.initialize_model_parallel(tp, pp)
+    first = mcore_parallel_state.is_pipeline_first_stage()
+    last = mcore_parallel_state.is_pipeline_last_stage()
+    args = _megatron_args(case, tp, pp)
+    stage_input = torch.randn(SEQ, 2, args.hidden_size,
+                              generator=torch.Generator().manual_seed(3)).bfloat16()
     with _CudaTensorsOnCpu():
-        model = _megatron_core_model(args).bfloat16()
+        model = _megatron_core_model(args, pre_process=first, post_process=last).bfloat16()
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
             overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size), model)
@@ -107,36 +165,30 @@ def _train_and_save_with_megatron_core(rank, world_size, save_dir, sharding_type
         for _ in range(ITERATION):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
+            if not first:
+                model.set_input_tensor(stage_input)
             ddp(TOKENS, positions, causal).float().square().mean().backward()
-            ddp.finish_grad_sync()
+            finalize_model_grads([ddp])
             assert optimizer.step()[0]
             scheduler.step(increment=BATCH)
-        directory = os.path.join(save_dir, f"iter_{ITERATION:07d}")
-        os.makedirs(directory, exist_ok=True)
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
-                 "model": model.sharded_state_dict(),
-                 "num_floating_point_operations_so_far": 0}
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata={
-            "distrib_optim_sharding_type": sharding_type, "singleton_local_shards": False,
-            "chained_optim_avoid_prefix": True})
-        state["opt_param_scheduler"] = scheduler.state_dict()
-        dist_checkpointing.save(state, directory, sharded_strategy=TorchDistSaveShardedStrategy(
-            "torch_dist", 1, thread_count=1))
-    if rank == 0:
-        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write(f"{ITERATION}\n")
-    names = {id(param): name for name, param in model.named_parameters()}
-    inner = optimizer.chained_optimizers[0]
-    expected = {}
-    groups = (zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups) if distributed
-              else zip(inner.float16_groups, inner.fp32_from_float16_groups))
-    for group, mains in groups:
-        for param, main in zip(group, mains):
-            adam = inner.optimizer.state[main]
-            start = inner._get_model_param_range_map(param)["param"].start if distributed else 0
-            expected[names[id(param)]] = (tuple(param.shape), start, tuple(
-                t.detach().flatten().numpy().copy()
-                for t in (main, adam["exp_avg"], adam["exp_avg_sq"])))
+        _save_iteration(save_dir, args, model, optimizer, scheduler, sharding_type)
+        for other_sharding_type, other_dir in (also_save or {}).items():
+            _save_iteration(other_dir, args, model, optimizer, scheduler, other_sharding_type)
+    expected = None
+    if tp == pp == 1:
+        names = {id(param): name for name, param in model.named_parameters()}
+        inner = optimizer.chained_optimizers[0]
+        expected = {}
+        groups = (zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups)
+                  if distributed else zip(inner.float16_groups, inner.fp32_from_float16_groups))
+        for group, mains in groups:
+            for param, main in zip(group, mains):
+                adam = inner.optimizer.state[main]
+                start = inner._get_model_param_range_map(param)["param"].start \
+                    if distributed else 0
+                expected[names[id(param)]] = (tuple(param.shape), start, tuple(
+                    t.detach().flatten().numpy().copy()
+                    for t in (main, adam["exp_avg"], adam["exp_avg_sq"])))
     mcore_parallel_state.destroy_model_parallel()
     return expected
 
@@ -259,20 +311,23 @@ def test_pretrain_gpt_resumes_the_converted_megatron_run(megatron_run, tmp_path)
 
 # Megatron-LM's default layout of the distributed optimizer, megatron-core's flat buckets:
 # GPT-2 style at DP 1 in one bucket; Llama style (untied output, no biases) at DP 2 with
-# --overlap-grad-reduce's buckets, each rank saving its slice of them.
+# --overlap-grad-reduce's buckets, each rank saving its slice of them; and the same state
+# gathered on data-parallel rank 0 (dp_zero_gather_scatter, legacy distrib_optim.pt).
 @pytest.mark.slow
 @pytest.mark.parametrize("case,dp,bucket_size", [("gpt2", 1, None), ("llama_gqa", 2, 4000)],
                          ids=["gpt2-dp1", "llama_gqa-dp2-buckets"])
 def test_the_distributed_optimizers_bucket_layout_imports(case, dp, bucket_size, tmp_path):
     from multiprocess import run_ranks
-    from megatron_sr.checkpointing import megatron_lm_optimizer, megatron_torch_dist
+    from megatron_sr.checkpointing import megatron_lm, megatron_lm_optimizer, megatron_torch_dist
     from megatron_sr.checkpointing.conversion import load_full_checkpoint
     from megatron_sr.precision.rounding import stochastic_round
 
     save = str(tmp_path / "megatron")
-    os.makedirs(save)
+    gathered = {layout: str(tmp_path / layout) for layout in ("dp_zero_gather_scatter", "legacy")}
+    for directory in (save, *gathered.values()):
+        os.makedirs(directory)
     expected = _assemble(run_ranks(_train_and_save_with_megatron_core, dp, save,
-                                   "dp_reshardable", True, case, bucket_size))
+                                   "dp_reshardable", True, case, bucket_size, 1, 1, gathered))
     directory = os.path.join(save, f"iter_{ITERATION:07d}")
     common, tensors = megatron_torch_dist.read(directory, optimizer=True)
     assert megatron_lm_optimizer.sharding_type(common) == "dp_reshardable"
@@ -281,32 +336,122 @@ def test_the_distributed_optimizers_bucket_layout_imports(case, dp, bucket_size,
     buckets = [key for key in tensors
                if key.startswith("optimizer.distributed.") and key.endswith(".param")]
     assert (len(buckets) > 1) == (bucket_size is not None), buckets
-    _convert(save, str(tmp_path / "sr"))
-    _convert(save, str(tmp_path / "mixed"), "--precision", "bf16-mixed")
-    sr, mixed = (load_full_checkpoint(str(tmp_path / which)) for which in ("sr", "mixed"))
-    assert sr.optimizer["step"] == ITERATION and set(sr.model) == set(expected)
-    for name, (main, exp_avg, exp_avg_sq) in expected.items():
-        rounded = stochastic_round(main, _documented_import_key(name))
-        assert torch.equal(sr.model[name].view(torch.int16), rounded.view(torch.int16)), name
-        assert torch.equal(sr.optimizer["params"]["exp_avg"][name], exp_avg.bfloat16()), name
-        assert torch.equal(sr.optimizer["params"]["exp_avg_sq"][name],
-                           exp_avg_sq.bfloat16()), name
-        assert torch.equal(mixed.optimizer["params"]["master"][name], main), name
-        assert torch.equal(mixed.optimizer["params"]["exp_avg"][name], exp_avg), name
-        assert torch.equal(mixed.optimizer["params"]["exp_avg_sq"][name], exp_avg_sq), name
+    # The gathered layouts (torch_dist's dp_zero_gather_scatter, the legacy format's
+    # distrib_optim.pt) coalesce the buckets without their padding: the same state.
+    for source in (save, *gathered.values()):
+        which = os.path.basename(source)
+        _convert(source, str(tmp_path / f"{which}_sr"))
+        _convert(source, str(tmp_path / f"{which}_mixed"), "--precision", "bf16-mixed")
+        sr, mixed = (load_full_checkpoint(str(tmp_path / f"{which}_{precision}"))
+                     for precision in ("sr", "mixed"))
+        assert sr.optimizer["step"] == ITERATION and set(sr.model) == set(expected), which
+        for name, (main, exp_avg, exp_avg_sq) in expected.items():
+            rounded = stochastic_round(main, _documented_import_key(name))
+            assert torch.equal(sr.model[name].view(torch.int16), rounded.view(torch.int16)), \
+                (which, name)
+            assert torch.equal(sr.optimizer["params"]["exp_avg"][name], exp_avg.bfloat16()), \
+                (which, name)
+            assert torch.equal(sr.optimizer["params"]["exp_avg_sq"][name],
+                               exp_avg_sq.bfloat16()), (which, name)
+            assert torch.equal(mixed.optimizer["params"]["master"][name], main), (which, name)
+            assert torch.equal(mixed.optimizer["params"]["exp_avg"][name], exp_avg), \
+                (which, name)
+            assert torch.equal(mixed.optimizer["params"]["exp_avg_sq"][name], exp_avg_sq), \
+                (which, name)
     # The layout is checked against the saved weights: read in Transformer Engine's
     # parameter order (the input norm after linear_proj) it is refused, not loaded shuffled.
-    common["args"].transformer_impl = "transformer_engine"
+    args = common["args"]
+    args.transformer_impl = "transformer_engine"
+    model = {megatron_lm.local_name(key): tensor for key, tensor in tensors.items()
+             if not key.startswith("optimizer.") and not key.endswith("_extra_state")}
     with pytest.raises(ValueError, match="layout"):
-        megatron_lm_optimizer.bucket_states(directory, common["args"], tensors)
+        megatron_lm_optimizer.bucket_states(
+            directory, args, megatron_lm.model_config_from_megatron_args(args), model,
+            megatron_lm_optimizer.bucket_groups(directory, tensors))
+
+
+# At tensor and pipeline parallel sizes above 1 each model-parallel rank saved the buckets of
+# its own shards: GPT-2 style at TP2 x PP2 (the tied embedding's last-stage copy in the last
+# stage's buffer), Llama style at TP2 (GQA's QKV rows, SwiGLU's fc1 as
+# [gate; up] per TP rank). The same live optimizer also saved its state in model space
+# (fully_reshardable), whose global tensors megatron-core itself assembled: both
+# imports must give the same bits.
+@pytest.mark.slow
+@pytest.mark.parametrize("case,tp,pp,dp,bucket_size", [("gpt2", 2, 2, 1, None),
+                                                       ("llama_gqa", 2, 1, 1, None)],
+                         ids=["gpt2-tp2-pp2", "llama_gqa-tp2"])
+def test_the_bucket_layout_imports_at_tensor_and_pipeline_parallel(case, tp, pp, dp,
+                                                                   bucket_size, tmp_path):
+    from multiprocess import run_ranks
+    from megatron_sr.checkpointing.conversion import load_full_checkpoint
+
+    saves = {layout: str(tmp_path / layout) for layout in
+             ("fully_reshardable", "dp_reshardable", "dp_zero_gather_scatter", "legacy")}
+    for directory in saves.values():
+        os.makedirs(directory)
+    run_ranks(_train_and_save_with_megatron_core, tp * pp * dp, saves["fully_reshardable"],
+              "fully_reshardable", True, case, bucket_size, tp, pp,
+              {k: v for k, v in saves.items() if k != "fully_reshardable"})
+    for precision in ("bf16-sr", "bf16-mixed"):
+        converted = {}
+        for layout, directory in saves.items():
+            _convert(directory, str(tmp_path / f"{layout}_{precision}"), "--precision", precision)
+            converted[layout] = load_full_checkpoint(str(tmp_path / f"{layout}_{precision}"))
+        oracle = converted.pop("fully_reshardable")
+        for layout, imported in converted.items():
+            assert imported.optimizer["step"] == ITERATION, layout
+            assert imported.iteration == ITERATION, layout
+            assert set(imported.model) == set(oracle.model), layout
+            for name, weight in oracle.model.items():
+                assert torch.equal(imported.model[name].view(torch.int16),
+                                   weight.view(torch.int16)), (layout, name)
+            for kind, named in oracle.optimizer["params"].items():
+                assert set(imported.optimizer["params"][kind]) == set(named), (layout, kind)
+                for name, tensor in named.items():
+                    assert torch.equal(imported.optimizer["params"][kind][name], tensor), \
+                        (layout, kind, name)
+            assert imported.lr_scheduler == oracle.lr_scheduler, layout
 
 
 def test_other_distributed_optimizer_layouts_are_refused_by_name():
     from megatron_sr.checkpointing.megatron_lm_optimizer import check_model_space
 
-    common = {"optimizer": {"param_state_sharding_type": "dp_zero_gather_scatter"}}
-    with pytest.raises(ValueError, match="dp_zero_gather_scatter.*"
-                                         "--dist-ckpt-optim-fully-reshardable"):
-        check_model_space("ckpt", common)
-    for imported in ("fully_reshardable", "fully_sharded_model_space", "dp_reshardable"):
+    for refused in ("fully_sharded_bucket_space", "fsdp_dtensor"):
+        common = {"optimizer": {"param_state_sharding_type": refused}}
+        with pytest.raises(ValueError, match=f"ckpt: .*{refused!r}.*"
+                                             f"--dist-ckpt-optim-fully-reshardable"):
+            check_model_space("ckpt", common)
+    for imported in ("fully_reshardable", "fully_sharded_model_space", "dp_reshardable",
+                     "dp_zero_gather_scatter"):
         check_model_space("ckpt", {"optimizer": {"param_state_sharding_type": imported}})
+
+
+def test_a_main_parameter_that_is_not_the_weight_is_refused():
+    from megatron_sr.checkpointing.megatron_lm_optimizer import parameter_states
+    from megatron_sr.precision.strategies import get_strategy
+
+    weight = torch.randn(4, 3).bfloat16()
+    main = weight.float()
+    kinds = {"param": {"w": main}, "exp_avg": {"w": torch.zeros(4, 3)},
+             "exp_avg_sq": {"w": torch.zeros(4, 3)}}
+    weights, _ = parameter_states("ckpt", {"w": weight}, kinds, get_strategy("bf16-mixed"), 1, 3)
+    assert torch.equal(weights["w"], weight)
+    kinds["param"]["w"] = main + 0.5  # e.g. a state saved from another run's buffers
+    with pytest.raises(ValueError, match="ckpt: the optimizer's main parameter for w is not "
+                                         "the saved weight"):
+        parameter_states("ckpt", {"w": weight}, kinds, get_strategy("bf16-mixed"), 1, 3)
+
+
+@pytest.mark.parametrize("flag", ["virtual_pipeline_model_parallel_size",
+                                  "decoder_first_pipeline_num_layers"])
+def test_bucket_layouts_of_uneven_or_virtual_pipelines_are_refused_by_flag(flag):
+    import argparse
+
+    from megatron_sr.checkpointing.megatron_lm_optimizer import bucket_states
+
+    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
+                              **{flag: 2})
+    with pytest.raises(ValueError, match=f"ckpt: .*'dp_reshardable' under "
+                                         f"--{flag.replace('_', '-')}.*"
+                                         f"--dist-ckpt-optim-fully-reshardable"):
+        bucket_states("ckpt", args, None, {}, {})

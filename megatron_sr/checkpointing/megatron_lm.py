@@ -25,10 +25,11 @@ layernorm-1p, SwiGLU and squared ReLU carry over; a flag our model lacks
 (`_REFUSED_FLAGS`: MoE, MLA, ...) is refused by name, never loaded as another
 model. A torch_dist checkpoint's optimizer state (fp32 main parameters,
 Adam's moments, its step and learning-rate schedule) is imported too when it
-is in model space or in the distributed optimizer's default bucket layout
-(dp_reshardable, TP = PP = 1) (`import_megatron_lm_with_optimizer`, then
-`megatron_lm_optimizer`), so the run resumes; the legacy format travels as
-weights only (start with --finetune). Export writes either format
+is in model space or in the distributed optimizer's bucket layouts
+(dp_reshardable, its default, and dp_zero_gather_scatter), as is the legacy
+format's `distrib_optim.pt` (`import_megatron_lm_with_optimizer`, then
+`megatron_lm_optimizer`), so the run resumes; the legacy format's other
+optimizers travel as weights only (start with --finetune). Export writes either format
 (torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
 stages in the legacy format (`model0`, ...) and the pre-core
 `language_model` layout are refused.
@@ -318,8 +319,14 @@ def _import_torch_dist(path: str, optimizer: bool = False):
     from megatron_sr.checkpointing import megatron_lm_optimizer
 
     megatron_lm_optimizer.check_model_space(path, common)
-    if megatron_lm_optimizer.sharding_type(common) == megatron_lm_optimizer.BUCKET_SPACE:
-        saved = megatron_lm_optimizer.bucket_states(path, args, tensors)
+    layout = megatron_lm_optimizer.sharding_type(common)
+    if layout == megatron_lm_optimizer.BUCKET_SPACE:
+        saved = megatron_lm_optimizer.bucket_states(
+            path, args, config, model, megatron_lm_optimizer.bucket_groups(path, tensors))
+    elif layout == megatron_lm_optimizer.GATHERED:
+        saved = megatron_lm_optimizer.bucket_states(
+            path, args, config, model, megatron_lm_optimizer.dp_zero_groups(
+                path, megatron_lm_optimizer.gathered_states(common)), coalesced=True)
     else:
         saved = {}
         for key, tensor in tensors.items():
@@ -337,17 +344,45 @@ def _import_torch_dist(path: str, optimizer: bool = False):
 def import_megatron_lm_with_optimizer(path: str):
     """Like `import_megatron_lm`, plus the optimizer state: (args, ModelConfig,
     iteration, weights, common state, {Megatron kind: {our global name:
-    tensor}}), kinds empty when the checkpoint holds no model-space optimizer
-    tensors. The legacy format's optimizer state is not read (kinds empty).
-    ValueError as `import_megatron_lm`, and when the distributed optimizer's
-    state is neither in model space nor in the bucket layout
-    `megatron_lm_optimizer.bucket_states` reads (`check_model_space`)."""
+    tensor}}), kinds empty when the checkpoint holds no optimizer state we
+    read: torch_dist's model-space tensors or the distributed optimizer's
+    buckets (dp_reshardable, dp_zero_gather_scatter), the legacy format's
+    `distrib_optim.pt` files. ValueError as `import_megatron_lm`, and when the
+    distributed optimizer's state is in another layout (`check_model_space`)
+    or its buckets do not hold the saved weights
+    (`megatron_lm_optimizer.bucket_states`)."""
     from megatron_sr.checkpointing import megatron_torch_dist
 
     path = _resolve(path)
     if not megatron_torch_dist.is_torch_dist_directory(path):
-        return (*_import_legacy(path), {}, {})
+        return _import_legacy_with_optimizer(path)
     return _import_torch_dist(path, optimizer=True)
+
+
+def _import_legacy_with_optimizer(path: str):
+    """The legacy format's import plus, when every rank directory holds the
+    distributed optimizer's `distrib_optim.pt` (megatron-core's gathered
+    dp_zero layout), its state; kinds empty otherwise (weights only)."""
+    from megatron_sr.checkpointing import megatron_lm_optimizer
+
+    args, config, iteration, model = _import_legacy(path)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    files = {tp_rank + tp * pp_rank: os.path.join(path, _legacy_rank_dir(tp_rank, pp_rank, pp))
+             for tp_rank in range(tp) for pp_rank in range(pp)}
+    optimizer_files = {g: os.path.join(d, "distrib_optim.pt") for g, d in files.items()}
+    if not all(os.path.isfile(f) for f in optimizer_files.values()):
+        return args, config, iteration, model, {}, {}
+    common = {k: v for k, v in _read(os.path.join(files[0], "model_optim_rng.pt")).items()
+              if k != "model"}
+    groups = megatron_lm_optimizer.dp_zero_groups(
+        path, {g: _read(f) for g, f in optimizer_files.items()})
+    saved = megatron_lm_optimizer.bucket_states(path, args, config, model, groups,
+                                                coalesced=True)
+    return args, config, iteration, model, common, saved
+
+
+def _legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 def _import_legacy(path: str):
@@ -373,9 +408,8 @@ def _import_legacy(path: str):
     ranks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for tp_rank in range(tp):
         for pp_rank in range(pp):
-            rank_dir = f"mp_rank_{tp_rank:02d}" if pp == 1 else \
-                f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-            file = os.path.join(path, rank_dir, "model_optim_rng.pt")
+            file = os.path.join(path, _legacy_rank_dir(tp_rank, pp_rank, pp),
+                                "model_optim_rng.pt")
             if not os.path.isfile(file):
                 raise ValueError(f"{file} is missing (TP={tp} x PP={pp} checkpoint)")
             state = _read(file)["model"]

@@ -15,20 +15,27 @@ key>`:
 
 Megatron-LM's default layout of the distributed optimizer, `dp_reshardable`,
 stores megatron-core's flat buckets instead, one global tensor per bucket
-and kind (`optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_<...>.
+and kind (`optimizer.distributed.dp_group_idx_<r>.gbuf_idx_0.dtype_<...>.
 bucket_idx_<b>.<kind>`, kinds param / exp_avg / exp_avg_sq, length: the
-bucket's unpadded size), without parameter names. `bucket_states` maps them
-back to parameters with megatron-core's layout rule (0.16,
-`_ParamAndGradBuffer`): the parameters of the model, in `named_parameters`
-order (`parameter_order`), enter the buffer in REVERSE order; each starts
-at the next multiple of 64 elements; a bucket ends after the parameter that
-fills it (the saved bucket sizes tell where). The bucket tensors are the
-same whatever the data-parallel size (each rank saved its slice of them).
-The result is checked against the saved model: every main parameter cast to
-the weight's dtype must equal the weight, otherwise the layout is refused.
-Supported at tensor and pipeline parallel size 1 (one data-parallel group,
-one buffer); the older `dp_zero_gather_scatter` and other layouts are
-refused by name, with the flag that saves model space.
+bucket's unpadded size), without parameter names, one set per model-parallel
+rank r = tp_rank + TP * pp_rank (its stage's TP shards). `bucket_states`
+maps them back to parameters with megatron-core's layout rule (0.16,
+`_ParamAndGradBuffer`): the stage's parameters, in `named_parameters` order
+(`parameter_order`), enter the buffer in REVERSE order; each starts at the
+next multiple of 64 elements; a bucket ends after the parameter that fills
+it (the saved bucket sizes tell where). The bucket tensors are the same
+whatever the data-parallel size (each rank saved its slice of them).
+The gathered layouts hold the same buckets, gathered on data-parallel rank 0
+and coalesced without their end padding (`get_parameter_state_dp_zero`):
+torch_dist's `dp_zero_gather_scatter` (an object per model-parallel rank,
+`...dp_group_idx_<r>.param_state`) and the legacy format's
+`mp_rank_*/distrib_optim.pt`; there the bucket sizes are not saved, and
+each parameter is placed where its main values round to its weight
+(`coalesced_offsets`). The TP shards are joined with our own layout
+(`state_dict_layout`), and every main parameter cast to the weight's dtype
+must equal the weight, otherwise the layout is refused. Virtual and uneven
+pipeline stages and other layouts are refused by name, with the flag that
+saves model space.
 
 Adam's step count comes from the param groups in `common.pt` (under
 dp_reshardable from the distributed optimizer's own state dict, which
@@ -56,6 +63,10 @@ from typing import Optional
 import torch
 
 from megatron_sr.config import ModelConfig, OptimizerConfig
+from megatron_sr.model.gpt_model import WORD_EMBEDDING_NAME
+from megatron_sr.model.state_dict_layout import (merge_state_dicts, split_state_dict,
+                                                 tensor_parallel_split)
+from megatron_sr.tensor_parallel import shard_full_tensor
 from megatron_sr.precision.rounding import stochastic_round
 from megatron_sr.precision.strategies import PrecisionStrategy
 from megatron_sr.random import import_rounding_key
@@ -63,8 +74,12 @@ from megatron_sr.random import import_rounding_key
 _MAIN_KINDS = ("param", "fp32_param")
 _MODEL_SPACE = ("fully_reshardable", "fully_sharded_model_space")
 BUCKET_SPACE = "dp_reshardable"
+GATHERED = "dp_zero_gather_scatter"  # also the legacy format's distrib_optim.pt
+_PARAM_STATE_KEY = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.param_state/shard_.*")
 _BUCKET_KEY = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\."
                          r"dtype_(.+)\.bucket_idx_(\d+)\.(\w+)")
+_MODEL_SPACE_REMEDY = ("save it from Megatron-LM with --dist-ckpt-optim-fully-reshardable "
+                       "(model space), or convert with --no-optimizer and start with --finetune")
 _PARAM_ALIGNMENT = 64  # elements: megatron-core pads each parameter's start to it
 # One layer's parameters in megatron-core's `named_parameters` order, under the names its
 # torch_dist checkpoint holds (the fused norms under Transformer Engine's names, with the
@@ -103,14 +118,27 @@ def sharding_type(common: dict) -> Optional[str]:
 
 def check_model_space(source: str, common: dict) -> None:
     """ValueError naming `source` when its distributed optimizer state is
-    neither in model space nor `dp_reshardable` (see the module docstring)."""
+    in none of the layouts this module reads (see the module docstring)."""
     kind = sharding_type(common)
-    if kind is not None and kind not in _MODEL_SPACE + (BUCKET_SPACE,):
+    if kind is not None and kind not in _MODEL_SPACE + (BUCKET_SPACE, GATHERED):
         raise ValueError(
             f"{source}: its distributed optimizer state is saved as {kind!r}, which cannot be "
-            f"imported (model space and {BUCKET_SPACE!r} can): save it from Megatron-LM with "
-            f"--dist-ckpt-optim-fully-reshardable (model space), or convert without the "
-            f"optimizer state (--no-optimizer) and start with --finetune")
+            f"imported (model space, {BUCKET_SPACE!r} and {GATHERED!r} can): "
+            f"{_MODEL_SPACE_REMEDY}")
+
+
+def gathered_states(common: dict) -> dict[int, object]:
+    """{data-parallel group index: its gathered state} of a torch_dist
+    dp_zero_gather_scatter checkpoint (the `param_state` objects that
+    `megatron_torch_dist.read` puts into common["optimizer"]), for
+    `dp_zero_groups`."""
+    states = {}
+    for key, value in (common.get("optimizer") or {}).items():
+        match = _PARAM_STATE_KEY.fullmatch(str(key))
+        if match is not None:  # megatron-core stores the list of the shard's objects: one
+            states[int(match.group(1))] = value[0] if isinstance(value, list) and \
+                len(value) == 1 else value
+    return states
 
 
 def parameter_order(source: str, names: list[str], transformer_impl: str) -> list[str]:
@@ -153,46 +181,168 @@ def bucket_offsets(numels: list[int], bucket_numels: list[int]) -> Optional[list
     return offsets if bucket == len(bucket_numels) else None
 
 
-def bucket_states(source: str, args: argparse.Namespace,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{kind: {megatron-core key: tensor of the parameter's shape}} (kinds
-    param, exp_avg, exp_avg_sq) from the dp_reshardable bucket tensors in
-    `tensors` (`megatron_torch_dist.read(..., optimizer=True)`: the model's
-    weights under megatron-core keys beside them). ValueError naming
-    `source` when the checkpoint is not TP = PP = 1 with one buffer, or its
-    buckets do not match the model's parameters."""
-    buckets: dict[str, dict[int, torch.Tensor]] = {}
-    groups = set()
+def bucket_groups(source: str, tensors: dict[str, torch.Tensor]
+                    ) -> dict[int, dict[str, list[torch.Tensor]]]:
+    """{data-parallel group index: {kind: [bucket tensor, in bucket order]}}
+    of the dp_reshardable keys in `tensors` (`bucket_states`' input). ValueError naming `source` when a
+    group holds more than one gradient buffer (virtual pipeline chunks, fp32
+    parameters beside bf16 ones) or its buckets are not numbered 0..n-1."""
+    found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
+    buffers: dict[int, set] = {}
     for key, tensor in tensors.items():
         match = _BUCKET_KEY.fullmatch(key)
         if match is not None:
-            groups.add(match.group(1, 2, 3))
-            buckets.setdefault(match.group(5), {})[int(match.group(4))] = tensor
-    tp_pp = (getattr(args, "tensor_model_parallel_size", 1) or 1,
-             getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    if len(groups) != 1 or tp_pp != (1, 1):
-        raise ValueError(f"{source}: its distributed optimizer state is saved as 'dp_reshardable' "
-                         f"with tensor/pipeline parallel sizes {tp_pp} and {len(groups)} "
-                         f"bucket buffers; only TP = PP = 1 with one buffer can be imported: "
-                         f"save it from Megatron-LM with --dist-ckpt-optim-fully-reshardable "
-                         f"(model space), or convert with --no-optimizer and start with --finetune")
-    weights = {key: tensor for key, tensor in tensors.items()
-               if not key.startswith("optimizer.") and not key.endswith("_extra_state")}
-    order = parameter_order(source, list(weights),
-                            getattr(args, "transformer_impl", None) or "transformer_engine")
-    sizes = [t.numel() for _, t in sorted(buckets.get("param", {}).items())]
-    offsets = bucket_offsets([weights[name].numel() for name in reversed(order)], sizes)
-    if offsets is None or set(buckets) != {"param", "exp_avg", "exp_avg_sq"}:
-        raise ValueError(f"{source}: the distributed optimizer's buckets (kinds "
-                         f"{sorted(buckets)}, sizes {sizes}) do not hold the model's parameters "
-                         f"in megatron-core's layout; convert with --no-optimizer and start with "
-                         f"--finetune")
-    states: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in buckets}
-    for name, (bucket, start) in zip(reversed(order), offsets):
-        weight = weights[name]
-        for kind, flat in buckets.items():
-            states[kind][name] = flat[bucket][start:start + weight.numel()].view(
-                weight.shape).clone()
+            group = int(match.group(1))
+            buffers.setdefault(group, set()).add(match.group(2, 3))
+            found.setdefault(group, {}).setdefault(match.group(5), {})[
+                int(match.group(4))] = tensor
+    groups = {}
+    for group, kinds in found.items():
+        if len(buffers[group]) != 1:
+            raise ValueError(f"{source}: data-parallel group {group} of its distributed "
+                             f"optimizer holds {len(buffers[group])} gradient buffers "
+                             f"{sorted(buffers[group])}; only one (no virtual pipeline, one "
+                             f"parameter dtype) can be imported: {_MODEL_SPACE_REMEDY}")
+        groups[group] = {}
+        for kind, numbered in kinds.items():
+            if sorted(numbered) != list(range(len(numbered))):
+                raise ValueError(f"{source}: the {kind} buckets of data-parallel group {group} "
+                                 f"are numbered {sorted(numbered)}, not 0..{len(numbered) - 1}")
+            groups[group][kind] = [numbered[b] for b in range(len(numbered))]
+    return groups
+
+
+def dp_zero_groups(source: str, states: dict[int, object]
+                   ) -> dict[int, dict[str, list[torch.Tensor]]]:
+    """`bucket_states`' input from megatron-core's gathered layout
+    (`get_parameter_state_dp_zero`: {"buckets_coalesced": True, <gradient
+    buffer index>: {<dtype>: {"param" | "exp_avg" | "exp_avg_sq": flat fp32
+    tensor, "numel_unpadded": int}}}) of each data-parallel group: the
+    buckets' unpadded contents one after the other, as one "bucket" whose
+    inner boundaries `bucket_states` finds. ValueError naming `source` for
+    any other structure or more than one buffer."""
+    groups = {}
+    for group, state in states.items():
+        buffers = [v for k, v in state.items() if k != "buckets_coalesced"] \
+            if isinstance(state, dict) else []
+        if not isinstance(state, dict) or state.get("buckets_coalesced") is not True \
+                or len(buffers) != 1 or not isinstance(buffers[0], dict) \
+                or len(buffers[0]) != 1:
+            raise ValueError(f"{source}: the gathered distributed optimizer state of "
+                             f"data-parallel group {group} is not one coalesced gradient "
+                             f"buffer of one dtype (megatron-core's dp_zero layout): "
+                             f"{_MODEL_SPACE_REMEDY}")
+        (flat,) = buffers[0].values()
+        kinds = {"param", "exp_avg", "exp_avg_sq"}
+        if not isinstance(flat, dict) or not kinds <= set(flat) or not all(
+                isinstance(flat[k], torch.Tensor) and flat[k].dim() == 1 for k in kinds):
+            raise ValueError(f"{source}: the gathered distributed optimizer state of "
+                             f"data-parallel group {group} lacks flat {sorted(kinds)} tensors")
+        groups[group] = {kind: [flat[kind]] for kind in kinds}
+    return groups
+
+
+def coalesced_offsets(numels: list[int], total: int, fits) -> Optional[list[tuple]]:
+    """[(0, start)] per parameter of `numels` (the buffer's order) in the
+    coalesced dp_zero tensor of `total` elements, where each bucket's padding
+    at its end was cut: a parameter starts either at the next multiple of 64
+    from its bucket's start, or, when the previous one closed its bucket,
+    right after it. `fits(i, start)` tells whether parameter i's main values
+    at `start` round to its saved weight; the first position that fits is
+    taken. None when neither fits or the parameters do not end the tensor."""
+    offsets, bucket_start, end = [], 0, 0
+    for i, numel in enumerate(numels):
+        aligned = bucket_start + math.ceil((end - bucket_start) / _PARAM_ALIGNMENT) * \
+            _PARAM_ALIGNMENT
+        start = next((at for at in dict.fromkeys((aligned, end))
+                      if at + numel <= total and fits(i, at)), None)
+        if start is None:
+            return None
+        if start != aligned:
+            bucket_start = start
+        offsets.append((0, start))
+        end = start + numel
+    return offsets if end == total else None
+
+
+def _fits(flat_main: torch.Tensor, names: list[str], model: dict[str, torch.Tensor],
+          config: ModelConfig, tp_rank: int, tp: int):
+    """`coalesced_offsets`' test: whether the main values in `flat_main` at a
+    start round to TP rank `tp_rank`'s shard of parameter names[i]."""
+    def fits(i: int, start: int) -> bool:
+        split = tensor_parallel_split(names[i], config)
+        weight = model[names[i]] if split is None else \
+            shard_full_tensor(model[names[i]], split, tp_rank, tp)
+        main = flat_main[start:start + weight.numel()].view(weight.shape)
+        return torch.equal(main.to(weight.dtype), weight)
+    return fits
+
+
+def bucket_states(source: str, args: argparse.Namespace, config: ModelConfig,
+                  model: dict[str, torch.Tensor], groups: dict[int, dict[str, list]],
+                  coalesced: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """{kind: {our name: global tensor of the parameter's shape}} (kinds
+    param, exp_avg, exp_avg_sq) from the distributed optimizer's buckets
+    `groups` (`bucket_groups`: dp_reshardable, laid out by `bucket_offsets`;
+    or `dp_zero_groups` with `coalesced`: laid out by `coalesced_offsets`),
+    for the model `config` (from `args`) whose global weights under our
+    names are `model`.
+
+    Megatron-LM's model-parallel rank r = tp_rank + TP * pp_rank saved its
+    buffer as data-parallel group r: its parameters are this stage's TP
+    shards (`state_dict_layout.split_state_dict`, with a tied embedding's
+    last-stage copy as megatron-core's `output_layer.weight`), laid out by
+    `bucket_offsets`; the shards are joined back with `merge_state_dicts`
+    (replicated parameters from TP rank 0, a tied embedding from the first
+    stage). Every main parameter is then checked against the saved weight.
+    ValueError naming `source` for virtual or uneven pipeline stages, a
+    missing group, or buckets that do not hold the model's parameters."""
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    for flag in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                 "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"{source}: its distributed optimizer state is saved as "
+                             f"'dp_reshardable' under --{flag.replace('_', '-')}, whose bucket "
+                             f"layout cannot be read: {_MODEL_SPACE_REMEDY}")
+    if sorted(groups) != list(range(tp * pp)):
+        raise ValueError(f"{source}: its distributed optimizer state holds data-parallel groups "
+                         f"{sorted(groups)}, not one per model-parallel rank of TP={tp} x "
+                         f"PP={pp}: {_MODEL_SPACE_REMEDY}")
+    kinds = ("param", "exp_avg", "exp_avg_sq")
+    impl = getattr(args, "transformer_impl", None) or "transformer_engine"
+    shapes = {name: torch.empty(weight.shape, device="meta") for name, weight in model.items()}
+    shards = split_state_dict(shapes, config, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    per_rank: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {k: {} for k in kinds}
+    for group, buckets in sorted(groups.items()):
+        tp_rank, pp_rank = group % tp, group // tp
+        local = shards[(tp_rank, pp_rank)]
+        # megatron-core's name for each of the stage's parameters (the tied embedding's
+        # last-stage copy is its output layer's weight).
+        megatron_names = {("output_layer.weight" if name == WORD_EMBEDDING_NAME and pp_rank > 0
+                           else name): name for name in local}
+        order = list(reversed(parameter_order(source, list(megatron_names), impl)))
+        sizes = [t.numel() for t in buckets.get("param", [])]
+        numels = [local[megatron_names[n]].numel() for n in order]
+        if coalesced and "param" in buckets:
+            offsets = coalesced_offsets(numels, sizes[0], _fits(
+                buckets["param"][0], [megatron_names[n] for n in order], model, config,
+                tp_rank, tp))
+        else:
+            offsets = bucket_offsets(numels, sizes)
+        if offsets is None or set(buckets) != set(kinds):
+            raise ValueError(f"{source}: the distributed optimizer's buckets of model-parallel "
+                             f"rank {group} (TP rank {tp_rank}, PP rank {pp_rank}; kinds "
+                             f"{sorted(buckets)}, sizes {sizes}) do not hold the stage's "
+                             f"parameters in megatron-core's layout; convert with --no-optimizer "
+                             f"and start with --finetune")
+        for kind in kinds:
+            per_rank[kind][(tp_rank, pp_rank)] = {
+                megatron_names[name]: buckets[kind][bucket][start:start + local[
+                    megatron_names[name]].numel()].view(local[megatron_names[name]].shape)
+                for name, (bucket, start) in zip(order, offsets)}
+    states = {kind: merge_state_dicts(per_rank[kind], config) for kind in kinds}
+    for name, weight in model.items():
         if not torch.equal(states["param"][name].to(weight.dtype), weight):
             raise ValueError(f"{source}: the distributed optimizer's main parameter for {name} "
                              f"is not the saved weight: its bucket layout is not megatron-core's "
@@ -254,7 +404,8 @@ def parameter_states(source: str, model: dict[str, torch.Tensor],
     """(our model weights, our optimizer "params" {kind: {name: tensor}}) from
     Megatron's weights `model` and its optimizer tensors `kinds` ({Megatron
     kind: {our global name: tensor}}), as `strategy` stores them (module
-    docstring). ValueError naming `source` and the parameter without state."""
+    docstring). ValueError naming `source` and the parameter without state,
+    or whose main parameter rounded to the weight's dtype is not the weight."""
     weights: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
     if strategy.master_dtype is not None:
@@ -263,6 +414,11 @@ def parameter_states(source: str, model: dict[str, torch.Tensor],
         state["kahan"] = {}
     for name, weight in model.items():
         main = next((kinds[k][name] for k in _MAIN_KINDS if name in kinds.get(k, {})), None)
+        if main is not None and not torch.equal(main.to(weight.dtype), weight):
+            raise ValueError(f"{source}: the optimizer's main parameter for {name} is not the "
+                             f"saved weight (rounded to its dtype): the optimizer state does not "
+                             f"belong to these weights; convert with --no-optimizer and start "
+                             f"with --finetune")
         main = (weight if main is None else main).float()
         for kind in ("exp_avg", "exp_avg_sq"):
             if name not in kinds.get(kind, {}):

@@ -102,8 +102,10 @@ class _Reader(FileSystemReader):
 
 OPTIMIZER_STATE = "optimizer.state."
 OPTIMIZER_BUCKETS = "optimizer.distributed."
-# The distributed optimizer's torch state dict (param groups, Adam's step) per DP group.
-_OPTIMIZER_GROUPS = re.compile(r"optimizer\.distributed\.dp_group_idx_\d+\.optimizer/shard_.*")
+# The distributed optimizer's torch state dict (param groups, Adam's step) per DP group, and
+# under dp_zero_gather_scatter its gathered buckets.
+_OPTIMIZER_GROUPS = re.compile(
+    r"optimizer\.distributed\.dp_group_idx_\d+\.(optimizer|param_state)/shard_.*")
 
 
 class _WeightsOnlyPlanner(DefaultLoadPlanner):
@@ -127,9 +129,9 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     model key is unstacked the same way, and the distributed optimizer's flat
     bucket tensors `optimizer.distributed.<...>.bucket_idx_<i>.<kind>` as they
     are (`megatron_lm_optimizer.bucket_states`), and its torch state dicts
-    (`optimizer.distributed.<...>.optimizer`: param groups with Adam's step),
-    read as plain data (weights_only) into common["optimizer"] under their
-    keys. ValueError naming the file at fault."""
+    (`optimizer.distributed.<...>.optimizer`: param groups with Adam's step)
+    and gathered buckets (`....param_state`, dp_zero_gather_scatter), read as
+    plain data (weights_only) into common["optimizer"] under their keys. ValueError naming the file at fault."""
     from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
 
     common_path = os.path.join(directory, COMMON_FILE)
@@ -155,7 +157,7 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
         try:
             dcp.load(groups, storage_reader=reader, planner=_WeightsOnlyPlanner(), no_dist=True)
         except Exception as exc:  # noqa: BLE001 - DCP wraps every failure
-            raise ValueError(f"{directory}: the distributed optimizer's param groups "
+            raise ValueError(f"{directory}: the distributed optimizer's state objects "
                              f"({sorted(groups)[0]}) are not plain data: refused without "
                              f"running them ({type(exc).__name__})") from None
         if isinstance(common.get("optimizer"), dict):
