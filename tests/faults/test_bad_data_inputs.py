@@ -509,7 +509,13 @@ def _start(folder, sample_corpus, workers: int) -> subprocess.Popen:
          *gpt2_flags(str(folder / "vocab.json"), str(folder / "merges.txt")),
          "--workers", str(workers), "--log-interval", "20"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_sigint_as_from_a_terminal)
+
+
+def _sigint_as_from_a_terminal() -> None:
+    """SIGINT at its default in the tool, as a terminal's Ctrl-C finds it, even when
+    the suite itself runs as a background job (which inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 pytest_plugins = ["data_fixtures"]
