@@ -217,35 +217,63 @@ def test_sample_data_tokenizes_with_a_given_tokenizer_instead_of_training_one(ti
     assert os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
 
 
-def test_results_md_quotes_what_compare_runs_prints_from_the_committed_runs(tmp_path):
-    """docs/results/sr_sweep.md is compare_runs' report on exactly the committed
-    runs (regenerated here), and RESULTS.md's sweep section quotes its tables
-    and claims verbatim: the numbers in the docs are the runs' numbers."""
+def _regenerated_report(tmp_path, folder: str) -> tuple[str, int]:
+    """(compare_runs' --aggregate report on the committed runs of
+    docs/results/<folder>/runs whose length is the plan's, the number of
+    committed runs), checked against the committed docs/results/<folder>.md."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compare_runs
 
     results = os.path.join(ROOT, "docs", "results")
-    runs = sorted(os.path.join(path, "tensorboard") for path in
-                  glob.glob(os.path.join(results, "sr_sweep", "runs", "*"))
-                  if os.path.isfile(os.path.join(path, "run.json")))
-    table = str(tmp_path / "report.md")
+    shape = sr_sweep.Shape()
+    done = [path for path in glob.glob(os.path.join(results, folder, "runs", "*"))
+            if os.path.isfile(os.path.join(path, "run.json"))]
+    runs = sorted(os.path.join(path, "tensorboard") for path in done
+                  if not sr_sweep._trains_longer(path, shape))  # the longer arm is reported apart
+    table = str(tmp_path / f"{folder}.md")
     assert compare_runs.main([*runs, "--aggregate", "--table", table]) == 0
     with open(table, encoding="utf-8") as handle:
         regenerated = handle.read()
-    with open(os.path.join(results, "sr_sweep.md"), encoding="utf-8") as handle:
+    with open(os.path.join(results, f"{folder}.md"), encoding="utf-8") as handle:
         committed = handle.read()
-    assert committed.startswith(regenerated), "rerun: bash examples/reproduce_sr_sweep.sh --report"
-    assert re.search(rf"^Sweep progress: {len(runs)} of \d+ planned runs done", committed, re.M)
+    assert committed.startswith(regenerated), \
+        f"rerun: bash examples/reproduce_sr_sweep.sh {'--v2 ' if 'v2' in folder else ''}--report"
+    assert re.search(rf"^Sweep progress: {len(done)} of \d+ planned runs done", committed, re.M)
+    return regenerated, len(done)
 
-    with open(os.path.join(ROOT, "docs", "RESULTS.md"), encoding="utf-8") as handle:
-        page = handle.read()
-    sweep_section = page[page.index("## The sweep"):page.index("# The quick variant")]
+
+def _assert_quoted(regenerated: str, section: str) -> None:
     tables = [table for table in re.findall(r"(?:^\|.*\n)+", regenerated, re.M)
               if table.startswith(("| precision | lr |", "| A | B |"))]  # not the best-LR one
     claims = re.findall(r"^- \([123]\) .*$", regenerated, re.M)
     assert len(tables) == 2 and len(claims) == 3
     for quoted in tables + claims:
-        assert quoted in sweep_section, f"RESULTS.md does not quote the report's {quoted[:40]!r}"
+        assert quoted in section, f"RESULTS.md does not quote the report's {quoted[:40]!r}"
+
+
+def _results_page() -> str:
+    with open(os.path.join(ROOT, "docs", "RESULTS.md"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_results_md_quotes_what_compare_runs_prints_from_the_committed_runs(tmp_path):
+    """docs/results/sr_sweep.md is compare_runs' report on exactly the committed
+    runs (regenerated here), and RESULTS.md's sweep section quotes its tables
+    and claims verbatim: the numbers in the docs are the runs' numbers."""
+    regenerated, _ = _regenerated_report(tmp_path, "sr_sweep")
+    page = _results_page()
+    _assert_quoted(regenerated, page[page.index("## The sweep"):page.index("## The second sweep")])
+
+
+def test_results_md_quotes_the_second_sweeps_report_and_its_progress(tmp_path):
+    """The same for the second sweep (docs/results/sr_sweep_v2.md), whose
+    RESULTS.md section also says how many of its planned runs are done."""
+    regenerated, done = _regenerated_report(tmp_path, "sr_sweep_v2")
+    page = _results_page()
+    section = page[page.index("## The second sweep"):page.index("# The quick variant")]
+    _assert_quoted(regenerated, section)
+    planned = len(sr_sweep.v2_runs([1, 2, 3], sr_sweep.Shape()))
+    assert f"{done} of its {planned} planned runs" in section
 
 
 def test_interleaving_keeps_each_source_in_order_and_spreads_it_over_the_corpus():
