@@ -355,3 +355,30 @@ def test_scaling_doc_tables_are_what_the_tool_prints():
     assert len(commands) >= 10
     for command in commands:
         assert report_from_argv(shlex.split(command)) in doc, command
+
+
+def test_guide_gradient_buffer_figures_are_what_the_tool_prints():
+    """GUIDE.md's memory and traffic of the FP32 gradient buffer against the BF16
+    one (and SR accumulation, which keeps the BF16 buffer's) for the command it
+    quotes, as the tool prints them now."""
+    guide = (REPO / "docs" / "GUIDE.md").read_text()
+    quoted = re.search(r"\(`tools/estimate\.py ([^`]*)`, against the same with bf16\)", guide)
+    needs = re.search(r"needs ([\d.]+) instead of ([\d.]+)\s+GiB per rank and sends ([\d.]+) "
+                      r"instead of ([\d.]+) GiB per step over DP", guide)
+    sr_accumulation = re.search(r"\(([\d.]+) GiB per rank in the\s+example above, as the BF16 "
+                                r"buffer", guide)
+    assert quoted and needs and sr_accumulation
+    fp32_flags = shlex.split(" ".join(quoted.group(1).split()))
+    bf16_flags = [f for f in fp32_flags if f not in ("--grad-reduce-dtype", "fp32")]
+
+    def totals(flags):
+        report = report_from_argv(flags)
+        memory = report[report.index("memory per rank"):].splitlines()[2].split()
+        traffic = report[report.index("sent per rank per step"):].splitlines()[2].split()
+        return float(memory[-1]), float(traffic[1]) + float(traffic[2]) + float(traffic[3])
+
+    fp32, bf16 = totals(fp32_flags), totals(bf16_flags)
+    sr = totals(bf16_flags + ["--grad-accumulation-rounding", "stochastic"])
+    assert f"{fp32[0]:.1f}" == needs.group(1) and f"{bf16[0]:.1f}" == needs.group(2)
+    assert f"{fp32[1]:.1f}" == needs.group(3) and f"{bf16[1]:.1f}" == needs.group(4)
+    assert f"{sr[0]:.1f}" == sr_accumulation.group(1)
