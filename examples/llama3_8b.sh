@@ -24,11 +24,11 @@ DEFAULT_GBS=128 DEFAULT_MBS=1
 DEFAULT_TRAIN_ITERS=60000 DEFAULT_WARMUP_ITERS=2000
 DEFAULT_TP=2 DEFAULT_PP=1
 # No activation recompute. tools/estimate.py for these flags (vocabulary 128256, 8 GPUs):
-# 50.6 GiB per rank without recompute, 50.6 with --recompute-granularity selective
+# 42.5 GiB per rank without recompute, 42.5 with --recompute-granularity selective
 # (flash attention keeps no s x s matrix, so the attention core selective re-runs
-# holds almost nothing: 0.01 GiB saved, for a second flash-attention forward per layer),
-# 21.8 with full recompute at +32% FLOPs per step. Without recompute the run fits
-# an 80 GB H100 with ~29 GiB to spare; add EXTRA_ARGS="--recompute-granularity full
+# holds almost nothing: 0.02 GiB saved, for a second flash-attention forward per layer),
+# 21.7 with full recompute at +32% FLOPs per step. Without recompute the run fits
+# an 80 GB H100 with ~32 GiB to spare; add EXTRA_ARGS="--recompute-granularity full
 # --recompute-method uniform --recompute-num-layers 1" only for a larger MBS or
 # SEQ_LENGTH that does not fit.
 MODEL_EXTRA_ARGS=""
