@@ -451,7 +451,7 @@ def test_bucket_layouts_of_uneven_or_virtual_pipelines_are_refused_by_flag(flag)
 
     args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
                               **{flag: 2})
-    with pytest.raises(ValueError, match=f"ckpt: .*'dp_reshardable' under "
+    with pytest.raises(ValueError, match=f"ckpt: .*bucket layout under "
                                          f"--{flag.replace('_', '-')}.*"
                                          f"--dist-ckpt-optim-fully-reshardable"):
         bucket_states("ckpt", args, None, {}, {})

@@ -64,8 +64,8 @@ import torch
 
 from megatron_sr.config import ModelConfig, OptimizerConfig
 from megatron_sr.model.gpt_model import WORD_EMBEDDING_NAME
-from megatron_sr.model.state_dict_layout import (merge_state_dicts, split_state_dict,
-                                                 tensor_parallel_split)
+from megatron_sr.model.parameter_specs import model_parameters
+from megatron_sr.model.state_dict_layout import merge_state_dicts, split_state_dict
 from megatron_sr.tensor_parallel import shard_full_tensor
 from megatron_sr.precision.rounding import stochastic_round
 from megatron_sr.precision.strategies import PrecisionStrategy
@@ -266,11 +266,12 @@ def coalesced_offsets(numels: list[int], total: int, fits) -> Optional[list[tupl
 
 
 def _fits(flat_main: torch.Tensor, names: list[str], model: dict[str, torch.Tensor],
-          config: ModelConfig, tp_rank: int, tp: int):
+          splits: dict, tp_rank: int, tp: int):
     """`coalesced_offsets`' test: whether the main values in `flat_main` at a
-    start round to TP rank `tp_rank`'s shard of parameter names[i]."""
+    start round to TP rank `tp_rank`'s shard of parameter names[i] (`splits`:
+    each parameter's TP split, None when replicated)."""
     def fits(i: int, start: int) -> bool:
-        split = tensor_parallel_split(names[i], config)
+        split = splits[names[i]]
         weight = model[names[i]] if split is None else \
             shard_full_tensor(model[names[i]], split, tp_rank, tp)
         main = flat_main[start:start + weight.numel()].view(weight.shape)
@@ -302,9 +303,9 @@ def bucket_states(source: str, args: argparse.Namespace, config: ModelConfig,
     for flag in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
                  "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
         if getattr(args, flag, None) is not None:
-            raise ValueError(f"{source}: its distributed optimizer state is saved as "
-                             f"'dp_reshardable' under --{flag.replace('_', '-')}, whose bucket "
-                             f"layout cannot be read: {_MODEL_SPACE_REMEDY}")
+            raise ValueError(f"{source}: its distributed optimizer state is saved in bucket "
+                             f"layout under --{flag.replace('_', '-')}, which cannot be read: "
+                             f"{_MODEL_SPACE_REMEDY}")
     if sorted(groups) != list(range(tp * pp)):
         raise ValueError(f"{source}: its distributed optimizer state holds data-parallel groups "
                          f"{sorted(groups)}, not one per model-parallel rank of TP={tp} x "
@@ -313,6 +314,7 @@ def bucket_states(source: str, args: argparse.Namespace, config: ModelConfig,
     impl = getattr(args, "transformer_impl", None) or "transformer_engine"
     shapes = {name: torch.empty(weight.shape, device="meta") for name, weight in model.items()}
     shards = split_state_dict(shapes, config, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    splits = {spec.name: spec.split for spec in model_parameters(config)}
     per_rank: dict[str, dict[tuple[int, int], dict[str, torch.Tensor]]] = {k: {} for k in kinds}
     for group, buckets in sorted(groups.items()):
         tp_rank, pp_rank = group % tp, group // tp
@@ -326,7 +328,7 @@ def bucket_states(source: str, args: argparse.Namespace, config: ModelConfig,
         numels = [local[megatron_names[n]].numel() for n in order]
         if coalesced and "param" in buckets:
             offsets = coalesced_offsets(numels, sizes[0], _fits(
-                buckets["param"][0], [megatron_names[n] for n in order], model, config,
+                buckets["param"][0], [megatron_names[n] for n in order], model, splits,
                 tp_rank, tp))
         else:
             offsets = bucket_offsets(numels, sizes)
