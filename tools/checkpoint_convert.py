@@ -22,11 +22,13 @@ Nothing is left at --save when a conversion fails. --save must not exist or
 be an empty directory, and must not be --load or lie inside it (or contain
 it): a conversion never writes over a checkpoint.
 
---from-megatron imports a Megatron-LM torch_dist checkpoint with its
-optimizer state (model-space layout, see
+--from-megatron imports a Megatron-LM checkpoint with its optimizer state
+(torch_dist in model space or in the distributed optimizer's bucket layouts,
+legacy with distrib_optim.pt; see
 `megatron_sr.checkpointing.megatron_lm_optimizer`) as --precision stores it:
-`pretrain_gpt.py --load OUT --precision ...` resumes at its iteration. The
-legacy format, or --no-optimizer, gives the weights only (--finetune).
+`pretrain_gpt.py --load OUT --precision ...` resumes at its iteration. Other
+optimizers of the legacy format, or --no-optimizer, give the weights only
+(--finetune).
 """
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--finetune)")
     parser.add_argument("--from-megatron", action="store_true",
                         help="--load is a Megatron-LM checkpoint (torch_dist or legacy, local or "
-                             "Transformer Engine names): write it as ours; a torch_dist one with "
-                             "its optimizer state in model space resumes (--load), otherwise "
+                             "Transformer Engine names): write it as ours; one with its "
+                             "optimizer state (Adam, main parameters) resumes (--load), otherwise "
                              "start from its weights with --finetune")
     parser.add_argument("--precision", choices=sorted(STRATEGIES), default=DEFAULT_STRATEGY,
                         help="with --from-megatron: the --precision of the run that resumes; the "
