@@ -32,40 +32,41 @@ def _layout_line(job: JobConfig) -> str:
     return ", ".join(parts)
 
 
+def _stage_table(title: str, estimate: JobEstimate, columns: list[tuple]) -> list[str]:
+    """A blank line, `title`, a header and one row per pipeline stage;
+    `columns`: (heading, width, the cell of a stage as a str)."""
+    columns = [("stage", 5, lambda stage: str(stage.pipeline_rank))] + columns
+    return ["", title, " ".join(f"{heading:>{width}}" for heading, width, _ in columns)] + [
+        " ".join(f"{cell(stage):>{width}}" for _, width, cell in columns)
+        for stage in estimate.stages]
+
+
+def _gib_of(field: str):
+    return lambda stage: _gib(getattr(stage, field))
+
+
 def format_estimate(estimate: JobEstimate) -> str:
     """The per-rank report of one strategy, in GiB (2^30 bytes)."""
     job = estimate.job
     lines = [f"model: {estimate.num_parameters / 1e9:.3f} B parameters (vocab padded to "
              f"{job.model.vocab_size}); precision {estimate.strategy.name}",
-             f"layout: {_layout_line(job)}",
-             "",
-             "memory per rank (GiB)",
-             f"{'stage':>5} {'params':>8} {'grads':>8} {'master':>8} {'optim':>8} "
-             f"{'act/mb':>8} {'in flight':>10} {'act peak':>9} {'total':>8}"]
-    for stage in estimate.stages:
-        lines.append(
-            f"{stage.pipeline_rank:>5} {_gib(stage.params):>8} {_gib(stage.grads):>8} "
-            f"{_gib(stage.master):>8} {_gib(stage.optimizer):>8} "
-            f"{_gib(stage.activations_per_microbatch):>8} "
-            f"{'+'.join(map(str, stage.microbatches_in_flight)):>10} "
-            f"{_gib(stage.activations_peak):>9} {_gib(stage.total):>8}")
-    lines += ["", "sent per rank per step (GiB)",
-              f"{'stage':>5} {'DP r-scat':>10} {'DP a-gath':>10} {'DP a-red':>9} {'TP':>8} "
-              f"{'PP':>8} {'total':>8}"]
-    for stage in estimate.stages:
-        lines.append(
-            f"{stage.pipeline_rank:>5} {_gib(stage.sent_grad_reduce_scatter):>10} "
-            f"{_gib(stage.sent_param_all_gather):>10} {_gib(stage.sent_grad_all_reduce):>9} "
-            f"{_gib(stage.sent_tensor_parallel):>8} {_gib(stage.sent_pipeline):>8} "
-            f"{_gib(stage.sent_total):>8}")
-    lines += ["", "start-up and overlap per rank",
-              f"{'stage':>5} {'init tmp':>9} {'setup peak':>11} {'grad-reduce overlap':>20} "
-              f"{'param-gather overlap':>21}"]
-    for stage in estimate.stages:
-        lines.append(
-            f"{stage.pipeline_rank:>5} {_gib(stage.init_temporary):>9} "
-            f"{_gib(stage.setup_peak):>11} {stage.grad_reduce_overlap:>20.3f} "
-            f"{stage.param_gather_overlap:>21.3f}")
+             f"layout: {_layout_line(job)}"]
+    lines += _stage_table("memory per rank (GiB)", estimate, [
+        ("params", 8, _gib_of("params")), ("grads", 8, _gib_of("grads")),
+        ("master", 8, _gib_of("master")), ("optim", 8, _gib_of("optimizer")),
+        ("act/mb", 8, _gib_of("activations_per_microbatch")),
+        ("in flight", 10, lambda stage: "+".join(map(str, stage.microbatches_in_flight))),
+        ("act peak", 9, _gib_of("activations_peak")), ("total", 8, _gib_of("total"))])
+    lines += _stage_table("sent per rank per step (GiB)", estimate, [
+        ("DP r-scat", 10, _gib_of("sent_grad_reduce_scatter")),
+        ("DP a-gath", 10, _gib_of("sent_param_all_gather")),
+        ("DP a-red", 9, _gib_of("sent_grad_all_reduce")),
+        ("TP", 8, _gib_of("sent_tensor_parallel")), ("PP", 8, _gib_of("sent_pipeline")),
+        ("total", 8, _gib_of("sent_total"))])
+    lines += _stage_table("start-up and overlap per rank", estimate, [
+        ("init tmp", 9, _gib_of("init_temporary")), ("setup peak", 11, _gib_of("setup_peak")),
+        ("grad-reduce overlap", 20, lambda stage: f"{stage.grad_reduce_overlap:.3f}"),
+        ("param-gather overlap", 21, lambda stage: f"{stage.param_gather_overlap:.3f}")])
     flops = estimate.model_flops_per_step
     lines += ["", f"model FLOPs per step: {flops:.4g} ({flops / job.world_size:.4g} per rank)"]
     return "\n".join(lines)
