@@ -362,9 +362,10 @@ def test_guide_gradient_buffer_figures_are_what_the_tool_prints():
     one (and SR accumulation, which keeps the BF16 buffer's) for the command it
     quotes, as the tool prints them now."""
     guide = (REPO / "docs" / "GUIDE.md").read_text()
-    quoted = re.search(r"\(`tools/estimate\.py ([^`]*)`, against the same with bf16\)", guide)
-    needs = re.search(r"needs ([\d.]+) instead of ([\d.]+)\s+GiB per rank and sends ([\d.]+) "
-                      r"instead of ([\d.]+) GiB per step over DP", guide)
+    quoted = re.search(r"\(`tools/estimate\.py\s+([^`]*)`,\s+against the same with bf16\)",
+                       guide)
+    needs = re.search(r"needs ([\d.]+) instead of ([\d.]+)\s+GiB per rank and\s+sends "
+                      r"([\d.]+)\s+instead of ([\d.]+) GiB per step over DP", guide)
     sr_accumulation = re.search(r"\(([\d.]+) GiB per rank in the\s+example above, as the BF16 "
                                 r"buffer", guide)
     assert quoted and needs and sr_accumulation
