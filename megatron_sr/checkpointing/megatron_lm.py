@@ -29,8 +29,8 @@ is in model space or in the distributed optimizer's bucket layouts
 (dp_reshardable, its default, and dp_zero_gather_scatter), as is the legacy
 format's `distrib_optim.pt` (`import_megatron_lm_with_optimizer`, then
 `megatron_lm_optimizer`), so the run resumes; the legacy format's other
-optimizers travel as weights only (start with --finetune). Export writes either format
-(torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
+optimizers travel as weights only (start with --finetune). Export writes
+either format (torch_dist by default in tools/checkpoint_convert.py). Virtual pipeline
 stages in the legacy format (`model0`, ...) and the pre-core
 `language_model` layout are refused.
 """
@@ -294,7 +294,7 @@ def import_megatron_lm(path: str) -> tuple[argparse.Namespace, ModelConfig, int,
     path = _resolve(path)
     if megatron_torch_dist.is_torch_dist_directory(path):
         return _import_torch_dist(path)
-    return _import_legacy(path)
+    return _import_legacy(path)[:4]
 
 
 def _import_torch_dist(path: str, optimizer: bool = False):
@@ -365,15 +365,13 @@ def _import_legacy_with_optimizer(path: str):
     dp_zero layout), its state; kinds empty otherwise (weights only)."""
     from megatron_sr.checkpointing import megatron_lm_optimizer
 
-    args, config, iteration, model = _import_legacy(path)
+    args, config, iteration, model, common = _import_legacy(path)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     files = {tp_rank + tp * pp_rank: os.path.join(path, _legacy_rank_dir(tp_rank, pp_rank, pp))
              for tp_rank in range(tp) for pp_rank in range(pp)}
     optimizer_files = {g: os.path.join(d, "distrib_optim.pt") for g, d in files.items()}
     if not all(os.path.isfile(f) for f in optimizer_files.values()):
         return args, config, iteration, model, {}, {}
-    common = {k: v for k, v in _read(os.path.join(files[0], "model_optim_rng.pt")).items()
-              if k != "model"}
     groups = megatron_lm_optimizer.dp_zero_groups(
         path, {g: _read(f) for g, f in optimizer_files.items()})
     saved = megatron_lm_optimizer.bucket_states(path, args, config, model, groups,
@@ -386,12 +384,15 @@ def _legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def _import_legacy(path: str):
+    """(args, ModelConfig, iteration, merged weights, the first rank file's
+    entries other than "model"); each rank file is read once."""
     rank_dirs = sorted(d for d in (os.listdir(path) if os.path.isdir(path) else [])
                        if d.startswith("mp_rank_"))
     if not rank_dirs:
         raise ValueError(f"{path} holds neither a Megatron-LM torch_dist checkpoint "
                          f"(metadata.json) nor legacy mp_rank_* directories")
-    first = _read(os.path.join(path, rank_dirs[0], "model_optim_rng.pt"))
+    first_file = os.path.join(path, rank_dirs[0], "model_optim_rng.pt")
+    first = _read(first_file)
     args = first["args"]
     if "model" not in first:
         raise ValueError(f"{path}: no 'model' entry (virtual pipeline stages 'model0', ... are "
@@ -412,7 +413,7 @@ def _import_legacy(path: str):
                                 "model_optim_rng.pt")
             if not os.path.isfile(file):
                 raise ValueError(f"{file} is missing (TP={tp} x PP={pp} checkpoint)")
-            state = _read(file)["model"]
+            state = (first if file == first_file else _read(file))["model"]
             mapping = dict(enumerate(_stage_layers(config, pp, pp_rank)))
             renamed = {}
             for name, tensor in state.items():
@@ -425,7 +426,8 @@ def _import_legacy(path: str):
                     name = WORD_EMBEDDING_NAME
                 renamed[_renumber(name, mapping)] = tensor
             ranks[(tp_rank, pp_rank)] = renamed
-    return args, config, int(first["iteration"]), merge_state_dicts(ranks, config)
+    common = {key: value for key, value in first.items() if key != "model"}
+    return args, config, int(first["iteration"]), merge_state_dicts(ranks, config), common
 
 
 def _holds_megatron_args(directory: str) -> bool:

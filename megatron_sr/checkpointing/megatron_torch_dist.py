@@ -22,8 +22,9 @@ Reading: `common.pt` through `megatron_pickle` (allowlist), `.metadata`
 through an unpickler that resolves only DCP's metadata and plan classes,
 and only the tensor entries through DCP (which reads them with
 weights_only), plus, for the optimizer, the distributed optimizer's param
-groups with torch.load(weights_only=True). Writing (`export`) produces the same layout with one data
-file, which megatron-core's `dist_checkpointing.load` reads into its GPTModel.
+groups and gathered buckets with torch.load(weights_only=True). Writing
+(`export`) produces the same layout with one data file, which
+megatron-core's `dist_checkpointing.load` reads into its GPTModel.
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     """(common state, {megatron-core key: global tensor}) of a torch_dist
     iteration directory, with the stacked layer tensors unstacked to
     `decoder.layers.<i>.<name>` and every byte entry (`_extra_state`,
-    optimizer and RNG objects) left unread (one exception below). Without `optimizer` only tensors
-    whose key does not start with "optimizer." are read; with it also the
+    optimizer and RNG objects) left unread (one exception below). Without
+    `optimizer` only tensors whose key does not start with "optimizer." are read; with it also the
     model-space optimizer tensors `optimizer.state.<kind>.<model key>` (kind:
     param / fp32_param, the fp32 main parameter; exp_avg; exp_avg_sq), whose
     model key is unstacked the same way, and the distributed optimizer's flat
@@ -131,7 +132,8 @@ def read(directory: str, optimizer: bool = False) -> tuple[dict, dict[str, torch
     are (`megatron_lm_optimizer.bucket_states`), and its torch state dicts
     (`optimizer.distributed.<...>.optimizer`: param groups with Adam's step)
     and gathered buckets (`....param_state`, dp_zero_gather_scatter), read as
-    plain data (weights_only) into common["optimizer"] under their keys. ValueError naming the file at fault."""
+    plain data (weights_only) into common["optimizer"] under their keys.
+    ValueError naming the file at fault."""
     from megatron_sr.checkpointing.megatron_pickle import read_megatron_pickle
 
     common_path = os.path.join(directory, COMMON_FILE)
